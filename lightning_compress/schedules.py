@@ -1,0 +1,281 @@
+"""Schedules: pure functions from training progress (optimizer steps) to a target value.
+
+Every callback of the package uses the same vocabulary for *when* something happens:
+
+- ``start`` / ``end`` are a fraction of training (``0.25``), ``"step:N"`` or ``"epoch:N"``;
+- ``schedule`` is one of ``"agp"`` (Zhu & Gupta's cubic), ``"linear"``, ``"exponential"``, ``"constant"``,
+  ``"one_shot"``, or a callable mapping the progress ``t`` in ``[0, 1]`` to the fraction of the way from the
+  initial to the final value;
+- ``frequency`` is how many optimizer steps pass between two updates of the value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ScheduleFn = Callable[[float], float]
+Point = float | int | str
+
+
+def agp(t: float) -> float:
+    """Zhu & Gupta's cubic ramp: ``1 - (1 - t)^3``; fast early, gentle at the end.
+
+    With ``s_t = s_i + (s_f - s_i) * agp(t)`` this is ``s_f + (s_i - s_f)(1 - t)^3`` of the paper.
+
+    Example::
+
+        >>> round(0.9 * agp(5 / 20), 3)
+        0.52
+    """
+    return 1.0 - (1.0 - t) ** 3
+
+
+def linear(t: float) -> float:
+    """Equal increments per update.
+
+    Example::
+
+        >>> linear(0.25)
+        0.25
+    """
+    return t
+
+
+def constant(t: float) -> float:
+    """The final value from the start on (no ramp).
+
+    Example::
+
+        >>> constant(0.0)
+        1.0
+    """
+    return 1.0
+
+
+def one_shot(t: float) -> float:
+    """Initial value until the end point, then the final value at once.
+
+    Example::
+
+        >>> one_shot(0.99), one_shot(1.0)
+        (0.0, 1.0)
+    """
+    return 1.0 if t >= 1.0 else 0.0
+
+
+SCHEDULES: dict[str, ScheduleFn] = {
+    "agp": agp,
+    "linear": linear,
+    "constant": constant,
+    "one_shot": one_shot,
+}
+# "exponential" interpolates geometrically and depends on the endpoints, so it is handled in `interpolate`.
+SCHEDULE_NAMES = (*SCHEDULES, "exponential")
+
+
+def interpolate(schedule: str | ScheduleFn, t: float, initial: float, final: float) -> float:
+    """Value of ``schedule`` at progress ``t`` (clamped to ``[0, 1]``) between ``initial`` and ``final``.
+
+    ``"exponential"`` moves the *remaining* quantity ``1 - value`` geometrically (for sparsity: the density
+    shrinks by the same factor at every update), so it needs ``initial, final < 1``.
+
+    Example::
+
+        >>> [round(interpolate("agp", k / 20, 0.0, 0.9), 3) for k in (0, 5, 10, 15, 20)]
+        [0.0, 0.52, 0.787, 0.886, 0.9]
+        >>> round(interpolate("exponential", 0.5, 0.0, 0.99), 3)
+        0.9
+    """
+    t = min(max(float(t), 0.0), 1.0)
+    if schedule == "exponential":
+        if t >= 1.0:
+            return final
+        ratio = (1.0 - final) / (1.0 - initial)
+        return 1.0 - (1.0 - initial) * ratio**t
+    fn = resolve_schedule(schedule)
+    if t >= 1.0 and fn is not one_shot:
+        return final
+    fraction = float(fn(t))
+    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
+        raise ValueError(
+            f"`schedule` callable returned {fraction} at t={t}; it must map [0, 1] to a fraction in [0, 1]."
+        )
+    return initial + (final - initial) * fraction
+
+
+def resolve_schedule(schedule: str | ScheduleFn) -> ScheduleFn:
+    """Return the ramp function for a schedule name or a user callable.
+
+    Example::
+
+        >>> resolve_schedule("linear")(0.5)
+        0.5
+        >>> resolve_schedule("cubic")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `schedule='cubic'`. Use one of 'agp', 'linear', 'constant', 'one_shot', 'exponential', or a callable t -> fraction.
+    """
+    if callable(schedule):
+        return schedule
+    if isinstance(schedule, str) and schedule in SCHEDULES:
+        return SCHEDULES[schedule]
+    if schedule == "exponential":
+        raise ValueError("`schedule='exponential'` depends on its endpoints; call `interpolate` instead.")
+    names = ", ".join(repr(n) for n in SCHEDULE_NAMES)
+    raise ValueError(f"Unknown `schedule={schedule!r}`. Use one of {names}, or a callable t -> fraction.")
+
+
+_POINT = re.compile(r"^(step|epoch):(\d+)$")
+
+
+def validate_point(point: Point, name: str) -> Point:
+    """Check a ``start``/``end`` value without a trainer: a fraction in ``[0, 1]``, ``"step:N"`` or ``"epoch:N"``.
+
+    Example::
+
+        >>> validate_point("epoch:3", "start")
+        'epoch:3'
+        >>> validate_point(1.5, "end")
+        Traceback (most recent call last):
+        ...
+        ValueError: `end=1.5` is outside [0, 1]. Give a fraction of training in [0, 1], or 'step:N' / 'epoch:N'.
+    """
+    hint = "Give a fraction of training in [0, 1], or 'step:N' / 'epoch:N'."
+    if isinstance(point, bool):
+        raise TypeError(f"`{name}={point!r}` is a bool. {hint}")
+    if isinstance(point, int | float):
+        if not 0.0 <= float(point) <= 1.0 or math.isnan(point):
+            raise ValueError(f"`{name}={point!r}` is outside [0, 1]. {hint}")
+        return float(point)
+    if isinstance(point, str) and _POINT.match(point.strip()):
+        return point.strip()
+    raise ValueError(f"`{name}={point!r}` is not understood. {hint}")
+
+
+def resolve_point(point: Point, total_steps: int, steps_per_epoch: int | None = None) -> int:
+    """Turn a ``start``/``end`` value into an optimizer step index.
+
+    Args:
+        point: a fraction of training, ``"step:N"`` or ``"epoch:N"``.
+        total_steps: optimizer steps of the whole fit (``trainer.estimated_stepping_batches``).
+        steps_per_epoch: optimizer steps per epoch; needed for ``"epoch:N"``.
+
+    Example::
+
+        >>> resolve_point(0.5, total_steps=100)
+        50
+        >>> resolve_point("epoch:2", total_steps=100, steps_per_epoch=10)
+        20
+        >>> resolve_point("step:7", total_steps=100)
+        7
+    """
+    point = validate_point(point, "point")
+    if isinstance(point, float):
+        return int(round(point * total_steps))
+    kind, value = point.split(":")
+    if kind == "step":
+        return int(value)
+    if steps_per_epoch is None:
+        raise ValueError(f"{point!r} needs the number of steps per epoch; none is known for this run.")
+    return int(value) * steps_per_epoch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A value that moves from ``initial`` to ``final`` between two optimizer steps.
+
+    The value changes only every ``frequency`` steps: between updates it holds, which is what makes pruning
+    masks and QAT phases stable between two decisions. ``n`` updates span ``[start, end]`` with
+    ``n = ceil((end - start) / frequency)``; the last one lands exactly on ``end``.
+
+    Args:
+        initial: value before and at ``start``.
+        final: value at and after ``end``.
+        start: first optimizer step of the ramp.
+        end: optimizer step at which ``final`` is reached (``>= start``).
+        schedule: a name from :data:`SCHEDULE_NAMES` or a callable ``t -> fraction``.
+        frequency: optimizer steps between updates (``>= 1``).
+
+    Example::
+
+        >>> s = Schedule(initial=0.0, final=0.9, start=0, end=20)
+        >>> [round(s.value(k), 3) for k in (0, 5, 10, 15, 20, 30)]
+        [0.0, 0.52, 0.787, 0.886, 0.9, 0.9]
+        >>> Schedule(0.0, 0.9, start=0, end=20, frequency=10).value(15) == Schedule(0.0, 0.9, 0, 20).value(10)
+        True
+    """
+
+    initial: float
+    final: float
+    start: int
+    end: int
+    schedule: str | ScheduleFn = "agp"
+    frequency: int = 1
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise ValueError(
+                f"The schedule ends (step {self.end}) before it starts (step {self.start}). "
+                "Move `end` after `start`."
+            )
+        if self.start < 0:
+            raise ValueError(f"`start` resolves to step {self.start}; it must be >= 0.")
+        if not isinstance(self.frequency, int) or self.frequency < 1:
+            raise ValueError(f"`frequency={self.frequency!r}` must be an integer >= 1 (optimizer steps).")
+        if self.schedule != "exponential":
+            resolve_schedule(self.schedule)
+        elif max(self.initial, self.final) >= 1.0:
+            raise ValueError("`schedule='exponential'` needs initial and final values below 1.")
+
+    def progress(self, step: int) -> float:
+        """Progress ``t`` in ``[0, 1]`` at ``step``, held constant between updates."""
+        if step <= self.start:
+            return 0.0
+        if step >= self.end:
+            return 1.0
+        span = self.end - self.start
+        done = ((step - self.start) // self.frequency) * self.frequency
+        return min(done / span, 1.0)
+
+    def value(self, step: int) -> float:
+        """Target value at optimizer step ``step``."""
+        if self.end == self.start:
+            return self.final if step >= self.end else self.initial
+        return interpolate(self.schedule, self.progress(step), self.initial, self.final)
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the value may change at ``step`` (start, every ``frequency`` steps after it, and ``end``).
+
+        Example::
+
+            >>> s = Schedule(0.0, 0.5, start=10, end=30, frequency=10)
+            >>> [k for k in range(0, 40) if s.is_update_step(k)]
+            [10, 20, 30]
+        """
+        if step < self.start or step > self.end:
+            return False
+        return step == self.end or (step - self.start) % self.frequency == 0
+
+
+def validate_amount(amount: float, name: str = "amount") -> float:
+    """Check a target fraction such as a sparsity: a number in ``[0, 1)``.
+
+    Example::
+
+        >>> validate_amount(0.9)
+        0.9
+        >>> validate_amount(1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `amount=1.0` must be in [0, 1): it is the fraction of weights removed, and 1 would remove all.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or math.isnan(amount):
+        raise TypeError(f"`{name}={amount!r}` must be a number in [0, 1).")
+    if not 0.0 <= amount < 1.0:
+        raise ValueError(
+            f"`{name}={amount!r}` must be in [0, 1): it is the fraction of weights removed, and 1 would remove all."
+        )
+    return float(amount)
