@@ -44,7 +44,9 @@ class _TensorDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)

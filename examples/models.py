@@ -11,7 +11,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 
-def small_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 16, image_size: int = 8) -> nn.Sequential:
+def small_cnn(
+    in_channels: int = 1, num_classes: int = 10, width: int = 16, image_size: int = 8
+) -> nn.Sequential:
     """Two conv-BN-ReLU layers, a pooling step and a two-layer head: the digits example network."""
     pooled = image_size // 2
     return nn.Sequential(
@@ -80,7 +82,9 @@ class ResidualBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
-def residual_cnn(in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)) -> nn.Sequential:
+def residual_cnn(
+    in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)
+) -> nn.Sequential:
     """A 3-stage residual CNN (stem, one residual block per stage, global pooling, linear head)."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),

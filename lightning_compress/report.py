@@ -69,11 +69,21 @@ def format_report(report: Mapping[str, Any]) -> str:
 
     rows = [
         ("parameters", num(before["total_params"]), num(after["total_params"]), ""),
-        ("non-zero parameters", num(before["nonzero_params"]), num(after["nonzero_params"]), ratio("compression_rate")),
+        (
+            "non-zero parameters",
+            num(before["nonzero_params"]),
+            num(after["nonzero_params"]),
+            ratio("compression_rate"),
+        ),
         ("sparsity", f"{before['sparsity']:.2%}", f"{after['sparsity']:.2%}", ""),
         ("MACs per sample", num(before["macs"]), num(after["macs"]), ratio("macs_ratio")),
         ("file size (bytes)", num(before["dense_bytes"]), num(after["dense_bytes"]), ""),
-        ("stored size (bytes)", num(before["raw_bytes"]), num(after["compressed_bytes"]), ratio("size_ratio")),
+        (
+            "stored size (bytes)",
+            num(before["raw_bytes"]),
+            num(after["compressed_bytes"]),
+            ratio("size_ratio"),
+        ),
     ]
     latency = report.get("latency")
     if latency:
@@ -140,7 +150,9 @@ class CompressionMonitor(Callback):
         verbose: bool = True,
     ) -> None:
         if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
         ):
             raise ValueError(f"`log_every_n_steps={log_every_n_steps!r}` must be a positive integer or None.")
         if not isinstance(latency_repeats, int) or latency_repeats < 1:
@@ -221,7 +233,9 @@ class CompressionMonitor(Callback):
         if self.measure_latency and self._example is not None and trainer.is_global_zero:
             report["latency"] = self._latency(original, pl_module)
         self.report = report
-        final = {f"{self.prefix}final/{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)}
+        final = {
+            f"{self.prefix}final/{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)
+        }
         if report["latency"]:
             final[f"{self.prefix}final/speedup"] = report["latency"]["speedup"]
         for logger in trainer.loggers:
@@ -264,13 +278,17 @@ class CompressionMonitor(Callback):
         device = next(module.parameters(), torch.empty(0)).device
         try:
             macs: int | None = count_macs(module, _to_device(self._example, device))
-        except Exception as err:  # a traced/quantized graph the counter cannot run: report, don't fail training
+        except (
+            Exception
+        ) as err:  # a traced/quantized graph the counter cannot run: report, don't fail training
             rank_zero_warn(f"CompressionMonitor could not count MACs ({type(err).__name__}: {err}).")
             macs = None
         self._macs_cache = (key, macs)
         return macs
 
-    def _stats(self, trainer: pl.Trainer, module: nn.Module, formats: dict[str, TensorFormat]) -> CompressionStats:
+    def _stats(
+        self, trainer: pl.Trainer, module: nn.Module, formats: dict[str, TensorFormat]
+    ) -> CompressionStats:
         stats = compression_stats(module, example_input=None, formats=formats)
         return CompressionStats(**{**stats.to_dict(), "macs": self._macs(module)})
 

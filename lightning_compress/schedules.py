@@ -174,7 +174,7 @@ def resolve_point(point: Point, total_steps: int, steps_per_epoch: int | None = 
     """
     point = validate_point(point, "point")
     if isinstance(point, float):
-        return int(round(point * total_steps))
+        return round(point * total_steps)
     kind, value = point.split(":")
     if kind == "step":
         return int(value)

@@ -45,7 +45,9 @@ def _check_items(items: list[SelectorItem], argument: str) -> tuple[list[type], 
                 try:
                     re.compile(item[3:])
                 except re.error as err:
-                    raise ValueError(f"`{argument}` pattern {item!r} is not a valid regular expression: {err}") from None
+                    raise ValueError(
+                        f"`{argument}` pattern {item!r} is not a valid regular expression: {err}"
+                    ) from None
             patterns.append(item)
         elif isinstance(item, type) and issubclass(item, nn.Module):
             types.append(item)
@@ -108,7 +110,9 @@ class ModuleSelection:
 
     def __str__(self) -> str:
         def show(items: Selector) -> str:
-            return "[" + ", ".join(i.__name__ if isinstance(i, type) else repr(i) for i in _as_list(items)) + "]"
+            return (
+                "[" + ", ".join(i.__name__ if isinstance(i, type) else repr(i) for i in _as_list(items)) + "]"
+            )
 
         return f"(modules={show(self.modules)}, exclude={show(self.exclude)}, min_params={self.min_params})"
 

@@ -429,7 +429,14 @@ def raw_size_bytes(module: nn.Module) -> int:
         >>> raw_size_bytes(nn.Linear(4, 2))  # (8 + 2) fp32 values
         40
     """
-    return sum(math.ceil(_default_bits(tensor) / 8) for _, tensor in _unique_tensors(module))
+    return sum(math.ceil(_dense_bits(tensor) / 8) for _, tensor in _unique_tensors(module))
+
+
+def _dense_bits(tensor: torch.Tensor) -> int:
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_dense_bits(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size() * 8
 
 
 def _unique_tensors(module: nn.Module) -> list[tuple[list[str], torch.Tensor]]:

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -69,7 +70,7 @@ def test_schedule_properties(initial, delta, start, length, frequency, name):
     assert schedule.value(start + length) == pytest.approx(final, abs=1e-12)
     if length > 0 and name != "constant":
         assert schedule.value(start) == pytest.approx(initial, abs=1e-12)
-    for a, b in zip(values, values[1:], strict=False):
+    for a, b in itertools.pairwise(values):
         assert b >= a - 1e-12  # monotone
     for v in values:
         assert initial - 1e-12 <= v <= final + 1e-12
@@ -81,7 +82,7 @@ def test_update_steps_hit_start_and_end(start, length, frequency):
     updates = [k for k in range(start + length + 5) if schedule.is_update_step(k)]
     assert updates[0] == start and updates[-1] == start + length
     # between two update steps the value is constant
-    for a, b in zip(updates, updates[1:], strict=False):
+    for a, b in itertools.pairwise(updates):
         assert len({schedule.value(k) for k in range(a, b)}) == 1
 
 

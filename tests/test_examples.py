@@ -1,0 +1,78 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from examples import compress_digits
+from examples.data import FASHION_MNIST_DIR, DigitsDataModule, FashionMNISTDataModule, read_idx
+from examples.models import ARCHITECTURES, ImageClassifier
+
+
+def test_digits_split_is_fixed_and_complete():
+    a, b = DigitsDataModule(), DigitsDataModule()
+    a.setup("fit")
+    b.setup("fit")
+    assert (len(a.train_set), len(a.val_set), len(a.test_set)) == (1259, 269, 269)
+    assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
+    x = a.train_set.tensors[0]
+    assert x.shape[1:] == (1, 8, 8) and x.min() >= 0 and x.max() <= 1
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_and_fashion_mnist_module_on_small_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    images = read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    assert images.shape == (30, 28, 28) and images.dtype == np.uint8
+    dm = FashionMNISTDataModule(tmp_path, val_size=5, flatten=True, batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (25, 5, 10)
+    expected = (images[0].reshape(-1) / 255.0 - 0.2860) / 0.3530
+    assert torch.allclose(dm.train_set.tensors[0][0], torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        FashionMNISTDataModule(tmp_path / "nowhere").prepare_data()
+
+
+@pytest.mark.skipif(
+    not (__import__("pathlib").Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz").exists(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
+def test_real_fashion_mnist_files_load():
+    labels = read_idx(f"{FASHION_MNIST_DIR}/t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape"),
+    [
+        ("small_cnn", (1, 8, 8)),
+        ("lenet_300_100", (1, 28, 28)),
+        ("lenet5", (1, 28, 28)),
+        ("residual_cnn", (1, 28, 28)),
+    ],
+)
+def test_architectures_produce_logits(arch, shape):
+    assert arch in ARCHITECTURES
+    model = ImageClassifier(arch, input_shape=shape)
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_main_job_trains_and_reports(tmp_path):
+    result = compress_digits.main(["--max-epochs", "3", "--output", str(tmp_path)])
+    assert result["test_acc"] > 0.9
+    report = result["report"]
+    assert report["before"]["total_params"] == 38378
+    assert report["latency"]["speedup"] > 0
