@@ -1,5 +1,6 @@
 """Compress neural networks while fine-tuning them with PyTorch Lightning."""
 
+from lightning_compress.pruning.gradual import GradualPruning
 from lightning_compress.report import CompressionMonitor, format_report
 from lightning_compress.schedules import Schedule
 from lightning_compress.selection import ModuleSelection, select_modules
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionMonitor",
     "CompressionStats",
+    "GradualPruning",
     "LatencyResult",
     "ModuleSelection",
     "Schedule",

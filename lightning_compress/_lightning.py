@@ -98,3 +98,14 @@ def detach_input(example: Any, max_batch: int | None = None) -> Any:
     if isinstance(example, dict):
         return {k: detach_input(v, max_batch) for k, v in example.items()}
     return example
+
+
+def to_device(example: Any, device: torch.device) -> Any:
+    """Move an example input (tensor, tuple/list or dict of them) to ``device``."""
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, list | tuple):
+        return type(example)(to_device(e, device) for e in example)
+    if isinstance(example, dict):
+        return {k: to_device(v, device) for k, v in example.items()}
+    return example

@@ -14,7 +14,13 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_compress._lightning import detach_input, first_input, forget_original, remember_original
+from lightning_compress._lightning import (
+    detach_input,
+    first_input,
+    forget_original,
+    remember_original,
+    to_device,
+)
 from lightning_compress.stats import (
     CompressionStats,
     TensorFormat,
@@ -277,7 +283,7 @@ class CompressionMonitor(Callback):
             return self._macs_cache[1]
         device = next(module.parameters(), torch.empty(0)).device
         try:
-            macs: int | None = count_macs(module, _to_device(self._example, device))
+            macs: int | None = count_macs(module, to_device(self._example, device))
         except (
             Exception
         ) as err:  # a traced/quantized graph the counter cannot run: report, don't fail training
@@ -313,7 +319,7 @@ class CompressionMonitor(Callback):
 
     def _latency(self, original: nn.Module, final: nn.Module) -> dict[str, Any]:
         device = next(final.parameters(), torch.empty(0)).device
-        example = _to_device(self._example, device)
+        example = to_device(self._example, device)
         original = original.to(device)
         results = compare_latency(
             {"before": original, "after": final},
@@ -335,13 +341,3 @@ class CompressionMonitor(Callback):
         if self.report_path is not None:
             return Path(self.report_path)
         return Path(trainer.log_dir or trainer.default_root_dir) / "compression_report.json"
-
-
-def _to_device(example: Any, device: torch.device) -> Any:
-    if isinstance(example, torch.Tensor):
-        return example.to(device)
-    if isinstance(example, list | tuple):
-        return type(example)(_to_device(e, device) for e in example)
-    if isinstance(example, dict):
-        return {k: _to_device(v, device) for k, v in example.items()}
-    return example

@@ -1,0 +1,1 @@
+"""Pruning: masks, structured groups and the GradualPruning callback."""

@@ -1,0 +1,459 @@
+"""GradualPruning: prune weights on a schedule while fine-tuning, as masks during training and for real at the end."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_compress._lightning import (
+    build_schedule,
+    detach_input,
+    first_input,
+    remember_original,
+    to_device,
+)
+from lightning_compress.pruning.masks import (
+    CRITERIA,
+    SCOPES,
+    apply_masks,
+    check_choice,
+    nm_masks,
+    pack_mask,
+    unpack_mask,
+    unstructured_masks,
+    validate_nm,
+)
+from lightning_compress.schedules import (
+    SCHEDULE_NAMES,
+    Point,
+    Schedule,
+    ScheduleFn,
+    resolve_schedule,
+    validate_amount,
+    validate_point,
+)
+from lightning_compress.selection import ModuleSelection, Selector
+from lightning_compress.stats import _call, count_macs
+
+MODES = ("unstructured", "structured", "N:M")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class GradualPruning(Callback):
+    """Prune a model gradually while it trains, then make the result permanent.
+
+    During training pruning is a set of masks held by the callback: pruned weights are set to exactly zero at
+    every mask update and after every optimizer step (their gradients and optimizer state are zeroed too, so
+    momentum and weight decay cannot revive them). Parameter shapes, optimizers, DDP and checkpoint keys are
+    untouched, and validation runs the pruned model. At the end of training (``materialize=True``) unstructured
+    and N:M masks are simply dropped (the weights already hold the zeros; no reparametrization is ever added)
+    and structured pruning removes the pruned channels for real, with torch-pruning's dependency graph, so
+    the model has fewer parameters and MACs and runs faster.
+
+    Modes:
+
+    - ``"unstructured"``: individual weights by magnitude (``criterion="l1"``) or at random, per layer or with
+      one global threshold (``scope="global"``).
+    - ``"N:M"`` such as ``"2:4"``: in every group of M consecutive weights along the input dimension keep the N
+      largest. The pattern is applied at ``start`` and kept; ``amount`` is ``1 - N/M`` by definition.
+    - ``"structured"``: whole channels / neurons, with every coupled layer (residual adds, BatchNorm, the next
+      layer's inputs) pruned together. ``amount`` is the fraction of channels removed. Criteria: ``"l1"``,
+      ``"l2"`` (group magnitude), ``"bn_scale"``, ``"taylor"`` (first order, from gradients), ``"random"``.
+
+    ``amount`` is the *absolute* target sparsity of the selected weights (not a fraction of what is left),
+    reached along ``schedule`` between ``start`` and ``end``, updated every ``frequency`` optimizer steps.
+
+    Args:
+        amount: final fraction pruned, in ``[0, 1)`` (weights for unstructured, channels for structured).
+        mode: ``"unstructured"``, ``"structured"`` or ``"N:M"`` (e.g. ``"2:4"``).
+        criterion: importance criterion (see above).
+        scope: ``"layer"`` (every layer reaches ``amount``) or ``"global"`` (one ranking across layers).
+        schedule: schedule name or callable, see :mod:`lightning_compress.schedules`.
+        start: when pruning starts (fraction of training, ``"step:N"`` or ``"epoch:N"``).
+        end: when ``amount`` is reached.
+        frequency: optimizer steps between mask updates (``None``: 20 updates over ``[start, end]``).
+        initial_amount: amount at ``start``.
+        modules: layers to prune (types and/or name patterns); for structured mode, the layers whose output
+            channels are pruned.
+        exclude: layers to leave alone.
+        min_params: leave out layers with fewer parameters.
+        round_to: structured mode: keep channel counts a multiple of this (fast kernels).
+        example_input: input to trace the model (structured) and count MACs; default ``example_input_array``,
+            else the first training sample.
+        materialize: make the pruning permanent at the end of training.
+        log_per_layer: also log the sparsity of every pruned weight.
+        seed: seed of the random criterion.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> pruning = GradualPruning(amount=0.9, mode="unstructured", schedule="agp", start=0.1, end=0.7)
+        >>> trainer = Trainer(callbacks=[pruning], max_epochs=10, logger=False)
+        >>> GradualPruning(amount=0.5, mode="2:4")
+        Traceback (most recent call last):
+        ...
+        ValueError: `mode='2:4'` fixes the sparsity at 1 - 2/4 = 0.5; leave `amount` unset (None).
+    """
+
+    def __init__(
+        self,
+        amount: float | None = None,
+        mode: str = "unstructured",
+        criterion: str = "l1",
+        scope: str = "layer",
+        schedule: str | ScheduleFn = "agp",
+        start: Point = 0.0,
+        end: Point = 0.7,
+        frequency: int | None = None,
+        initial_amount: float = 0.0,
+        modules: Selector = (nn.Conv2d, nn.Linear),
+        exclude: Selector = None,
+        min_params: int = 0,
+        round_to: int = 8,
+        example_input: Any = None,
+        materialize: bool = True,
+        log_per_layer: bool = False,
+        seed: int = 0,
+    ) -> None:
+        nm = _NM.match(mode) if isinstance(mode, str) else None
+        if nm is not None:
+            self.n, self.m = int(nm.group(1)), int(nm.group(2))
+            if not 1 <= self.n <= self.m:
+                raise ValueError(f"`mode={mode!r}`: N:M needs 1 <= N <= M, e.g. '2:4'.")
+            if amount is not None:
+                raise ValueError(
+                    f"`mode={mode!r}` fixes the sparsity at 1 - {self.n}/{self.m} = {1 - self.n / self.m:g}; "
+                    "leave `amount` unset (None)."
+                )
+            amount = 1.0 - self.n / self.m
+            self.mode = "N:M"
+        else:
+            self.mode = check_choice(mode, ("unstructured", "structured"), "mode") if mode != "N:M" else mode
+            if self.mode == "N:M":
+                raise ValueError("`mode='N:M'` needs numbers, e.g. `mode='2:4'`.")
+            if amount is None:
+                raise ValueError(
+                    f"`amount` is required for `mode={mode!r}`: the final fraction to prune, e.g. 0.9."
+                )
+        self.amount = validate_amount(amount, "amount")
+        self.initial_amount = validate_amount(initial_amount, "initial_amount")
+        if self.initial_amount > self.amount:
+            raise ValueError(
+                f"`initial_amount={initial_amount}` is above `amount={amount}`; pruning only grows."
+            )
+        if self.mode == "structured":
+            from lightning_compress.pruning.structured import IMPORTANCES
+
+            self.criterion = check_choice(criterion, IMPORTANCES, "criterion")
+        else:
+            self.criterion = check_choice(criterion, CRITERIA, "criterion")
+        self.scope = check_choice(scope, SCOPES, "scope")
+        if schedule != "exponential":
+            resolve_schedule(schedule)
+        elif schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"Unknown `schedule={schedule!r}`.")
+        self.schedule = schedule
+        self.start = validate_point(start, "start")
+        self.end = validate_point(end, "end")
+        if isinstance(self.start, float) and isinstance(self.end, float) and self.end < self.start:
+            raise ValueError(f"`end={end}` is before `start={start}`. Pruning must end after it starts.")
+        if frequency is not None and (
+            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
+        ):
+            raise ValueError(
+                f"`frequency={frequency!r}` must be a positive number of optimizer steps, or None."
+            )
+        self.frequency = frequency
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"`round_to={round_to!r}` must be a positive integer (1 disables rounding).")
+        self.round_to = round_to
+        self.selection = ModuleSelection(modules, exclude, min_params)
+        self.example_input = example_input
+        self.materialize = materialize
+        self.log_per_layer = log_per_layer
+        self.seed = seed
+
+        # State, rebuilt in `setup` and restored from checkpoints.
+        self.masks: dict[str, Tensor] = {}
+        self.plan: dict[str, list[int]] = {}
+        self.current_amount = 0.0
+        self.last_update_step: int | None = None
+        self.materialized = False
+        self.materialize_max_abs_diff: float | None = None
+        self._schedule: Schedule | None = None
+        self._params: dict[str, nn.Parameter] = {}
+        self._pruner: Any = None
+        self._example: Any = None
+        self._taylor: dict[str, Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._hooks: list[Any] = []
+        self._metrics: dict[str, float] = {}
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        remember_original(trainer, pl_module)
+        selected = self.selection.select(pl_module)
+        self._schedule = self._build_schedule(trainer)
+        if self.mode == "structured":
+            self._setup_structured(trainer, pl_module, selected)
+        else:
+            self._params = {}
+            for name, module in selected:
+                weight = getattr(module, "weight", None)
+                if isinstance(weight, nn.Parameter):
+                    self._params[f"{name}.weight"] = weight
+            if not self._params:
+                raise ValueError(f"The selection {self.selection} has no `weight` parameter to prune.")
+            if self.mode == "N:M":
+                validate_nm(self.n, self.m, {k: p.shape for k, p in self._params.items()})
+        if self.criterion == "taylor" and not pl_module.automatic_optimization:
+            raise ValueError(
+                "`criterion='taylor'` reads gradients before each optimizer step, which needs automatic "
+                "optimization; choose 'l1' or 'l2' for a LightningModule with manual optimization."
+            )
+
+    def _build_schedule(self, trainer: pl.Trainer) -> Schedule:
+        if self.mode == "N:M":
+            # The pattern is fixed: applied at `start`, kept afterwards.
+            return build_schedule(trainer, self.amount, self.amount, self.start, self.start, "constant", 1)
+        schedule = build_schedule(
+            trainer, self.initial_amount, self.amount, self.start, self.end, self.schedule, 1
+        )
+        frequency = self.frequency or max(1, (schedule.end - schedule.start) // 20)
+        return Schedule(
+            schedule.initial, schedule.final, schedule.start, schedule.end, schedule.schedule, frequency
+        )
+
+    def _setup_structured(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[tuple[str, nn.Module]]
+    ) -> None:
+        from lightning_compress.pruning.structured import StructuredPruner
+
+        self._example = self._find_example(trainer, pl_module)
+        self._pruner = StructuredPruner(
+            pl_module,
+            self._example,
+            modules=[name for name, _ in selected],
+            importance=self.criterion,
+            scope=self.scope,
+            round_to=self.round_to,
+        )
+        params = dict(pl_module.named_parameters())
+        names = sorted({name for group in self._pruner.groups for name in group.param_names})
+        self._params = {name: params[name] for name in names}
+
+    def _find_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise ValueError(
+                    "Structured pruning traces the model and needs an example input: set "
+                    "`example_input_array` on the LightningModule or pass `example_input`."
+                )
+            example = first_input(next(iter(loader)))
+        device = next(pl_module.parameters()).device
+        return to_device(detach_input(example, max_batch=1), device)
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        params = set(self._params.values())
+        for optimizer in trainer.optimizers:
+            owned = [p for group in optimizer.param_groups for p in group["params"] if p in params]
+            if owned:
+                self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if self.masks:
+            # Resumed: the loaded weights already carry the zeros; keep them exact from the first step on.
+            self._move_masks(pl_module)
+            self._apply(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        assert self._schedule is not None
+        step = trainer.global_step
+        if self.last_update_step == step or not self._schedule.is_update_step(step):
+            return
+        target = self._schedule.value(step)
+        if target > self.current_amount or not self.masks:
+            self._update_masks(trainer, pl_module, target)
+        self.last_update_step = step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.criterion == "taylor":
+            with torch.no_grad():
+                for name, param in self._params.items():
+                    if param.grad is not None:
+                        score = (param * param.grad).abs()
+                        self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
+        if not self.masks:
+            return
+        with torch.no_grad():
+            for name, param in self._params.items():
+                if param.grad is not None and name in self.masks:
+                    param.grad.masked_fill_(~self.masks[name], 0.0)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.masks:
+            with torch.no_grad():
+                apply_masks(self._params, self.masks)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for name, value in self._metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        if not self.materialize or self.materialized:
+            return
+        if self.mode == "structured" and self.plan:
+            masked = copy.deepcopy(pl_module).eval()
+            self._pruner.materialize(pl_module, self.plan)
+            pl_module.eval()
+            with torch.no_grad():
+                diff = _max_abs_diff(masked, pl_module, self._example)
+            self.materialize_max_abs_diff = diff
+            if diff > 1e-4:
+                rank_zero_warn(
+                    f"Removing the pruned channels changed the outputs by up to {diff:.3g}: the masked and the "
+                    "materialized models differ. Please report the model architecture."
+                )
+            rank_zero_info(
+                f"GradualPruning removed {sum(len(v) for v in self.plan.values())} channels "
+                f"(max output difference {diff:.2e})."
+            )
+        self.masks = {}
+        self.materialized = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # -- decisions -----------------------------------------------------------------------------------
+
+    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
+        weights = {name: param.detach() for name, param in self._params.items()}
+        if self.mode == "N:M":
+            masks = nm_masks(weights, self.n, self.m)
+        elif self.mode == "unstructured":
+            masks = unstructured_masks(
+                weights,
+                target,
+                scope=self.scope,
+                criterion=self.criterion,
+                previous=self.masks or None,
+                generator=self._generator,
+            )
+        else:
+            grads = None
+            if self.criterion == "taylor":
+                grads = self._reduced_taylor(trainer)
+            masks, plan = self._pruner.compute_masks(
+                pl_module, target, grads=grads, previous=self.plan or None, generator=self._generator
+            )
+            self.plan = trainer.strategy.broadcast(plan, src=0)
+            self._taylor = {}
+        # Every rank must hold the same masks; rank zero decides.
+        masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
+        self.masks = masks
+        self._move_masks(pl_module)
+        self.current_amount = target
+        self._apply(trainer)
+        self._metrics = self._compute_metrics(pl_module, target)
+
+    def _reduced_taylor(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        if not self._taylor:
+            raise ValueError(
+                "`criterion='taylor'` needs gradients before the first pruning step, but none were seen. "
+                "Start pruning after at least one optimizer step (e.g. `start='step:1'` or later)."
+            )
+        return {
+            name: trainer.strategy.reduce(score, reduce_op="mean") for name, score in self._taylor.items()
+        }
+
+    def _move_masks(self, pl_module: pl.LightningModule) -> None:
+        self.masks = {k: v.to(device=self._params[k].device, dtype=torch.bool) for k, v in self.masks.items()}
+
+    def _apply(self, trainer: pl.Trainer) -> None:
+        apply_masks(self._params, self.masks)
+        # Zero the optimizer state of pruned weights (momentum, Adam moments): nothing left to revive them.
+        for optimizer in trainer.optimizers:
+            for param_name, param in self._params.items():
+                state = optimizer.state.get(param)
+                if not state or param_name not in self.masks:
+                    continue
+                for value in state.values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value.masked_fill_(~self.masks[param_name], 0.0)
+
+    def _compute_metrics(self, pl_module: pl.LightningModule, target: float) -> dict[str, float]:
+        zeros = sum(int((p == 0).sum()) for p in self._params.values())
+        total = sum(p.numel() for p in self._params.values())
+        metrics = {
+            "pruning/target_sparsity": float(target),
+            "pruning/sparsity": zeros / total,
+            "pruning/remaining_params": float(sum(int((p != 0).sum()) for p in pl_module.parameters())),
+        }
+        if self.mode == "structured":
+            metrics["pruning/removed_channels"] = float(sum(len(v) for v in self.plan.values()))
+            pruned = self._pruner.materialize(copy.deepcopy(pl_module), self.plan)
+            metrics["pruning/macs"] = float(count_macs(pruned, self._example))
+            metrics["pruning/params_after_removal"] = float(sum(p.numel() for p in pruned.parameters()))
+        if self.log_per_layer:
+            for name, param in self._params.items():
+                if name.endswith("weight") and param.dim() > 1:
+                    metrics[f"pruning/sparsity/{name}"] = float((param == 0).float().mean())
+        return metrics
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {name: pack_mask(mask) for name, mask in self.masks.items()},
+            "plan": {k: list(v) for k, v in self.plan.items()},
+            "current_amount": self.current_amount,
+            "last_update_step": self.last_update_step,
+            "materialized": self.materialized,
+            "taylor": {k: v.detach().cpu() for k, v in self._taylor.items()},
+            "generator": self._generator.get_state(),
+            "mode": self.mode,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("mode", self.mode) != self.mode:
+            raise ValueError(
+                f"The checkpoint was written by GradualPruning(mode={state_dict['mode']!r}); "
+                f"this callback has mode={self.mode!r}."
+            )
+        self.masks = {name: unpack_mask(packed) for name, packed in state_dict["masks"].items()}
+        self.plan = {k: list(v) for k, v in state_dict["plan"].items()}
+        self.current_amount = state_dict["current_amount"]
+        self.last_update_step = state_dict["last_update_step"]
+        self.materialized = state_dict["materialized"]
+        self._taylor = dict(state_dict.get("taylor", {}))
+        self._generator.set_state(state_dict["generator"])
+
+
+def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
+    out_a, out_b = _call(a, example), _call(b, example)
+    return float((out_a - out_b).abs().max()) if isinstance(out_a, Tensor) else 0.0

@@ -1,0 +1,327 @@
+"""Pruning masks: unstructured (per layer or global) and N:M semi-structured, as plain-torch functions.
+
+A mask is a bool tensor of the weight's shape, ``True`` where the weight is kept. ``amount`` is always the
+absolute fraction of entries pruned (zeroed), in ``[0, 1)``; counts are exact (``round(amount * numel)``)
+even when scores tie, because entries are ranked with a stable sort rather than compared to a threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_compress.schedules import validate_amount
+
+CRITERIA = ("l1", "l2", "random")
+SCOPES = ("layer", "global")
+
+
+def check_choice(value: str, choices: Sequence[str], name: str) -> str:
+    """Check that ``value`` is one of ``choices``; the error names the argument ``name``.
+
+    Example::
+
+        >>> check_choice("global", SCOPES, "scope")
+        'global'
+        >>> check_choice("model", SCOPES, "scope")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `scope='model'`. Use one of 'layer', 'global'.
+    """
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f"Unknown `{name}={value!r}`. Use one of {', '.join(repr(c) for c in choices)}.")
+
+
+def magnitude_scores(
+    weight: Tensor, criterion: str = "l1", generator: torch.Generator | None = None
+) -> Tensor:
+    """Importance of each entry of ``weight``; the lowest scores are pruned first.
+
+    Args:
+        weight: the tensor to score.
+        criterion: ``"l1"`` (``|w|``), ``"l2"`` (``w**2``, the same ranking as ``"l1"``) or ``"random"``
+            (uniform scores, reproducible with ``generator``).
+        generator: random source for ``"random"``.
+
+    Example::
+
+        >>> magnitude_scores(torch.tensor([-3.0, 0.5, 2.0]))
+        tensor([3.0000, 0.5000, 2.0000])
+        >>> magnitude_scores(torch.tensor([-3.0, 0.5]), "l2")
+        tensor([9.0000, 0.2500])
+    """
+    check_choice(criterion, CRITERIA, "criterion")
+    if criterion == "random":
+        device = generator.device if generator is not None else weight.device
+        return torch.rand(weight.shape, generator=generator, device=device).to(weight.device)
+    w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    return w.abs() if criterion == "l1" else w * w
+
+
+def _kept_after_pruning(scores: Tensor, k: int) -> Tensor:
+    """Flat bool mask pruning the ``k`` lowest ``scores`` (ties broken by position, earliest first)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[torch.sort(scores, stable=True).indices[:k]] = False
+    return keep
+
+
+def unstructured_masks(
+    weights: Mapping[str, Tensor],
+    amount: float,
+    *,
+    scope: str = "layer",
+    criterion: str = "l1",
+    previous: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Unstructured masks pruning the fraction ``amount`` of the lowest-scored entries.
+
+    Entries pruned in ``previous`` stay pruned, so masks only grow as a schedule raises ``amount``; where
+    ``previous`` already prunes at least the target, it is returned unchanged.
+
+    Args:
+        weights: tensors to prune, by name.
+        amount: absolute fraction of entries to prune, in ``[0, 1)``.
+        scope: ``"layer"``: each tensor loses exactly ``round(amount * numel)`` entries; ``"global"``: one
+            ranking across all tensors, ``round(amount * total)`` entries pruned in total (layers with
+            smaller scores lose more).
+        criterion: scoring, see :func:`magnitude_scores`.
+        previous: masks from the last update, by name (missing names have none).
+        generator: random source for ``criterion="random"``.
+
+    Returns:
+        Bool masks (``True`` = keep) with the shapes and devices of ``weights``.
+
+    Example::
+
+        >>> w = {"a": torch.tensor([4.0, -1.0, 3.0, 2.0]), "b": torch.tensor([0.5, 5.0])}
+        >>> unstructured_masks(w, 0.5)
+        {'a': tensor([ True, False,  True, False]), 'b': tensor([False,  True])}
+        >>> unstructured_masks(w, 0.34, scope="global")["a"]
+        tensor([ True, False,  True,  True])
+    """
+    amount = validate_amount(amount)
+    check_choice(scope, SCOPES, "scope")
+    check_choice(criterion, CRITERIA, "criterion")
+    previous = previous or {}
+    scores: dict[str, Tensor] = {}
+    prev_masks: dict[str, Tensor] = {}
+    for name, weight in weights.items():
+        score = magnitude_scores(weight, criterion, generator).reshape(-1)
+        prev = previous.get(name)
+        if prev is not None:
+            if prev.shape != weight.shape:
+                raise ValueError(
+                    f"`previous[{name!r}]` has shape {tuple(prev.shape)} but the weight has "
+                    f"{tuple(weight.shape)}. Pass the masks computed for these same weights."
+                )
+            prev = prev.to(device=weight.device, dtype=torch.bool)
+            prev_masks[name] = prev
+            score = score.masked_fill(~prev.reshape(-1), float("-inf"))
+        scores[name] = score
+
+    prev_pruned = {name: int((~prev).sum()) for name, prev in prev_masks.items()}
+    if scope == "layer":
+        masks = {}
+        for name, weight in weights.items():
+            k = round(amount * weight.numel())
+            if prev_pruned.get(name, -1) >= k:
+                masks[name] = prev_masks[name].clone()
+            else:
+                masks[name] = _kept_after_pruning(scores[name], k).reshape(weight.shape)
+        return masks
+
+    if not weights:
+        return {}
+    k = round(amount * sum(w.numel() for w in weights.values()))
+    if prev_masks and sum(prev_pruned.values()) >= k:
+        return {
+            name: prev_masks[name].clone() if name in prev_masks else torch.ones_like(w, dtype=torch.bool)
+            for name, w in weights.items()
+        }
+    device = next(iter(weights.values())).device
+    keep = _kept_after_pruning(torch.cat([s.to(device) for s in scores.values()]), k)
+    masks, offset = {}, 0
+    for name, weight in weights.items():
+        masks[name] = keep[offset : offset + weight.numel()].reshape(weight.shape).to(weight.device)
+        offset += weight.numel()
+    return masks
+
+
+def _check_nm(n: int, m: int) -> None:
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}={value!r}` must be an integer (N:M keeps n of every m weights).")
+    if n < 1:
+        raise ValueError(f"`n={n}` must be >= 1: N:M keeps n of every m weights, e.g. n=2, m=4.")
+    if n > m:
+        raise ValueError(f"`n={n}` is larger than `m={m}`: N:M keeps n of every m weights, so n <= m.")
+
+
+def _check_group_size(size: int, n: int, m: int, where: str) -> None:
+    if size % m == 0:
+        return
+    valid = [d for d in range(n + 1, size + 1) if size % d == 0]
+    hint = (
+        f"Use an `m` that divides {size}, e.g. m={min(valid, key=lambda d: (abs(d - m), d))}, or leave "
+        "this tensor out of the selection."
+        if valid
+        else "Leave this tensor out of the selection."
+    )
+    raise ValueError(f"`m={m}` does not divide the size {size} of {where}. {hint}")
+
+
+def validate_nm(n: int, m: int, shapes: Mapping[str, torch.Size]) -> None:
+    """Check an N:M pattern against weight shapes before training; errors name the offending tensor.
+
+    Args:
+        n: weights kept per group.
+        m: group size along the input dimension (dim 1).
+        shapes: weight shapes by name.
+
+    Example::
+
+        >>> validate_nm(2, 4, {"fc": torch.Size([8, 16])})
+        >>> validate_nm(2, 4, {"fc": torch.Size([8, 6])})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `m=4` does not divide the size 6 of dim 1 of 'fc'. Use an `m` that divides 6, e.g. m=3...
+    """
+    _check_nm(n, m)
+    for name, shape in shapes.items():
+        if len(shape) < 2:
+            raise ValueError(
+                f"{name!r} has shape {tuple(shape)}; N:M groups run along dim 1 (the inputs), so it needs "
+                "at least 2 dimensions. Leave it out of the selection."
+            )
+        _check_group_size(shape[1], n, m, f"dim 1 of {name!r}")
+
+
+def nm_mask(weight: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
+    """N:M semi-structured mask: of every ``m`` consecutive entries along ``dim``, keep the ``n`` largest.
+
+    Entries are ranked by ``|w|``.
+
+    For a Linear weight ``[out, in]`` and a Conv2d weight ``[out, in, kh, kw]``, ``dim=1`` groups the input
+    channels (for each output and kernel position), the layout of 2:4 sparse tensor cores. Ties keep the
+    earlier entry.
+
+    Args:
+        weight: the tensor to mask.
+        n: entries kept per group (``1 <= n <= m``).
+        m: group size; must divide ``weight.shape[dim]``.
+        dim: the dimension the groups run along.
+
+    Example::
+
+        >>> nm_mask(torch.tensor([[1.0, -4.0, 3.0, 2.0, 0.0, 5.0, -6.0, 1.0]]), n=2, m=4)
+        tensor([[False,  True,  True, False, False,  True,  True, False]])
+    """
+    _check_nm(n, m)
+    if not -weight.dim() <= dim < weight.dim():
+        raise ValueError(f"`dim={dim}` is out of range for a weight of shape {tuple(weight.shape)}.")
+    _check_group_size(weight.shape[dim], n, m, f"dim {dim} (shape {tuple(weight.shape)})")
+    scores = magnitude_scores(weight).movedim(dim, -1)
+    grouped = scores.reshape(*scores.shape[:-1], -1, m)
+    keep_idx = torch.sort(grouped, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, keep_idx, True)
+    return keep.reshape(scores.shape).movedim(-1, dim)
+
+
+def nm_masks(weights: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
+    """N:M masks along dim 1 for several tensors, checked up front with :func:`validate_nm`.
+
+    Example::
+
+        >>> masks = nm_masks({"fc": torch.randn(3, 8), "conv": torch.randn(2, 4, 3, 3)}, n=2, m=4)
+        >>> mask_sparsity(masks)
+        0.5
+    """
+    validate_nm(n, m, {name: w.shape for name, w in weights.items()})
+    return {name: nm_mask(w, n, m) for name, w in weights.items()}
+
+
+def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Zero the pruned entries of ``params`` in place: exact ``+0.0`` (also for NaN), kept values untouched.
+
+    Args:
+        params: tensors to mask, by name (names without a mask are left alone).
+        masks: bool masks (``True`` = keep), by name.
+
+    Example::
+
+        >>> p = {"w": torch.tensor([1.5, -2.0, 3.0])}
+        >>> apply_masks(p, {"w": torch.tensor([True, False, True])})
+        >>> p["w"]
+        tensor([1.5000, 0.0000, 3.0000])
+    """
+    with torch.no_grad():
+        for name, mask in masks.items():
+            if name not in params:
+                raise KeyError(f"A mask is named {name!r} but no parameter is; known: {sorted(params)}.")
+            param = params[name]
+            if mask.shape != param.shape:
+                raise ValueError(
+                    f"The mask for {name!r} has shape {tuple(mask.shape)} but the parameter has "
+                    f"{tuple(param.shape)}."
+                )
+            param.masked_fill_(~mask.to(device=param.device, dtype=torch.bool), 0.0)
+
+
+def mask_sparsity(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of pruned (``False``) entries over all masks; ``0.0`` for none.
+
+    Example::
+
+        >>> mask_sparsity({"a": torch.tensor([True, False]), "b": torch.tensor([False, False])})
+        0.75
+    """
+    total = sum(mask.numel() for mask in masks.values())
+    if total == 0:
+        return 0.0
+    return sum(int((~mask.bool()).sum()) for mask in masks.values()) / total
+
+
+_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> dict:
+    """Bit-pack a mask for checkpoints: 8 entries per byte, most significant bit first, on the CPU.
+
+    Example::
+
+        >>> packed = pack_mask(torch.tensor([[True, False, True], [True, True, True]]))
+        >>> packed["shape"], packed["bits"]
+        ([2, 3], tensor([188], dtype=torch.uint8))
+    """
+    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
+    bits = (flat.reshape(-1, 8) * _BIT_VALUES).sum(dim=1).to(torch.uint8)
+    return {"shape": list(mask.shape), "bits": bits}
+
+
+def unpack_mask(packed: dict) -> Tensor:
+    """Inverse of :func:`pack_mask`: the bool mask, on the device of ``packed["bits"]``.
+
+    Example::
+
+        >>> mask = torch.rand(5, 7) > 0.5
+        >>> torch.equal(unpack_mask(pack_mask(mask)), mask)
+        True
+    """
+    if not isinstance(packed, Mapping) or not {"shape", "bits"} <= packed.keys():
+        raise ValueError("`packed` must be a dict with 'shape' and 'bits', as returned by `pack_mask`.")
+    shape, bits = list(packed["shape"]), packed["bits"]
+    numel = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.numel() != math.ceil(numel / 8):
+        raise ValueError(
+            f"`packed['bits']` holds {bits.numel()} {bits.dtype} values; a mask of shape {shape} needs "
+            f"{math.ceil(numel / 8)} uint8 bytes. Was it written by `pack_mask`?"
+        )
+    values = _BIT_VALUES.to(bits.device)
+    flat = (bits.reshape(-1, 1) & values) != 0
+    return flat.reshape(-1)[:numel].reshape(shape)

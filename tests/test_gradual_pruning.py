@@ -1,0 +1,189 @@
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from examples.models import ImageClassifier
+from lightning_compress import GradualPruning
+from lightning_compress.schedules import Schedule
+from tests.conftest import trainer_kwargs
+
+
+class SGDClassifier(ImageClassifier):
+    """Momentum and weight decay: the optimizer state that could revive pruned weights."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+class ZerosAfterEveryStep(Callback):
+    """Records, after every optimizer step, whether every masked weight is exactly zero."""
+
+    def __init__(self, pruning):
+        self.pruning = pruning
+        self.violations = 0
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        params = dict(pl_module.named_parameters())
+        for name, mask in self.pruning.masks.items():
+            self.checked += 1
+            self.violations += int((params[name].detach()[~mask] != 0).sum())
+
+
+def _selected_sparsity(model, names):
+    params = dict(model.named_parameters())
+    zeros = sum(int((params[n] == 0).sum()) for n in names)
+    return zeros / sum(params[n].numel() for n in names)
+
+
+def test_unstructured_agp_reaches_target_and_zeros_stay_zero_under_momentum(tmp_path, digits):
+    pruning = GradualPruning(amount=0.8, start=0.0, end=0.5, frequency=2)
+    check = ZerosAfterEveryStep(pruning)
+    model = SGDClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning, check])
+    trainer.fit(model, datamodule=digits)
+    names = ["net.0.weight", "net.3.weight", "net.8.weight", "net.10.weight"]
+    assert check.checked > 0 and check.violations == 0
+    for name in names:  # per-layer scope: every layer reaches 80% exactly (rounded count)
+        p = dict(model.named_parameters())[name]
+        assert int((p == 0).sum()) == round(0.8 * p.numel())
+    assert _selected_sparsity(model, names) == pytest.approx(0.8, abs=1e-3)
+    # No reparametrization is left behind: a plain module with plain parameters and unchanged keys.
+    assert set(model.state_dict()) == set(ImageClassifier("small_cnn").state_dict())
+    assert not any(hasattr(m, "weight_orig") or hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_global_scope_prunes_layers_unequally_but_hits_the_total(tmp_path, digits):
+    pruning = GradualPruning(amount=0.7, scope="global", start=0.0, end=0.3, frequency=1)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[pruning])
+    trainer.fit(model, datamodule=digits)
+    names = ["net.0.weight", "net.3.weight", "net.8.weight", "net.10.weight"]
+    assert _selected_sparsity(model, names) == pytest.approx(0.7, abs=1e-4)
+    per_layer = [float((dict(model.named_parameters())[n] == 0).float().mean()) for n in names]
+    assert max(per_layer) - min(per_layer) > 0.05
+
+
+def test_target_follows_the_schedule_and_reaches_the_logger(tmp_path, digits):
+    logger = CSVLogger(tmp_path, name="prune")
+    pruning = GradualPruning(amount=0.9, start="step:0", end="step:20", frequency=5)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1), callbacks=[pruning]
+    )
+    trainer.fit(model, datamodule=digits)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("pruning/target_sparsity")]
+    by_step = {int(r["step"]): float(r["pruning/target_sparsity"]) for r in rows}
+    schedule = Schedule(0.0, 0.9, start=0, end=20, frequency=5)
+    # Lightning logs a step's metrics under the step index before the optimizer step increments it.
+    for step, value in by_step.items():
+        assert value == pytest.approx(schedule.value(step), abs=1e-6)  # logged as float32
+    assert by_step[4] == pytest.approx(0.0) and by_step[5] == pytest.approx(0.52, abs=5e-4)
+    assert by_step[max(by_step)] == pytest.approx(0.9)
+    actual = {int(r["step"]): float(r["pruning/sparsity"]) for r in rows}
+    assert actual[10] == pytest.approx(schedule.value(10), abs=1e-3)
+
+
+def test_nm_two_four_keeps_two_of_every_four(tmp_path, digits):
+    pruning = GradualPruning(mode="2:4", start=0.0, modules=nn.Linear)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[pruning])
+    trainer.fit(model, datamodule=digits)
+    for layer in (model.net[8], model.net[10]):
+        groups = layer.weight.detach().reshape(layer.out_features, -1, 4)
+        assert ((groups != 0).sum(-1) <= 2).all()
+    assert pruning.amount == 0.5
+
+
+class StopAfterFirstEpoch(Callback):
+    """Ends the run after the first epoch's checkpoint, as a killed job would."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resume_run(tmp_path, digits, epochs, ckpt_path=None, checkpoint=None):
+    pl.seed_everything(7, verbose=False)
+    pruning = GradualPruning(amount=0.85, start=0.1, end=0.8, frequency=3, criterion="random")
+    callbacks = [pruning] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    model = SGDClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=epochs, enable_checkpointing=checkpoint is not None),
+        callbacks=callbacks,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model, pruning
+
+
+def test_resume_from_a_mid_pruning_checkpoint_is_bit_exact(tmp_path, digits):
+    full, _ = _resume_run(tmp_path / "full", digits, epochs=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _resume_run(tmp_path / "first", digits, epochs=3, checkpoint=ckpt)
+    path = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
+    # The first run went on to materialize; the checkpoint from mid-pruning is what a killed run leaves.
+    resumed, pruning = _resume_run(tmp_path / "second", digits, epochs=3, ckpt_path=path)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert pruning.current_amount == pytest.approx(0.85)
+
+
+def test_mid_pruning_checkpoint_loads_into_the_plain_module(tmp_path, digits):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    pruning = GradualPruning(amount=0.5, start=0.0, end=0.9)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True), callbacks=[pruning, ckpt]
+    )
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    plain = ImageClassifier.load_from_checkpoint(tmp_path / "epoch=0-step=20.ckpt")
+    state = torch.load(tmp_path / "epoch=0-step=20.ckpt", weights_only=False)
+    saved = state["callbacks"][next(k for k in state["callbacks"] if "GradualPruning" in k)]
+    assert 0.0 < saved["current_amount"] < 0.5
+    sparsity = float((plain.net[8].weight == 0).float().mean())
+    assert sparsity == pytest.approx(saved["current_amount"], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"amount": 1.0}, ValueError, "`amount=1.0` must be in \\[0, 1\\)"),
+        ({"amount": 0.5, "mode": "3:2"}, ValueError, "1 <= N <= M"),
+        ({"amount": 0.5, "mode": "blocks"}, ValueError, "Unknown `mode='blocks'`"),
+        ({"amount": 0.5, "start": 0.8, "end": 0.2}, ValueError, "before `start=0.8`"),
+        ({"amount": 0.5, "criterion": "taylor"}, ValueError, "Unknown `criterion='taylor'`"),
+        ({}, ValueError, "`amount` is required"),
+        ({"amount": 0.5, "modules": [3]}, TypeError, "`modules` got 3"),
+        ({"amount": 0.5, "frequency": 0}, ValueError, "`frequency=0`"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradualPruning(**kwargs)
+
+
+class CountSteps(Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args):
+        CountSteps.steps += 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "2:3", "modules": nn.Linear}, "does not divide|divisible|divide"),
+        ({"amount": 0.5, "modules": "decoder.*"}, "`modules`: no name 'decoder.\\*'"),
+    ],
+)
+def test_bad_setup_fails_before_any_training_step(tmp_path, digits, kwargs, match):
+    CountSteps.steps = 0
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[GradualPruning(**kwargs), CountSteps()])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert CountSteps.steps == 0
