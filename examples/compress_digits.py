@@ -1,4 +1,4 @@
-"""The main job: fine-tune a small CNN on scikit-learn's digits while compressing it, and print the report.
+"""The main job: train a small CNN on scikit-learn's digits while pruning half its channels; print the report.
 
 Run from the repository root::
 
@@ -15,17 +15,22 @@ from lightning.pytorch.loggers import CSVLogger
 
 from examples.data import DigitsDataModule
 from examples.models import ImageClassifier
-from lightning_compress import CompressionMonitor
+from lightning_compress import CompressionMonitor, GradualPruning
 
 
 def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
-    return [CompressionMonitor(log_every_n_steps=args.log_every_n_steps, per_layer=True, latency_threads=1)]
+    return [
+        # Remove half of the channels of every conv/hidden layer, ramping up over the first 60% of training.
+        GradualPruning(amount=args.channels, mode="structured", start=0.1, end=0.6),
+        CompressionMonitor(log_every_n_steps=args.log_every_n_steps, per_layer=True, latency_threads=1),
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--channels", type=float, default=0.5, help="fraction of channels to remove")
     parser.add_argument("--log-every-n-steps", type=int, default=10)
     parser.add_argument("--output", type=Path, default=Path("runs/digits"))
     args = parser.parse_args(argv)

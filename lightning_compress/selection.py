@@ -163,6 +163,11 @@ class ModuleSelection:
             )
         return chosen
 
+    def excluded(self, model: nn.Module) -> list[str]:
+        """Names of the modules of ``model`` that ``exclude`` leaves out (for callbacks that must also keep
+        them from being changed as a side effect, e.g. as coupled layers of structured pruning)."""
+        return [n for n, m in model.named_modules() if n and self._excluded(n, m)]
+
 
 def select_modules(
     model: nn.Module, modules: Selector = None, exclude: Selector = None, min_params: int = 0

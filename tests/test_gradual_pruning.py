@@ -187,3 +187,125 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, kwargs, matc
     with pytest.raises(ValueError, match=match):
         trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
     assert CountSteps.steps == 0
+
+
+class RecordValAccuracy(Callback):
+    """The last validation accuracy seen while training (the masked model)."""
+
+    value = None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.value = float(trainer.callback_metrics["val_acc"])
+
+
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_structured_removes_channels_and_the_pruned_model_matches_the_masked_one(tmp_path, digits, criterion):
+    from lightning_compress.stats import count_macs, count_parameters
+
+    pruning = GradualPruning(amount=0.5, mode="structured", criterion=criterion, start=0.1, end=0.6)
+    record = RecordValAccuracy()
+    model = ImageClassifier("small_cnn")
+    dense_params = count_parameters(model)
+    dense_macs = count_macs(model, model.example_input_array)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning, record])
+    trainer.fit(model, datamodule=digits)
+    # Conv 16 -> 8 and 32 -> 16 channels, the hidden Linear 64 -> 32 features; the classifier keeps its 10 outputs.
+    assert [model.net[0].out_channels, model.net[3].out_channels] == [8, 16]
+    assert (model.net[8].in_features, model.net[8].out_features, model.net[10].out_features) == (256, 32, 10)
+    assert count_parameters(model) < 0.3 * dense_params
+    assert count_macs(model, model.example_input_array) < 0.3 * dense_macs
+    assert pruning.materialize_max_abs_diff is not None and pruning.materialize_max_abs_diff < 1e-5
+    # What was validated (masked) is what ships (pruned): same accuracy on the validation set.
+    shipped = pl.Trainer(**trainer_kwargs(tmp_path)).validate(model, datamodule=digits, verbose=False)[0]
+    assert shipped["val_acc"] == pytest.approx(record.value, abs=1e-6)
+
+
+def test_structured_masks_zero_whole_groups_during_training(tmp_path, digits):
+    class Inspect(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            removed = pruning.plan["net.0"]
+            self.conv_out = pl_module.net[0].weight[removed].abs().sum().item()
+            self.bn_weight = pl_module.net[1].weight[removed].abs().sum().item()
+            self.bn_bias = pl_module.net[1].bias[removed].abs().sum().item()
+            self.consumer_in = pl_module.net[3].weight[:, removed].abs().sum().item()
+            self.n_removed = len(removed)
+
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, materialize=False)
+    inspect = Inspect()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, inspect])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert inspect.n_removed == 8
+    assert inspect.conv_out == inspect.bn_weight == inspect.bn_bias == inspect.consumer_in == 0.0
+
+
+def test_ddp_two_processes_take_identical_decisions(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "tests" / "_ddp_pruning.py"), str(tmp_path)],
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    for mode in ("structured", "unstructured"):
+        rank0 = torch.load(tmp_path / f"{mode}_rank0.pt")
+        rank1 = torch.load(tmp_path / f"{mode}_rank1.pt")
+        assert rank0["world_size"] == 2
+        assert rank0["masks"].keys() == rank1["masks"].keys() and rank0["masks"]
+        for name in rank0["masks"]:
+            assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
+        assert rank0["plan"] == rank1["plan"]
+        for name in rank0["weights"]:
+            assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
+    assert sum(len(v) for v in torch.load(tmp_path / "structured_rank0.pt")["plan"].values()) > 0
+    masks = torch.load(tmp_path / "unstructured_rank0.pt")["masks"]
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert pruned == round(0.8 * sum(m.numel() for m in masks.values()))
+
+
+def test_structured_checkpoints_load_without_the_callback(tmp_path, digits):
+    from lightning_compress.pruning.gradual import load_pruned_checkpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.4)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True), callbacks=[pruning, ckpt]
+    )
+    trainer.fit(model, datamodule=digits)
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    x = digits.val_set.tensors[0][:16]
+    model.eval()
+    expected = model(x)
+
+    # Written after the channels were removed.
+    restored = load_pruned_checkpoint(ImageClassifier("small_cnn"), tmp_path / "final.ckpt").eval()
+    assert restored.net[0].out_channels == 8
+    assert torch.equal(restored(x), expected)
+    # Written during training (full shapes, masked): the plan is replayed on the trained weights.
+    mid = load_pruned_checkpoint(ImageClassifier("small_cnn"), tmp_path / "epoch=1-step=40.ckpt").eval()
+    assert mid.net[3].out_channels == 16
+    assert torch.allclose(mid(x), expected, atol=1e-5)
+
+
+def test_structured_metrics_reach_the_logger(tmp_path, digits):
+    from lightning_compress.stats import count_macs
+
+    logger = CSVLogger(tmp_path, name="structured")
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.4)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=5), callbacks=[pruning]
+    )
+    trainer.fit(model, datamodule=digits)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    macs = [float(r["pruning/macs"]) for r in rows if r.get("pruning/macs")]
+    assert macs[-1] == count_macs(model, model.example_input_array)  # the logged cost is the shipped cost
+    channels = [float(r["pruning/removed_channels"]) for r in rows if r.get("pruning/removed_channels")]
+    assert channels == sorted(channels) and channels[-1] == 8 + 16 + 32

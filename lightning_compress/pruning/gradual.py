@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -195,6 +197,8 @@ class GradualPruning(Callback):
         self._generator = torch.Generator().manual_seed(seed)
         self._hooks: list[Any] = []
         self._metrics: dict[str, float] = {}
+        self._structure_metrics: dict[str, float] = {}
+        self._structure_key: tuple | None = None
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -244,12 +248,17 @@ class GradualPruning(Callback):
             pl_module,
             self._example,
             modules=[name for name, _ in selected],
+            ignored=self.selection.excluded(pl_module),
             importance=self.criterion,
             scope=self.scope,
             round_to=self.round_to,
+            strict=False,
         )
+        if self._pruner.skipped:
+            skipped = "; ".join(f"{name!r}: {why}" for name, why in self._pruner.skipped.items())
+            rank_zero_info(f"GradualPruning leaves these layers' channels alone: {skipped}.")
         params = dict(pl_module.named_parameters())
-        names = sorted({name for group in self._pruner.groups for name in group.param_names})
+        names = sorted({name for group in self._pruner.groups for name in group.params})
         self._params = {name: params[name] for name in names}
 
     def _find_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -317,6 +326,22 @@ class GradualPruning(Callback):
     ) -> None:
         for name, value in self._metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode != "structured" or not self.plan:
+            return
+        # What the model will cost once the channels are removed: measured on a pruned copy, once per epoch
+        # (tracing and pruning a copy at every mask update would cost more than the training steps).
+        key = tuple((root, len(idxs)) for root, idxs in self.plan.items())
+        if self._structure_key != key:
+            pruned = self._pruner.materialize(copy.deepcopy(pl_module), self.plan)
+            self._structure_metrics = {
+                "pruning/macs": float(count_macs(pruned, self._example)),
+                "pruning/params_after_removal": float(sum(p.numel() for p in pruned.parameters())),
+            }
+            self._structure_key = key
+        for name, value in self._structure_metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -411,9 +436,6 @@ class GradualPruning(Callback):
         }
         if self.mode == "structured":
             metrics["pruning/removed_channels"] = float(sum(len(v) for v in self.plan.values()))
-            pruned = self._pruner.materialize(copy.deepcopy(pl_module), self.plan)
-            metrics["pruning/macs"] = float(count_macs(pruned, self._example))
-            metrics["pruning/params_after_removal"] = float(sum(p.numel() for p in pruned.parameters()))
         if self.log_per_layer:
             for name, param in self._params.items():
                 if name.endswith("weight") and param.dim() > 1:
@@ -426,6 +448,11 @@ class GradualPruning(Callback):
         self._hooks = []
 
     # -- checkpoints ---------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        # Several GradualPruning callbacks (e.g. different layers, different modes) keep separate states.
+        return self._generate_state_key(mode=self.mode, amount=self.amount, selection=str(self.selection))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -457,3 +484,56 @@ class GradualPruning(Callback):
 def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
     out_a, out_b = _call(a, example), _call(b, example)
     return float((out_a - out_b).abs().max()) if isinstance(out_a, Tensor) else 0.0
+
+
+def load_pruned_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], example_input: Any = None
+) -> nn.Module:
+    """Load a checkpoint written by a run with :class:`GradualPruning` into a freshly built model.
+
+    Works without the callback, for checkpoints written during pruning (full shapes, pruned weights zero) and
+    after it (channels removed): the pruning history (``plan``) stored with the callback's state is replayed
+    with torch-pruning, so the model gets the pruned structure and the trained weights. Unstructured and N:M
+    checkpoints need nothing special (``LightningModule.load_from_checkpoint`` works as is); for them this
+    function is a plain ``load_state_dict``.
+
+    Args:
+        model: a new instance of the model that was trained (e.g. ``MyModule(**hparams)``).
+        checkpoint: a path to a Lightning checkpoint, or the loaded checkpoint dict.
+        example_input: input to trace the model (default: ``model.example_input_array``).
+
+    Returns:
+        ``model``, pruned in place, with the checkpoint's weights.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> ckpt = {"state_dict": net.state_dict(), "callbacks": {}}
+        >>> load_pruned_checkpoint(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ckpt)[0]
+        Linear(in_features=4, out_features=8, bias=True)
+    """
+    from lightning_compress.pruning.structured import StructuredPruner
+
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state_dict = checkpoint["state_dict"]
+    plan: dict[str, list[int]] = {}
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("GradualPruning") and state.get("mode") == "structured":
+            plan.update({root: list(idxs) for root, idxs in state["plan"].items() if idxs})
+    if plan:
+        example = example_input if example_input is not None else getattr(model, "example_input_array", None)
+        if example is None:
+            raise ValueError("Replaying structured pruning traces the model: pass `example_input`.")
+        pruner = StructuredPruner(model, example, round_to=1, strict=False)
+        current = model.state_dict()
+        full_shapes = all(current[k].shape == v.shape for k, v in state_dict.items() if k in current)
+        if full_shapes:  # written while pruning: weights first, then remove the channels
+            model.load_state_dict(state_dict)
+            pruner.materialize(model, plan)
+            return model
+        pruner.materialize(model, plan)
+    model.load_state_dict(state_dict)
+    return model

@@ -1,0 +1,121 @@
+"""Shared pieces of the benchmarks: machine description, step timing, fitting, evaluation and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import lightning
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+
+
+class StepTimer(Callback):
+    """Wall time of every training step (forward, backward, optimizer step and every callback's step work)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Any, batch: Any, i: int
+    ) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    @property
+    def median_ms(self) -> float:
+        # Skip the first steps: allocator warm-up.
+        return 1000 * statistics.median(self.times[10:] or self.times)
+
+
+def fit(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    epochs: int,
+    callbacks: list[Callback] | None = None,
+    seed: int = 0,
+) -> tuple[pl.Trainer, StepTimer]:
+    """Train quietly on the CPU with a step timer; returns the trainer and the timer."""
+    pl.seed_everything(seed, verbose=False)
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[*(callbacks or []), timer],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return trainer, timer
+
+
+def test_accuracy(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> float:
+    """Top-1 accuracy of ``model`` on the datamodule's test split."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in datamodule.test_dataloader():
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` and print the table."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"machine": machine(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    header = f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch {torch.__version__}\n\n"
+    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    print(header + table)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` restricted to ``columns`` (floats with 4 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

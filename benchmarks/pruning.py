@@ -1,0 +1,197 @@
+"""Pruning benchmark on Fashion-MNIST, side by side in one run.
+
+1. Unstructured, 90% of the weights: dense vs ``GradualPruning`` (AGP) vs Lightning's ``ModelPruning`` with
+   per-epoch amounts that compound to 90% (lottery ticket off), on LeNet-300-100 and a LeNet-5-style CNN:
+   test accuracy, reached sparsity, training step time as a ratio to the dense run.
+2. Structured, 50% of the channels of a 3-stage residual CNN: dense vs ``GradualPruning(mode="structured")`` vs
+   torch-pruning used by hand (prune once after dense training, then fine-tune the same number of epochs):
+   MACs, parameters, CPU latency at batch 1 and 64 (interleaved, median of repeats), test accuracy.
+
+Run from the repository root (needs ``apt-get install -y dataset-fashion-mnist``)::
+
+    python -m benchmarks.pruning              # full run
+    python -m benchmarks.pruning --quick      # a few minutes: fewer images and epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+
+from benchmarks.common import fit, markdown_table, test_accuracy, write_results
+from examples.data import FashionMNISTDataModule
+from examples.models import ImageClassifier
+from lightning_compress import GradualPruning
+from lightning_compress.stats import compare_latency, count_macs, count_parameters
+
+
+def _weight_sparsity(model: nn.Module) -> float:
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / sum(w.numel() for w in weights)
+
+
+def unstructured(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    prune_epochs = max(1, round(0.7 * args.epochs))
+    per_epoch = 1 - (1 - 0.9) ** (1 / prune_epochs)  # compounds to 90% over the pruning epochs
+    for arch in ("lenet_300_100", "lenet5"):
+        dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train)
+        dense_step = None
+        for method in ("dense", "GradualPruning", "ModelPruning"):
+            model = ImageClassifier(arch, input_shape=(1, 28, 28), lr=1e-3)
+            callbacks: list = []
+            if method == "GradualPruning":
+                callbacks = [GradualPruning(amount=0.9, scope="global", start=0.0, end=0.7)]
+            elif method == "ModelPruning":
+                callbacks = [
+                    ModelPruning(
+                        "l1_unstructured",
+                        amount=lambda epoch, k=prune_epochs, a=per_epoch: a if epoch < k else 0.0,
+                        parameter_names=["weight"],
+                        use_lottery_ticket_hypothesis=False,
+                        make_pruning_permanent=True,
+                        verbose=0,
+                    )
+                ]
+            _, timer = fit(model, dm, args.epochs, callbacks, seed=args.seed)
+            step = timer.median_ms
+            dense_step = dense_step or step
+            row = {
+                "model": arch,
+                "method": method,
+                "epochs": args.epochs,
+                "test_acc": test_accuracy(model, dm),
+                "weight_sparsity": _weight_sparsity(model),
+                "step_ms": step,
+                "step_time_vs_dense": step / dense_step,
+            }
+            print(row)
+            rows.append(row)
+    return rows
+
+
+def _prune_by_hand(model: ImageClassifier, example: torch.Tensor, ratio: float) -> None:
+    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    pruner = tp.pruner.BasePruner(
+        model.net,
+        example,
+        importance=importance,
+        pruning_ratio=ratio,
+        ignored_layers=[model.net[-1]],
+        round_to=8,
+    )
+    pruner.step()
+
+
+def structured(args: argparse.Namespace) -> list[dict[str, Any]]:
+    dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train)
+    epochs = args.structured_epochs
+    models: dict[str, ImageClassifier] = {}
+    rows = []
+
+    dense = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3)
+    fit(dense, dm, epochs, seed=args.seed)
+    models["dense"] = dense
+
+    ours = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3)
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.25, end=0.6, round_to=8)
+    fit(ours, dm, epochs, [pruning], seed=args.seed)
+    models["GradualPruning structured"] = ours
+
+    hand = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3)
+    pre = epochs // 2
+    fit(hand, dm, pre, seed=args.seed)
+    _prune_by_hand(hand, torch.zeros(1, 1, 28, 28), 0.5)
+    fit(hand, dm, epochs - pre, seed=args.seed + 1)
+    models["torch-pruning by hand (one shot)"] = hand
+
+    example = torch.zeros(1, 1, 28, 28)
+    latency = {
+        batch: compare_latency(
+            {k: m.eval() for k, m in models.items()},
+            torch.randn(batch, 1, 28, 28),
+            repeats=args.repeats,
+            rounds=3,
+        )
+        for batch in (1, 64)
+    }
+    base_macs, base_params = count_macs(dense, example), count_parameters(dense)
+    for name, model in models.items():
+        macs, params = count_macs(model, example), count_parameters(model)
+        row = {
+            "model": "residual_cnn",
+            "method": name,
+            "epochs": epochs,
+            "test_acc": test_accuracy(model, dm),
+            "macs": macs,
+            "macs_ratio": base_macs / macs,
+            "params": params,
+            "params_ratio": base_params / params,
+            "latency_b1_ms": latency[1][name].median_ms,
+            "speedup_b1": latency[1]["dense"].median_ms / latency[1][name].median_ms,
+            "latency_b64_ms": latency[64][name].median_ms,
+            "speedup_b64": latency[64]["dense"].median_ms / latency[64][name].median_ms,
+        }
+        if name.startswith("GradualPruning"):
+            row["masked_vs_pruned_max_abs_diff"] = pruning.materialize_max_abs_diff
+        print(row)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the unstructured runs")
+    parser.add_argument("--structured-epochs", type=int, default=4)
+    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="10k images, 3 + 2 epochs")
+    parser.add_argument("--only", choices=("unstructured", "structured"), default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.limit_train, args.epochs, args.structured_epochs, args.repeats = 10_000, 3, 2, 10
+    torch.manual_seed(args.seed)
+
+    results: dict[str, Any] = {"settings": vars(args)}
+    tables = []
+    if args.only in (None, "unstructured"):
+        results["unstructured"] = unstructured(args)
+        tables.append(
+            "## Unstructured 90%\n\n"
+            + markdown_table(
+                results["unstructured"],
+                ["model", "method", "epochs", "test_acc", "weight_sparsity", "step_ms", "step_time_vs_dense"],
+            )
+        )
+    if args.only in (None, "structured"):
+        results["structured"] = structured(args)
+        tables.append(
+            "## Structured 50% of channels\n\n"
+            + markdown_table(
+                results["structured"],
+                [
+                    "method",
+                    "epochs",
+                    "test_acc",
+                    "macs_ratio",
+                    "params_ratio",
+                    "speedup_b1",
+                    "speedup_b64",
+                    "latency_b1_ms",
+                    "latency_b64_ms",
+                ],
+            )
+        )
+    name = "pruning_quick" if args.quick else "pruning"
+    write_results(name, results, "\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
