@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_compress._inputs import to_device  # noqa: F401  (re-exported for the callbacks)
 from lightning_compress.schedules import Point, Schedule, ScheduleFn, resolve_point
 
 # One frozen copy of the model as it was before any callback changed it, per Trainer. Every callback that
@@ -97,15 +98,4 @@ def detach_input(example: Any, max_batch: int | None = None) -> Any:
         return type(example)(detach_input(e, max_batch) for e in example)
     if isinstance(example, dict):
         return {k: detach_input(v, max_batch) for k, v in example.items()}
-    return example
-
-
-def to_device(example: Any, device: torch.device) -> Any:
-    """Move an example input (tensor, tuple/list or dict of them) to ``device``."""
-    if isinstance(example, torch.Tensor):
-        return example.to(device)
-    if isinstance(example, list | tuple):
-        return type(example)(to_device(e, device) for e in example)
-    if isinstance(example, dict):
-        return {k: to_device(v, device) for k, v in example.items()}
     return example

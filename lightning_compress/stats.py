@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_compress._inputs import call_module as _call
+
 __all__ = [
     "CompressionStats",
     "LatencyResult",
@@ -231,18 +233,6 @@ def layer_sparsity(module: nn.Module, include_bias: bool = False) -> dict[str, f
         numel = param.numel()
         result[name] = 1.0 - _nonzero(param) / numel if numel else 0.0
     return result
-
-
-def _call(module: nn.Module, example_input: Any) -> Any:
-    """Call ``module`` on an example input: a tensor, a tuple/list of positional args or a mapping of kwargs.
-
-    A list is unpacked into positional arguments; wrap it in a tuple (``(lst,)``) to pass it as one argument.
-    """
-    if isinstance(example_input, Mapping):
-        return module(**example_input)
-    if isinstance(example_input, (tuple, list)):
-        return module(*example_input)
-    return module(example_input)
 
 
 def _first_tensor(example_input: Any) -> torch.Tensor | None:

@@ -14,13 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress._lightning import (
-    build_schedule,
-    detach_input,
-    first_input,
-    remember_original,
-    to_device,
-)
+from lightning_compress._inputs import call_module, to_device
+from lightning_compress._lightning import build_schedule, detach_input, first_input, remember_original
 from lightning_compress.pruning.masks import (
     CRITERIA,
     SCOPES,
@@ -42,7 +37,7 @@ from lightning_compress.schedules import (
     validate_point,
 )
 from lightning_compress.selection import ModuleSelection, Selector
-from lightning_compress.stats import _call, count_macs
+from lightning_compress.stats import count_macs
 
 MODES = ("unstructured", "structured", "N:M")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -278,6 +273,22 @@ class GradualPruning(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        # The strategy may have replaced the parameter objects (FSDP with `use_orig_params=True`): look them
+        # up again by name, and refuse what masks cannot follow.
+        named = dict(pl_module.named_parameters())
+        missing = [name for name in self._params if name not in named]
+        if missing:
+            raise ValueError(
+                f"After {type(trainer.strategy).__name__} wrapped the model, parameters {missing[:3]} are gone "
+                "(flattened). With FSDP pass `use_orig_params=True` to the strategy."
+            )
+        resharded = [name for name, p in self._params.items() if named[name].shape != p.shape]
+        if resharded:
+            raise ValueError(
+                f"{type(trainer.strategy).__name__} shards parameters {resharded[:3]} across processes; pruning "
+                "masks need whole parameters. Use DDP, or FSDP on a single device."
+            )
+        self._params = {name: named[name] for name in self._params}
         params = set(self._params.values())
         for optimizer in trainer.optimizers:
             owned = [p for group in optimizer.param_groups for p in group["params"] if p in params]
@@ -336,7 +347,7 @@ class GradualPruning(Callback):
         if self._structure_key != key:
             pruned = self._pruner.materialize(copy.deepcopy(pl_module), self.plan)
             self._structure_metrics = {
-                "pruning/macs": float(count_macs(pruned, self._example)),
+                "pruning/macs": float(count_macs(pruned, to_device(self._example, pl_module.device))),
                 "pruning/params_after_removal": float(sum(p.numel() for p in pruned.parameters())),
             }
             self._structure_key = key
@@ -482,7 +493,8 @@ class GradualPruning(Callback):
 
 
 def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
-    out_a, out_b = _call(a, example), _call(b, example)
+    example = to_device(example, next(b.parameters()).device)
+    out_a, out_b = call_module(a, example), call_module(b, example)
     return float((out_a - out_b).abs().max()) if isinstance(out_a, Tensor) else 0.0
 
 

@@ -30,6 +30,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning.pruner import function as tp_function
 
+from lightning_compress._inputs import call_module, to_device
 from lightning_compress.pruning.masks import SCOPES, check_choice
 from lightning_compress.schedules import validate_amount
 
@@ -100,24 +101,6 @@ class ChannelGroup:
 # --------------------------------------------------------------------------- graph construction
 
 
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _move(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_move(v, device) for v in obj)
-    return obj
-
-
-def _call(model: nn.Module, example_input: Any) -> Any:
-    if isinstance(example_input, Mapping):
-        return model(**example_input)
-    if isinstance(example_input, list | tuple):
-        return model(*example_input)
-    return model(example_input)
-
-
 def _tensors(obj: Any) -> list[Tensor]:
     if isinstance(obj, Tensor):
         return [obj]
@@ -139,11 +122,11 @@ def _build_graph(model: nn.Module, example_input: Any) -> tuple[tp.DependencyGra
     requires = {p: p.requires_grad for p in model.parameters()}
     param = next(model.parameters(), None)
     if param is not None:
-        example_input = _move(example_input, param.device)
+        example_input = to_device(example_input, param.device)
     outputs: list[Any] = []
 
     def forward(m: nn.Module, inputs: Any) -> Any:
-        out = _call(m, inputs)
+        out = call_module(m, inputs)
         outputs.append(out)
         return out
 

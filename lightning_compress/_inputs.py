@@ -1,0 +1,43 @@
+"""Example inputs: call a module on one, move one to a device (a tensor, positional args or keyword args)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def call_module(module: nn.Module, example_input: Any) -> Any:
+    """Call ``module`` on an example input: a tensor, a tuple/list of positional args or a mapping of kwargs.
+
+    A list is unpacked into positional arguments; wrap it in a tuple (``(lst,)``) to pass it as one argument.
+
+    Example::
+
+        >>> call_module(nn.Identity(), {"input": torch.ones(1)})
+        tensor([1.])
+    """
+    if isinstance(example_input, Mapping):
+        return module(**example_input)
+    if isinstance(example_input, tuple | list):
+        return module(*example_input)
+    return module(example_input)
+
+
+def to_device(example: Any, device: torch.device | str) -> Any:
+    """Move an example input (tensor, tuple/list or mapping of them) to ``device``.
+
+    Example::
+
+        >>> to_device((torch.ones(1), {"mask": torch.zeros(1)}), "cpu")
+        (tensor([1.]), {'mask': tensor([0.])})
+    """
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, Mapping):
+        return {k: to_device(v, device) for k, v in example.items()}
+    if isinstance(example, list | tuple):
+        return type(example)(to_device(e, device) for e in example)
+    return example
