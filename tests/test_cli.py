@@ -1,0 +1,68 @@
+"""The callbacks are configured from a LightningCLI YAML file, as users of LightningCLI write them."""
+
+import textwrap
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+from examples.data import DigitsDataModule
+from examples.models import ImageClassifier
+from lightning_compress import CompressionMonitor, GradualPruning
+
+
+def test_callbacks_from_a_lightning_cli_yaml_file(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            trainer:
+              max_epochs: 1
+              limit_train_batches: 4
+              limit_val_batches: 1
+              accelerator: cpu
+              logger: false
+              enable_checkpointing: false
+              enable_progress_bar: false
+              default_root_dir: {tmp_path}
+              callbacks:
+                - class_path: lightning_compress.GradualPruning
+                  init_args:
+                    amount: 0.6
+                    mode: structured
+                    criterion: l2
+                    start: 0.0
+                    end: 0.5
+                    modules: ["net.0", "net.3"]
+                - class_path: lightning_compress.CompressionMonitor
+                  init_args:
+                    measure_latency: false
+                    verbose: false
+            model:
+              arch: small_cnn
+            """
+        )
+    )
+    cli = LightningCLI(
+        ImageClassifier, DigitsDataModule, args=["fit", "--config", str(config)], save_config_callback=None
+    )
+    pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradualPruning))
+    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CompressionMonitor))
+    assert (pruning.amount, pruning.mode, pruning.criterion) == (0.6, "structured", "l2")
+    # 60% of 16 and 32 channels, kept counts rounded to multiples of 8: 8 and 16 kept.
+    assert [cli.model.net[0].out_channels, cli.model.net[3].out_channels] == [8, 16]
+    assert monitor.report["summary"]["compression_rate"] > 1.5
+
+
+def test_cli_rejects_a_bad_amount_before_training(tmp_path):
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\)"):
+        LightningCLI(
+            ImageClassifier,
+            DigitsDataModule,
+            args=[
+                "fit",
+                "--trainer.callbacks+=lightning_compress.GradualPruning",
+                "--trainer.callbacks.amount=1.5",
+                "--trainer.max_epochs=1",
+            ],
+            save_config_callback=None,
+        )
