@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lightning_compress._inputs import call_module as _call
 
@@ -281,6 +281,17 @@ def _num_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+def _cpu_attention_flops(
+    query: torch.Size, key: torch.Size, value: torch.Size, *args: Any, **kwargs: Any
+) -> int:
+    # The counter receives shapes; same formula as the GPU attention kernels, which torch registers.
+    return sdpa_flop_count(query, key, value)
+
+
+# Attention on the CPU runs a kernel that torch's counter has no formula for: without this it counts as zero.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_macs(module: nn.Module, example_input: Any) -> int:
     """Count the multiply-accumulates of one forward pass (in eval mode, without autograd).
 
@@ -299,9 +310,16 @@ def count_macs(module: nn.Module, example_input: Any) -> int:
         >>> count_macs(nn.Conv2d(3, 8, kernel_size=3), torch.zeros(1, 3, 10, 10))  # 8*8 positions * 8 * 3*3*3
         13824
     """
-    counter = FlopCounterMode(display=False)
-    with _eval_mode([module]), torch.no_grad(), counter:
-        _call(module, example_input)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    # The fused attention fast path (eval-mode nn.MultiheadAttention / TransformerEncoderLayer) has no FLOP
+    # formula and would count as zero: count the equivalent unfused computation instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with _eval_mode([module]), torch.no_grad(), counter:
+            _call(module, example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() // 2
 
 

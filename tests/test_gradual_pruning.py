@@ -309,3 +309,41 @@ def test_structured_metrics_reach_the_logger(tmp_path, digits):
     assert macs[-1] == count_macs(model, model.example_input_array)  # the logged cost is the shipped cost
     channels = [float(r["pruning/removed_channels"]) for r in rows if r.get("pruning/removed_channels")]
     assert channels == sorted(channels) and channels[-1] == 8 + 16 + 32
+
+
+class TinyTransformer(ImageClassifier):
+    """Digits as 8 tokens of 8 pixels through one transformer encoder layer."""
+
+    def __init__(self):
+        super().__init__("small_cnn")
+        self.net = nn.Sequential()
+        self.embed = nn.Linear(8, 32)
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(len(x), 8, 8))
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def test_structured_removes_attention_heads_and_feed_forward_neurons(tmp_path, digits):
+    from lightning_compress.pruning.heads import PrunedMultiheadAttention
+    from lightning_compress.stats import count_parameters
+
+    pruning = GradualPruning(
+        amount=0.5, mode="structured", start=0.0, end=0.5, modules=["encoder.self_attn", "encoder.linear1"]
+    )
+    model = TinyTransformer()
+    dense_params = count_parameters(model)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning])
+    trainer.fit(model, datamodule=digits)
+    attention = model.encoder.self_attn
+    assert isinstance(attention, PrunedMultiheadAttention) and attention.num_heads == 2
+    assert model.encoder.linear1.out_features == 32 and model.encoder.linear2.in_features == 32
+    # 2 heads of 8: q, k, v rows (3 * 16 * 32 + 3 * 16 biases) and out_proj columns (32 * 16); 32 FFN neurons.
+    removed_heads = 3 * 16 * 32 + 3 * 16 + 32 * 16
+    removed_ffn = 32 * 32 + 32 + 32 * 32
+    assert dense_params - count_parameters(model) == removed_heads + removed_ffn
+    assert pruning.materialize_max_abs_diff < 1e-5

@@ -355,3 +355,12 @@ def test_compare_latency_interleaves_all_models():
     assert compare_latency({}, torch.zeros(1)) == {}
     with pytest.raises(ValueError):
         compare_latency({"m": nn.Identity()}, torch.zeros(1), rounds=0)
+
+
+def test_count_macs_counts_attention_in_eval_mode():
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    x = torch.randn(1, 8, 32)
+    # q, k, v and out projections (4 * 8 * 32 * 32), scores and weighted sum (2 * 8 * 8 * 32), FFN (2 * 8 * 32 * 64)
+    expected = 4 * 8 * 32 * 32 + 2 * 8 * 8 * 32 + 2 * 8 * 32 * 64
+    assert count_macs(layer, x) == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

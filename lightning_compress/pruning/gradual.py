@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -236,25 +236,21 @@ class GradualPruning(Callback):
     def _setup_structured(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[tuple[str, nn.Module]]
     ) -> None:
-        from lightning_compress.pruning.structured import StructuredPruner
-
         self._example = self._find_example(trainer, pl_module)
-        self._pruner = StructuredPruner(
+        self._pruner = _Structure(
             pl_module,
             self._example,
-            modules=[name for name, _ in selected],
+            selected,
             ignored=self.selection.excluded(pl_module),
-            importance=self.criterion,
+            criterion=self.criterion,
             scope=self.scope,
             round_to=self.round_to,
-            strict=False,
         )
         if self._pruner.skipped:
             skipped = "; ".join(f"{name!r}: {why}" for name, why in self._pruner.skipped.items())
             rank_zero_info(f"GradualPruning leaves these layers' channels alone: {skipped}.")
         params = dict(pl_module.named_parameters())
-        names = sorted({name for group in self._pruner.groups for name in group.params})
-        self._params = {name: params[name] for name in names}
+        self._params = {name: params[name] for name in self._pruner.params}
 
     def _find_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
@@ -315,11 +311,14 @@ class GradualPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.criterion == "taylor":
+            # Sum the gradients since the last decision; the pruner scores |w * g| per group from them.
             with torch.no_grad():
                 for name, param in self._params.items():
                     if param.grad is not None:
-                        score = (param * param.grad).abs()
-                        self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
+                        grad = param.grad.detach()
+                        self._taylor[name] = (
+                            self._taylor[name] + grad if name in self._taylor else grad.clone()
+                        )
         if not self.masks:
             return
         with torch.no_grad():
@@ -371,7 +370,7 @@ class GradualPruning(Callback):
                     "materialized models differ. Please report the model architecture."
                 )
             rank_zero_info(
-                f"GradualPruning removed {sum(len(v) for v in self.plan.values())} channels "
+                f"GradualPruning removed {sum(len(v) for v in self.plan.values())} channels and heads "
                 f"(max output difference {diff:.2e})."
             )
         self.masks = {}
@@ -526,8 +525,6 @@ def load_pruned_checkpoint(
         >>> load_pruned_checkpoint(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ckpt)[0]
         Linear(in_features=4, out_features=8, bias=True)
     """
-    from lightning_compress.pruning.structured import StructuredPruner
-
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = checkpoint["state_dict"]
@@ -535,17 +532,132 @@ def load_pruned_checkpoint(
     for key, state in checkpoint.get("callbacks", {}).items():
         if key.startswith("GradualPruning") and state.get("mode") == "structured":
             plan.update({root: list(idxs) for root, idxs in state["plan"].items() if idxs})
-    if plan:
-        example = example_input if example_input is not None else getattr(model, "example_input_array", None)
-        if example is None:
-            raise ValueError("Replaying structured pruning traces the model: pass `example_input`.")
-        pruner = StructuredPruner(model, example, round_to=1, strict=False)
-        current = model.state_dict()
-        full_shapes = all(current[k].shape == v.shape for k, v in state_dict.items() if k in current)
-        if full_shapes:  # written while pruning: weights first, then remove the channels
-            model.load_state_dict(state_dict)
-            pruner.materialize(model, plan)
-            return model
-        pruner.materialize(model, plan)
+    if not plan:
+        model.load_state_dict(state_dict)
+        return model
+    example = example_input if example_input is not None else getattr(model, "example_input_array", None)
+    if example is None:
+        raise ValueError("Replaying structured pruning traces the model: pass `example_input`.")
+    named = dict(model.named_modules())
+    structure = _Structure(
+        model,
+        example,
+        [(name, named[name]) for name in plan],
+        ignored=[],
+        criterion="l1",
+        scope="layer",
+        round_to=1,
+    )
+    current = model.state_dict()
+    if all(current[k].shape == v.shape for k, v in state_dict.items() if k in current):
+        # Written while pruning: load the weights first, then remove the channels and heads.
+        model.load_state_dict(state_dict)
+        return structure.materialize(model, plan)
+    structure.materialize(model, plan)
     model.load_state_dict(state_dict)
     return model
+
+
+class _Structure:
+    """Channel groups (torch-pruning's dependency graph) and attention heads, planned and removed together.
+
+    Both kinds share one plan ``{module name: removed indices}``: channel roots and attention modules have
+    different names, so each entry is routed to the pruner that owns it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Any,
+        selected: list[tuple[str, nn.Module]],
+        *,
+        ignored: list[str],
+        criterion: str,
+        scope: str,
+        round_to: int,
+    ) -> None:
+        from lightning_compress.pruning.heads import HEAD_CRITERIA, HeadPruner
+        from lightning_compress.pruning.structured import StructuredPruner
+
+        self.scope, self.criterion = scope, criterion
+        attention = [n for n, m in selected if isinstance(m, nn.MultiheadAttention)]
+        inside = tuple(f"{n}." for n in attention)
+        others = [n for n, _ in selected if n not in attention and not n.startswith(inside)]
+        self.heads = HeadPruner(model, modules=attention) if attention else None
+        if self.heads is not None and criterion not in HEAD_CRITERIA:
+            raise ValueError(
+                f"`criterion={criterion!r}` cannot rank attention heads; use one of {HEAD_CRITERIA}."
+            )
+        self.channels: StructuredPruner | None = None
+        self.skipped: dict[str, str] = {}
+        if others:
+            try:
+                self.channels = StructuredPruner(
+                    model,
+                    example,
+                    modules=others,
+                    ignored=ignored,
+                    importance=criterion,
+                    scope=scope,
+                    round_to=round_to,
+                    strict=False,
+                )
+                self.skipped = dict(self.channels.skipped)
+            except ValueError:
+                if self.heads is None:
+                    raise
+        params: set[str] = set()
+        for groups in (
+            self.channels.groups if self.channels else [],
+            self.heads.groups if self.heads else [],
+        ):
+            params.update(p for group in groups for p in group.params)
+        self.params = sorted(params)
+
+    def _split(self, plan: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        plan = plan or {}
+        heads = set(self.heads.modules) if self.heads else set()
+        return {k: v for k, v in plan.items() if k not in heads}, {
+            k: v for k, v in plan.items() if k in heads
+        }
+
+    def compute_masks(
+        self,
+        model: nn.Module,
+        amount: float,
+        *,
+        grads: Any,
+        previous: Mapping[str, Any] | None,
+        generator: Any,
+    ) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        channel_prev, head_prev = self._split(previous)
+        masks: dict[str, Tensor] = {}
+        plan: dict[str, list[int]] = {}
+        if self.channels is not None:
+            m, p = self.channels.compute_masks(
+                model, amount, grads=grads, previous=channel_prev or None, generator=generator
+            )
+            masks.update(m)
+            plan.update(p)
+        if self.heads is not None:
+            m, p = self.heads.compute_masks(
+                model,
+                amount,
+                scope=self.scope,
+                criterion=self.criterion,
+                grads=grads,
+                previous=head_prev or None,
+                generator=generator,
+            )
+            masks.update(m)
+            plan.update(p)
+        return masks, plan
+
+    def materialize(self, model: nn.Module, plan: Mapping[str, Sequence[int]]) -> nn.Module:
+        channel_plan, head_plan = self._split(plan)
+        # Channels first: the graph is traced with the attention modules as they were built.
+        if self.channels is not None and channel_plan:
+            self.channels.materialize(model, channel_plan)
+        if self.heads is not None and head_plan:
+            self.heads.materialize(model, head_plan)
+        return model
