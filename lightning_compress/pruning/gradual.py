@@ -334,6 +334,10 @@ class GradualPruning(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # `log` costs tens of microseconds per call: only call it on the steps the loggers will write.
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
         for name, value in self._metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
 
