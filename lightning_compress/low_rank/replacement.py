@@ -1,0 +1,739 @@
+"""LowRankReplacement: replace Linear and Conv2d layers by low-rank factorizations before fine-tuning."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_compress._inputs import call_module, to_device
+from lightning_compress._lightning import detach_input, first_input, remember_original
+from lightning_compress.low_rank.factorize import (
+    CONV_DECOMPOSITIONS,
+    FACTORIZED,
+    METHODS,
+    Decomposition,
+    InputStatistics,
+    LowRankConv2d,
+    LowRankLinear,
+    Rank,
+    TuckerConv2d,
+    allocate_budget,
+    decompose,
+    layer_features,
+    layer_kind,
+    skip_reason,
+)
+from lightning_compress.selection import ModuleSelection, Selector
+from lightning_compress.stats import _eval_mode, count_macs
+
+BUDGET_ON = ("params", "macs")
+ALLOCATIONS = ("energy", "uniform")
+
+
+class LowRankReplacement(Callback):
+    """Replace ``nn.Linear`` / ``nn.Conv2d`` layers by low-rank factorizations at the start of fine-tuning.
+
+    In ``setup()`` — before the optimizers exist and before the strategy wraps the model — every selected layer
+    is factorized from its current (pretrained) weights and swapped for a product of thinner layers
+    (:class:`~lightning_compress.low_rank.LowRankLinear`, :class:`~lightning_compress.low_rank.TuckerConv2d` or
+    :class:`~lightning_compress.low_rank.LowRankConv2d`); training then fine-tunes the factors. A layer is only
+    replaced when the replacement has fewer parameters *and* fewer MACs; otherwise it is left as is and the
+    reason is reported in :attr:`skipped`.
+
+    Ranks — give exactly one of:
+
+    - ``rank``: an ``int`` (the same rank for every layer; per mode for Tucker, capped at each mode's size) or a
+      ``float`` in ``(0, 1]`` (that fraction of each layer's full rank);
+    - ``energy``: in ``(0, 1]``, per layer the smallest rank whose singular values hold that fraction of ``Σσ²``;
+    - ``budget``: in ``(0, 1)``, the fraction of the selected layers' parameters (``budget_on="params"``) or MACs
+      (``"macs"``) to keep; with ``allocation="energy"`` the ranks are chosen jointly, greedily by the relative
+      energy each rank adds per unit of cost, with ``"uniform"`` every layer keeps that fraction of its own cost.
+
+    Data-aware factorization (``method="whitened"``, SVD-LLM style, or the cheaper ``"asvd"`` scaling) minimizes the
+    error of each layer's outputs on calibration inputs instead of the error of its weights: the first
+    ``calibration_batches`` batches of the training loader are run through the model (in eval mode, without
+    gradients, without touching the random generators) to collect input statistics. ``method="auto"`` is
+    ``"whitened"`` when a training loader exists, else ``"svd"``. Under DDP the batches are split across processes
+    and the statistics all-reduced; rank zero's decisions are broadcast, so every process builds the same layers.
+
+    Checkpoints keep the factorized weights; the callback registers a state-dict pre-hook on the LightningModule
+    that rebuilds the factorized structure from the checkpoint's own keys before the weights are copied in, so
+    resuming a fit and ``Trainer.test(model, ckpt_path=...)`` on a freshly constructed LightningModule both work
+    (list this callback in that Trainer too, or call :func:`restore_low_rank` yourself). The ranks are also in the
+    callback's ``state_dict``.
+
+    List this callback before callbacks that select layers (e.g. ``GradualPruning``): they then act on the factors.
+
+    Args:
+        rank: fixed rank (``int``) or fraction of the full rank (``float`` in ``(0, 1]``).
+        energy: energy threshold in ``(0, 1]``.
+        budget: fraction in ``(0, 1)`` of the selected layers' cost to keep.
+        budget_on: ``"params"`` or ``"macs"``: what ``budget`` counts.
+        allocation: how ``budget`` is shared: ``"energy"`` (jointly: the greedy of
+            :func:`~lightning_compress.low_rank.allocate_budget` on the energy each rank adds per unit of cost) or
+            ``"uniform"`` (every layer keeps at most ``budget`` of its own cost, at least rank 1).
+        method: ``"auto"``, ``"svd"``, ``"whitened"`` or ``"asvd"``.
+        conv: ``"tucker"`` (Tucker-2: 1x1 → k×k core → 1x1) or ``"channel"`` (k×k with r filters → 1x1) for
+            k×k convolutions; 1x1 convolutions are factorized like linear layers.
+        modules: layers to factorize (types and/or name patterns).
+        exclude: layers to leave alone.
+        min_params: leave out layers with fewer parameters.
+        calibration_batches: training batches for the input statistics (data-aware methods).
+        calibration_input: maps a training batch to the model's input (a tensor, a tuple of positional arguments or
+            a dict of keyword arguments); default: the batch's first element.
+        example_input: input of one sample, to count MACs per layer; default ``example_input_array``, else the
+            first calibration batch.
+        damping: whitening: added to the Gram matrix's diagonal relative to its mean; asvd: floor of the scales.
+        alpha: asvd: exponent of the mean absolute input.
+        log_per_layer: log rank, errors and ratios of every replaced layer (else only totals).
+        verbose: print a table of the replacement on rank zero.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> lowrank = LowRankReplacement(budget=0.5, modules=nn.Linear)
+        >>> trainer = Trainer(callbacks=[lowrank], max_epochs=1, logger=False)
+        >>> LowRankReplacement(rank=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `rank=0` must be a positive int (a fixed rank) or a float in (0, 1] (a fraction of the full rank).
+    """
+
+    def __init__(
+        self,
+        rank: int | float | None = None,
+        energy: float | None = None,
+        budget: float | None = None,
+        budget_on: str = "params",
+        allocation: str = "energy",
+        method: str = "auto",
+        conv: str = "tucker",
+        modules: Selector = (nn.Linear, nn.Conv2d),
+        exclude: Selector = None,
+        min_params: int = 0,
+        calibration_batches: int = 8,
+        calibration_input: Callable[[Any], Any] | None = None,
+        example_input: Any = None,
+        damping: float = 0.01,
+        alpha: float = 0.5,
+        log_per_layer: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        given = [
+            name
+            for name, value in (("rank", rank), ("energy", energy), ("budget", budget))
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "Give exactly one of `rank` (e.g. 32 or 0.25), `energy` (e.g. 0.9) or `budget` (e.g. 0.5); "
+                f"got {', '.join(f'`{n}`' for n in given) or 'none'}."
+            )
+        if rank is not None:
+            if isinstance(rank, bool) or not isinstance(rank, int | float):
+                raise TypeError(f"`rank={rank!r}` must be an int (a fixed rank) or a float in (0, 1].")
+            if (isinstance(rank, int) and rank < 1) or (isinstance(rank, float) and not 0.0 < rank <= 1.0):
+                raise ValueError(
+                    f"`rank={rank!r}` must be a positive int (a fixed rank) or a float in (0, 1] "
+                    "(a fraction of the full rank)."
+                )
+        if energy is not None and not _number_in(energy, 0.0, 1.0, closed_right=True):
+            raise ValueError(
+                f"`energy={energy!r}` must be in (0, 1]: the fraction of each layer's Σσ² the kept rank holds."
+            )
+        if budget is not None and not _number_in(budget, 0.0, 1.0, closed_right=False):
+            raise ValueError(
+                f"`budget={budget!r}` must be in (0, 1): the fraction of the selected layers' {budget_on} to keep."
+            )
+        if budget_on not in BUDGET_ON:
+            raise ValueError(f"Unknown `budget_on={budget_on!r}`. Use 'params' or 'macs'.")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"Unknown `allocation={allocation!r}`. Use 'energy' (joint) or 'uniform' (per layer)."
+            )
+        if method not in ("auto", *METHODS):
+            raise ValueError(
+                f"Unknown `method={method!r}`. Use one of 'auto', {', '.join(map(repr, METHODS))}."
+            )
+        if conv not in CONV_DECOMPOSITIONS:
+            raise ValueError(
+                f"Unknown `conv={conv!r}`. Use 'tucker' (1x1 → k×k → 1x1) or 'channel' (k×k → 1x1)."
+            )
+        if (
+            isinstance(calibration_batches, bool)
+            or not isinstance(calibration_batches, int)
+            or calibration_batches < 1
+        ):
+            raise ValueError(f"`calibration_batches={calibration_batches!r}` must be a positive integer.")
+        if not _number_in(damping, 0.0, math.inf, closed_left=True) or not _number_in(
+            alpha, 0.0, math.inf, closed_left=True
+        ):
+            raise ValueError(f"`damping={damping!r}` and `alpha={alpha!r}` must be non-negative numbers.")
+        self.rank = rank
+        self.energy = energy
+        self.budget = budget
+        self.budget_on = budget_on
+        self.allocation = allocation
+        self.method = method
+        self.conv = conv
+        self.selection = ModuleSelection(modules, exclude, min_params)
+        self.calibration_batches = calibration_batches
+        self.calibration_input = calibration_input
+        self.example_input = example_input
+        self.damping = float(damping)
+        self.alpha = float(alpha)
+        self.log_per_layer = log_per_layer
+        self.verbose = verbose
+
+        # Decisions, kept in checkpoints.
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.records: list[dict[str, Any]] = []
+        self.skipped: dict[str, str] = {}
+        self.totals: dict[str, float] = {}
+        self.method_used: str | None = None
+        self._hooks: dict[int, Any] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if id(pl_module) not in self._hooks:
+            self._hooks[id(pl_module)] = pl_module.register_load_state_dict_pre_hook(_rebuild_before_loading)
+        if stage != "fit":
+            return
+        self._check_order(trainer)
+        if self.layers and all(
+            _has(pl_module, name) and isinstance(_get(pl_module, name), FACTORIZED) for name in self.layers
+        ):
+            return  # this module was factorized by an earlier fit with this callback
+        original = remember_original(trainer, pl_module)
+        self._replace(trainer, pl_module, original)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run rebuilds the structure from the checkpoint's keys; it must be the one recorded here.
+        for name, layer in self.layers.items():
+            module = _get(pl_module, name) if _has(pl_module, name) else None
+            if module is None or _rank_of(module) != _as_rank(layer["rank"]):
+                found = "missing" if module is None else f"rank {_rank_of(module)}"
+                raise RuntimeError(
+                    f"LowRankReplacement recorded layer {name!r} at rank {layer['rank']}, but the model has {found}. "
+                    "The checkpoint and the callback's state disagree."
+                )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = self.metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        handle = self._hooks.pop(id(pl_module), None)
+        if handle is not None:
+            handle.remove()
+
+    # -- the replacement -----------------------------------------------------------------------------
+
+    def _check_order(self, trainer: pl.Trainer) -> None:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if callback is self:
+                return
+            if isinstance(getattr(callback, "selection", None), ModuleSelection):
+                raise ValueError(
+                    f"List LowRankReplacement before {type(callback).__name__} in `Trainer(callbacks=...)`: it "
+                    f"replaces layers that {type(callback).__name__} selects, so it must set up first."
+                )
+
+    def _replace(self, trainer: pl.Trainer, pl_module: pl.LightningModule, original: nn.Module) -> None:
+        candidates, skipped = self._candidates(pl_module)
+        loader = _training_loader(trainer)
+        example = self._example(pl_module, loader)
+        device = next(pl_module.parameters()).device
+        positions = _positions(pl_module, to_device(example, device), candidates)
+        for name in list(candidates):
+            if name not in positions:
+                skipped[name] = "not called in the forward pass"
+                del candidates[name]
+        if not candidates:
+            raise ValueError(
+                f"None of the layers selected by {self.selection} can be factorized: "
+                + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+            )
+        method = self.method
+        if method == "auto":
+            method = "whitened" if loader is not None else "svd"
+        if method != "svd" and loader is None:
+            raise ValueError(
+                f"`method={method!r}` needs calibration batches from the training loader, and this Trainer has none. "
+                "Pass training data to `fit`, or use `method='svd'`."
+            )
+        kinds = {name: layer_kind(module, self.conv) for name, module in candidates.items()}
+        stats = (
+            self._calibrate(trainer, pl_module, loader, candidates, kinds, method, device)
+            if method != "svd"
+            else {}
+        )
+        decompositions = {
+            name: decompose(
+                module,
+                conv=self.conv,
+                stats=stats.get(name),
+                method=method,
+                damping=self.damping,
+                alpha=self.alpha,
+            )
+            for name, module in candidates.items()
+        }
+        plan = trainer.strategy.broadcast(self._plan(decompositions, positions), src=0)
+
+        self.layers, self.records = {}, []
+        for name, decision in plan.items():
+            if isinstance(decision, str):
+                skipped[name] = decision
+                continue
+            decomposition = decompositions[name]
+            replacement = decomposition.build(decision)
+            weight_error, output_error = decomposition.errors(replacement)
+            _set(pl_module, name, replacement)
+            rank = list(decision) if isinstance(decision, tuple) else decision
+            self.layers[name] = {"kind": decomposition.kind, "rank": rank}
+            self.records.append(
+                {
+                    "name": name,
+                    "kind": decomposition.kind,
+                    "rank": rank,
+                    "params_before": decomposition.params(),
+                    "params_after": decomposition.params(decision),
+                    "macs_before": decomposition.macs(positions[name]),
+                    "macs_after": decomposition.macs(positions[name], decision),
+                    "weight_error": weight_error,
+                    "output_error": output_error,
+                }
+            )
+        self.skipped = skipped
+        self.method_used = method
+        self.totals = self._totals(original, pl_module, to_device(example, device))
+        if self.verbose:
+            rank_zero_info(self.summary())
+
+    def _candidates(self, pl_module: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        selected = self.selection.select(pl_module)
+        uses: dict[int, int] = {}
+        for module in pl_module.modules():
+            for param in module.parameters(recurse=False):
+                uses[id(param)] = uses.get(id(param), 0) + 1
+        factorized = [name for name, module in pl_module.named_modules() if isinstance(module, FACTORIZED)]
+        candidates: dict[str, nn.Module] = {}
+        skipped: dict[str, str] = {}
+        for name, module in selected:
+            if isinstance(module, FACTORIZED) or any(name.startswith(f"{f}.") for f in factorized):
+                continue
+            reason = skip_reason(module)
+            if reason is None and uses.get(id(module.weight), 0) > 1:
+                reason = "its weight is shared with another module (tied weights)"
+            if reason is None:
+                candidates[name] = module
+            else:
+                skipped[name] = reason
+        return candidates, skipped
+
+    def _model_input(self, batch: Any) -> Any:
+        return self.calibration_input(batch) if self.calibration_input is not None else first_input(batch)
+
+    def _example(self, pl_module: pl.LightningModule, loader: Iterable | None) -> Any:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None and loader is not None:
+            with _preserved_rng():
+                example = self._model_input(next(iter(loader)))
+        if example is None:
+            raise ValueError(
+                "LowRankReplacement counts the MACs of each layer on an example input: set `example_input_array` "
+                "on the LightningModule, pass `example_input`, or give the Trainer training data."
+            )
+        return detach_input(example, max_batch=1)
+
+    def _calibrate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: Iterable,
+        candidates: dict[str, nn.Module],
+        kinds: dict[str, str],
+        method: str,
+        device: torch.device,
+    ) -> dict[str, InputStatistics]:
+        stats: dict[str, InputStatistics] = {}
+        for name, module in candidates.items():
+            features = module.weight.shape[1] if kinds[name] == "tucker" else module.weight[0].numel()
+            zeros = {"dtype": torch.float64, "device": device}
+            stats[name] = InputStatistics(
+                gram=torch.zeros(features, features, **zeros) if method == "whitened" else None,
+                abs_sum=torch.zeros(features, **zeros),
+            )
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(module: nn.Module, args: tuple) -> None:
+                stats[name].update(layer_features(module, args[0], kinds[name]), gram=method == "whitened")
+
+            return record
+
+        handles = [module.register_forward_pre_hook(hook(name)) for name, module in candidates.items()]
+        world, me = trainer.world_size, trainer.global_rank
+        try:
+            with _preserved_rng(), torch.no_grad(), _eval_mode([pl_module]):
+                for index, batch in enumerate(loader):
+                    if index >= self.calibration_batches:
+                        break
+                    # Each process takes its share of the batches; the sums are all-reduced below.
+                    if index % world == me:
+                        call_module(pl_module, to_device(self._model_input(batch), device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        count = torch.tensor([stats[name].count for name in candidates], dtype=torch.float64, device=device)
+        count = trainer.strategy.reduce(count, reduce_op="sum")
+        for index, name in enumerate(candidates):
+            s = stats[name]
+            s.count = int(count[index])
+            s.abs_sum = trainer.strategy.reduce(s.abs_sum, reduce_op="sum")
+            if s.gram is not None:
+                s.gram = trainer.strategy.reduce(s.gram, reduce_op="sum")
+        return stats
+
+    def _plan(
+        self, decompositions: dict[str, Decomposition], positions: dict[str, tuple[int, int]]
+    ) -> dict[str, Rank | str]:
+        plan: dict[str, Rank | str] = {}
+
+        def saves(decomposition: Decomposition, rank: Rank, where: tuple[int, int]) -> bool:
+            return decomposition.params(rank) < decomposition.params() and decomposition.macs(
+                where, rank
+            ) < decomposition.macs(where)
+
+        if self.budget is not None:
+            options: dict[str, list[tuple[float, float]]] = {}
+            dense: dict[str, float] = {}
+            chains: dict[str, list[Rank]] = {}
+
+            def cost(decomposition: Decomposition, rank: Rank | None, where: tuple[int, int]) -> float:
+                if self.budget_on == "params":
+                    return float(decomposition.params(rank))
+                return float(decomposition.macs(where, rank))
+
+            for name, decomposition in decompositions.items():
+                where = positions[name]
+                chain = [r for r in decomposition.chain() if saves(decomposition, r, where)]
+                if not chain:
+                    plan[name] = "no rank has fewer parameters and MACs than the layer"
+                    continue
+                chains[name] = chain
+                options[name] = [
+                    (cost(decomposition, r, where), decomposition.relative_error_estimate(r)) for r in chain
+                ]
+                dense[name] = cost(decomposition, None, where)
+            if options and self.allocation == "uniform":
+                for name, opts in options.items():
+                    fitting = [i for i, (c, _) in enumerate(opts) if c <= self.budget * dense[name]]
+                    plan[name] = chains[name][fitting[-1] if fitting else 0]
+            elif options:
+                for name, index in allocate_budget(options, dense, self.budget).items():
+                    plan[name] = "the budget leaves it dense" if index is None else chains[name][index]
+            return {name: plan[name] for name in decompositions}
+
+        for name, decomposition in decompositions.items():
+            if isinstance(self.rank, int):
+                try:
+                    rank = decomposition.clamp_rank(self.rank)
+                except ValueError as err:
+                    raise ValueError(
+                        f"`rank={self.rank}` is too large for layer {name!r}: {err} Use a smaller rank, a fraction "
+                        "such as 0.5, or exclude the layer."
+                    ) from None
+            elif isinstance(self.rank, float):
+                rank = decomposition.rank_for_fraction(self.rank)
+            else:
+                assert self.energy is not None
+                rank = decomposition.rank_for_energy(self.energy)
+            where = positions[name]
+            if saves(decomposition, rank, where):
+                plan[name] = rank
+            else:
+                plan[name] = (
+                    f"rank {rank} would keep {decomposition.params(rank):,} parameters and "
+                    f"{decomposition.macs(where, rank):,} MACs, not fewer than the "
+                    f"{decomposition.params():,} and {decomposition.macs(where):,} of the layer"
+                )
+        return plan
+
+    def _totals(self, original: nn.Module, pl_module: nn.Module, example: Any) -> dict[str, float]:
+        params_before = sum(p.numel() for p in original.parameters())
+        params_after = sum(p.numel() for p in pl_module.parameters())
+        macs_before = count_macs(original.to(next(pl_module.parameters()).device), example)
+        macs_after = count_macs(pl_module, example)
+        return {
+            "params_ratio": params_before / params_after,
+            "macs_ratio": macs_before / macs_after if macs_after else math.nan,
+            "replaced_layers": float(len(self.layers)),
+            "skipped_layers": float(len(self.skipped)),
+        }
+
+    # -- reporting -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """What is logged at the start of training: totals (whole model) and, per replaced layer, rank and ratios.
+
+        Names: ``low_rank/params_ratio``, ``low_rank/macs_ratio`` (original / factorized, whole model),
+        ``low_rank/replaced_layers``, ``low_rank/skipped_layers``; per layer ``low_rank/<layer>/rank`` (Tucker:
+        ``rank_in`` and ``rank_out``), ``weight_error``, ``output_error`` (data-aware methods), ``params_ratio``
+        and ``macs_ratio``.
+        """
+        metrics = {f"low_rank/{key}": float(value) for key, value in self.totals.items()}
+        if not self.log_per_layer:
+            return metrics
+        for record in self.records:
+            prefix = f"low_rank/{record['name']}/"
+            if isinstance(record["rank"], list):
+                metrics[prefix + "rank_in"], metrics[prefix + "rank_out"] = map(float, record["rank"])
+            else:
+                metrics[prefix + "rank"] = float(record["rank"])
+            metrics[prefix + "weight_error"] = record["weight_error"]
+            if record["output_error"] is not None:
+                metrics[prefix + "output_error"] = record["output_error"]
+            metrics[prefix + "params_ratio"] = record["params_before"] / record["params_after"]
+            metrics[prefix + "macs_ratio"] = record["macs_before"] / max(record["macs_after"], 1)
+        return metrics
+
+    def summary(self) -> str:
+        """A table of the replaced and the skipped layers."""
+        rows = [("layer", "form", "rank", "params", "MACs", "weight err", "output err")]
+        for r in self.records:
+            rows.append(
+                (
+                    r["name"],
+                    r["kind"],
+                    "x".join(map(str, r["rank"])) if isinstance(r["rank"], list) else str(r["rank"]),
+                    f"{r['params_before'] / r['params_after']:.2f}x",
+                    f"{r['macs_before'] / max(r['macs_after'], 1):.2f}x",
+                    f"{r['weight_error']:.3f}",
+                    "-" if r["output_error"] is None else f"{r['output_error']:.3f}",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [
+            f"LowRankReplacement ({self.method_used}): whole model {self.totals.get('params_ratio', 1.0):.2f}x fewer "
+            f"parameters, {self.totals.get('macs_ratio', 1.0):.2f}x fewer MACs"
+        ]
+        lines += [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
+        lines += [f"left as is: {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layers": {name: dict(layer) for name, layer in self.layers.items()},
+            "records": [dict(record) for record in self.records],
+            "skipped": dict(self.skipped),
+            "totals": dict(self.totals),
+            "method": self.method_used,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.layers = {name: dict(layer) for name, layer in state_dict["layers"].items()}
+        self.records = [dict(record) for record in state_dict["records"]]
+        self.skipped = dict(state_dict["skipped"])
+        self.totals = dict(state_dict["totals"])
+        self.method_used = state_dict["method"]
+
+
+# -- rebuilding from a state dict ---------------------------------------------------------------------
+
+
+def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Give ``model`` the factorized layers a state dict holds, so that ``model.load_state_dict`` fits it.
+
+    A layer is rebuilt where the state dict has ``<name>.first.weight`` but the model has a plain layer (or a
+    factorization of another rank) there; the shapes in the state dict give the ranks. Weights are left at zero for
+    ``load_state_dict`` to fill, and no random numbers are drawn.
+
+    Args:
+        model: the model, e.g. a freshly constructed LightningModule.
+        state_dict: the saved state (e.g. ``torch.load(ckpt)["state_dict"]``).
+        prefix: prefix of ``model``'s keys in ``state_dict``.
+
+    Returns:
+        The names of the rebuilt layers.
+
+    Example::
+
+        >>> from lightning_compress.low_rank import factorize
+        >>> trained = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> trained[0] = factorize(trained[0], rank=3)
+        >>> fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> restore_low_rank(fresh, trained.state_dict())
+        ['0']
+        >>> fresh.load_state_dict(trained.state_dict())
+        <All keys matched successfully>
+    """
+    rebuilt = []
+    for name, module in list(model.named_modules()):
+        key = f"{prefix}{name}." if name else prefix
+        first = state_dict.get(key + "first.weight")
+        if first is None:
+            continue
+        tucker = key + "core.weight" in state_dict
+        if isinstance(module, FACTORIZED):
+            if _rank_of(module) == _saved_rank(state_dict, key, tucker):
+                continue
+        elif type(module) not in (nn.Linear, nn.Conv2d) or key + "weight" in state_dict:
+            continue
+        _set(model, name, _empty_like(module, state_dict, key, tucker))
+        rebuilt.append(name)
+    return rebuilt
+
+
+def _rebuild_before_loading(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
+) -> None:
+    restore_low_rank(module, state_dict, prefix)
+
+
+def _saved_rank(state_dict: Mapping[str, Any], key: str, tucker: bool) -> Rank:
+    first = state_dict[key + "first.weight"]
+    if tucker:
+        return (int(first.shape[0]), int(state_dict[key + "core.weight"].shape[0]))
+    return int(first.shape[0])
+
+
+def _empty_like(module: nn.Module, state_dict: Mapping[str, Any], key: str, tucker: bool) -> nn.Module:
+    rank = _saved_rank(state_dict, key, tucker)
+    param = next(module.parameters())
+    like = {"device": param.device, "dtype": param.dtype}
+    bias = key + ("last.bias" if tucker else "second.bias") in state_dict
+    if isinstance(module, nn.Linear | LowRankLinear):
+        in_features = module.in_features if isinstance(module, nn.Linear) else module.first.in_features
+        out_features = module.out_features if isinstance(module, nn.Linear) else module.second.out_features
+        return LowRankLinear(in_features, out_features, rank, bias=bias, **like)  # type: ignore[arg-type]
+    # The k×k convolution carries the layer's geometry: the layer itself, the Tucker core, or the first factor.
+    spatial = (
+        module
+        if isinstance(module, nn.Conv2d)
+        else module.core
+        if isinstance(module, TuckerConv2d)
+        else module.first
+    )
+    in_channels = module.in_channels if isinstance(module, nn.Conv2d) else module.first.in_channels
+    out_channels = module.out_channels if isinstance(module, nn.Conv2d) else module[-1].out_channels
+    geometry = {
+        "stride": spatial.stride,
+        "padding": spatial.padding,
+        "dilation": spatial.dilation,
+        "bias": bias,
+        "padding_mode": spatial.padding_mode,
+        **like,
+    }
+    if tucker:
+        return TuckerConv2d(in_channels, out_channels, spatial.kernel_size, rank, **geometry)  # type: ignore[arg-type]
+    return LowRankConv2d(in_channels, out_channels, spatial.kernel_size, rank, **geometry)  # type: ignore[arg-type]
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _rank_of(module: nn.Module) -> Rank | None:
+    if isinstance(module, TuckerConv2d):
+        return module.ranks
+    if isinstance(module, LowRankLinear | LowRankConv2d):
+        return module.rank
+    return None
+
+
+def _as_rank(value: Any) -> Rank:
+    return tuple(value) if isinstance(value, list | tuple) else int(value)  # type: ignore[return-value]
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _number_in(
+    value: Any, low: float, high: float, closed_left: bool = False, closed_right: bool = False
+) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return False
+    above = value >= low if closed_left else value > low
+    below = value <= high if closed_right else value < high
+    return above and below
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    # Drawing calibration batches (a shuffling sampler seeds itself from the global generator) must not shift the
+    # random stream of training: a resumed run, which does not calibrate at the same point, would diverge.
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _training_loader(trainer: pl.Trainer) -> Iterable | None:
+    """The training loader as the user gave it (before the strategy adds its distributed sampler)."""
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    loader: Any = None
+    if source is not None and source.is_defined():
+        loader = source.dataloader()
+    elif trainer.datamodule is not None:
+        loader = trainer.datamodule.train_dataloader()
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, list | tuple):
+        loader = loader[0] if loader else None
+    return loader
+
+
+def _positions(model: nn.Module, example: Any, layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """Input and output positions per sample of every layer (rows for Linear, H·W for Conv2d), summed over calls."""
+    positions: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            if isinstance(module, nn.Linear):
+                rows = x.numel() // module.in_features
+                seen = (rows, rows)
+            else:
+                seen = (x.shape[-2] * x.shape[-1], output.shape[-2] * output.shape[-1])
+            before = positions.get(name, (0, 0))
+            positions[name] = (before[0] + seen[0], before[1] + seen[1])
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
+    try:
+        with _preserved_rng(), torch.no_grad(), _eval_mode([model]):
+            call_module(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return positions

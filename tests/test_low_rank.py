@@ -1,0 +1,442 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from examples.models import ImageClassifier
+from lightning_compress import GradualPruning
+from lightning_compress.low_rank import (
+    InputStatistics,
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankReplacement,
+    TuckerConv2d,
+    allocate_budget,
+    decompose,
+    factorize,
+    layer_features,
+    rank_for_energy,
+    restore_low_rank,
+    skip_reason,
+)
+from lightning_compress.stats import count_macs
+from tests.conftest import trainer_kwargs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _correlated(rows, features, generator, decay=3.0, offset=0.5):
+    """Inputs whose features are strongly correlated, with a spectrum spanning `decay` decades."""
+    mix = torch.randn(features, features, generator=generator) * torch.logspace(0, -decay, features)
+    return torch.randn(rows, features, generator=generator) @ mix.T + offset
+
+
+def _stats(layer, x, kind, gram=True):
+    stats = InputStatistics()
+    stats.update(layer_features(layer, x, kind), gram=gram)
+    return stats
+
+
+def _relative(a, b, bias=None):
+    reference = b if bias is None else b - bias
+    return float((a - b).detach().norm() / reference.detach().norm())
+
+
+# -- the functional core ------------------------------------------------------------------------------------
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(24, 16), (40, 24)),
+    "linear_nobias_3d": (lambda: nn.Linear(24, 16, bias=False), (4, 10, 24)),
+    "tucker": (lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1), (4, 6, 9, 9)),
+    "tucker_dilated_nobias": (lambda: nn.Conv2d(6, 10, 3, padding=2, dilation=2, bias=False), (4, 6, 9, 9)),
+    "channel": (lambda: nn.Conv2d(6, 10, (3, 5), stride=(1, 2), padding=(1, 2)), (4, 6, 9, 9)),
+    "channel_1x1": (lambda: nn.Conv2d(6, 10, 1), (4, 6, 9, 9)),
+}
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened", "asvd"])
+@pytest.mark.parametrize("case", sorted(LAYERS))
+def test_full_rank_reproduces_the_layer(case, method):
+    make, shape = LAYERS[case]
+    layer = make()
+    x = torch.randn(*shape)
+    conv = "channel" if case.startswith("channel") else "tucker"
+    kind = "linear" if case.startswith("linear") else conv
+    stats = _stats(layer, x, kind if tuple(getattr(layer, "kernel_size", (3,))) != (1, 1) else "channel")
+    decomposition = decompose(layer, conv=conv, stats=None if method == "svd" else stats, method=method)
+    replacement = decomposition.build(decomposition.full_rank)
+    expected_type = {"linear": LowRankLinear, "tucker": TuckerConv2d, "channel": LowRankConv2d}
+    assert isinstance(replacement, expected_type[decomposition.kind])
+    assert torch.allclose(replacement(x), layer(x), atol=1e-5)
+    weight_error, _ = decomposition.errors(replacement)
+    assert weight_error < 1e-6
+
+
+@pytest.mark.parametrize("case", ["linear", "channel"])
+def test_reported_errors_equal_the_measured_ones_at_lower_rank(case):
+    make, shape = LAYERS[case]
+    layer = make()
+    kind = "linear" if case == "linear" else "channel"
+    x = torch.randn(*shape)
+    stats = _stats(layer, x, kind)
+    for method in ("svd", "whitened"):
+        decomposition = decompose(layer, conv="channel", stats=stats, method=method)
+        replacement = decomposition.build(4)
+        weight_error, output_error = decomposition.errors(replacement)
+        bias = layer.bias if layer.bias is None or case == "linear" else layer.bias[:, None, None]
+        measured = _relative(replacement(x), layer(x), bias)
+        assert output_error == pytest.approx(measured, rel=1e-4)
+        assert 0.05 < output_error < 1.0
+        delta = decomposition.layer.weight - replacement.dense_weight()
+        assert weight_error == pytest.approx(float(delta.norm() / layer.weight.norm()), rel=1e-4)
+    plain = decompose(layer, conv="channel")
+    # Eckart-Young: the weight error of the truncated SVD is the energy left out.
+    assert plain.errors(plain.build(4))[0] == pytest.approx(plain.relative_error_estimate(4) ** 0.5, rel=1e-5)
+
+
+def test_whitened_factorization_has_lower_activation_error_than_plain_svd_on_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    calibration, held_out = _correlated(4000, 64, g).split(2000)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    errors = {}
+    for method in ("svd", "asvd", "whitened"):
+        stats = _stats(layer, calibration, "linear", gram=method == "whitened")
+        replacement = factorize(layer, 12, stats=None if method == "svd" else stats, method=method)
+        errors[method] = _relative(replacement(held_out), layer(held_out), layer.bias)
+    # Measured on held-out rows: svd 0.692, asvd 0.653, whitened 0.222 (rank 12 of 48).
+    assert errors["whitened"] < 0.4 * errors["svd"]
+    assert errors["whitened"] < 0.3 < 0.6 < errors["svd"]
+    assert errors["asvd"] < errors["svd"]
+
+
+def test_whitened_tucker_also_lowers_the_output_error():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.einsum(
+        "nchw,dc->ndhw", torch.randn(16, 8, 10, 10), torch.randn(8, 8) * torch.logspace(0, -2, 8)
+    )
+    errors = {}
+    for method in ("svd", "whitened"):
+        stats = _stats(conv, x, "tucker")
+        replacement = factorize(conv, (3, 6), stats=None if method == "svd" else stats, method=method)
+        errors[method] = _relative(replacement(x), conv(x), conv.bias[:, None, None])
+    assert errors["whitened"] < 0.6 * errors["svd"]
+
+
+def test_analytic_params_and_macs_match_the_built_modules():
+    for case in ("linear_nobias_3d", "tucker", "channel", "channel_1x1"):
+        make, shape = LAYERS[case]
+        layer = make()
+        x = torch.randn(1, *shape[1:])
+        conv = "channel" if case.startswith("channel") else "tucker"
+        decomposition = decompose(layer, conv=conv)
+        rank = (2, 5) if decomposition.kind == "tucker" else 3
+        replacement = decomposition.build(rank)
+        y = layer(x)
+        positions = (
+            (x.numel() // 24, x.numel() // 24)
+            if case.startswith("linear")
+            else (x.shape[-2] * x.shape[-1], y.shape[-2] * y.shape[-1])
+        )
+        assert decomposition.params(rank) == sum(p.numel() for p in replacement.parameters())
+        assert decomposition.params() == sum(p.numel() for p in layer.parameters())
+        assert decomposition.macs(positions, rank) == count_macs(replacement, x)
+        assert decomposition.macs(positions) == count_macs(layer, x)
+
+
+def test_rank_rules_by_hand():
+    # Energies 9, 4, 1, 1 of 15: 60%, 86.7%, 93.3%, 100%.
+    s = torch.tensor([3.0, 2.0, 1.0, 1.0])
+    assert [rank_for_energy(s, e) for e in (0.5, 0.6, 0.61, 0.9, 0.95, 1.0)] == [1, 1, 2, 3, 4, 4]
+    layer = nn.Linear(10, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.diag(s) @ torch.eye(4, 10))
+    d = decompose(layer)
+    assert d.rank_for_energy(0.9) == 3 and d.rank_for_fraction(0.5) == 2 and d.rank_for_fraction(0.3) == 2
+    assert d.relative_error_estimate(2) == pytest.approx(2 / 15)
+    tucker = decompose(nn.Conv2d(4, 8, 3))
+    assert tucker.rank_for_fraction(0.25) == (1, 2)
+    assert tucker.chain()[:3] == [(1, 1), (1, 2), (2, 3)] and tucker.chain()[-1] == (4, 8)
+    assert tucker.clamp_rank(6) == (4, 6)
+    with pytest.raises(ValueError, match="larger than both channel counts"):
+        tucker.clamp_rank(9)
+
+
+def test_budget_allocation_by_hand():
+    # a: 10 per rank, energy left out 0.4 -> 0.1 -> 0.05, dense 40; b: 30 per rank, 0.5 -> 0, dense 100.
+    options = {"a": [(10, 0.4), (20, 0.1), (30, 0.05)], "b": [(30, 0.5), (60, 0.0)]}
+    dense = {"a": 40, "b": 100}
+    # Target 0.5 * 140 = 70, 40 spent at rank 1. Best gain per cost: a's step (0.3/10) -> 50; then b's
+    # (0.5/30) would reach 80 and is dropped; a climbs (0.05/10) -> 60, then goes dense (0.05/10) -> 70.
+    assert allocate_budget(options, dense, 0.5) == {"a": None, "b": 0}
+    # Target 84: a's step -> 50, b's step -> 80, a's next step (90) no longer fits.
+    assert allocate_budget(options, dense, 0.6) == {"a": 1, "b": 1}
+    with pytest.raises(ValueError, match="below the cheapest factorization"):
+        allocate_budget(options, dense, 0.25)
+
+
+def test_grouped_convolutions_and_linear_subclasses_are_skipped_with_a_reason():
+    assert "grouped convolution (groups=4)" in skip_reason(nn.Conv2d(8, 8, 3, groups=4))
+    attention = nn.MultiheadAttention(16, 2)
+    assert "subclasses nn.Linear" in skip_reason(attention.out_proj)
+    assert "not an nn.Linear or nn.Conv2d" in skip_reason(nn.Conv1d(4, 4, 3))
+    with pytest.raises(ValueError, match="grouped convolution"):
+        decompose(nn.Conv2d(8, 8, 3, groups=8))
+    with pytest.raises(ValueError, match="needs statistics of the layer's inputs"):
+        decompose(nn.Linear(4, 4), method="whitened")
+
+
+def test_restore_rebuilds_every_form_from_a_state_dict():
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 10),
+        )
+
+    trained = net()
+    trained[0] = factorize(trained[0], (2, 4))
+    trained[1] = factorize(trained[1], 3, conv="channel")
+    trained[3] = factorize(trained[3], 5)
+    fresh = net()
+    assert restore_low_rank(fresh, trained.state_dict()) == ["0", "1", "3"]
+    fresh.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(fresh(x), trained(x))
+    # A factorization of another rank is rebuilt too; one of the same rank is kept.
+    other = net()
+    other[3] = factorize(other[3], 7)
+    kept = other[0] = factorize(other[0], (2, 4))
+    assert restore_low_rank(other, trained.state_dict()) == ["1", "3"] and other[0] is kept
+
+
+# -- the callback -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, "`rank=0` must be a positive int"),
+        ({"rank": -3}, ValueError, "`rank=-3` must be a positive int"),
+        ({"rank": 1.5}, ValueError, "`rank=1.5` must be a positive int .* or a float in \\(0, 1\\]"),
+        ({"rank": 0.0}, ValueError, "`rank=0.0`"),
+        ({"rank": True}, TypeError, "`rank=True`"),
+        ({"energy": 0.0}, ValueError, "`energy=0.0` must be in \\(0, 1\\]"),
+        ({"energy": 1.01}, ValueError, "`energy=1.01` must be in \\(0, 1\\]"),
+        ({"budget": 1.0}, ValueError, "`budget=1.0` must be in \\(0, 1\\)"),
+        ({"budget": 0.0}, ValueError, "`budget=0.0` must be in \\(0, 1\\)"),
+        ({}, ValueError, "Give exactly one of `rank`"),
+        ({"rank": 4, "energy": 0.9}, ValueError, "got `rank`, `energy`"),
+        ({"budget": 0.5, "budget_on": "flops"}, ValueError, "Unknown `budget_on='flops'`"),
+        ({"rank": 4, "method": "pca"}, ValueError, "Unknown `method='pca'`"),
+        ({"rank": 4, "conv": "cp"}, ValueError, "Unknown `conv='cp'`"),
+        ({"budget": 0.5, "allocation": "greedy"}, ValueError, "Unknown `allocation='greedy'`"),
+        ({"rank": 4, "calibration_batches": 0}, ValueError, "`calibration_batches=0`"),
+        ({"rank": 4, "modules": "decoder.*", "exclude": [3]}, TypeError, "`exclude` got 3"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LowRankReplacement(**kwargs)
+
+
+class CountSteps(Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args):
+        CountSteps.steps += 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": 65, "modules": nn.Linear}, "`rank=65` is too large for layer 'net.8'"),
+        ({"rank": 4, "modules": "head"}, "`modules`: no module named 'head'"),
+    ],
+)
+def test_bad_setup_fails_before_any_training_step(tmp_path, digits, kwargs, match):
+    CountSteps.steps = 0
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[LowRankReplacement(**kwargs), CountSteps()])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert CountSteps.steps == 0
+
+
+def test_layers_that_would_not_shrink_are_left_and_reported(tmp_path, digits):
+    lowrank = LowRankReplacement(rank=0.5, verbose=False)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[lowrank])
+    trainer.fit(model, datamodule=digits)
+    # net.0 (1 -> 16 channels): Tucker at (1, 8) keeps 1 + 72 + 128 + 16 = 217 parameters > 160.
+    assert type(model.net[0]) is nn.Conv2d
+    assert lowrank.skipped["net.0"].startswith("rank (1, 8) would keep 217 parameters")
+    assert isinstance(model.net[3], TuckerConv2d) and model.net[3].ranks == (8, 16)
+    assert isinstance(model.net[8], LowRankLinear) and model.net[8].rank == 32
+    assert isinstance(model.net[10], LowRankLinear) and model.net[10].rank == 5
+    assert lowrank.method_used == "whitened"
+
+
+def test_budget_keeps_the_requested_fraction_of_parameters(tmp_path, digits):
+    model = ImageClassifier("small_cnn")
+    dense = {n: sum(p.numel() for p in model.net[int(n)].parameters()) for n in ("0", "3", "8", "10")}
+    lowrank = LowRankReplacement(budget=0.3, method="svd", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[lowrank])
+    trainer.fit(model, datamodule=digits)
+    after = sum(sum(p.numel() for p in model.net[int(n)].parameters()) for n in dense)
+    eligible = sum(dense.values()) - sum(
+        dense[n[4:]] for n in lowrank.skipped if "budget" not in lowrank.skipped[n]
+    )
+    kept = after - sum(dense[n[4:]] for n in lowrank.skipped if "budget" not in lowrank.skipped[n])
+    assert 0.28 * eligible < kept <= 0.3 * eligible
+    assert lowrank.totals["params_ratio"] > 2.5
+
+
+def test_uniform_allocation_keeps_the_budget_in_every_layer(tmp_path, digits):
+    model = ImageClassifier("small_cnn")
+    lowrank = LowRankReplacement(budget=0.3, allocation="uniform", method="svd", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[lowrank])
+    trainer.fit(model, datamodule=digits)
+    # net.0 (1 -> 16, 3x3) too: Tucker at (1, 1) keeps 1 + 9 + 16 + 16 = 42 <= 0.3 * 160 parameters.
+    assert set(lowrank.layers) == {"net.0", "net.3", "net.8", "net.10"}
+    assert lowrank.layers["net.0"]["rank"] == [1, 1]
+    for record in lowrank.records:
+        assert record["params_after"] <= 0.3 * record["params_before"]
+    # net.8 (512 -> 64): the largest rank with r * (512 + 64) + 64 <= 0.3 * 32832 is 16.
+    assert lowrank.layers["net.8"]["rank"] == 16
+
+
+def test_macs_budget_counts_macs(tmp_path, digits):
+    model = ImageClassifier("small_cnn")
+    lowrank = LowRankReplacement(budget=0.5, budget_on="macs", modules=nn.Conv2d, method="svd", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[lowrank])
+    trainer.fit(model, datamodule=digits)
+    before = sum(r["macs_before"] for r in lowrank.records)
+    after = sum(r["macs_after"] for r in lowrank.records)
+    skipped_macs = 16 * 9 * 64 if "net.0" in lowrank.skipped else 0  # a dense layer counts fully
+    assert after + skipped_macs <= 0.5 * (before + skipped_macs) + 1
+    assert lowrank.totals["macs_ratio"] > 1.5
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+class SGDClassifier(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _fit(root, digits, epochs, ckpt_path=None, stop_early=False, logger=False):
+    pl.seed_everything(3, verbose=False)
+    lowrank = LowRankReplacement(budget=0.5, calibration_batches=4, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    callbacks = [lowrank, checkpoint] + ([StopAfterFirstEpoch()] if stop_early else [])
+    model = SGDClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            root, max_epochs=epochs, enable_checkpointing=True, logger=logger, log_every_n_steps=1
+        ),
+        callbacks=callbacks,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model, lowrank, trainer
+
+
+def test_fit_resumes_exactly_and_a_fresh_module_tests_from_the_checkpoint(tmp_path, digits):
+    logger = CSVLogger(tmp_path, name="lowrank")
+    full, lowrank, trainer = _fit(tmp_path / "full", digits, epochs=2, logger=logger)
+    assert isinstance(full.net[8], LowRankLinear)
+    _fit(tmp_path / "first", digits, epochs=2, stop_early=True)
+    resumed, resumed_cb, _ = _fit(
+        tmp_path / "second", digits, epochs=2, ckpt_path=tmp_path / "first" / "ckpt" / "epoch=0-step=20.ckpt"
+    )
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed_cb.layers == lowrank.layers
+
+    # The ranks are in the checkpoint's callback state.
+    ckpt = torch.load(tmp_path / "full" / "ckpt" / "epoch=1-step=40.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if "LowRankReplacement" in k)
+    assert state["layers"] == lowrank.layers
+
+    expected = trainer.test(full, datamodule=digits, verbose=False)[0]["test_acc"]
+    tester = pl.Trainer(**trainer_kwargs(tmp_path / "test"), callbacks=[LowRankReplacement(budget=0.5)])
+    fresh = SGDClassifier("small_cnn")
+    result = tester.test(
+        fresh, datamodule=digits, ckpt_path=tmp_path / "full" / "ckpt" / "epoch=1-step=40.ckpt"
+    )
+    assert result[0]["test_acc"] == expected > 0.5
+    assert isinstance(fresh.net[8], LowRankLinear)
+
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("low_rank/net.8/rank")]
+    assert float(rows[0]["low_rank/net.8/rank"]) == lowrank.layers["net.8"]["rank"]
+    assert float(rows[0]["low_rank/params_ratio"]) == pytest.approx(lowrank.totals["params_ratio"], rel=1e-6)
+    assert 0.0 < float(rows[0]["low_rank/net.8/output_error"]) < float(rows[0]["low_rank/net.8/weight_error"])
+
+
+class RecordLoss(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_composes_with_gradual_pruning_on_the_factors(tmp_path, digits):
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, verbose=False)
+    pruning = GradualPruning(amount=0.6, start=0.0, end=0.5, frequency=2, modules=nn.Linear)
+    losses = RecordLoss()
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[lowrank, pruning, losses])
+    trainer.fit(model, datamodule=digits)
+    factors = [model.net[8].first, model.net[8].second, model.net[10].first, model.net[10].second]
+    assert all(isinstance(f, nn.Linear) for f in factors)
+    for factor in factors:
+        assert float((factor.weight == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
+    first, last = sum(losses.losses[:5]) / 5, sum(losses.losses[-5:]) / 5
+    assert last < 0.8 * first
+
+
+def test_selecting_callbacks_listed_first_are_refused(tmp_path, digits):
+    callbacks = [GradualPruning(amount=0.5), LowRankReplacement(rank=4)]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=callbacks)
+    with pytest.raises(ValueError, match="List LowRankReplacement before GradualPruning"):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+
+
+def test_ddp_two_processes_take_identical_decisions(tmp_path, digits):
+    script = REPO / "tests" / "_ddp_low_rank.py"
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=REPO, check=True, capture_output=True, timeout=300
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["layers"] == ranks[1]["layers"] and ranks[0]["layers"]
+    assert ranks[0]["output_errors"] == ranks[1]["output_errors"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    # The statistics were all-reduced: each process saw 2 of the 4 calibration batches, yet the result is the
+    # single-process one over all 4.
+    single = LowRankReplacement(budget=0.4, calibration_batches=4, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "single", max_steps=1), callbacks=[single])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert single.layers == ranks[0]["layers"]
+    for name, error in ranks[0]["output_errors"].items():
+        assert error == pytest.approx(
+            next(r["output_error"] for r in single.records if r["name"] == name), rel=1e-9
+        )
