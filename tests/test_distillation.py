@@ -1,0 +1,606 @@
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from examples.models import ImageClassifier
+from lightning_compress._lightning import remember_original
+from lightning_compress.distillation import (
+    FeatureAdapter,
+    FeatureLoss,
+    KnowledgeDistillation,
+    attention_map,
+    attention_transfer_loss,
+    embedding_loss,
+    hint_loss,
+    hinton_loss,
+    make_adapter,
+    mix_losses,
+    top1_agreement,
+)
+from lightning_compress.distillation.callback import ADAPTERS_ATTRIBUTE
+from tests.conftest import trainer_kwargs
+
+# -- functional core ------------------------------------------------------------------------------
+
+
+def test_hinton_loss_matches_the_hand_computed_kl_and_scales_by_t_squared():
+    s = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0], [math.log(4.0), 0.0]])
+    # Row 1: p_t = (1/2, 1/2), p_s = (3/4, 1/4): KL = ½ ln(2/3) + ½ ln 2 = ½ ln(4/3).
+    # Row 2: p_t = (4/5, 1/5), p_s = (1/2, 1/2): KL = 4/5 ln(8/5) + 1/5 ln(2/5).
+    row1 = 0.5 * math.log(4 / 3)
+    row2 = 0.8 * math.log(1.6) + 0.2 * math.log(0.4)
+    assert float(hinton_loss(s, t, temperature=1.0)) == pytest.approx((row1 + row2) / 2, rel=1e-6)
+    # At T = 3 the logits are divided by 3 and the divergence multiplied by 9.
+    p_t = F.softmax(t.double() / 3, dim=1)
+    p_s = F.softmax(s.double() / 3, dim=1)
+    expected = 9 * float((p_t * (p_t.log() - p_s.log())).sum(1).mean())
+    assert float(hinton_loss(s, t, temperature=3.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hinton_gradient_is_t_times_the_softened_probability_difference():
+    s = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, 0.1]], requires_grad=True)
+    t = torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, -1.0]])
+    temperature = 5.0
+    hinton_loss(s, t, temperature).backward()
+    expected = temperature * (F.softmax(s.detach() / temperature, 1) - F.softmax(t / temperature, 1)) / 2
+    torch.testing.assert_close(s.grad, expected)
+
+
+def test_hinton_loss_on_sequences_averages_over_positions_and_rejects_other_classes():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    flat = hinton_loss(s.reshape(6, 5), t.reshape(6, 5), 2.0)
+    assert float(hinton_loss(s, t, 2.0)) == pytest.approx(float(flat))
+    with pytest.raises(ValueError, match=r"\(2, 3, 5\) and teacher logits \(2, 3, 4\)"):
+        hinton_loss(s, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="`temperature=-1.0` must be a finite number > 0"):
+        hinton_loss(s, t, -1.0)
+
+
+def test_mix_losses_weights_task_and_distillation_by_alpha():
+    task, distill = torch.tensor(3.0), torch.tensor(7.0)
+    assert [float(mix_losses(task, distill, a)) for a in (0.0, 0.5, 1.0)] == [3.0, 5.0, 7.0]
+    with pytest.raises(ValueError, match="`alpha=-0.1` must be in \\[0, 1\\]"):
+        mix_losses(task, distill, -0.1)
+
+
+def test_adapter_is_a_1x1_convolution_or_a_linear_map_but_no_conv_or_linear_module():
+    adapter = FeatureAdapter((2, 3, 5, 5), (2, 4, 5, 5))
+    conv = nn.Conv2d(3, 4, 1)
+    conv.weight.data.copy_(adapter.weight.data[:, :, None, None])
+    conv.bias.data.copy_(adapter.bias.data)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(adapter(x), conv(x))
+    assert not isinstance(adapter, nn.Conv2d | nn.Linear)
+    assert not any(isinstance(m, nn.Conv2d | nn.Linear) for m in adapter.modules())
+    pooled = FeatureAdapter((2, 3, 8, 8), (2, 4, 4, 4))
+    torch.testing.assert_close(pooled(x.repeat(1, 1, 2, 2)[:, :, :8, :8]).shape, torch.Size([2, 4, 4, 4]))
+    tokens = FeatureAdapter((2, 7, 6), (2, 7, 9))
+    y = torch.randn(2, 7, 6)
+    torch.testing.assert_close(tokens(y), y @ tokens.weight.T + tokens.bias)
+    with pytest.raises(ValueError, match="same rank"):
+        FeatureAdapter((2, 3, 5, 5), (2, 10))
+    with pytest.raises(ValueError, match="other than the feature dimension"):
+        FeatureAdapter((2, 7, 6), (2, 8, 9))
+    # Deterministic and independent of the global random stream.
+    state = torch.get_rng_state()
+    a = make_adapter((1, 3), (1, 4), generator=torch.Generator().manual_seed(0))
+    b = make_adapter((1, 3), (1, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.weight, b.weight) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_hint_loss_is_the_mean_squared_error_through_the_adapter():
+    student = torch.tensor([[1.0, 2.0]])
+    assert float(hint_loss(student, torch.tensor([[0.0, 5.0]]))) == pytest.approx(5.0)
+    adapter = FeatureAdapter((1, 2), (1, 3))
+    with torch.no_grad():
+        adapter.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        adapter.bias.zero_()
+    # adapter(student) = (1, 2, 3); differences to (1, 2, 6) are (0, 0, -3): 9 / 3.
+    loss = hint_loss(student, torch.tensor([[1.0, 2.0, 6.0]]), adapter)
+    assert float(loss.detach()) == pytest.approx(3.0)
+    loss.backward()
+    assert adapter.weight.grad is not None and float(adapter.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="pass an adapter"):
+        hint_loss(student, torch.zeros(1, 3))
+
+
+def test_attention_transfer_matches_the_reference_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 5, 5), torch.randn(3, 8, 5, 5)
+
+    def at(x):  # Zagoruyko & Komodakis' reference code
+        return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+    assert float(attention_transfer_loss(s, t)) == pytest.approx(
+        float((at(s) - at(t)).pow(2).mean()), rel=1e-6
+    )
+    q = attention_map(torch.ones(1, 2, 2, 2))
+    torch.testing.assert_close(q, torch.full((1, 4), 0.5))
+    # The larger map is pooled to the smaller one: a map equal to the upsampled teacher costs nothing.
+    small = torch.rand(2, 3, 4, 4)
+    big = small.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert float(attention_transfer_loss(big, small)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="feature maps"):
+        attention_transfer_loss(torch.randn(2, 5), torch.randn(2, 5))
+
+
+def test_embedding_losses_cosine_and_mse():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    t = torch.tensor([[3.0, 0.0], [2.0, 0.0], [-1.0, -1.0]])
+    assert float(embedding_loss(s, t, "cosine")) == pytest.approx((0.0 + 1.0 + 2.0) / 3)
+    assert float(embedding_loss(s, t, "mse")) == pytest.approx((4 + 0 + 4 + 4 + 4 + 4) / 6)
+    adapter = make_adapter((3, 2), (3, 5))
+    assert embedding_loss(s, torch.randn(3, 5), "cosine", adapter).shape == ()
+    with pytest.raises(ValueError, match="Unknown `metric='l1'`"):
+        embedding_loss(s, t, "l1")
+
+
+def test_top1_agreement_counts_equal_argmax():
+    s = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
+    t = torch.tensor([[0.0, 5.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 9.0], [1.0, 0.0, 0.0]])
+    assert float(top1_agreement(s, t)) == 0.5
+
+
+# -- the callback -----------------------------------------------------------------------------------
+
+
+class SGDClassifier(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class Recorder(Callback):
+    """Keeps, per optimizer step, the loss Lightning back-propagated and the metrics logged with it."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("distillation/")}
+        self.rows.append({"loss": float(outputs["loss"]), **metrics})
+
+
+def _fit(tmp_path, digits, callbacks, model=None, **overrides):
+    model = model if model is not None else ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=callbacks)
+    trainer.fit(model, datamodule=digits)
+    return model, trainer
+
+
+def _narrow_teacher():
+    return ImageClassifier("small_cnn", arch_kwargs={"width": 8})
+
+
+def test_training_loss_is_the_alpha_mix_of_task_and_distillation_terms(tmp_path, digits):
+    teacher = _narrow_teacher()
+    features = [FeatureLoss("net.3"), FeatureLoss("net.4", loss="attention", weight=50.0)]
+    kd = KnowledgeDistillation(teacher, alpha=0.3, temperature=2.0, features=features)
+    recorder = Recorder()
+    _fit(tmp_path, digits, [kd, recorder], limit_train_batches=5)
+    assert len(recorder.rows) == 5
+    for row in recorder.rows:
+        distill = (
+            row["distillation/kl"]
+            + row["distillation/hint/net.3"]
+            + 50.0 * row["distillation/attention/net.4"]
+        )
+        assert row["distillation/loss"] == pytest.approx(distill, rel=1e-5)
+        assert row["loss"] == pytest.approx(0.7 * row["distillation/task_loss"] + 0.3 * distill, rel=1e-5)
+        assert 0.0 <= row["distillation/agreement"] <= 1.0
+        assert row["distillation/temperature"] == 2.0
+
+
+def test_alpha_zero_trains_exactly_like_plain_lightning(tmp_path, digits):
+    pl.seed_everything(3, verbose=False)
+    plain, _ = _fit(tmp_path / "a", digits, [], model=SGDClassifier("small_cnn"), limit_train_batches=6)
+    pl.seed_everything(3, verbose=False)
+    kd = KnowledgeDistillation("self", alpha=0.0)
+    distilled, _ = _fit(tmp_path / "b", digits, [kd], model=SGDClassifier("small_cnn"), limit_train_batches=6)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), distilled.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_pure_distillation_copies_the_teacher_not_the_labels(tmp_path, digits):
+    trained, _ = _fit(tmp_path / "t", digits, [], max_epochs=2)
+    # A teacher that is confidently wrong: it predicts class k + 1 where the trained model predicts k.
+    teacher = ImageClassifier("small_cnn")
+    teacher.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        teacher.net[10].weight.copy_(trained.net[10].weight.roll(1, dims=0))
+        teacher.net[10].bias.copy_(trained.net[10].bias.roll(1, dims=0))
+    agreement = {}
+    for alpha in (0.0, 1.0):
+        pl.seed_everything(0, verbose=False)
+        kd = KnowledgeDistillation(teacher, alpha=alpha, temperature=1.0)
+        recorder = Recorder()
+        _fit(tmp_path / str(alpha), digits, [kd, recorder], max_epochs=1)
+        agreement[alpha] = sum(r["distillation/agreement"] for r in recorder.rows[-5:]) / 5
+    assert agreement[1.0] > 0.7
+    assert agreement[0.0] < 0.2
+
+
+def test_teacher_is_frozen_outside_the_module_optimizer_and_checkpoint(tmp_path, digits):
+    kd = KnowledgeDistillation(_narrow_teacher(), features=[FeatureLoss("net.3")])
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    model, trainer = _fit(tmp_path, digits, [kd, ckpt], limit_train_batches=4, enable_checkpointing=True)
+    teacher = kd._teacher
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not any(id(p) in optimized for p in teacher.parameters())
+    assert all(id(p) in optimized for p in kd.adapters.parameters())
+    state = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=False)
+    keys = set(state["state_dict"])
+    assert keys == set(ImageClassifier("small_cnn").state_dict()) | {
+        f"{ADAPTERS_ATTRIBUTE}.0.weight",
+        f"{ADAPTERS_ATTRIBUTE}.0.bias",
+    }
+    kd_state = state["callbacks"][next(k for k in state["callbacks"] if "KnowledgeDistillation" in k)]
+    assert set(kd_state) == {"teacher_fingerprint"}
+    # After training: the adapters are gone, training_step is the class's again, the adapter trained.
+    assert not hasattr(model, ADAPTERS_ATTRIBUTE) and "training_step" not in vars(model)
+    assert set(model.state_dict()) == set(ImageClassifier("small_cnn").state_dict())
+    initial = make_adapter((1, 32, 8, 8), (1, 16, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert float((kd.adapters["0"].weight - initial.weight).abs().max()) > 1e-3
+
+
+class ChangesTheModel(Callback):
+    """A compression callback stand-in: takes the original first, then changes the weights at setup."""
+
+    def setup(self, trainer, pl_module, stage):
+        remember_original(trainer, pl_module)
+        with torch.no_grad():
+            pl_module.net[10].weight.zero_()
+
+
+@pytest.mark.parametrize("kd_first", [True, False])
+def test_self_teacher_is_the_model_before_any_callback_changed_it(tmp_path, digits, kd_first):
+    model = ImageClassifier("small_cnn")
+    before = model.net[10].weight.detach().clone()
+    kd = KnowledgeDistillation("self")
+    callbacks = [kd, ChangesTheModel()] if kd_first else [ChangesTheModel(), kd]
+    _fit(tmp_path, digits, callbacks, model=model, max_steps=1)
+    assert torch.equal(kd._teacher.net[10].weight, before)
+    assert not torch.equal(model.net[10].weight, before)
+
+
+def test_alpha_and_temperature_follow_the_schedule(tmp_path, digits):
+    logger = CSVLogger(tmp_path, name="kd")
+    kd = KnowledgeDistillation(
+        "self",
+        alpha=0.2,
+        initial_alpha=1.0,
+        temperature=2.0,
+        initial_temperature=6.0,
+        start=0.0,
+        end="step:10",
+    )
+    _fit(tmp_path, digits, [kd], max_steps=14, logger=logger, log_every_n_steps=1)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("distillation/alpha")]
+    alpha = {int(r["step"]): float(r["distillation/alpha"]) for r in rows}
+    temperature = {int(r["step"]): float(r["distillation/temperature"]) for r in rows}
+    assert (
+        alpha[0] == pytest.approx(1.0) and alpha[5] == pytest.approx(0.6) and alpha[13] == pytest.approx(0.2)
+    )
+    assert temperature[0] == 6.0 and temperature[5] == pytest.approx(4.0) and temperature[10] == 2.0
+
+
+def test_dict_output_and_checkpoint_teacher(tmp_path, digits):
+    source = _narrow_teacher()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "t"), max_steps=1)
+    trainer.fit(source, datamodule=digits)
+    path = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+
+    class DictStep(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            return {"loss": super().training_step(batch, batch_idx), "extra": torch.tensor(1.0)}
+
+    kd = KnowledgeDistillation(str(path), teacher_class=ImageClassifier, alpha=1.0)
+    recorder = Recorder()
+    _fit(tmp_path, digits, [kd, recorder], model=DictStep("small_cnn"), limit_train_batches=3)
+    assert kd._teacher.net[0].out_channels == 8
+    torch.testing.assert_close(kd._teacher.net[0].weight, source.net[0].weight)
+    assert recorder.rows[0]["loss"] == pytest.approx(recorder.rows[0]["distillation/loss"], rel=1e-5)
+
+
+def test_teacher_precision_bf16_runs_the_teacher_in_bf16(tmp_path, digits):
+    kd = KnowledgeDistillation("self", teacher_precision="bf16-true")
+    recorder = Recorder()
+    _fit(tmp_path, digits, [kd, recorder], limit_train_batches=3)
+    assert {p.dtype for p in kd._teacher.parameters()} == {torch.bfloat16}
+    assert math.isfinite(recorder.rows[-1]["distillation/kl"])
+
+
+class ManualClassifier(ImageClassifier):
+    def __init__(self, kd=None, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.kd = kd
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.kd is not None:
+            loss = self.kd.combine(loss)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_manual_optimization_needs_combine_and_works_with_it(tmp_path, digits):
+    kd = KnowledgeDistillation("self")
+    with pytest.raises(RuntimeError, match=r"call `loss = kd.combine\(loss\)`"):
+        _fit(tmp_path / "a", digits, [kd], model=ManualClassifier(), max_steps=2)
+    kd = KnowledgeDistillation("self", alpha=0.5)
+    recorder = Recorder()
+    _fit(tmp_path / "b", digits, [kd, recorder], model=ManualClassifier(kd=kd), max_steps=3)
+    row = recorder.rows[-1]
+    assert row["loss"] == pytest.approx(0.5 * row["distillation/task_loss"] + 0.5 * row["distillation/loss"])
+    # Under automatic optimization the callback adds the loss itself; adding it twice is refused.
+    kd = KnowledgeDistillation("self")
+    model = ManualClassifier(kd=kd)
+    model.automatic_optimization = True
+    model.training_step = lambda batch, batch_idx: kd.combine(F.cross_entropy(model(batch[0]), batch[1]))
+    with pytest.raises(RuntimeError, match="remove the call"):
+        _fit(tmp_path / "c", digits, [kd], model=model, max_steps=1)
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, teacher_seed=11, **kd_kwargs):
+    pl.seed_everything(teacher_seed, verbose=False)
+    teacher = _narrow_teacher()
+    pl.seed_everything(7, verbose=False)
+    model = SGDClassifier("small_cnn")
+    kd = KnowledgeDistillation(
+        teacher,
+        initial_alpha=0.9,
+        alpha=0.3,
+        features=[FeatureLoss("net.3"), FeatureLoss("net.4", loss="attention", weight=10.0)],
+        keep_adapters=True,
+        **kd_kwargs,
+    )
+    callbacks = [kd] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=checkpoint is not None),
+        callbacks=callbacks,
+        limit_train_batches=6,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model, kd
+
+
+def test_resume_from_a_mid_training_checkpoint_is_bit_exact(tmp_path, digits):
+    full, _ = _resume_run(tmp_path / "full", digits)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
+    path = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
+    resumed, _ = _resume_run(tmp_path / "second", digits, ckpt_path=path)
+    full_state, resumed_state = full.state_dict(), resumed.state_dict()
+    assert f"{ADAPTERS_ATTRIBUTE}.0.weight" in full_state
+    assert list(full_state) == list(resumed_state)
+    for name, value in full_state.items():
+        assert torch.equal(value, resumed_state[name]), name
+    # A different teacher on resume is an error, unless the checkpoint carries the teacher.
+    with pytest.raises(ValueError, match="teacher rebuilt for this resumed fit differs"):
+        _resume_run(tmp_path / "third", digits, ckpt_path=path, teacher_seed=12)
+
+
+def test_save_teacher_restores_the_teacher_from_the_checkpoint(tmp_path, digits):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _, kd = _resume_run(tmp_path / "first", digits, checkpoint=ckpt, save_teacher=True)
+    path = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
+    _, resumed = _resume_run(tmp_path / "second", digits, ckpt_path=path, teacher_seed=12, save_teacher=True)
+    for a, b in zip(kd._teacher.parameters(), resumed._teacher.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"teacher": "self", "temperature": 0.0},
+            ValueError,
+            "`temperature=0.0` must be a finite number > 0",
+        ),
+        ({"teacher": "self", "temperature": -2}, ValueError, "`temperature=-2`"),
+        ({"teacher": "self", "initial_temperature": float("inf")}, ValueError, "`initial_temperature=inf`"),
+        ({"teacher": "self", "alpha": 1.5}, ValueError, "`alpha=1.5` must be in \\[0, 1\\]"),
+        ({"teacher": "self", "initial_alpha": -0.1}, ValueError, "`initial_alpha=-0.1`"),
+        ({"teacher": "teacher.ckpt"}, ValueError, "neither 'self' nor an existing checkpoint"),
+        ({"teacher": 3}, TypeError, "pass 'self', an nn.Module, or a checkpoint path"),
+        ({"teacher": "self", "logits": False}, ValueError, "Nothing to distill"),
+        ({"teacher": "self", "features": ["net.3"]}, TypeError, "must hold FeatureLoss objects"),
+        ({"teacher": "self", "teacher_precision": "int8"}, ValueError, "Unknown `teacher_precision='int8'`"),
+        ({"teacher": "self", "start": 0.8, "end": 0.2}, ValueError, "`end=0.2` is before `start=0.8`"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        KnowledgeDistillation(**kwargs)
+
+
+def test_checkpoint_teacher_needs_its_class(tmp_path):
+    path = tmp_path / "t.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="pass the LightningModule class to load it with as `teacher_class`"):
+        KnowledgeDistillation(path)
+
+
+class CountSteps(Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args):
+        CountSteps.steps += 1
+
+
+def _nan_teacher():
+    teacher = ImageClassifier("small_cnn")
+    with torch.no_grad():
+        teacher.net[10].bias.fill_(float("nan"))
+    return teacher
+
+
+@pytest.mark.parametrize(
+    ("make_kd", "match"),
+    [
+        (lambda: KnowledgeDistillation("self", features=[FeatureLoss("net.33")]), "Did you mean 'net.3'"),
+        (lambda: KnowledgeDistillation("self", module="nett"), "`module`: the student .* Did you mean 'net'"),
+        (
+            lambda: KnowledgeDistillation(
+                _narrow_teacher(), features=[FeatureLoss("net.3", teacher="net.13")]
+            ),
+            "`features\\[0\\].teacher`: the teacher .* no module named 'net.13'",
+        ),
+        (
+            lambda: KnowledgeDistillation(ImageClassifier("small_cnn", num_classes=5)),
+            r"Student logits have shape \(1, 10\) but the teacher's have \(1, 5\)",
+        ),
+        (lambda: KnowledgeDistillation(_nan_teacher()), "teacher's logits contain NaN or infinite values"),
+        (
+            lambda: KnowledgeDistillation(_narrow_teacher(), features=[FeatureLoss("net.3", loss="mse")]),
+            "use loss='hint'",
+        ),
+        (
+            lambda: KnowledgeDistillation(
+                _narrow_teacher(), features=[FeatureLoss("net.9", loss="attention")]
+            ),
+            "Attention transfer needs feature maps",
+        ),
+    ],
+)
+def test_bad_setup_fails_before_any_training_step(tmp_path, digits, make_kd, match):
+    CountSteps.steps = 0
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, digits, [make_kd(), CountSteps()], max_steps=2)
+    assert CountSteps.steps == 0
+
+
+class NoExample(ImageClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.example_input_array = None
+
+
+def test_without_an_example_input_the_checks_run_at_the_first_step(tmp_path, digits):
+    with pytest.raises(ValueError, match="set `example_input_array`"):
+        _fit(
+            tmp_path,
+            digits,
+            [KnowledgeDistillation(_narrow_teacher(), features=[FeatureLoss("net.3")])],
+            model=NoExample(),
+            max_steps=2,
+        )
+    CountSteps.steps = 0
+    with pytest.raises(ValueError, match="teacher's logits contain NaN"):
+        _fit(
+            tmp_path,
+            digits,
+            [KnowledgeDistillation(_nan_teacher()), CountSteps()],
+            model=NoExample(),
+            max_steps=2,
+        )
+    assert CountSteps.steps == 1
+
+
+def test_adapters_outside_every_optimizer_and_a_shared_teacher_are_errors(tmp_path, digits):
+    class NetOnlyOptimizer(ImageClassifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.net.parameters())
+
+    kd = KnowledgeDistillation(_narrow_teacher(), features=[FeatureLoss("net.3")])
+    with pytest.raises(ValueError, match="adapters .* are in no optimizer"):
+        _fit(tmp_path, digits, [kd], model=NetOnlyOptimizer(), max_steps=1)
+    model = ImageClassifier("small_cnn")
+    with pytest.raises(ValueError, match="shares parameters with the student"):
+        _fit(tmp_path, digits, [KnowledgeDistillation(model.net)], model=model, max_steps=1)
+    assert "training_step" not in vars(model)
+
+
+def test_distills_through_a_compiled_network(tmp_path, digits):
+    class Compiled(ImageClassifier):
+        def configure_model(self):
+            self.net = torch.compile(self.net)
+
+    kd = KnowledgeDistillation("self", alpha=1.0, features=[FeatureLoss("net.4", loss="attention")])
+    recorder = Recorder()
+    _fit(tmp_path, digits, [kd, recorder], model=Compiled(), limit_train_batches=3)
+    assert len(recorder.rows) == 3 and math.isfinite(recorder.rows[-1]["distillation/attention/net.4"])
+
+
+def test_ddp_with_two_processes_trains_identically_on_both_ranks_and_logs(tmp_path):
+    worker = Path(__file__).with_name("_ddp_distillation.py")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 8
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    assert any(name.startswith(ADAPTERS_ATTRIBUTE) for name in ranks[0]["state"])
+    assert ranks[0]["teacher_in_ddp"] is False
+    with open(next(tmp_path.glob("logs/**/metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("distillation/kl")]
+    assert len(rows) == 8
+    assert all(math.isfinite(float(r["distillation/hint/net.3"])) for r in rows)
+
+
+def test_configured_from_a_lightning_cli_yaml_file(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from examples.data import DigitsDataModule
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 1
+  limit_train_batches: 3
+  limit_val_batches: 1
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_compress.distillation.KnowledgeDistillation
+      init_args:
+        teacher: self
+        alpha: 0.7
+        temperature: 3.0
+        features:
+          - student: net.3
+            loss: attention
+            weight: 100.0
+model:
+  arch: small_cnn
+"""
+    )
+    cli = LightningCLI(
+        ImageClassifier, DigitsDataModule, args=["fit", "--config", str(config)], save_config_callback=None
+    )
+    kd = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation))
+    assert (kd.teacher, kd.alpha, kd.temperature) == ("self", 0.7, 3.0)
+    assert kd.features == (FeatureLoss("net.3", loss="attention", weight=100.0),)
+    assert "distillation/attention/net.3" in cli.trainer.callback_metrics
