@@ -1,0 +1,39 @@
+"""Quantization: int8 / low-bit quantization-aware training (torchao), k-means weight sharing, binary/ternary weights."""
+
+from lightning_compress.quantization.binary import BinaryWeights, binarize, ternarize
+from lightning_compress.quantization.pt2e import (
+    QuantizedGraphModule,
+    compile_for_cpu,
+    convert_int8,
+    load_quantized,
+    prepare_int8_qat,
+    quantize_int8_ptq,
+    save_quantized,
+)
+from lightning_compress.quantization.qat import QuantizationAwareTraining
+from lightning_compress.quantization.weight_sharing import (
+    WeightSharing,
+    huffman_encode,
+    kmeans_1d,
+    layer_storage,
+    share_weights,
+)
+
+__all__ = [
+    "BinaryWeights",
+    "QuantizationAwareTraining",
+    "QuantizedGraphModule",
+    "WeightSharing",
+    "binarize",
+    "compile_for_cpu",
+    "convert_int8",
+    "huffman_encode",
+    "kmeans_1d",
+    "layer_storage",
+    "load_quantized",
+    "prepare_int8_qat",
+    "quantize_int8_ptq",
+    "save_quantized",
+    "share_weights",
+    "ternarize",
+]

@@ -1,0 +1,904 @@
+"""QuantizationAwareTraining: train with simulated quantization, then convert to a real int8 or low-bit model."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_compress._lightning import detach_input, first_input, remember_original, to_device
+from lightning_compress.quantization.pt2e import (
+    QuantizedGraphModule,
+    convert_int8,
+    fake_quantizers,
+    prepare_int8_qat,
+    quantized_weight_names,
+    save_quantized,
+    sync_observers,
+)
+from lightning_compress.schedules import Point, resolve_point, validate_point
+from lightning_compress.selection import ModuleSelection, Selector
+from lightning_compress.stats import TensorFormat
+
+SCHEMES = ("int8", "int8-dynamic-intx", "intx-weight-only", "int4-weight-only")
+LOW_BIT_SCHEMES = SCHEMES[1:]
+# Children of the LightningModule that hold the quantized forward when the whole forward is quantized.
+ROOT_CHILD = "quantized"
+_SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed")
+
+
+# -- low-bit weight schemes (torchao QATConfig) ---------------------------------------------------------
+
+
+def low_bit_config(scheme: str, bits: int, group_size: int | None) -> Any:
+    """The torchao post-training config a low-bit QAT scheme converts to.
+
+    Args:
+        scheme: ``"int8-dynamic-intx"`` (int8 dynamic per-token activations, ``bits``-bit weights),
+            ``"intx-weight-only"`` (``bits``-bit weights, float activations) or ``"int4-weight-only"``.
+        bits: weight bits, 1 to 8.
+        group_size: weights per scale along the input dimension; ``None`` for one scale per output channel.
+
+    Example::
+
+        >>> type(low_bit_config("intx-weight-only", 4, 32)).__name__
+        'IntxWeightOnlyConfig'
+    """
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+        PerAxis,
+        PerGroup,
+    )
+
+    dtype = getattr(torch, f"int{bits}")
+    granularity = PerGroup(group_size) if group_size else PerAxis(0)
+    if scheme == "int8-dynamic-intx":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity)
+    if scheme == "intx-weight-only":
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
+    if scheme == "int4-weight-only":
+        return Int4WeightOnlyConfig(group_size=group_size or 128)
+    raise ValueError(
+        f"Unknown low-bit `scheme={scheme!r}`. Use one of {', '.join(map(repr, LOW_BIT_SCHEMES))}."
+    )
+
+
+def check_low_bit_supported(scheme: str, bits: int, group_size: int | None) -> None:
+    """Run prepare → convert → forward of ``scheme`` on a tiny layer; raise a clear error if this machine can't.
+
+    Example::
+
+        >>> check_low_bit_supported("intx-weight-only", 4, 32)
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    config = low_bit_config(scheme, bits, group_size)
+    probe = nn.Sequential(nn.Linear(256, 16))
+    try:
+        quantize_(probe, QATConfig(config, step="prepare"))
+        quantize_(probe, QATConfig(config, step="convert"))
+        with torch.no_grad():
+            probe(torch.randn(2, 256))
+    except Exception as err:
+        raise ValueError(
+            f"`scheme={scheme!r}` cannot be converted on this machine ({type(err).__name__}: {err}). "
+            "Use `scheme='intx-weight-only'` or 'int8-dynamic-intx' with `bits=4`, which convert on CPU."
+        ) from err
+
+
+def _selected_linears(target: nn.Module, selection: ModuleSelection) -> dict[str, nn.Module]:
+    chosen = {name: m for name, m in selection.select(target) if isinstance(m, nn.Linear)}
+    if not chosen:
+        raise ValueError(
+            f"Low-bit schemes quantize `nn.Linear` layers; the selection {selection} matches none of them."
+        )
+    return chosen
+
+
+def _check_group_size(linears: dict[str, nn.Module], group_size: int | None, prefix: str = "") -> None:
+    if group_size is None:
+        return
+    bad = [
+        f"{prefix}{name} (in_features={m.in_features})"
+        for name, m in linears.items()
+        if m.in_features % group_size
+    ]
+    if bad:
+        raise ValueError(
+            f"`group_size={group_size}` must divide the input size of every quantized layer; it does not for "
+            f"{', '.join(bad)}. Choose a divisor, or leave those layers out with `exclude`."
+        )
+
+
+def _low_bit_quantizers(target: nn.Module) -> Iterator[nn.Module]:
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    for module in target.modules():
+        if isinstance(module, FakeQuantizedLinear):
+            for quantizer in (module.activation_fake_quantizer, module.weight_fake_quantizer):
+                if quantizer is not None:
+                    yield quantizer
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.args_, self.kwargs_ = args, kwargs
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _as_call(example: Any) -> tuple[tuple, dict]:
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, tuple | list):
+        return tuple(example), {}
+    return (example,), {}
+
+
+def _capture_inputs(pl_module: nn.Module, target: nn.Module, example: Any) -> tuple[tuple, dict]:
+    """The inputs ``target`` receives when ``pl_module`` runs on ``example`` (the forward stops there)."""
+    if target is pl_module:
+        return _as_call(example)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _Captured(args, kwargs)
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    args, kwargs = _as_call(example)
+    try:
+        with _mode(pl_module, False), torch.no_grad():
+            pl_module(*args, **kwargs)
+    except _Captured as captured:
+        return detach_input(captured.args_), detach_input(captured.kwargs_)
+    finally:
+        handle.remove()
+    raise ValueError(
+        f"The quantized submodule ({type(target).__name__}) is not called by the LightningModule's forward, "
+        "so its input is unknown. Quantize a module that `forward` calls, or pass `example_input`."
+    )
+
+
+def _dataloader(trainer: pl.Trainer, stage: str) -> Any:
+    loop = {
+        "fit": trainer.fit_loop,
+        "validate": trainer.validate_loop,
+        "test": trainer.test_loop,
+        "predict": trainer.predict_loop,
+    }[stage]
+    source = getattr(loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    try:
+        return source.dataloader()
+    except Exception:
+        return None
+
+
+def _first_batch(loader: Any) -> Any:
+    if isinstance(loader, list | tuple):
+        loader = loader[0] if loader else None
+    if loader is None:
+        return None
+    try:
+        return next(iter(loader))
+    except (StopIteration, TypeError):
+        return None
+
+
+def _relative_error(reference: Tensor, approximation: Tensor) -> float:
+    norm = float(reference.detach().float().norm())
+    return float((approximation.detach().float() - reference.detach().float()).norm()) / norm if norm else 0.0
+
+
+class _ErrorRecorder:
+    """Relative L2 error between each fake-quantizer's input and output, on the steps it is switched on."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.errors: dict[str, list[float]] = {"weight": [], "activation": []}
+        self.kinds: dict[nn.Module, str] = {}
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.active and isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
+            self.errors[self.kinds.get(module, "activation")].append(_relative_error(args[0], output))
+
+    def pop(self) -> dict[str, float]:
+        result = {k: sum(v) / len(v) for k, v in self.errors.items() if v}
+        self.errors = {"weight": [], "activation": []}
+        return result
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware training (Jacob et al. 2018) with torchao, and conversion to the real quantized model.
+
+    Schemes:
+
+    - ``"int8"`` (default): static int8 for conv / linear models through torchao's PT2E path — the quantized
+      part of the model is exported with ``torch.export``, prepared with the X86 inductor quantizer in QAT mode
+      (per-channel symmetric int8 weights, per-tensor uint8 activations, batch norm folded into convolutions)
+      and converted with ``convert_pt2e``. Run the converted model through
+      :func:`~lightning_compress.quantization.pt2e.compile_for_cpu` for int8 kernels.
+    - ``"int8-dynamic-intx"``, ``"intx-weight-only"``: low-bit weights (``bits`` from 1 to 8, one scale per
+      output channel or per ``group_size`` inputs) for ``nn.Linear`` layers through
+      ``torchao.quantization.qat.QATConfig``; the first also quantizes activations dynamically to int8.
+    - ``"int4-weight-only"``: accepted only where torchao can convert it (not on CPU); checked at setup.
+
+    Which part is quantized (int8): ``module=None`` quantizes the LightningModule's whole ``forward``; a name
+    such as ``"net"`` or ``"backbone.encoder"`` quantizes that submodule only (use it when ``forward`` does
+    something ``torch.export`` cannot trace). The prepared graph takes the place of the float part in the
+    model: a named submodule is replaced by a :class:`~lightning_compress.quantization.pt2e.QuantizedGraphModule`
+    with the same state-dict keys plus the quantizers' buffers; for the whole forward that module is added as
+    the child ``quantized``, takes over the children the forward used, and the instance's ``forward`` calls it.
+    ``training_step``/``validation_step`` keep calling ``self(x)`` or ``self.net(x)`` as before; Lightning's
+    ``train()``/``eval()`` switching works (observers only update in training mode).
+
+    Lifecycle (``start``/``freeze_observers``/``freeze_bn`` take a fraction of training, ``"step:N"`` or
+    ``"epoch:N"``): fp32 training until ``start``, then fake quantization with observers updating ranges,
+    observers frozen from ``freeze_observers`` (ranges are averaged across processes at that point), batch norm
+    statistics frozen from ``freeze_bn``. At the end of training (``convert=True``) the model is converted;
+    the converted model's outputs are compared with the fake-quantized model on a validation batch
+    (:attr:`parity`), and with ``export_path`` the int8 program is saved (only the tensors it uses:
+    :attr:`artifact` records its size next to the fp32 program saved the same way).
+
+    Checkpoints: the prepared structure is rebuilt in ``setup`` from the arguments, before Lightning loads the
+    weights, so a resumed run continues exactly. Loading a checkpoint whose structure differs from the current
+    model (e.g. ``Trainer.test(ckpt_path=...)`` after conversion, or a converted checkpoint in a new process)
+    rebuilds the right structure just before the weights load; with ``convert=True`` validation and test
+    outside ``fit`` run the converted model.
+
+    Works with ``GradualPruning`` listed *before* this callback (the prepared graph shares the pruned
+    parameters; symmetric quantization keeps zeros exactly zero), with ``precision="bf16-mixed"`` (the
+    quantized part runs in fp32) and with DDP.
+
+    Logged: ``quantization/weight_error`` and ``quantization/activation_error`` (relative L2 error of the
+    fake quantization), ``quantization/fake_quant``, ``quantization/layers_quantized`` (fraction of conv /
+    linear layers), ``quantization/bits/<weight>``, ``quantization/size_fp32_bytes`` and
+    ``quantization/size_quantized_bytes`` (weights at their bit width), and at conversion the parity and
+    artifact sizes. :meth:`storage_formats` lets ``CompressionMonitor`` count quantized weights at their bits.
+
+    Args:
+        scheme: see above.
+        module: qualified name of the submodule to quantize, or ``None`` for the whole ``forward``.
+        start: when fake quantization starts (fp32 warm-up before).
+        freeze_observers: when quantization ranges stop updating (``None``: never).
+        freeze_bn: when batch-norm statistics stop updating (``None``: never).
+        convert: convert to the real quantized model at the end of training.
+        bits: weight bits: 8 for ``"int8"`` (the default), 1 to 8 for the low-bit schemes (default 4).
+        group_size: low-bit schemes: weights per scale (``None``: one scale per output channel).
+        modules: low-bit schemes: the ``nn.Linear`` layers to quantize (types and/or name patterns).
+        exclude: low-bit schemes: layers to leave in float.
+        example_input: the LightningModule's input used to export the model; default ``example_input_array``,
+            else the first training batch.
+        export_path: where to save the converted int8 program (``.pt2``) at the end of training.
+        log_every_n_steps: how often the quantization error is measured and logged.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> qat = QuantizationAwareTraining(scheme="int8", module="net", start=0.5, freeze_observers=0.8, freeze_bn=0.8)
+        >>> trainer = Trainer(callbacks=[qat], max_epochs=4, logger=False)
+        >>> QuantizationAwareTraining(scheme="int8", bits=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: `bits=4` is not available with `scheme='int8'` (8-bit only). Use `scheme='int8-dynamic-intx'` or 'intx-weight-only' for 1 to 8-bit weights.
+    """
+
+    def __init__(
+        self,
+        scheme: str = "int8",
+        module: str | None = None,
+        start: Point = 0.0,
+        freeze_observers: Point | None = None,
+        freeze_bn: Point | None = None,
+        convert: bool = True,
+        bits: int | None = None,
+        group_size: int | None = None,
+        modules: Selector = nn.Linear,
+        exclude: Selector = None,
+        example_input: Any = None,
+        export_path: str | os.PathLike | None = None,
+        log_every_n_steps: int = 50,
+    ) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"Unknown `scheme={scheme!r}`. Use one of {', '.join(map(repr, SCHEMES))}.")
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)):
+            raise TypeError(f"`bits={bits!r}` must be an integer.")
+        if scheme == "int8":
+            if bits not in (None, 8):
+                raise ValueError(
+                    f"`bits={bits}` is not available with `scheme='int8'` (8-bit only). Use "
+                    "`scheme='int8-dynamic-intx'` or 'intx-weight-only' for 1 to 8-bit weights."
+                )
+            bits = 8
+            if group_size is not None:
+                raise ValueError(
+                    "`group_size` applies to the low-bit schemes; `scheme='int8'` is per channel."
+                )
+        else:
+            bits = 4 if bits is None else bits
+            if scheme == "int4-weight-only" and bits != 4:
+                raise ValueError(f"`scheme='int4-weight-only'` has 4-bit weights; got `bits={bits}`.")
+            if not 1 <= bits <= 8:
+                raise ValueError(
+                    f"`bits={bits}` is out of range: low-bit schemes support 1 to 8-bit weights."
+                )
+            if group_size is not None and (
+                isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+            ):
+                raise ValueError(
+                    f"`group_size={group_size!r}` must be a positive integer or None (per channel)."
+                )
+        if export_path is not None and scheme != "int8":
+            raise ValueError(
+                f"`export_path` saves the converted int8 program of `scheme='int8'`; `scheme={scheme!r}` converts "
+                "in place (save the model's state_dict instead)."
+            )
+        if module is not None and (not isinstance(module, str) or not module):
+            raise ValueError(
+                f"`module={module!r}` must be a submodule name such as 'net', or None (whole forward)."
+            )
+        self.start = validate_point(start, "start")
+        self.freeze_observers = (
+            None if freeze_observers is None else validate_point(freeze_observers, "freeze_observers")
+        )
+        self.freeze_bn = None if freeze_bn is None else validate_point(freeze_bn, "freeze_bn")
+        if (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps={log_every_n_steps!r}` must be a positive integer.")
+        self.scheme = scheme
+        self.module = module
+        self.convert = convert
+        self.bits = bits
+        self.group_size = group_size
+        self.selection = ModuleSelection(modules, exclude)
+        self.example_input = example_input
+        self.export_path = export_path
+        self.log_every_n_steps = log_every_n_steps
+
+        self.converted = False
+        self.parity: dict[str, float] | None = None
+        self.artifact: dict[str, Any] | None = None
+        self._steps: dict[str, int | None] = {}
+        self._float: nn.Module | None = None
+        self._stashed: dict[str, nn.Module] = {}
+        self._prepared_linears: dict[str, nn.Module] = {}
+        self._model_example: Any = None
+        self._load_hook: Any = None
+        self._recorder = _ErrorRecorder()
+        self._recorder_hooks: list[Any] = []
+        self._weight_names: dict[str, str] = {}
+        self._float_layers = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(scheme=self.scheme, module=self.module)
+
+    # -- structure -----------------------------------------------------------------------------------
+
+    def _where(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
+        """The parent module and attribute name under which the quantized part lives."""
+        if self.module is None:
+            return pl_module, ROOT_CHILD
+        parent_name, _, attr = self.module.rpartition(".")
+        try:
+            parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+            getattr(parent, attr)
+        except AttributeError:
+            names = [n for n, _ in pl_module.named_modules() if n]
+            close = difflib.get_close_matches(self.module, names, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"`module={self.module!r}`: no such submodule in {type(pl_module).__name__}.{hint} "
+                "Names are qualified as in `model.named_modules()`; None quantizes the whole forward."
+            ) from None
+        if not isinstance(getattr(parent, attr), nn.Module):
+            raise ValueError(f"`module={self.module!r}` is not an nn.Module.")
+        return parent, attr
+
+    def _installed(self, pl_module: pl.LightningModule) -> nn.Module | None:
+        parent, attr = self._where(pl_module)
+        current = parent._modules.get(attr) if self.module is None else getattr(parent, attr)
+        return current if isinstance(current, QuantizedGraphModule) else None
+
+    def _state(self, pl_module: pl.LightningModule) -> str:
+        if self.scheme != "int8":
+            from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+            target = self._float_target(pl_module)
+            if any(isinstance(m, FakeQuantizedLinear) for m in target.modules()):
+                return "prepared"
+            return "converted" if self._prepared_linears else "float"
+        host = self._installed(pl_module)
+        if host is None:
+            return "float"
+        return "converted" if host.converted else "prepared"
+
+    def _float_target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.module is None:
+            return pl_module
+        parent, attr = self._where(pl_module)
+        return getattr(parent, attr)
+
+    def _install(self, pl_module: pl.LightningModule, host: QuantizedGraphModule) -> None:
+        parent, attr = self._where(pl_module)
+        if self.module is not None:
+            setattr(parent, attr, host)
+            return
+        # The whole forward: the host takes over the children the exported forward used (same objects).
+        for name in list(host._modules):
+            if name in pl_module._modules:
+                self._stashed[name] = pl_module._modules.pop(name)  # type: ignore[assignment]
+        pl_module.add_module(ROOT_CHILD, host)
+        object.__setattr__(pl_module, "forward", host)
+
+    def _uninstall(self, pl_module: pl.LightningModule) -> None:
+        if self.module is not None:
+            parent, attr = self._where(pl_module)
+            assert self._float is not None
+            setattr(parent, attr, self._float)
+            return
+        pl_module._modules.pop(ROOT_CHILD, None)
+        pl_module.__dict__.pop("forward", None)
+        for name, child in self._stashed.items():
+            pl_module.add_module(name, child)
+        self._stashed = {}
+
+    def _ensure(self, pl_module: pl.LightningModule, want: str) -> None:
+        """Bring the model to ``want`` (``"float"``, ``"prepared"`` or ``"converted"``) structure."""
+        current = self._state(pl_module)
+        if current == want:
+            return
+        if self.scheme != "int8":
+            self._ensure_low_bit(pl_module, current, want)
+            return
+        if current != "float":
+            self._uninstall(pl_module)
+        if want == "float":
+            return
+        target = self._float_target(pl_module)
+        self._float = None if self.module is None else target
+        if self._model_example is None:
+            raise ValueError(
+                "QuantizationAwareTraining exports the model and needs an example input: set "
+                "`example_input_array` on the LightningModule or pass `example_input`."
+            )
+        args, kwargs = _capture_inputs(pl_module, target, self._model_example)
+        what = (
+            f"`{self.module}` ({type(target).__name__})"
+            if self.module
+            else f"{type(pl_module).__name__}.forward"
+        )
+        self._float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in target.modules())
+        with _mode(target, True):
+            host = prepare_int8_qat(target, args, kwargs, what=what)
+        self._install(pl_module, host)
+        self._weight_names = quantized_weight_names(host.graph)
+        if want == "converted":
+            self._install_converted(pl_module, convert_int8(host))
+
+    def _install_converted(self, pl_module: pl.LightningModule, converted: QuantizedGraphModule) -> None:
+        self._uninstall(pl_module)
+        self._install(pl_module, converted)
+        self.converted = True
+
+    def _ensure_low_bit(self, pl_module: pl.LightningModule, current: str, want: str) -> None:
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import QATConfig
+
+        target = self._float_target(pl_module)
+        config = low_bit_config(self.scheme, self.bits, self.group_size)
+        if current == "converted" and want in ("prepared", "float"):
+            for name, module in self._prepared_linears.items():
+                target.set_submodule(name, module)
+            current = "prepared"
+        if current == "float":
+            linears = _selected_linears(target, self.selection)
+            _check_group_size(linears, self.group_size, f"{self.module}." if self.module else "")
+            self._float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in target.modules())
+            names = set(linears)
+            quantize_(target, QATConfig(config, step="prepare"), filter_fn=lambda m, fqn: fqn in names)
+            self._prepared_linears = {name: target.get_submodule(name) for name in names}
+            self._weight_names = {f"{name}.weight": name for name in names}
+            current = "prepared"
+        if current == "prepared" and want == "float":
+            for name, module in self._prepared_linears.items():
+                target.set_submodule(name, module.to_linear())  # type: ignore[operator]
+            self._prepared_linears = {}
+        elif current == "prepared" and want == "converted":
+            names = set(self._prepared_linears)
+            quantize_(target, QATConfig(config, step="convert"), filter_fn=lambda m, fqn: fqn in names)
+            self.converted = True
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_precision(trainer)
+        self._check_callback_order(trainer)
+        if self.scheme != "int8":
+            check_low_bit_supported(self.scheme, self.bits, self.group_size)
+        if stage == "fit":
+            remember_original(trainer, pl_module)
+        self._where(pl_module)
+        if self._model_example is None:
+            self._model_example = self._find_example(trainer, pl_module, stage)
+        if self._load_hook is None:
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
+        if stage != "fit":
+            return
+        total = trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else None
+        per_epoch = None
+        if math.isfinite(trainer.num_training_batches) and trainer.num_training_batches > 0:
+            per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        self._steps = {
+            name: self._resolve(point, name, total, per_epoch)
+            for name, point in (
+                ("start", self.start),
+                ("freeze_observers", self.freeze_observers),
+                ("freeze_bn", self.freeze_bn),
+            )
+        }
+        observers = self._steps["freeze_observers"]
+        if observers is not None and observers <= (self._steps["start"] or 0) and self.scheme == "int8":
+            raise ValueError(
+                f"`freeze_observers={self.freeze_observers!r}` (step {observers}) is not after `start={self.start!r}` "
+                f"(step {self._steps['start']}): the ranges would be frozen before observing any data. Move it later."
+            )
+        if self.convert and total is not None and (self._steps["start"] or 0) >= total:
+            raise ValueError(
+                f"`start={self.start!r}` resolves to step {self._steps['start']}, but training has {total} steps: "
+                "the model would be converted without ever training with quantization. Start earlier."
+            )
+        self.converted = False
+        self._ensure(pl_module, "prepared")
+        self._attach_recorder(pl_module)
+
+    @staticmethod
+    def _resolve(point: Point | None, name: str, total: int | None, per_epoch: int | None) -> int | None:
+        if point is None:
+            return None
+        if isinstance(point, float) and total is None:
+            raise ValueError(
+                f"`{name}={point}` is a fraction of training, but the length of training is unknown. "
+                "Set `max_steps`/`max_epochs`, or use 'step:N'."
+            )
+        return resolve_point(point, total or 0, per_epoch)
+
+    def _check_precision(self, trainer: pl.Trainer) -> None:
+        precision = str(trainer.precision)
+        if precision not in _SUPPORTED_PRECISION:
+            raise ValueError(
+                f"QuantizationAwareTraining needs fp32 weights; `precision={precision!r}` is not supported. Use "
+                "'32-true', or 'bf16-mixed' (the quantized part then runs in fp32, the rest in bf16)."
+            )
+
+    def _check_callback_order(self, trainer: pl.Trainer) -> None:
+        from lightning_compress.pruning.gradual import GradualPruning
+
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        mine = callbacks.index(self) if self in callbacks else len(callbacks)
+        for position, callback in enumerate(callbacks):
+            if not isinstance(callback, GradualPruning):
+                continue
+            if callback.mode == "structured":
+                raise ValueError(
+                    "GradualPruning(mode='structured') removes channels at the end of training, which the "
+                    "exported quantized graph cannot follow. Prune structurally in a first fit, then run QAT."
+                )
+            if position > mine and self.scheme == "int8":
+                raise ValueError(
+                    "List GradualPruning before QuantizationAwareTraining in `callbacks`: it must select its "
+                    "layers before they are replaced by the exported graph."
+                )
+
+    def _find_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:
+            batch = _first_batch(_dataloader(trainer, stage))
+            if batch is None:
+                return None
+            example = first_input(batch)
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        return to_device(detach_input(example, max_batch=2), device)
+
+    def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Rebuild the structure the checkpoint was saved with, just before its weights load."""
+        if self.scheme != "int8":
+            want = self._low_bit_state_of(state_dict)
+        else:
+            scope = f"{prefix}{self.module if self.module is not None else ROOT_CHILD}."
+            keys = [k for k in state_dict if k.startswith(scope)]
+            if any("_frozen_param" in k for k in keys):
+                want = "converted"
+            elif any("activation_post_process" in k for k in keys):
+                want = "prepared"
+            else:
+                want = "float"
+        if want is not None:
+            self._ensure(module, want)  # type: ignore[arg-type]
+
+    def _low_bit_state_of(self, state_dict: dict[str, Any]) -> str | None:
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+        prefix = f"{self.module}." if self.module else ""
+        for name in self._weight_names:
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                return "converted" if is_traceable_wrapper_subclass(value) else "prepared"
+        return None
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def _attach_recorder(self, pl_module: pl.LightningModule) -> None:
+        for handle in self._recorder_hooks:
+            handle.remove()
+        self._recorder_hooks = []
+        kinds: dict[nn.Module, str] = {}
+        if self.scheme == "int8":
+            host = self._installed(pl_module)
+            assert host is not None
+            weights = set(self._weight_names.values())
+            kinds = {q: "weight" if name in weights else "activation" for name, q in fake_quantizers(host)}
+        else:
+            for linear in self._prepared_linears.values():
+                for kind in ("weight", "activation"):
+                    quantizer = getattr(linear, f"{kind}_fake_quantizer", None)
+                    if quantizer is not None:
+                        kinds[quantizer] = kind
+        self._recorder.kinds = kinds
+        self._recorder_hooks = [quantizer.register_forward_hook(self._recorder) for quantizer in kinds]
+
+    def _phase(self, step: int) -> tuple[bool, bool, bool]:
+        start = self._steps.get("start") or 0
+        observers = self._steps.get("freeze_observers")
+        bn = self._steps.get("freeze_bn")
+        fake_quant = step >= start
+        observe = fake_quant and (observers is None or step < observers)
+        return fake_quant, observe, bn is not None and step >= bn
+
+    def _apply_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fake_quant, observe, bn_frozen = self._phase(trainer.global_step)
+        if self.scheme == "int8":
+            host = self._installed(pl_module)
+            if host is None or host.converted:
+                return
+            if host.observe and not observe and fake_quant:
+                # Ranges freeze now: make them the same on every process first.
+                sync_observers(host, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+            host.fake_quant, host.observe, host.bn_frozen = fake_quant, observe, bn_frozen
+        else:
+            for quantizer in _low_bit_quantizers(self._float_target(pl_module)):
+                quantizer.enabled = fake_quant
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state(pl_module) == "converted":
+            raise ValueError(
+                "The model holds the converted quantized weights (loaded from a checkpoint saved after "
+                "conversion), which cannot be trained. Resume from a checkpoint saved during training."
+            )
+        self._apply_phase(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply_phase(trainer, pl_module)
+        fake_quant = self._phase(trainer.global_step)[0]
+        self._recorder.active = fake_quant and trainer.global_step % self.log_every_n_steps == 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        fake_quant = self._phase(trainer.global_step)[0]
+        metrics = {"quantization/fake_quant": float(fake_quant)}
+        if self._recorder.active:
+            self._recorder.active = False
+            metrics.update({f"quantization/{k}_error": v for k, v in self._recorder.pop().items()})
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, value in self.summary(pl_module).items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+
+    def summary(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Bits per quantized weight, fraction of conv/linear layers quantized, weight bytes fp32 vs quantized."""
+        params = dict(pl_module.named_parameters())
+        quantized = {name: params[name] for name in self.storage_formats(pl_module) if name in params}
+        total_layers = max(self._float_layers, len(self._weight_names), 1)
+        fp32 = sum(p.numel() * 4 for p in params.values())
+        size = fp32 - sum(p.numel() * (4 - self.bits / 8) for p in quantized.values())
+        metrics = {
+            "quantization/layers_quantized": len(self._weight_names) / total_layers,
+            "quantization/size_fp32_bytes": float(fp32),
+            "quantization/size_quantized_bytes": float(size),
+        }
+        metrics.update({f"quantization/bits/{name}": float(self.bits) for name in quantized})
+        return metrics
+
+    # -- conversion ----------------------------------------------------------------------------------
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._recorder_hooks:
+            handle.remove()
+        self._recorder_hooks = []
+        if not self.convert or self._state(pl_module) != "prepared":
+            return
+        parity_input = self._parity_input(trainer, pl_module)
+        if self.scheme == "int8":
+            host = self._installed(pl_module)
+            assert host is not None
+            sync_observers(host, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+            converted = convert_int8(host)
+            self.parity = self._compare(host, converted, parity_input)
+            self._uninstall(pl_module)
+            if self.export_path is not None and trainer.is_global_zero:
+                self.artifact = self._export(pl_module, converted, parity_input)
+            self._install(pl_module, converted)
+            self.converted = True
+        else:
+            target = self._float_target(pl_module)
+            with _mode(target, False), torch.no_grad():
+                before = _call_with(target if self.module else pl_module, parity_input)
+            self._ensure(pl_module, "converted")
+            with _mode(target, False), torch.no_grad():
+                after = _call_with(target if self.module else pl_module, parity_input)
+            self.parity = _parity(before, after)
+        rank_zero_info(
+            f"QuantizationAwareTraining converted the model ({self.scheme}): argmax agreement "
+            f"{self.parity['argmax_agreement']:.4f}, max |logit diff| {self.parity['max_abs_diff']:.3g}."
+        )
+        metrics = {f"quantization/parity_{k}": v for k, v in self.parity.items()}
+        if self.artifact:
+            metrics["quantization/artifact_bytes"] = float(self.artifact["bytes"])
+            metrics["quantization/artifact_size_ratio"] = float(self.artifact["size_ratio"])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _parity_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[tuple, dict]:
+        batch = _first_batch(trainer.val_dataloaders) if trainer.val_dataloaders is not None else None
+        example = self._model_example if batch is None else first_input(batch)
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        example = to_device(detach_input(example), device)
+        if self.scheme != "int8":
+            return (
+                _capture_inputs(pl_module, self._float_target(pl_module), example)
+                if self.module
+                else _as_call(example)
+            )
+        host = self._installed(pl_module)
+        assert host is not None
+        return _capture_inputs(pl_module, host, example) if self.module else _as_call(example)
+
+    def _compare(
+        self, prepared: QuantizedGraphModule, converted: QuantizedGraphModule, inputs: tuple[tuple, dict]
+    ) -> dict[str, float]:
+        with _mode(prepared, False), torch.no_grad():
+            before = _call_with(prepared, inputs)
+            after = _call_with(converted, inputs)
+        return _parity(before, after)
+
+    def _export(
+        self, pl_module: pl.LightningModule, converted: QuantizedGraphModule, inputs: tuple[tuple, dict]
+    ) -> dict[str, Any]:
+        path = Path(self.export_path)  # type: ignore[arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        args, kwargs = inputs
+        size = save_quantized(converted, args, path, kwargs)
+        reference = path.with_name(path.stem + ".fp32" + path.suffix)
+        target = self._float_target(pl_module)
+        with _mode(target, False):
+            fp32 = save_quantized(target, args, reference, kwargs)
+        return {
+            "path": str(path),
+            "bytes": size,
+            "fp32_path": str(reference),
+            "fp32_bytes": fp32,
+            "size_ratio": fp32 / size,
+        }
+
+    # -- validation / test outside fit -----------------------------------------------------------------
+
+    def _convert_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" or not self.convert or self._state(pl_module) != "prepared":
+            return
+        if self.scheme == "int8":
+            host = self._installed(pl_module)
+            assert host is not None
+            self._install_converted(pl_module, convert_int8(host))
+        else:
+            self._ensure(pl_module, "converted")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert_for_evaluation(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert_for_evaluation(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert_for_evaluation(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._recorder_hooks:
+            handle.remove()
+        self._recorder_hooks = []
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    # -- reporting -----------------------------------------------------------------------------------
+
+    def storage_formats(self, pl_module: pl.LightningModule) -> dict[str, TensorFormat]:
+        """Quantized weights at their bit width, by state-dict name (empty once converted: the tensors are int)."""
+        if self.converted and self.scheme == "int8":
+            return {}
+        if self.module is not None:
+            prefix = f"{self.module}."
+        else:
+            prefix = f"{ROOT_CHILD}." if self.scheme == "int8" else ""
+        return {prefix + name: TensorFormat(bits=self.bits) for name in self._weight_names}
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "bits": self.bits, "converted": self.converted, "parity": self.parity}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if (
+            state_dict.get("scheme", self.scheme) != self.scheme
+            or state_dict.get("bits", self.bits) != self.bits
+        ):
+            raise ValueError(
+                f"The checkpoint was written by QuantizationAwareTraining(scheme={state_dict['scheme']!r}, "
+                f"bits={state_dict['bits']}); this callback has scheme={self.scheme!r}, bits={self.bits}."
+            )
+        self.parity = state_dict.get("parity")
+
+
+def _call_with(module: nn.Module, inputs: tuple[tuple, dict]) -> Any:
+    args, kwargs = inputs
+    return module(*args, **kwargs)
+
+
+def _parity(before: Any, after: Any) -> dict[str, float]:
+    if not isinstance(before, Tensor) or not isinstance(after, Tensor):
+        return {
+            "argmax_agreement": float("nan"),
+            "max_abs_diff": float("nan"),
+            "relative_error": float("nan"),
+        }
+    before, after = before.detach().float(), after.detach().float()
+    agreement = float((before.argmax(-1) == after.argmax(-1)).float().mean()) if before.dim() > 1 else 1.0
+    return {
+        "argmax_agreement": agreement,
+        "max_abs_diff": float((before - after).abs().max()),
+        "relative_error": _relative_error(before, after),
+    }

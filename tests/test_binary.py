@@ -1,0 +1,165 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.nn.utils import parametrize
+
+from examples.models import ImageClassifier
+from lightning_compress import CompressionMonitor
+from lightning_compress.quantization.binary import BinaryWeights, QuantizedWeight, binarize, ternarize
+from lightning_compress.stats import compressed_size_bytes, raw_size_bytes
+from tests.conftest import trainer_kwargs
+
+MIDDLE = ["net.3", "net.8"]  # small_cnn's inner conv and linear layers; the first and last stay fp32
+
+
+def test_binary_scale_is_the_least_squares_optimum_per_channel():
+    weight = torch.randn(16, 8, 3, 3)
+    binary = binarize(weight)
+    assert torch.equal(binary.sign(), torch.where(weight >= 0, 1.0, -1.0))
+    alpha = binary.abs().amax(dim=(1, 2, 3))
+    assert torch.allclose(alpha, weight.abs().mean(dim=(1, 2, 3)))
+    error = (binary - weight).norm()
+    for factor in (0.98, 1.02):
+        assert (factor * binary - weight).norm() > error
+
+
+def test_ternary_weights_have_three_levels_per_channel():
+    weight = torch.randn(32, 64)
+    ternary = ternarize(weight)
+    for row, original in zip(ternary, weight, strict=True):
+        levels = row.unique()
+        assert len(levels) == 3 and levels[1] == 0 and levels[0] == -levels[2]
+        delta = 0.7 * original.abs().mean()
+        assert torch.equal(row != 0, original.abs() > delta)
+        assert levels[2] == pytest.approx(float(original.abs()[original.abs() > delta].mean()), rel=1e-6)
+    assert 0.3 < (ternary == 0).float().mean() < 0.6
+
+
+def test_straight_through_estimator_passes_the_gradient_to_the_latent_weight():
+    layer = nn.Linear(6, 3)
+    parametrize.register_parametrization(layer, "weight", QuantizedWeight("binary"))
+    x = torch.randn(5, 6)
+    quantized = layer.weight.detach().clone().requires_grad_(True)
+    nn.functional.linear(x, quantized, layer.bias).pow(2).sum().backward()
+    layer(x).pow(2).sum().backward()
+    assert torch.allclose(layer.parametrizations.weight.original.grad, quantized.grad)
+    assert len(layer.weight[0].abs().unique()) == 1
+
+
+class CheckForwardWeights(Callback):
+    """Records, during training, the distinct magnitudes per row the layers compute with."""
+
+    def __init__(self):
+        self.levels, self.latent_levels = set(), set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name in MIDDLE:
+            module = pl_module.get_submodule(name)
+            weight = module.weight.detach().flatten(1)
+            self.levels.add(max(len(row.abs().unique()) for row in weight))
+            latent = module.parametrizations.weight.original.detach().flatten(1)
+            self.latent_levels.add(max(len(row.abs().unique()) for row in latent))
+
+
+@pytest.mark.parametrize(("mode", "levels", "ratio"), [("binary", 1, 30), ("ternary", 2, 15)])
+def test_training_uses_quantized_weights_and_ends_with_a_plain_quantized_model(
+    tmp_path, digits, mode, levels, ratio
+):
+    binary = BinaryWeights(mode=mode, modules=MIDDLE)
+    check = CheckForwardWeights()
+    monitor = CompressionMonitor(measure_latency=False, verbose=False)
+    model = ImageClassifier("small_cnn")
+    keys = set(model.state_dict())
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3), callbacks=[binary, check, monitor])
+    trainer.fit(model, datamodule=digits)
+    # Forward passes used at most `levels` magnitudes per row (one scale, plus zero for ternary); the latent
+    # weights are full fp32.
+    assert check.levels == {levels} and min(check.latent_levels) > 50
+    assert set(model.state_dict()) == keys and not parametrize.is_parametrized(model.net[3])
+    for name in MIDDLE:
+        rows = model.get_submodule(name).weight.detach().flatten(1)
+        assert all(len(row.abs().unique()) == levels for row in rows)
+    assert trainer.callback_metrics["val_acc"] > 0.75
+    assert 0.0 < float(trainer.callback_metrics["binary/weight_error"]) < 1.0
+    # Storage: 1 or 2 bits per weight plus an fp32 scale per output channel.
+    layer = model.net[8]
+    formats = {"weight": binary.storage_formats(model)["net.8.weight"]}
+    weight_only = nn.Module()
+    weight_only.register_buffer("weight", layer.weight.detach())
+    assert raw_size_bytes(weight_only) / compressed_size_bytes(weight_only, formats) > ratio
+    assert monitor.report["after"]["compressed_bytes"] < monitor.report["before"]["raw_bytes"] / 4
+
+
+def test_fp32_warm_up_before_start_and_latent_clipping(tmp_path, digits):
+    binary = BinaryWeights(start="step:5", modules=MIDDLE, clip_latent=True)
+    check = CheckForwardWeights()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[binary, check], limit_train_batches=4)
+    model = ImageClassifier("small_cnn")
+    trainer.fit(model, datamodule=digits)
+    assert min(check.levels) > 50  # steps 0-3: latent weights used as they are
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path),
+        callbacks=[binary := BinaryWeights(modules=MIDDLE, clip_latent=True, finalize=False)],
+    )
+
+    class LargeLR(ImageClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=5.0)
+
+    model = LargeLR("small_cnn")
+    trainer.fit(model, datamodule=digits)
+    for name in MIDDLE:
+        latent = model.get_submodule(name).parametrizations.weight.original
+        assert latent.abs().max() <= 1.0 and latent.abs().max() == 1.0
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
+    pl.seed_everything(11, verbose=False)
+    binary = BinaryWeights(mode="ternary", start="step:2", modules=MIDDLE)
+    callbacks = [binary] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=checkpoint is not None),
+        callbacks=callbacks,
+        limit_train_batches=5,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_mid_training_is_bit_exact(tmp_path, digits):
+    full = _resume_run(tmp_path / "full", digits)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=5.ckpt", weights_only=False)["state_dict"]
+    assert "net.3.parametrizations.weight.original" in saved  # the latent weights are what is checkpointed
+    resumed = _resume_run(tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "int1"}, "Unknown `mode='int1'`"),
+        ({"start": -0.1}, "`start=-0.1` is outside"),
+        ({"modules": [5]}, "`modules` got 5"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        BinaryWeights(**kwargs)
+
+
+def test_unknown_layer_fails_at_setup(tmp_path, digits):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[BinaryWeights(modules="net.99")])
+    with pytest.raises(ValueError, match="no module named 'net.99'"):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)

@@ -1,0 +1,545 @@
+import csv
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from examples.models import ImageClassifier
+from lightning_compress import GradualPruning
+from lightning_compress.quantization.pt2e import (
+    QuantizedGraphModule,
+    compile_for_cpu,
+    convert_int8,
+    export_for_quantization,
+    load_quantized,
+    prepare_int8_qat,
+    save_quantized,
+    sync_observers,
+)
+from lightning_compress.quantization.qat import QuantizationAwareTraining
+from tests.conftest import trainer_kwargs
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+class SharedReluBlock(nn.Module):
+    """A residual block that calls one ReLU module twice, as many user models do."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+def _shared_relu_net():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        SharedReluBlock(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def _train(module, steps=30, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x = torch.randn(32, 1, 8, 8, generator=generator)
+        y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long()
+        loss = nn.functional.cross_entropy(module(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# -- the functional core ---------------------------------------------------------------------------------
+
+
+def test_one_relu_used_twice_breaks_raw_torchao_but_not_prepare_int8_qat():
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from lightning_compress.quantization.pt2e import _x86_quantizer
+
+    net, x = _shared_relu_net(), torch.randn(2, 1, 8, 8)
+    raw = torch.export.export(net, (x,)).module()
+    with pytest.raises(ValueError, match="more than one output node"):
+        prepare_qat_pt2e(raw, _x86_quantizer(is_qat=True))
+    prepared = prepare_int8_qat(net, (x,))
+    _train(prepared)
+    converted = convert_int8(prepared)
+    test = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        fake, real = prepared.eval()(test), converted(test)
+    assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.98
+    assert (fake - real).abs().max() < 0.05 * fake.abs().max()
+    # Both ReLUs are quantized: the block's two outputs each get their own quantize op.
+    ops = [n for n in converted.graph.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    assert len(ops) >= 6
+
+
+def test_eval_raises_on_the_raw_prepared_graph_and_switches_batch_norm_on_ours():
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from lightning_compress.quantization.pt2e import _x86_quantizer
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    x = torch.randn(16, 1, 8, 8)
+    raw = prepare_qat_pt2e(export_for_quantization(net, (x,)), _x86_quantizer(is_qat=True))
+    with pytest.raises(NotImplementedError):
+        raw.eval()
+    prepared = prepare_int8_qat(net, (x,))
+    prepared(x)
+    running_mean = net[1].running_mean.clone()
+    prepared.eval()
+    with torch.no_grad():
+        together = prepared(x)
+        alone = torch.cat([prepared(x[i : i + 2])[:1] for i in range(0, 16, 2)])
+    # In eval mode batch norm uses running statistics: a sample's output does not depend on its batch, and
+    # the statistics do not move.
+    assert torch.allclose(together[::2], alone, atol=1e-5)
+    assert torch.equal(net[1].running_mean, running_mean)
+    prepared.train()
+    prepared(x)
+    assert not torch.equal(net[1].running_mean, running_mean)
+
+
+def test_naive_save_of_the_converted_graph_is_larger_than_fp32_and_ours_is_four_times_smaller(tmp_path):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    x = torch.randn(4, 256)
+    prepared = prepare_int8_qat(net, (x,))
+    prepared(torch.randn(64, 256))
+    prepared.eval()
+    prepared.sync()
+    naive = convert_pt2e(__import__("copy").deepcopy(prepared.graph))
+    ours = convert_int8(prepared)
+
+    def saved(state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getbuffer().nbytes
+
+    fp32 = saved(net.state_dict())
+    assert saved(naive.state_dict()) > 1.2 * fp32  # the unused fp32 parameters are still there
+    assert saved(ours.state_dict()) < 0.28 * fp32  # int8 weights + fp32 biases and scales + int64 zero points
+    # The shipped program: int8 weights + scales + the graph.
+    big_input = torch.randn(10_000, 256)
+    fp32_file = save_quantized(net.eval(), (big_input[:100],), tmp_path / "fp32.pt2")
+    int8_file = save_quantized(ours, (big_input[:100],), tmp_path / "int8.pt2")
+    assert int8_file < 0.28 * fp32_file
+    with zipfile.ZipFile(tmp_path / "int8.pt2") as archive:
+        sample = sum(i.file_size for i in archive.infolist() if "sample_inputs" in i.filename)
+    assert sample < 4 * 256 * 4 + 2048  # two samples saved, not the 10,000-row tensor they were cut from
+    loaded = load_quantized(tmp_path / "int8.pt2")
+    test = torch.randn(8, 256)
+    assert torch.equal(loaded.eval()(test), ours(test))
+
+
+def test_the_saved_program_loads_in_a_process_without_this_package(tmp_path):
+    net = _mlp()
+    prepared = prepare_int8_qat(net, (torch.randn(2, 1, 8, 8),))
+    prepared(torch.randn(32, 1, 8, 8))
+    converted = convert_int8(prepared)
+    save_quantized(converted, (torch.randn(2, 1, 8, 8),), tmp_path / "m.pt2")
+    x = torch.randn(5, 1, 8, 8)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(converted(x), tmp_path / "y.pt")
+    code = (
+        "import sys, torch, torchao.quantization.pt2e\n"
+        "assert 'lightning_compress' not in sys.modules\n"
+        f"m = torch.export.load({str(tmp_path / 'm.pt2')!r}).module()\n"
+        f"x, y = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "assert torch.equal(m(x), y)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_observers_are_averaged_across_processes_and_scales_follow():
+    prepared = prepare_int8_qat(_mlp(), (torch.randn(2, 1, 8, 8),))
+    prepared(torch.randn(32, 1, 8, 8))
+    quantizers = [q for q in prepared.modules() if hasattr(q, "activation_post_process")]
+    before = [(q.activation_post_process.min_val.clone(), q.scale.clone()) for q in quantizers]
+    synced = sync_observers(prepared, lambda t: t * 2)  # a stand-in collective that changes the values
+    assert synced == len(quantizers) == 4
+    for q, (min_val, scale) in zip(quantizers, before, strict=True):
+        assert torch.equal(q.activation_post_process.min_val, 2 * min_val)
+        assert torch.allclose(q.scale, q.calculate_qparams()[0]) and not torch.equal(q.scale, scale)
+
+
+def test_export_failure_names_the_line_and_suggests_a_submodule():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.body(x)
+            return x
+
+    with pytest.raises(ValueError) as info:
+        prepare_int8_qat(DataDependent(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "torch.export cannot trace DataDependent" in message
+    assert "test_quantization.py:" in message and "if x.sum() > 0" in message
+    assert "module='body'" in message
+
+
+def test_compiled_int8_graph_matches_the_converted_graph():
+    prepared = prepare_int8_qat(_mlp(), (torch.randn(2, 1, 8, 8),))
+    _train(prepared, steps=5)
+    converted = convert_int8(prepared)
+    compiled = compile_for_cpu(converted)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), converted(x), atol=1e-4)
+
+
+# -- the callback -----------------------------------------------------------------------------------------
+
+
+class CaptureFakeQuantOutputs(Callback):
+    """Listed before QAT, so its end-of-training hook sees the fake-quantized model on a validation batch."""
+
+    def on_train_end(self, trainer, pl_module):
+        x, _ = next(iter(trainer.val_dataloaders))
+        pl_module.eval()
+        with torch.no_grad():
+            self.x, self.logits = x, pl_module(x)
+        pl_module.train()
+
+
+class ModelWithWiderCNN(ImageClassifier):
+    def __init__(self):
+        super().__init__("small_cnn", arch_kwargs={"width": 32})
+
+
+@pytest.fixture(scope="module")
+def qat_fit(tmp_path_factory, digits):
+    """One QAT fit shared by several tests: pruning + QAT on the wider small CNN, with checkpoints and a logger."""
+    root = tmp_path_factory.mktemp("qat_fit")
+    pl.seed_everything(0, verbose=False)
+    pruning = GradualPruning(amount=0.5, start=0.0, end=0.3, modules=nn.Linear)
+    qat = QuantizationAwareTraining(
+        module="net",
+        start=0.2,
+        freeze_observers=0.8,
+        freeze_bn=0.8,
+        export_path=root / "model.pt2",
+        log_every_n_steps=5,
+    )
+    capture = CaptureFakeQuantOutputs()
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    logger = CSVLogger(root, name="logs")
+    model = ModelWithWiderCNN()
+    trainer = pl.Trainer(
+        **trainer_kwargs(root, max_epochs=3, logger=logger, enable_checkpointing=True, log_every_n_steps=5),
+        callbacks=[pruning, capture, qat, ckpt],
+    )
+    trainer.fit(model, datamodule=digits)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {"model": model, "trainer": trainer, "qat": qat, "capture": capture, "root": root, "rows": rows}
+
+
+def test_converted_model_agrees_with_the_fake_quantized_model(qat_fit):
+    model, capture, qat = qat_fit["model"], qat_fit["capture"], qat_fit["qat"]
+    assert isinstance(model.net, QuantizedGraphModule) and model.net.converted
+    with torch.no_grad():
+        real = model(capture.x)
+    fake = capture.logits
+    assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.99
+    assert (fake - real).abs().max() < 0.05 * fake.abs().max()
+    assert qat.parity["argmax_agreement"] >= 0.99 and qat.parity["relative_error"] < 0.02
+    assert qat_fit["trainer"].callback_metrics["val_acc"] > 0.85
+
+
+def test_shipped_artifact_is_about_four_times_smaller(qat_fit):
+    artifact = qat_fit["qat"].artifact
+    assert artifact["bytes"] == os.path.getsize(artifact["path"])
+    assert artifact["fp32_bytes"] == os.path.getsize(artifact["fp32_path"])
+    assert artifact["size_ratio"] > 3.3
+    with zipfile.ZipFile(artifact["path"]) as a, zipfile.ZipFile(artifact["fp32_path"]) as b:
+        int8 = sum(i.file_size for i in a.infolist() if "/weights/weight_" in i.filename)
+        fp32 = sum(i.file_size for i in b.infolist() if "/weights/weight_" in i.filename)
+    assert int8 < 0.26 * fp32
+    loaded = load_quantized(artifact["path"])
+    x = qat_fit["capture"].x
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qat_fit["model"](x))
+
+
+def test_pruned_zeros_stay_zero_through_fake_quant_and_conversion(qat_fit):
+    qat, model = qat_fit["qat"], qat_fit["model"]
+    latent = dict(qat._float.named_parameters())  # the float module the graph was cut from
+    for name in ("8.weight", "10.weight"):
+        pruned = latent[name] == 0
+        assert pruned.float().mean().item() == pytest.approx(0.5, abs=1e-3)
+        int8 = next(
+            p for p in model.net.parameters() if p.dtype == torch.int8 and p.shape == latent[name].shape
+        )
+        assert (int8[pruned] == 0).all()
+        assert (int8 == 0).float().mean().item() >= 0.5
+
+
+def test_metrics_reach_the_logger(qat_fit):
+    rows = qat_fit["rows"]
+    columns = set().union(*(r.keys() for r in rows))
+    for name in (
+        "quantization/weight_error",
+        "quantization/activation_error",
+        "quantization/fake_quant",
+        "quantization/layers_quantized",
+        "quantization/bits/net.8.weight",
+        "quantization/size_fp32_bytes",
+        "quantization/size_quantized_bytes",
+        "quantization/parity_argmax_agreement",
+        "quantization/artifact_size_ratio",
+    ):
+        assert name in columns, name
+    fake_quant = {
+        int(r["step"]): float(r["quantization/fake_quant"]) for r in rows if r.get("quantization/fake_quant")
+    }
+    total = qat_fit["trainer"].global_step
+    assert all(v == (step >= round(0.2 * total)) for step, v in fake_quant.items())
+    errors = [float(r["quantization/weight_error"]) for r in rows if r.get("quantization/weight_error")]
+    assert errors and all(0.0 < e < 0.1 for e in errors)
+    layers = [
+        float(r["quantization/layers_quantized"]) for r in rows if r.get("quantization/layers_quantized")
+    ]
+    assert layers[-1] == 1.0
+    sizes = [r for r in rows if r.get("quantization/size_quantized_bytes")][-1]
+    ratio = float(sizes["quantization/size_fp32_bytes"]) / float(sizes["quantization/size_quantized_bytes"])
+    assert 3.5 < ratio < 4.0
+
+
+def test_validate_and_test_with_a_checkpoint_after_qat(qat_fit, digits, tmp_path):
+    checkpoint = sorted((qat_fit["root"] / "ckpt").glob("epoch=2-*.ckpt"))[0]
+    trainer = qat_fit["trainer"]
+    in_process = trainer.validate(qat_fit["model"], datamodule=digits, ckpt_path=checkpoint, verbose=False)
+    assert qat_fit["model"].net.converted
+    # A new process: a fresh float model and a fresh callback rebuild the structure from the checkpoint.
+    model = ModelWithWiderCNN()
+    fresh = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[QuantizationAwareTraining(module="net")])
+    again = fresh.validate(model, datamodule=digits, ckpt_path=checkpoint, verbose=False)
+    assert isinstance(model.net, QuantizedGraphModule) and model.net.converted
+    assert again[0]["val_acc"] == pytest.approx(in_process[0]["val_acc"], abs=1e-6)
+    assert again[0]["val_acc"] == pytest.approx(float(trainer.callback_metrics["val_acc"]), abs=0.02)
+    tested = fresh.test(model, datamodule=digits, ckpt_path=checkpoint, verbose=False)
+    assert tested[0]["test_acc"] > 0.85
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
+    pl.seed_everything(3, verbose=False)
+    qat = QuantizationAwareTraining(
+        module="net", start=0.25, freeze_observers=0.75, freeze_bn=0.6, convert=False
+    )
+    callbacks = [qat] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=checkpoint is not None),
+        callbacks=callbacks,
+        limit_train_batches=6,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_mid_qat_continues_exactly(tmp_path, digits):
+    full = _resume_run(tmp_path / "full", digits)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
+    resumed = _resume_run(tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+    state_full, state_resumed = full.state_dict(), resumed.state_dict()
+    assert state_full.keys() == state_resumed.keys()
+    assert any("activation_post_process" in k for k in state_full)
+    for name, value in state_full.items():
+        assert torch.equal(value, state_resumed[name]), name
+
+
+def test_whole_forward_is_quantized_when_no_module_is_named(tmp_path, digits):
+    qat = QuantizationAwareTraining(start=0.0)
+    capture = CaptureFakeQuantOutputs()
+    model = ImageClassifier("small_cnn")
+    model.example_input_array = None  # the example comes from the first training batch
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path), callbacks=[capture, qat], limit_train_batches=10, limit_val_batches=1
+    )
+    trainer.fit(model, datamodule=digits)
+    assert isinstance(model.quantized, QuantizedGraphModule) and model.quantized.converted
+    assert "net" not in model._modules  # the float children live inside the quantized module
+    with torch.no_grad():
+        real = model(capture.x)
+    assert (real.argmax(1) == capture.logits.argmax(1)).float().mean() >= 0.98
+    fake_accuracy = (capture.logits.argmax(1) == next(iter(digits.val_dataloader()))[1]).float().mean()
+    validated = trainer.validate(model, datamodule=digits, verbose=False)[0]["val_acc"]
+    assert validated == pytest.approx(float(fake_accuracy), abs=0.02)
+
+
+def test_bf16_mixed_runs_the_quantized_part_in_fp32(tmp_path, digits):
+    class RecordDtype(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                self.dtype = pl_module(batch[0]).dtype
+                self.loss_dtype = torch.nn.functional.linear(batch[0].flatten(1), torch.ones(2, 64)).dtype
+
+    record = RecordDtype()
+    qat = QuantizationAwareTraining(module="net", convert=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-mixed"), callbacks=[qat, record])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert record.dtype == torch.float32 and record.loss_dtype == torch.bfloat16
+    assert trainer.callback_metrics["val_acc"] > 0.3
+
+
+class CountSteps(Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args):
+        CountSteps.steps += 1
+
+
+class DataDependentClassifier(ImageClassifier):
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.net(x)
+        return -self.net(x)
+
+
+@pytest.mark.parametrize(
+    ("model", "qat", "trainer_overrides", "match"),
+    [
+        (
+            DataDependentClassifier,
+            {},
+            {},
+            r"DataDependentClassifier.forward.*if x.mean\(\) > 0.*module='net'",
+        ),
+        (ImageClassifier, {"module": "nett"}, {}, "no such submodule.*Did you mean 'net'"),
+        (ImageClassifier, {"module": "net"}, {"precision": "bf16-true"}, "precision='bf16-true'"),
+        (ImageClassifier, {"module": "net", "start": 1.0}, {}, "without ever training with quantization"),
+        (ImageClassifier, {"module": "net", "start": 0.5, "freeze_observers": 0.2}, {}, "frozen before"),
+        (
+            ImageClassifier,
+            {"scheme": "int4-weight-only", "module": "net"},
+            {},
+            "cannot be converted on this machine",
+        ),
+    ],
+)
+def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, qat, trainer_overrides, match):
+    CountSteps.steps = 0
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, **trainer_overrides),
+        callbacks=[QuantizationAwareTraining(**qat), CountSteps()],
+    )
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model("small_cnn"), datamodule=digits)
+    assert CountSteps.steps == 0
+
+
+def test_pruning_listed_after_qat_is_an_error(tmp_path, digits):
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path),
+        callbacks=[QuantizationAwareTraining(module="net"), GradualPruning(amount=0.5)],
+    )
+    with pytest.raises(ValueError, match="List GradualPruning before QuantizationAwareTraining"):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"scheme": "int3"}, ValueError, "Unknown `scheme='int3'`"),
+        ({"bits": 4}, ValueError, "`bits=4` is not available with `scheme='int8'`"),
+        ({"scheme": "intx-weight-only", "bits": 9}, ValueError, "`bits=9` is out of range"),
+        ({"scheme": "intx-weight-only", "bits": 0}, ValueError, "`bits=0` is out of range"),
+        ({"scheme": "int4-weight-only", "bits": 2}, ValueError, "4-bit weights"),
+        ({"scheme": "intx-weight-only", "group_size": 0}, ValueError, "`group_size=0`"),
+        ({"group_size": 32}, ValueError, "`group_size` applies to the low-bit schemes"),
+        ({"start": 1.5}, ValueError, "`start=1.5` is outside"),
+        ({"module": ""}, ValueError, "must be a submodule name"),
+        ({"bits": 8.0}, TypeError, "must be an integer"),
+        ({"scheme": "intx-weight-only", "export_path": "m.pt2"}, ValueError, "`export_path` saves"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+# -- low-bit weight schemes (QATConfig) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scheme", "bits", "accuracy"), [("intx-weight-only", 4, 0.8), ("int8-dynamic-intx", 2, 0.6)]
+)
+def test_low_bit_schemes_train_and_convert_exactly(tmp_path, digits, scheme, bits, accuracy):
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    qat = QuantizationAwareTraining(scheme=scheme, bits=bits, group_size=4, module="net", start=0.3)
+    model = ImageClassifier("lenet_300_100")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[qat])
+    trainer.fit(model, datamodule=digits)
+    for index in (1, 3, 5):
+        weight = model.net[index].weight
+        assert isinstance(weight, IntxUnpackedToInt8Tensor)
+        codes = weight.qdata
+        assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+        assert len(codes.unique()) > 2 ** (bits - 1)
+    assert qat.parity["max_abs_diff"] < 1e-4 and qat.parity["argmax_agreement"] == 1.0
+    assert qat.storage_formats(model)["net.1.weight"].bits == bits
+    assert trainer.validate(model, datamodule=digits, verbose=False)[0]["val_acc"] > accuracy
+
+
+def test_low_bit_group_size_must_divide_every_layer(tmp_path, digits):
+    qat = QuantizationAwareTraining(scheme="intx-weight-only", group_size=32, module="net")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[qat])
+    with pytest.raises(ValueError, match=r"net.3 \(in_features=300\).*Choose a divisor"):
+        trainer.fit(ImageClassifier("lenet_300_100"), datamodule=digits)
+
+
+# -- distributed ------------------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_train_and_agree_on_the_quantization_at_conversion(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "tests" / "_ddp_qat.py"), str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0["world_size"] == 2
+    # Each process observed its own half of the data, so the ranges differed before conversion ...
+    assert any(not torch.equal(a, b) for a, b in zip(rank0["ranges"], rank1["ranges"], strict=True))
+    # ... and the converted int8 models are identical.
+    assert rank0["converted"].keys() == rank1["converted"].keys()
+    for name, value in rank0["converted"].items():
+        assert torch.equal(value, rank1["converted"][name]), name
+    assert rank0["parity"]["relative_error"] < 0.02

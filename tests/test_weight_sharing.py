@@ -1,0 +1,228 @@
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from examples.models import ImageClassifier
+from lightning_compress import CompressionMonitor, GradualPruning
+from lightning_compress.quantization.weight_sharing import (
+    WeightSharing,
+    huffman_code_lengths,
+    huffman_decode,
+    huffman_encode,
+    init_centroids,
+    kmeans_1d,
+    layer_storage,
+    relative_positions,
+    share_weights,
+    shared_tensor,
+)
+from tests.conftest import trainer_kwargs
+
+# -- the functional core ---------------------------------------------------------------------------------
+
+
+def test_kmeans_matches_scikit_learn_from_the_same_linear_initialization():
+    from sklearn.cluster import KMeans
+
+    values = torch.cat([torch.randn(3000) * 0.05, torch.randn(500) * 0.3 + 0.5, torch.randn(200) - 1.0])
+    for k in (4, 16):
+        ours, assignments = kmeans_1d(values, k, iterations=300)
+        init = init_centroids(values, k).numpy()[:, None].astype(np.float64)
+        reference = KMeans(k, init=init, n_init=1, max_iter=300, tol=0.0).fit(
+            values.double().numpy()[:, None]
+        )
+        assert np.allclose(ours.numpy(), np.sort(reference.cluster_centers_.ravel()), atol=1e-4)
+        # Every value sits in its nearest cluster.
+        distances = (values[:, None] - ours[None, :]).abs()
+        assert torch.equal(assignments, distances.argmin(1))
+
+
+def test_linear_initialization_keeps_the_extreme_weights_density_does_not():
+    values = torch.cat([torch.randn(10_000) * 0.01, torch.tensor([-1.0, 1.0])])
+    linear = init_centroids(values, 8, "linear")
+    density = init_centroids(values, 8, "density")
+    assert linear.min() == -1.0 and linear.max() == 1.0
+    assert density.abs().max() < 0.05
+    shared, _ = kmeans_1d(values, 8, init="linear")
+    assert shared.min() == -1.0 and shared.max() == 1.0  # the two large weights keep their own value
+
+
+def test_shared_weights_keep_pruned_zeros_out_of_the_clusters():
+    weight = torch.randn(64, 32)
+    weight[weight.abs() < 0.8] = 0.0
+    codebook, indices, kept = share_weights(weight, bits=3)
+    shared = shared_tensor(codebook, indices, kept)
+    assert torch.equal(shared == 0, weight == 0)
+    assert len(shared[kept].unique()) <= 8 and codebook.numel() == 8
+    assert (shared[kept] != 0).all()  # no kept weight is clustered to zero
+    assert (shared - weight).norm() / weight.norm() < 0.15
+
+
+def test_huffman_lengths_are_optimal_and_the_stream_decodes():
+    counts = {0: 45, 1: 13, 2: 12, 3: 16, 4: 9, 5: 5}  # the textbook example
+    lengths = huffman_code_lengths(counts)
+    assert sum(counts[s] * lengths[s] for s in counts) == 224
+    assert sum(2.0**-length for length in lengths.values()) == 1.0  # a complete prefix code
+    generator = torch.Generator().manual_seed(0)
+    symbols = torch.multinomial(torch.tensor([0.6, 0.2, 0.1, 0.05, 0.05]), 5000, True, generator=generator)
+    data, lengths = huffman_encode(symbols)
+    assert np.array_equal(huffman_decode(data, lengths, len(symbols)), symbols.numpy())
+    coded_bits = sum(int((symbols == s).sum()) * length for s, length in lengths.items())
+    assert len(data) == math.ceil(coded_bits / 8)
+    entropy = -sum(p * math.log2(p) for p in (0.6, 0.2, 0.1, 0.05, 0.05))
+    assert entropy <= coded_bits / len(symbols) <= entropy + 1
+
+
+def test_relative_positions_rebuild_the_sparsity_pattern_with_fillers():
+    kept = torch.rand(5000, generator=torch.Generator().manual_seed(1)) < 0.03
+    gaps, fillers = relative_positions(kept, index_bits=4)
+    assert gaps.min() >= 1 and gaps.max() <= 16
+    positions = np.cumsum(gaps) - 1
+    assert np.array_equal(positions[~fillers], np.flatnonzero(kept.numpy()))
+    assert fillers.sum() > 0
+
+
+def test_layer_storage_counts_each_stage():
+    weight = torch.zeros(100, 100)
+    weight.view(-1)[::20] = torch.linspace(-1, 1, 500)
+    codebook, indices, kept = share_weights(weight, bits=4)
+    storage = layer_storage(shared_tensor(codebook, indices, kept), indices, bits=4, index_bits=5)
+    assert storage.dense_bytes == 40_000 and storage.nonzero == 500 and storage.entries == 500
+    assert storage.pruned_bytes == math.ceil(500 * (32 + 5) / 8)
+    assert storage.shared_bytes == math.ceil(500 * (4 + 5) / 8) + 16 * 4
+    # Gaps are all 20 and the 16 clusters are about equally used: Huffman saves little on the indices
+    # but the constant gaps cost one bit each.
+    assert storage.huffman_bytes < storage.shared_bytes
+    dense = layer_storage(torch.randn(10, 10), torch.zeros(10, 10, dtype=torch.uint8), bits=2)
+    assert dense.index_bits == 0 and dense.shared_bytes == math.ceil(100 * 2 / 8) + 4 * 4
+
+
+# -- the callback -----------------------------------------------------------------------------------------
+
+
+class SGDClassifier(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class RecordSharedStep(Callback):
+    """Listed after WeightSharing: sees the summed gradients and the codebook around one optimizer step."""
+
+    def __init__(self, sharing, name):
+        self.sharing, self.name, self.records = sharing, name, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.sharing.clustered:
+            param = dict(pl_module.named_parameters())[self.name]
+            self._before = (self.sharing.codebooks[self.name].clone(), param.grad.clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.sharing.clustered and hasattr(self, "_before"):
+            self.records.append((*self._before, self.sharing.codebooks[self.name].clone()))
+
+
+def test_each_shared_value_moves_by_the_sum_of_its_members_gradients(tmp_path, digits):
+    sharing = WeightSharing(bits=3, start="step:2", modules="net.8")
+    record = RecordSharedStep(sharing, "net.8.weight")
+    model = SGDClassifier("small_cnn")
+    initial = model.net[8].weight.detach().clone()
+    pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[sharing, record], limit_train_batches=6).fit(
+        model, datamodule=digits
+    )
+    assert len(record.records) == 4
+    indices, kept = sharing.indices["net.8.weight"].long(), sharing.kept["net.8.weight"]
+    for before, grad, after in record.records:
+        for k in range(8):
+            members = (indices == k) & kept
+            if members.any():
+                # Every member carries the cluster's summed gradient; the shared value takes one SGD step.
+                assert torch.allclose(grad[members], grad[members][0].expand(int(members.sum())))
+                assert after[k] == pytest.approx(float(before[k] - 0.1 * grad[members][0]), abs=1e-6)
+    weight = model.net[8].weight.detach()
+    assert torch.equal(weight, sharing.codebooks["net.8.weight"][indices])
+    assert len(weight.unique()) == 8 and not torch.equal(weight, initial)
+
+
+def test_pruning_then_sharing_keeps_zeros_and_a_few_values_per_layer(tmp_path, digits):
+    pruning = GradualPruning(amount=0.8, start=0.0, end=0.4)
+    sharing = WeightSharing(bits=4, start=0.5)
+    monitor = CompressionMonitor(measure_latency=False, verbose=False)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4), callbacks=[pruning, sharing, monitor])
+    trainer.fit(model, datamodule=digits)
+    for name, param in model.named_parameters():
+        if name in sharing.codebooks:
+            values = param.detach()
+            assert (values == 0).float().mean() == pytest.approx(0.8, abs=2e-3)
+            assert torch.equal(values == 0, ~sharing.kept[name])
+            assert len(values[values != 0].unique()) <= 16
+    assert trainer.callback_metrics["val_acc"] > 0.8
+    report = sharing.storage_report(model)
+    ratios = report["ratios"]
+    assert ratios["dense"] == 1.0 and ratios["pruned"] < ratios["shared"] < ratios["huffman"]
+    assert ratios["shared"] > 6
+    assert float(trainer.callback_metrics["weight_sharing/compression_ratio"]) == pytest.approx(
+        ratios["huffman"], rel=1e-4
+    )
+    assert 0.0 < float(trainer.callback_metrics["weight_sharing/quantization_error"]) < 0.2
+    # CompressionMonitor counts the shared weights at 4 bits plus their codebook.
+    assert monitor.report["summary"]["size_ratio"] > 5
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
+    pl.seed_everything(5, verbose=False)
+    sharing = WeightSharing(bits=3, start="step:3", modules=nn.Linear)
+    callbacks = [sharing] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=checkpoint is not None),
+        callbacks=callbacks,
+        limit_train_batches=5,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model, sharing
+
+
+def test_resume_after_clustering_is_bit_exact(tmp_path, digits):
+    full, _ = _resume_run(tmp_path / "full", digits)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
+    resumed, sharing = _resume_run(
+        tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt"
+    )
+    assert sharing.clustered
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 0}, ValueError, "`bits=0` is out of range"),
+        ({"bits": 17}, ValueError, "`bits=17` is out of range"),
+        ({"bits": 2.5}, TypeError, "must be an integer"),
+        ({"index_bits": 0}, ValueError, "`index_bits=0`"),
+        ({"init": "kmeans++"}, ValueError, "Unknown `init='kmeans\\+\\+'`"),
+        ({"start": "batch:3"}, ValueError, "`start='batch:3'` is not understood"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        WeightSharing(**kwargs)
+
+
+def test_selection_without_weights_fails_at_setup(tmp_path, digits):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[WeightSharing(modules="decoder.*")])
+    with pytest.raises(ValueError, match="`modules`: no name 'decoder.\\*'"):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
