@@ -1,5 +1,7 @@
 """Compress neural networks while fine-tuning them with PyTorch Lightning."""
 
+from lightning_compress.distillation.callback import KnowledgeDistillation
+from lightning_compress.low_rank.replacement import LowRankReplacement
 from lightning_compress.pruning.gradual import GradualPruning
 from lightning_compress.report import CompressionMonitor, format_report
 from lightning_compress.schedules import Schedule
@@ -15,14 +17,31 @@ from lightning_compress.stats import (
 
 __version__ = "0.1.0"
 
+# The quantization callbacks need torchao (`pip install 'lightning-compress[quant]'`): imported on first use.
+_QUANTIZATION = ("BinaryWeights", "QuantizationAwareTraining", "WeightSharing")
+
+
+def __getattr__(name: str) -> object:
+    if name in _QUANTIZATION:
+        from lightning_compress import quantization
+
+        return getattr(quantization, name)
+    raise AttributeError(f"module 'lightning_compress' has no attribute {name!r}")
+
+
 __all__ = [
+    "BinaryWeights",
     "CompressionMonitor",
     "CompressionStats",
     "GradualPruning",
+    "KnowledgeDistillation",
     "LatencyResult",
+    "LowRankReplacement",
     "ModuleSelection",
+    "QuantizationAwareTraining",
     "Schedule",
     "TensorFormat",
+    "WeightSharing",
     "__version__",
     "compare_latency",
     "compression_stats",
