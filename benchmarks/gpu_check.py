@@ -42,7 +42,7 @@ class ZerosAfterSteps(Callback):
             self.violations += int((params[name].detach()[~mask.to(params[name].device)] != 0).sum())
 
 
-def _fit(pruning: GradualPruning, **trainer_kwargs: Any) -> dict[str, Any]:
+def _fit(pruning: GradualPruning, *extra: Callback, **trainer_kwargs: Any) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     check = ZerosAfterSteps(pruning)
     model = ImageClassifier("small_cnn")
@@ -54,7 +54,7 @@ def _fit(pruning: GradualPruning, **trainer_kwargs: Any) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[pruning, check],
+        callbacks=[pruning, check, *extra],
         **trainer_kwargs,
     )
     trainer.fit(model, datamodule=DigitsDataModule())
@@ -82,6 +82,16 @@ def unstructured_bf16_mixed() -> dict[str, Any]:
     return _fit(GradualPruning(amount=0.8, start=0.0, end=0.5), precision="bf16-mixed")
 
 
+def pruning_with_self_distillation_and_low_rank_cuda() -> dict[str, Any]:
+    from lightning_compress import KnowledgeDistillation, LowRankReplacement
+
+    return _fit(
+        GradualPruning(amount=0.5, start=0.0, end=0.5, modules="net.8"),
+        LowRankReplacement(rank=0.5, modules="net.10"),
+        KnowledgeDistillation(teacher="self"),
+    )
+
+
 def fsdp_single_gpu() -> dict[str, Any]:
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -99,30 +109,39 @@ def fsdp_flat_params_fail_clearly() -> dict[str, Any]:
 
 
 def two_four_speed() -> dict[str, Any]:
+    from torch.sparse import SparseSemiStructuredTensor
+
     torch.manual_seed(0)
     rows = []
-    for features, batch in ((4096, 4096), (8192, 8192)):
-        layer = nn.Linear(features, features, bias=False).cuda().half()
-        with torch.no_grad():
-            layer.weight.mul_(nm_masks({"w": layer.weight}, 2, 4)["w"])
-        x = torch.randn(batch, features, device="cuda", dtype=torch.half)
-        dense = layer(x)
-        dense_ms = _time_cuda(layer, x)
-        sparse_model = nn.Sequential(layer)
-        to_semi_structured(sparse_model, strict=True)
-        sparse = sparse_model(x)
-        sparse_ms = _time_cuda(sparse_model, x)
-        rows.append(
-            {
-                "features": features,
-                "batch": batch,
-                "dense_ms": dense_ms,
-                "sparse_2_4_ms": sparse_ms,
-                "speedup": dense_ms / sparse_ms,
-                "max_rel_diff": float((sparse - dense).abs().max() / dense.abs().max()),
-            }
-        )
-    return {"rows": rows}
+    backends = ["cutlass"] + (["cusparselt"] if torch.backends.cusparselt.is_available() else [])
+    for backend in backends:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+        for features, batch in ((4096, 4096), (8192, 8192), (8192, 64)):
+            layer = nn.Linear(features, features, bias=False).cuda().half()
+            with torch.no_grad():
+                layer.weight.mul_(nm_masks({"w": layer.weight}, 2, 4)["w"])
+            x = torch.randn(batch, features, device="cuda", dtype=torch.half)
+            with torch.inference_mode():
+                dense = layer(x)
+            dense_ms = _time_cuda(layer, x)
+            sparse_model = nn.Sequential(layer)
+            to_semi_structured(sparse_model, strict=True)
+            with torch.inference_mode():
+                sparse = sparse_model(x)
+            sparse_ms = _time_cuda(sparse_model, x)
+            rows.append(
+                {
+                    "backend": backend,
+                    "features": features,
+                    "batch": batch,
+                    "dense_ms": dense_ms,
+                    "sparse_2_4_ms": sparse_ms,
+                    "speedup": dense_ms / sparse_ms,
+                    "max_rel_diff": float((sparse - dense).abs().max() / dense.abs().max()),
+                }
+            )
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    return {"rows": rows, "cusparselt_available": torch.backends.cusparselt.is_available()}
 
 
 def _time_cuda(module: nn.Module, x: torch.Tensor, repeats: int = 50) -> float:
@@ -145,6 +164,7 @@ CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "unstructured_cuda": unstructured_cuda,
     "structured_cuda": structured_cuda,
     "unstructured_bf16_mixed": unstructured_bf16_mixed,
+    "pruning_with_self_distillation_and_low_rank_cuda": pruning_with_self_distillation_and_low_rank_cuda,
     "fsdp_single_gpu": fsdp_single_gpu,
     "fsdp_flat_params_fail_clearly": fsdp_flat_params_fail_clearly,
     "two_four_speed": two_four_speed,
