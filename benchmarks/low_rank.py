@@ -13,7 +13,9 @@ the docstrings of Python's standard library (read with ``ast``, nothing is impor
 from other source files than the training ones. Reported: held-out cosine similarity to the original embeddings
 before and after fine-tuning, and the latency ratio.
 
-    python -m benchmarks.low_rank            # about 15 minutes on 2 cores
+    python -m benchmarks.low_rank            # about 15 minutes on 2 idle cores
+    python -m benchmarks.low_rank --parts minilm --accelerator gpu --distill-steps 2000 --distill-batch 64 \
+        --sentences 6000 --held-out 512 --max-length 48 --distill-lr 2e-4 --results-name low_rank_gpu
     python -m benchmarks.low_rank --quick    # a few minutes: fewer images, steps and sentences
 """
 
@@ -434,26 +436,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lenet-pretrain", type=int, default=6)
+    parser.add_argument("--lenet-pretrain", type=int, default=5)
     parser.add_argument("--lenet-finetune", type=int, default=2)
     parser.add_argument("--cnn-pretrain", type=int, default=2)
     parser.add_argument("--cnn-finetune", type=int, default=1)
-    parser.add_argument("--cnn-limit-train", type=int, default=12_000)
+    parser.add_argument("--cnn-limit-train", type=int, default=8_000)
     parser.add_argument("--allocations", nargs="+", default=["energy"], choices=["energy", "uniform"])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--sentences", type=int, default=2048)
-    parser.add_argument("--held-out", type=int, default=512)
-    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--sentences", type=int, default=1024)
+    parser.add_argument("--held-out", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--calibration-batches", type=int, default=8)
-    parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--distill-steps", type=int, default=40)
     parser.add_argument("--distill-batch", type=int, default=32)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--token-weight", type=float, default=0.0, help="weight of the per-token loss")
     parser.add_argument(
         "--methods", nargs="+", default=["svd", "whitened"], choices=["svd", "whitened", "asvd"]
     )
     parser.add_argument("--minilm-allocation", default="uniform", choices=["energy", "uniform"])
-    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--minilm-repeats", type=int, default=5)
     parser.add_argument("--minilm-dir", default=None, help="model folder (default: the package's)")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="for the MiniLM part")
@@ -464,7 +466,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.lenet_pretrain, args.lenet_finetune, args.cnn_pretrain, args.cnn_limit_train = 2, 1, 1, 4000
-        args.sentences, args.held_out, args.distill_steps, args.repeats = 512, 128, 30, 5
+        args.sentences, args.held_out, args.distill_steps, args.repeats = 256, 64, 10, 5
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     payload: dict[str, Any] = {"settings": vars(args)}
