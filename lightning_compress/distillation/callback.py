@@ -495,7 +495,9 @@ class KnowledgeDistillation(Callback):
                 else (self._teacher_recording, self._teacher_features)
             )
             if recording and index not in store:
-                store[index] = _as_tensor(output, f"the output of {self.features[index].student!r}")
+                feature = self.features[index]
+                name = feature.student if student else feature.teacher_name
+                store[index] = _as_tensor(output, f"the output of {name!r}")
 
         return hook
 
