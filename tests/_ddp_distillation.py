@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import ddp_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -35,19 +36,8 @@ def main(out: Path) -> None:
     teacher = ImageClassifier("small_cnn", arch_kwargs={"width": 8})
     model = ImageClassifier("small_cnn")
     kd = KnowledgeDistillation(teacher, features=[FeatureLoss("net.3")], keep_adapters=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=8,
-        logger=CSVLogger(out / "logs"),
-        log_every_n_steps=1,
-        callbacks=[kd, SaveRankState(out, kd)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+    trainer = ddp_trainer(
+        [kd, SaveRankState(out, kd)], max_steps=8, logger=CSVLogger(out / "logs"), log_every_n_steps=1
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32, shuffle=False))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import ddp_trainer
 from lightning.pytorch.callbacks import Callback
 
 from examples.data import DigitsDataModule
@@ -33,19 +34,7 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     lowrank = LowRankReplacement(budget=0.4, calibration_batches=4, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[lowrank, WriteDecisions(out_dir, lowrank)],
-    )
+    trainer = ddp_trainer([lowrank, WriteDecisions(out_dir, lowrank)], max_steps=3)
     trainer.fit(ImageClassifier("small_cnn"), datamodule=DigitsDataModule(batch_size=64, shuffle=False))
 
 

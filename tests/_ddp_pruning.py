@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import ddp_trainer
 from lightning.pytorch.callbacks import Callback
 
 from examples.data import DigitsDataModule
@@ -33,19 +34,7 @@ class SaveDecisions(Callback):
 def run(out, **pruning_kwargs):
     pl.seed_everything(0, verbose=False)
     pruning = GradualPruning(start=0.2, end=0.8, frequency=2, materialize=False, **pruning_kwargs)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        limit_train_batches=8,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[pruning, SaveDecisions(pruning, out)],
-    )
+    trainer = ddp_trainer([pruning, SaveDecisions(pruning, out)], limit_train_batches=8)
     trainer.fit(ImageClassifier("small_cnn"), datamodule=DigitsDataModule(batch_size=32))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import ddp_trainer
 from lightning.pytorch.callbacks import Callback
 
 from examples.data import DigitsDataModule
@@ -42,17 +43,6 @@ if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     record = RecordRanges()
     qat = QuantizationAwareTraining(module="net", start=0.0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        limit_train_batches=8,
-        limit_val_batches=0,  # the last forward is a training step: each rank ends with its own ranges
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[record, qat, Save(qat, record, sys.argv[1])],
-    )
+    # No validation: the last forward is a training step, so each rank ends with its own ranges.
+    trainer = ddp_trainer([record, qat, Save(qat, record, sys.argv[1])], limit_train_batches=8)
     trainer.fit(ImageClassifier("lenet_300_100"), datamodule=DigitsDataModule(batch_size=32))

@@ -1,8 +1,5 @@
 import csv
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -28,6 +25,7 @@ from lightning_compress.distillation import (
     top1_agreement,
 )
 from lightning_compress.distillation.callback import ADAPTERS_ATTRIBUTE
+from tests._ddp import run_worker
 from tests.conftest import trainer_kwargs
 
 # -- functional core ------------------------------------------------------------------------------
@@ -548,12 +546,7 @@ def test_distills_through_a_compiled_network(tmp_path, digits):
 
 
 def test_ddp_with_two_processes_trains_identically_on_both_ranks_and_logs(tmp_path):
-    worker = Path(__file__).with_name("_ddp_distillation.py")
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_worker("_ddp_distillation.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] == 8
     for name, value in ranks[0]["state"].items():

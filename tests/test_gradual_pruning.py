@@ -10,6 +10,7 @@ from torch import nn
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.schedules import Schedule
+from tests._ddp import run_worker
 from tests.conftest import trainer_kwargs
 
 
@@ -239,19 +240,7 @@ def test_structured_masks_zero_whole_groups_during_training(tmp_path, digits):
 
 
 def test_ddp_two_processes_take_identical_decisions(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, str(root / "tests" / "_ddp_pruning.py"), str(tmp_path)],
-        cwd=root,
-        env={**__import__("os").environ, "PYTHONPATH": str(root)},
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_worker("_ddp_pruning.py", tmp_path)
     for mode in ("structured", "unstructured"):
         rank0 = torch.load(tmp_path / f"{mode}_rank0.pt")
         rank1 = torch.load(tmp_path / f"{mode}_rank1.pt")

@@ -1,7 +1,5 @@
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -28,6 +26,7 @@ from lightning_compress.low_rank import (
     skip_reason,
 )
 from lightning_compress.stats import count_macs
+from tests._ddp import run_worker
 from tests.conftest import trainer_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,10 +420,7 @@ def test_selecting_callbacks_listed_first_are_refused(tmp_path, digits):
 
 
 def test_ddp_two_processes_take_identical_decisions(tmp_path, digits):
-    script = REPO / "tests" / "_ddp_low_rank.py"
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=REPO, check=True, capture_output=True, timeout=300
-    )
+    run_worker("_ddp_low_rank.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["layers"] == ranks[1]["layers"] and ranks[0]["layers"]

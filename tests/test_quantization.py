@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -26,6 +25,7 @@ from lightning_compress.quantization.pt2e import (
     sync_observers,
 )
 from lightning_compress.quantization.qat import QuantizationAwareTraining
+from tests._ddp import run_worker
 from tests.conftest import trainer_kwargs
 
 
@@ -525,15 +525,7 @@ def test_low_bit_group_size_must_divide_every_layer(tmp_path, digits):
 
 
 def test_ddp_two_processes_train_and_agree_on_the_quantization_at_conversion(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, str(root / "tests" / "_ddp_qat.py"), str(tmp_path)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_worker("_ddp_qat.py", tmp_path)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0["world_size"] == 2
     # Each process observed its own half of the data, so the ranges differed before conversion ...

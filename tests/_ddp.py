@@ -1,0 +1,43 @@
+"""Shared pieces of the DDP tests: each test runs a worker script in a fresh interpreter, which starts 2 CPU
+processes (gloo) with Lightning's ``ddp`` strategy (processes launched as scripts, no shared-memory transfer
+of results), and each rank writes what the test compares."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ddp_trainer(callbacks, **overrides) -> pl.Trainer:
+    """A quiet 2-process CPU Trainer for the worker scripts."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(callbacks=callbacks, **kwargs)
+
+
+def run_worker(name: str, out_dir: Path, timeout: float = 600) -> None:
+    """Run ``tests/<name>`` with 2 processes; fail with the worker's own error output if it fails."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / name), str(out_dir)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{name} exited with {result.returncode}:\n{result.stderr[-5000:]}"
