@@ -40,21 +40,26 @@ def machine() -> dict[str, Any]:
 
 
 class StepTimer(Callback):
-    """Wall time of every training step (forward, backward, optimizer step and every callback's step work)."""
+    """Wall time of every training step, taken between the starts of consecutive batches of an epoch.
+
+    Listed first among the callbacks, the interval holds everything a step costs: loading the batch, forward,
+    backward, the optimizer step and every callback's work, logging included.
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self._start = 0.0
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
     ) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Any, batch: Any, i: int
-    ) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
 
     @property
     def median_ms(self) -> float:
@@ -81,7 +86,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[*(callbacks or []), timer],
+        callbacks=[timer, *(callbacks or [])],
     )
     trainer.fit(model, datamodule=datamodule)
     return trainer, timer

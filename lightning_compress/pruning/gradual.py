@@ -179,6 +179,7 @@ class GradualPruning(Callback):
 
         # State, rebuilt in `setup` and restored from checkpoints.
         self.masks: dict[str, Tensor] = {}
+        self._pruned: list[tuple[Tensor, Tensor]] = []
         self.plan: dict[str, list[int]] = {}
         self.current_amount = 0.0
         self.last_update_step: int | None = None
@@ -322,14 +323,15 @@ class GradualPruning(Callback):
         if not self.masks:
             return
         with torch.no_grad():
-            for name, param in self._params.items():
-                if param.grad is not None and name in self.masks:
-                    param.grad.masked_fill_(~self.masks[name], 0.0)
+            for param, pruned in self._pruned:
+                if param.grad is not None:
+                    param.grad.masked_fill_(pruned, 0.0)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.masks:
             with torch.no_grad():
-                apply_masks(self._params, self.masks)
+                for param, pruned in self._pruned:
+                    param.masked_fill_(pruned, 0.0)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -378,6 +380,7 @@ class GradualPruning(Callback):
                 f"(max output difference {diff:.2e})."
             )
         self.masks = {}
+        self._pruned = []
         self.materialized = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -427,6 +430,8 @@ class GradualPruning(Callback):
 
     def _move_masks(self, pl_module: pl.LightningModule) -> None:
         self.masks = {k: v.to(device=self._params[k].device, dtype=torch.bool) for k, v in self.masks.items()}
+        # What every step touches: (parameter, pruned entries), inverted once per decision rather than per step.
+        self._pruned = [(self._params[k], ~mask) for k, mask in self.masks.items()]
 
     def _apply(self, trainer: pl.Trainer) -> None:
         apply_masks(self._params, self.masks)
