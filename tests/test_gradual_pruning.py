@@ -59,6 +59,30 @@ def test_unstructured_agp_reaches_target_and_zeros_stay_zero_under_momentum(tmp_
     assert not any(hasattr(m, "weight_orig") or hasattr(m, "parametrizations") for m in model.modules())
 
 
+class AdamWClassifier(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.05, amsgrad=True)
+
+
+def test_under_adamw_pruned_weights_stay_zero_and_their_second_moments_stay_normal(tmp_path, digits):
+    pruning = GradualPruning(amount=0.8, start=0.0, end=0.3, frequency=2, materialize=False)
+    check = ZerosAfterEveryStep(pruning)
+    model = AdamWClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=11), callbacks=[pruning, check])
+    trainer.fit(model, datamodule=digits)
+    assert trainer.global_step > 2 * 100 and check.checked > 0 and check.violations == 0
+    params = dict(model.named_parameters())
+    optimizer = trainer.optimizers[0]
+    for name, mask in pruning.masks.items():
+        state = optimizer.state[params[name]]
+        assert torch.equal(state["exp_avg"][~mask], torch.zeros(int((~mask).sum())))
+        # Parked at 1.0 and decayed by beta2 = 0.999 for under 100 steps since: normal floats, never 0 or
+        # denormal (the CPU's sqrt is many times slower on those).
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            assert float(state[key][~mask].min()) >= 0.999**100, (name, key)
+        assert (state["exp_avg_sq"][mask] > 0).float().mean() > 0.99  # kept entries: the real statistics
+
+
 def test_global_scope_prunes_layers_unequally_but_hits_the_total(tmp_path, digits):
     pruning = GradualPruning(amount=0.7, scope="global", start=0.0, end=0.3, frequency=1)
     model = ImageClassifier("small_cnn")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,13 @@ from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import count_macs
 
 MODES = ("unstructured", "structured", "N:M")
+# Optimizer state that optimizers take the square root of (Adam, AdamW, AMSGrad, RMSprop, Adagrad). For pruned
+# entries it is parked at 1.0 rather than 0.0: the update stays exactly zero (the first moment and the gradient
+# are zero), but the CPU's vectorized sqrt is about 20x slower on zeros than on normal floats, and a value that
+# decays toward zero turns denormal, slower still. Parking keeps the step of a 90% sparse model as fast as dense.
+_SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+# Parked values decay by the optimizer's beta2 per step; refreshed this often they stay normal for beta2 >= 0.5.
+_PARK_EVERY = 100
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -47,8 +55,9 @@ class GradualPruning(Callback):
     """Prune a model gradually while it trains, then make the result permanent.
 
     During training pruning is a set of masks held by the callback: pruned weights are set to exactly zero at
-    every mask update and after every optimizer step (their gradients and optimizer state are zeroed too, so
-    momentum and weight decay cannot revive them). Parameter shapes, optimizers, DDP and checkpoint keys are
+    every mask update and after every optimizer step (their gradients and first moments are zeroed too, so
+    momentum and weight decay cannot revive them; second moments are parked at 1.0, which keeps Adam's step on
+    the CPU as fast as for the dense model). Parameter shapes, optimizers, DDP and checkpoint keys are
     untouched, and validation runs the pruned model. At the end of training (``materialize=True``) unstructured
     and N:M masks are simply dropped (the weights already hold the zeros; no reparametrization is ever added)
     and structured pruning removes the pruned channels for real, with torch-pruning's dependency graph, so
@@ -179,7 +188,7 @@ class GradualPruning(Callback):
 
         # State, rebuilt in `setup` and restored from checkpoints.
         self.masks: dict[str, Tensor] = {}
-        self._pruned: list[tuple[Tensor, Tensor]] = []
+        self._keep: list[tuple[Tensor, Tensor]] = []
         self.plan: dict[str, list[int]] = {}
         self.current_amount = 0.0
         self.last_update_step: int | None = None
@@ -323,19 +332,20 @@ class GradualPruning(Callback):
         if not self.masks:
             return
         with torch.no_grad():
-            for param, pruned in self._pruned:
-                if param.grad is not None:
-                    param.grad.masked_fill_(pruned, 0.0)
+            grads = [(p.grad, keep) for p, keep in self._keep if p.grad is not None]
+            if grads:
+                torch._foreach_mul_([g for g, _ in grads], [keep for _, keep in grads])
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.masks:
             with torch.no_grad():
-                for param, pruned in self._pruned:
-                    param.masked_fill_(pruned, 0.0)
+                torch._foreach_mul_([p for p, _ in self._keep], [keep for _, keep in self._keep])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.masks and trainer.global_step % _PARK_EVERY == 0:
+            self._park_optimizer_state(trainer)
         # `log` costs tens of microseconds per call: only call it on the steps the loggers will write.
         connector = getattr(trainer, "_logger_connector", None)
         if connector is not None and not connector.should_update_logs:
@@ -380,7 +390,7 @@ class GradualPruning(Callback):
                 f"(max output difference {diff:.2e})."
             )
         self.masks = {}
-        self._pruned = []
+        self._keep = []
         self.materialized = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -430,20 +440,24 @@ class GradualPruning(Callback):
 
     def _move_masks(self, pl_module: pl.LightningModule) -> None:
         self.masks = {k: v.to(device=self._params[k].device, dtype=torch.bool) for k, v in self.masks.items()}
-        # What every step touches: (parameter, pruned entries), inverted once per decision rather than per step.
-        self._pruned = [(self._params[k], ~mask) for k, mask in self.masks.items()]
+        # What every step touches: (parameter, mask as 1.0/0.0 in its dtype). One fused multiply is about ten
+        # times faster on the CPU than masked_fill with a bool mask; kept values are unchanged and pruned ones
+        # stay exactly zero (a weight that was negative may read -0.0 until the next decision rewrites +0.0).
+        self._keep = [(self._params[k], mask.to(self._params[k].dtype)) for k, mask in self.masks.items()]
 
     def _apply(self, trainer: pl.Trainer) -> None:
         apply_masks(self._params, self.masks)
-        # Zero the optimizer state of pruned weights (momentum, Adam moments): nothing left to revive them.
-        for optimizer in trainer.optimizers:
-            for param_name, param in self._params.items():
-                state = optimizer.state.get(param)
-                if not state or param_name not in self.masks:
-                    continue
-                for value in state.values():
-                    if isinstance(value, Tensor) and value.shape == param.shape:
-                        value.masked_fill_(~self.masks[param_name], 0.0)
+        self._park_optimizer_state(trainer)
+
+    def _park_optimizer_state(self, trainer: pl.Trainer) -> None:
+        # Pruned entries of the optimizer state: first moments (momentum, Adam's exp_avg) zero, so nothing is
+        # left to revive the weights; second moments at 1.0 (see `_SECOND_MOMENTS`).
+        with torch.no_grad():
+            for optimizer in trainer.optimizers:
+                for (param, _), mask in zip(self._keep, self.masks.values(), strict=True):
+                    for key, value in optimizer.state.get(param, {}).items():
+                        if isinstance(value, Tensor) and value.shape == param.shape:
+                            value.masked_fill_(~mask, 1.0 if key in _SECOND_MOMENTS else 0.0)
 
     def _compute_metrics(self, pl_module: pl.LightningModule, target: float) -> dict[str, float]:
         zeros = sum(int((p == 0).sum()) for p in self._params.values())
@@ -468,8 +482,8 @@ class GradualPruning(Callback):
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning reads it at every hook call: computed once
         # Several GradualPruning callbacks (e.g. different layers, different modes) keep separate states.
         return self._generate_state_key(mode=self.mode, amount=self.amount, selection=str(self.selection))
 

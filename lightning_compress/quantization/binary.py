@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -161,8 +162,8 @@ class BinaryWeights(Callback):
         self._layers: dict[str, nn.Module] = {}
         self._hooks: list[Any] = []
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning reads it at every hook call: computed once
         return self._generate_state_key(mode=self.mode, modules=str(self.selection))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -398,8 +399,8 @@ class QuantizationAwareTraining(Callback):
         self._weight_names: dict[str, str] = {}
         self._float_layers = 0
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning reads it at every hook call: computed once
         return self._generate_state_key(scheme=self.scheme, module=self.module)
 
     # -- structure -----------------------------------------------------------------------------------

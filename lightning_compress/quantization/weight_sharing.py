@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Mapping
@@ -451,8 +452,8 @@ class WeightSharing(Callback):
         self._params: dict[str, nn.Parameter] = {}
         self._hooks: list[Any] = []
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning reads it at every hook call: computed once
         return self._generate_state_key(bits=self.bits, modules=str(self.selection))
 
     @property
