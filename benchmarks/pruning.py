@@ -16,6 +16,7 @@ Run from the repository root (needs ``apt-get install -y dataset-fashion-mnist``
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch_pruning as tp
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from benchmarks.common import fit, markdown_table, test_accuracy, write_results
+from benchmarks.common import RESULTS, fit, markdown_table, test_accuracy, write_results
 from examples.data import FashionMNISTDataModule
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
@@ -145,6 +146,26 @@ def structured(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def targets(results: dict[str, Any]) -> dict[str, bool]:
+    """The benchmark's targets, checked on the stored rows."""
+    met: dict[str, bool] = {}
+    by = {(r["model"], r["method"]): r for r in results.get("unstructured", [])}
+    for model in sorted({m for m, _ in by}):
+        ours, dense, theirs = by[(model, "GradualPruning")], by[(model, "dense")], by[(model, "ModelPruning")]
+        met[f"{model}: accuracy >= ModelPruning's"] = ours["test_acc"] >= theirs["test_acc"]
+        met[f"{model}: accuracy >= dense - 0.5 point"] = ours["test_acc"] >= dense["test_acc"] - 0.005
+        met[f"{model}: step time <= 1.05x dense"] = ours["step_time_vs_dense"] <= 1.05
+    rows = {r["method"].split(" ")[0]: r for r in results.get("structured", [])}
+    if rows:
+        ours, dense, hand = rows["GradualPruning"], rows["dense"], rows["torch-pruning"]
+        met["structured: >= 3.5x fewer MACs"] = ours["macs_ratio"] >= 3.5
+        met["structured: speed-up >= by hand at batch 1"] = ours["speedup_b1"] >= hand["speedup_b1"]
+        met["structured: speed-up >= by hand at batch 64"] = ours["speedup_b64"] >= hand["speedup_b64"]
+        met["structured: accuracy >= dense - 0.5 point"] = ours["test_acc"] >= dense["test_acc"] - 0.005
+        met["structured: accuracy > one-shot by hand"] = ours["test_acc"] > hand["test_acc"]
+    return met
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the unstructured runs")
@@ -160,9 +181,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
 
     results: dict[str, Any] = {"settings": vars(args)}
+    name = "pruning_quick" if args.quick else "pruning"
+    previous = RESULTS / f"{name}.json"
+    if args.only and previous.exists():
+        # Rerunning one part keeps the other part's stored results (with the settings they were run with).
+        stored = json.loads(previous.read_text())
+        for part in ("unstructured", "structured"):
+            if part != args.only and part in stored:
+                results[part] = stored[part]
+                results[f"{part}_settings"] = stored.get(f"{part}_settings", stored["settings"])
+    results[f"{args.only or 'unstructured'}_settings"] = vars(args)
+    if args.only is None:
+        results["structured_settings"] = vars(args)
     tables = []
     if args.only in (None, "unstructured"):
         results["unstructured"] = unstructured(args)
+    if "unstructured" in results:
         tables.append(
             "## Unstructured 90%\n\n"
             + markdown_table(
@@ -172,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.only in (None, "structured"):
         results["structured"] = structured(args)
+    if "structured" in results:
         tables.append(
             "## Structured 50% of channels\n\n"
             + markdown_table(
@@ -189,7 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                 ],
             )
         )
-    name = "pruning_quick" if args.quick else "pruning"
+    results["targets"] = targets(results)
+    tables.append(
+        "Targets: "
+        + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in results["targets"].items())
+        + "."
+    )
     write_results(name, results, "\n\n".join(tables))
 
 

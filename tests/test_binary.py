@@ -9,7 +9,7 @@ from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
 from lightning_compress.quantization.binary import BinaryWeights, QuantizedWeight, binarize, ternarize
 from lightning_compress.stats import compressed_size_bytes, raw_size_bytes
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
 
 MIDDLE = ["net.3", "net.8"]  # small_cnn's inner conv and linear layers; the first and last stay fp32
 
@@ -115,15 +115,10 @@ def test_fp32_warm_up_before_start_and_latent_clipping(tmp_path, digits):
         assert latent.abs().max() <= 1.0 and latent.abs().max() == 1.0
 
 
-class StopAfterFirstEpoch(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
-def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, steps=None):
     pl.seed_everything(11, verbose=False)
     binary = BinaryWeights(mode="ternary", start="step:2", modules=MIDDLE)
-    callbacks = [binary] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    callbacks = [binary, steps or RecordSteps()] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
     model = ImageClassifier("small_cnn")
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=checkpoint is not None),
@@ -141,7 +136,11 @@ def test_resume_mid_training_is_bit_exact(tmp_path, digits):
     _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
     saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=5.ckpt", weights_only=False)["state_dict"]
     assert "net.3.parametrizations.weight.original" in saved  # the latent weights are what is checkpointed
-    resumed = _resume_run(tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
+    steps = RecordSteps()
+    resumed = _resume_run(
+        tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt", steps=steps
+    )
+    assert steps.steps == [5, 6, 7, 8, 9]  # continued from the checkpoint
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 

@@ -26,7 +26,7 @@ from lightning_compress.distillation import (
 )
 from lightning_compress.distillation.callback import ADAPTERS_ATTRIBUTE
 from tests._ddp import run_worker
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
 
 # -- functional core ------------------------------------------------------------------------------
 
@@ -358,12 +358,7 @@ def test_manual_optimization_needs_combine_and_works_with_it(tmp_path, digits):
         _fit(tmp_path / "c", digits, [kd], model=model, max_steps=1)
 
 
-class StopAfterFirstEpoch(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
-def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, teacher_seed=11, **kd_kwargs):
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, teacher_seed=11, steps=None, **kd_kwargs):
     pl.seed_everything(teacher_seed, verbose=False)
     teacher = _narrow_teacher()
     pl.seed_everything(7, verbose=False)
@@ -376,7 +371,7 @@ def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, teacher_seed=
         keep_adapters=True,
         **kd_kwargs,
     )
-    callbacks = [kd] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    callbacks = [kd, steps or RecordSteps()] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=checkpoint is not None),
         callbacks=callbacks,
@@ -392,7 +387,9 @@ def test_resume_from_a_mid_training_checkpoint_is_bit_exact(tmp_path, digits):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
     path = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
-    resumed, _ = _resume_run(tmp_path / "second", digits, ckpt_path=path)
+    steps = RecordSteps()
+    resumed, _ = _resume_run(tmp_path / "second", digits, ckpt_path=path, steps=steps)
+    assert steps.steps == list(range(6, 18))  # continued from the checkpoint
     full_state, resumed_state = full.state_dict(), resumed.state_dict()
     assert f"{ADAPTERS_ATTRIBUTE}.0.weight" in full_state
     assert list(full_state) == list(resumed_state)

@@ -11,7 +11,7 @@ from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.schedules import Schedule
 from tests._ddp import run_worker
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
 
 
 class SGDClassifier(ImageClassifier):
@@ -126,17 +126,12 @@ def test_nm_two_four_keeps_two_of_every_four(tmp_path, digits):
     assert pruning.amount == 0.5
 
 
-class StopAfterFirstEpoch(Callback):
-    """Ends the run after the first epoch's checkpoint, as a killed job would."""
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
-def _resume_run(tmp_path, digits, epochs, ckpt_path=None, checkpoint=None):
+def _resume_run(tmp_path, digits, epochs, ckpt_path=None, checkpoint=None, steps=None):
     pl.seed_everything(7, verbose=False)
     pruning = GradualPruning(amount=0.85, start=0.1, end=0.8, frequency=3, criterion="random")
-    callbacks = [pruning] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    callbacks = [pruning, steps or RecordSteps()] + (
+        [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
+    )
     model = SGDClassifier("small_cnn")
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=epochs, enable_checkpointing=checkpoint is not None),
@@ -153,7 +148,9 @@ def test_resume_from_a_mid_pruning_checkpoint_is_bit_exact(tmp_path, digits):
     _resume_run(tmp_path / "first", digits, epochs=3, checkpoint=ckpt)
     path = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
     # The first run went on to materialize; the checkpoint from mid-pruning is what a killed run leaves.
-    resumed, pruning = _resume_run(tmp_path / "second", digits, epochs=3, ckpt_path=path)
+    steps = RecordSteps()
+    resumed, pruning = _resume_run(tmp_path / "second", digits, epochs=3, ckpt_path=path, steps=steps)
+    assert steps.steps[0] == 20 and len(steps.steps) == 40  # continued from step 20
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert pruning.current_amount == pytest.approx(0.85)

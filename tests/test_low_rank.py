@@ -27,7 +27,7 @@ from lightning_compress.low_rank import (
 )
 from lightning_compress.stats import count_macs
 from tests._ddp import run_worker
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,21 +329,18 @@ def test_macs_budget_counts_macs(tmp_path, digits):
     assert lowrank.totals["macs_ratio"] > 1.5
 
 
-class StopAfterFirstEpoch(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
 class SGDClassifier(ImageClassifier):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def _fit(root, digits, epochs, ckpt_path=None, stop_early=False, logger=False):
+def _fit(root, digits, epochs, ckpt_path=None, stop_early=False, logger=False, steps=None):
     pl.seed_everything(3, verbose=False)
     lowrank = LowRankReplacement(budget=0.5, calibration_batches=4, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
-    callbacks = [lowrank, checkpoint] + ([StopAfterFirstEpoch()] if stop_early else [])
+    callbacks = [lowrank, checkpoint, steps or RecordSteps()] + (
+        [StopAfterFirstEpoch()] if stop_early else []
+    )
     model = SGDClassifier("small_cnn")
     trainer = pl.Trainer(
         **trainer_kwargs(
@@ -361,9 +358,15 @@ def test_fit_resumes_exactly_and_a_fresh_module_tests_from_the_checkpoint(tmp_pa
     full, lowrank, trainer = _fit(tmp_path / "full", digits, epochs=2, logger=logger)
     assert isinstance(full.net[8], LowRankLinear)
     _fit(tmp_path / "first", digits, epochs=2, stop_early=True)
+    steps = RecordSteps()
     resumed, resumed_cb, _ = _fit(
-        tmp_path / "second", digits, epochs=2, ckpt_path=tmp_path / "first" / "ckpt" / "epoch=0-step=20.ckpt"
+        tmp_path / "second",
+        digits,
+        epochs=2,
+        ckpt_path=tmp_path / "first" / "ckpt" / "epoch=0-step=20.ckpt",
+        steps=steps,
     )
+    assert steps.steps == list(range(20, 40))  # continued from the checkpoint
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert resumed_cb.layers == lowrank.layers
@@ -410,6 +413,32 @@ def test_composes_with_gradual_pruning_on_the_factors(tmp_path, digits):
         assert float((factor.weight == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
     first, last = sum(losses.losses[:5]) / 5, sum(losses.losses[-5:]) / 5
     assert last < 0.8 * first
+
+
+def test_composes_with_int8_quantization_aware_training_of_the_factors(tmp_path, digits):
+    from lightning_compress.quantization.pt2e import QuantizedGraphModule
+    from lightning_compress.quantization.qat import QuantizationAwareTraining
+
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, verbose=False)
+    qat = QuantizationAwareTraining(module="net", start=0.3)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[lowrank, qat])
+    trainer.fit(model, datamodule=digits)
+    assert isinstance(model.net, QuantizedGraphModule) and model.net.converted
+    # The factors, not the original layers, are what became int8: (rank, in) and (out, rank) weights.
+    assert set(lowrank.layers) == {"net.8", "net.10"}
+    expected = []
+    for name, (in_features, out_features) in {"net.8": (512, 64), "net.10": (64, 10)}.items():
+        rank = lowrank.layers[name]["rank"]
+        expected += [(rank, in_features), (out_features, rank)]
+    int8 = [tuple(p.shape) for p in model.net.parameters() if p.dtype == torch.int8 and p.dim() == 2]
+    assert sorted(int8) == sorted(expected)
+    assert qat.parity["argmax_agreement"] >= 0.98
+    # The int8 model scores what the fake-quantized one did in the last validation of the fit (and trained:
+    # chance is 0.1).
+    fake_quant_acc = float(trainer.callback_metrics["val_acc"])
+    int8_acc = trainer.validate(model, datamodule=digits, verbose=False)[0]["val_acc"]
+    assert fake_quant_acc > 0.4 and int8_acc == pytest.approx(fake_quant_acc, abs=0.03)
 
 
 def test_selecting_callbacks_listed_first_are_refused(tmp_path, digits):

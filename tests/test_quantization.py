@@ -19,6 +19,7 @@ from lightning_compress.quantization.pt2e import (
     compile_for_cpu,
     convert_int8,
     export_for_quantization,
+    fake_quantizers,
     load_quantized,
     prepare_int8_qat,
     save_quantized,
@@ -26,7 +27,7 @@ from lightning_compress.quantization.pt2e import (
 )
 from lightning_compress.quantization.qat import QuantizationAwareTraining
 from tests._ddp import run_worker
-from tests.conftest import trainer_kwargs
+from tests.conftest import StopAfterFirstEpoch, trainer_kwargs
 
 
 def _mlp():
@@ -243,6 +244,7 @@ def qat_fit(tmp_path_factory, digits):
         freeze_observers=0.8,
         freeze_bn=0.8,
         export_path=root / "model.pt2",
+        measure=True,
         log_every_n_steps=5,
     )
     capture = CaptureFakeQuantOutputs()
@@ -284,6 +286,20 @@ def test_shipped_artifact_is_about_four_times_smaller(qat_fit):
     x = qat_fit["capture"].x
     with torch.no_grad():
         assert torch.equal(loaded(x), qat_fit["model"](x))
+
+
+def test_measure_reports_sizes_and_compiled_latencies_and_logs_them(qat_fit):
+    measured, artifact = qat_fit["qat"].measurements, qat_fit["qat"].artifact
+    # The same programs as the exported ones, saved the same way (the archive's member names follow the file
+    # name, hence a few hundred bytes of difference).
+    assert measured["measured_int8_bytes"] == pytest.approx(artifact["bytes"], rel=0.01)
+    assert measured["measured_fp32_bytes"] == pytest.approx(artifact["fp32_bytes"], rel=0.01)
+    assert measured["measured_size_ratio"] == pytest.approx(artifact["size_ratio"], rel=0.01)
+    assert 0 < measured["latency_int8_ms"] < 1e3 and 0 < measured["latency_fp32_ms"] < 1e3
+    assert measured["speedup"] == pytest.approx(measured["latency_fp32_ms"] / measured["latency_int8_ms"])
+    logged = [r for r in qat_fit["rows"] if r.get("quantization/speedup")]
+    assert len(logged) == 1
+    assert float(logged[0]["quantization/speedup"]) == pytest.approx(measured["speedup"], rel=1e-6)
 
 
 def test_pruned_zeros_stay_zero_through_fake_quant_and_conversion(qat_fit):
@@ -346,21 +362,30 @@ def test_validate_and_test_with_a_checkpoint_after_qat(qat_fit, digits, tmp_path
     assert tested[0]["test_acc"] > 0.85
 
 
-class StopAfterFirstEpoch(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
+class RecordPhases(Callback):
+    """After every training step: the step, the observed ranges and the batch-norm running means."""
+
+    def __init__(self):
+        self.steps, self.ranges, self.running_means = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(trainer.global_step - 1)
+        observers = [q.activation_post_process for _, q in fake_quantizers(pl_module.net)]
+        self.ranges.append(torch.cat([t.flatten() for o in observers for t in (o.min_val, o.max_val)]))
+        means = [v.clone() for k, v in pl_module.net.state_dict().items() if k.endswith("running_mean")]
+        self.running_means.append(torch.cat(means))
 
 
-def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, record=None):
     pl.seed_everything(3, verbose=False)
     qat = QuantizationAwareTraining(
         module="net", start=0.25, freeze_observers=0.75, freeze_bn=0.6, convert=False
     )
-    callbacks = [qat] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    callbacks = [qat, record] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
     model = ImageClassifier("small_cnn")
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=checkpoint is not None),
-        callbacks=callbacks,
+        callbacks=[c for c in callbacks if c is not None],
         limit_train_batches=6,
         limit_val_batches=1,
     )
@@ -369,15 +394,29 @@ def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
 
 
 def test_resume_mid_qat_continues_exactly(tmp_path, digits):
-    full = _resume_run(tmp_path / "full", digits)
+    phases = RecordPhases()
+    full = _resume_run(tmp_path / "full", digits, record=phases)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
-    resumed = _resume_run(tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+    after = RecordPhases()
+    resumed = _resume_run(
+        tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt", record=after
+    )
+    assert after.steps == list(range(6, 12))  # it did continue from the checkpoint, not start again
     state_full, state_resumed = full.state_dict(), resumed.state_dict()
     assert state_full.keys() == state_resumed.keys()
     assert any("activation_post_process" in k for k in state_full)
     for name, value in state_full.items():
         assert torch.equal(value, state_resumed[name]), name
+    # The lifecycle of the uninterrupted run, 12 steps: fp32 until `start` (step 3), ranges observed until
+    # `freeze_observers` (step 9), batch-norm statistics updated until `freeze_bn` (step 7).
+    assert phases.steps == list(range(12))
+    for step in range(1, 12):
+        ranges_moved = not torch.equal(phases.ranges[step], phases.ranges[step - 1])
+        means_moved = not torch.equal(phases.running_means[step], phases.running_means[step - 1])
+        assert ranges_moved == (3 <= step < 9), step
+        assert means_moved == (step < 7), step
+    assert torch.isinf(phases.ranges[2]).all() and torch.isfinite(phases.ranges[3]).all()
 
 
 def test_whole_forward_is_quantized_when_no_module_is_named(tmp_path, digits):
@@ -399,19 +438,32 @@ def test_whole_forward_is_quantized_when_no_module_is_named(tmp_path, digits):
     assert validated == pytest.approx(float(fake_accuracy), abs=0.02)
 
 
-def test_bf16_mixed_runs_the_quantized_part_in_fp32(tmp_path, digits):
-    class RecordDtype(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                self.dtype = pl_module(batch[0]).dtype
-                self.loss_dtype = torch.nn.functional.linear(batch[0].flatten(1), torch.ones(2, 64)).dtype
+class WithFloatHead(ImageClassifier):
+    """The quantized `net` followed by a part that stays float: Lightning's bf16-mixed applies to that part."""
 
-    record = RecordDtype()
+    def __init__(self):
+        super().__init__("small_cnn")
+        self.head = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+
+def test_bf16_mixed_runs_the_quantized_part_in_fp32(tmp_path, digits):
+    class RecordDtypes(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # Inside the Trainer's own autocast context (training_step runs under it) the dtypes are the
+            # same; here it is re-entered for the check.
+            with trainer.precision_plugin.forward_context():
+                features = pl_module.net(batch[0])
+                self.dtypes = (features.dtype, pl_module.head(features).dtype)
+
+    record = RecordDtypes()
     qat = QuantizationAwareTraining(module="net", convert=False)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-mixed"), callbacks=[qat, record])
-    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
-    assert record.dtype == torch.float32 and record.loss_dtype == torch.bfloat16
-    assert trainer.callback_metrics["val_acc"] > 0.3
+    trainer.fit(WithFloatHead(), datamodule=digits)
+    assert record.dtypes == (torch.float32, torch.bfloat16)
+    assert trainer.callback_metrics["val_acc"] > 0.5
 
 
 class CountSteps(Callback):
@@ -483,6 +535,9 @@ def test_pruning_listed_after_qat_is_an_error(tmp_path, digits):
         ({"module": ""}, ValueError, "must be a submodule name"),
         ({"bits": 8.0}, TypeError, "must be an integer"),
         ({"scheme": "intx-weight-only", "export_path": "m.pt2"}, ValueError, "`export_path` saves"),
+        ({"scheme": "intx-weight-only", "freeze_observers": 0.8}, ValueError, "apply to `scheme='int8'`"),
+        ({"scheme": "intx-weight-only", "measure": True}, ValueError, "`measure=True` compiles"),
+        ({"scheme": "int8-dynamic-intx", "freeze_bn": 0.5}, ValueError, "apply to `scheme='int8'`"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):

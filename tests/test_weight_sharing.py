@@ -21,7 +21,7 @@ from lightning_compress.quantization.weight_sharing import (
     share_weights,
     shared_tensor,
 )
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
 
 # -- the functional core ---------------------------------------------------------------------------------
 
@@ -85,6 +85,32 @@ def test_relative_positions_rebuild_the_sparsity_pattern_with_fillers():
     positions = np.cumsum(gaps) - 1
     assert np.array_equal(positions[~fillers], np.flatnonzero(kept.numpy()))
     assert fillers.sum() > 0
+
+
+def test_huffman_size_is_the_size_of_streams_that_decode_to_the_weight():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 50, generator=generator)
+    weight[torch.rand(40, 50, generator=generator) < 0.9] = 0  # irregular gaps, some longer than 2**4
+    codebook, indices, kept = share_weights(weight, bits=3)
+    shared = shared_tensor(codebook, indices, kept)
+    storage = layer_storage(shared, indices, bits=3, index_bits=4)
+    # Deep Compression's layout, coded here by hand: per stored entry a gap and a symbol (a cluster index, or
+    # 8 = a filler zero), each stream Huffman-coded, plus one code-length byte per symbol value and the codebook.
+    gaps, fillers = relative_positions(kept, index_bits=4)
+    symbols = np.full(len(gaps), 8, dtype=np.int64)
+    symbols[~fillers] = indices[kept].numpy()
+    streams = [huffman_encode(symbols), huffman_encode(gaps - 1)]
+    coded = sum(len(data) + max(lengths) + 1 for data, lengths in streams) + 8 * 4
+    assert storage.huffman_bytes == coded and storage.entries == len(gaps)
+    # The streams really hold the weight: decode them and rebuild it.
+    (sym_data, sym_lengths), (gap_data, gap_lengths) = streams
+    decoded_symbols = huffman_decode(sym_data, sym_lengths, len(gaps))
+    positions = np.cumsum(huffman_decode(gap_data, gap_lengths, len(gaps)) + 1) - 1
+    rebuilt = torch.zeros(weight.numel())
+    stored = decoded_symbols != 8
+    rebuilt[torch.from_numpy(positions[stored])] = codebook[torch.from_numpy(decoded_symbols[stored])]
+    assert torch.equal(rebuilt.view_as(weight), shared)
+    assert storage.huffman_bytes < storage.shared_bytes < storage.pruned_bytes < storage.dense_bytes
 
 
 def test_layer_storage_counts_each_stage():
@@ -174,15 +200,12 @@ def test_pruning_then_sharing_keeps_zeros_and_a_few_values_per_layer(tmp_path, d
     assert monitor.report["summary"]["size_ratio"] > 5
 
 
-class StopAfterFirstEpoch(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
-def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None):
+def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, steps=None):
     pl.seed_everything(5, verbose=False)
     sharing = WeightSharing(bits=3, start="step:3", modules=nn.Linear)
-    callbacks = [sharing] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
+    callbacks = [sharing, steps or RecordSteps()] + (
+        [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
+    )
     model = ImageClassifier("small_cnn")
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=checkpoint is not None),
@@ -198,9 +221,11 @@ def test_resume_after_clustering_is_bit_exact(tmp_path, digits):
     full, _ = _resume_run(tmp_path / "full", digits)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     _resume_run(tmp_path / "first", digits, checkpoint=ckpt)
+    steps = RecordSteps()
     resumed, sharing = _resume_run(
-        tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt"
+        tmp_path / "second", digits, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt", steps=steps
     )
+    assert steps.steps == list(range(5, 15))  # continued from the checkpoint
     assert sharing.clustered
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -218,10 +218,13 @@ class LowRankReplacement(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run rebuilds the structure from the checkpoint's keys; it must be the one recorded here.
+        # Read from the weights' names and shapes, which stay the same when a later callback wraps the layers
+        # (e.g. QuantizationAwareTraining's exported graph).
+        shapes = {key: tuple(value.shape) for key, value in pl_module.state_dict().items()}
         for name, layer in self.layers.items():
-            module = _get(pl_module, name) if _has(pl_module, name) else None
-            if module is None or _rank_of(module) != _as_rank(layer["rank"]):
-                found = "missing" if module is None else f"rank {_rank_of(module)}"
+            rank = _rank_in_state(shapes, name)
+            if rank != _as_rank(layer["rank"]):
+                found = "no factorized layer there" if rank is None else f"rank {rank}"
                 raise RuntimeError(
                     f"LowRankReplacement recorded layer {name!r} at rank {layer['rank']}, but the model has {found}. "
                     "The checkpoint and the callback's state disagree."
@@ -653,6 +656,15 @@ def _rank_of(module: nn.Module) -> Rank | None:
     if isinstance(module, LowRankLinear | LowRankConv2d):
         return module.rank
     return None
+
+
+def _rank_in_state(shapes: dict[str, tuple[int, ...]], name: str) -> Rank | None:
+    """The rank of the factorized layer ``name`` from state-dict shapes (``None``: not factorized)."""
+    first = shapes.get(f"{name}.first.weight")
+    if first is None:
+        return None
+    core = shapes.get(f"{name}.core.weight")
+    return (first[0], core[0]) if core is not None else first[0]
 
 
 def _as_rank(value: Any) -> Rank:

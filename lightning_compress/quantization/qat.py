@@ -7,6 +7,7 @@ import difflib
 import functools
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_compress._inputs import call_module
 from lightning_compress._lightning import detach_input, first_input, remember_original, to_device
 from lightning_compress.quantization.pt2e import (
     QuantizedGraphModule,
+    compile_for_cpu,
     convert_int8,
     fake_quantizers,
     prepare_int8_qat,
@@ -29,7 +32,7 @@ from lightning_compress.quantization.pt2e import (
 )
 from lightning_compress.schedules import Point, resolve_point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
-from lightning_compress.stats import TensorFormat
+from lightning_compress.stats import TensorFormat, compare_latency
 
 SCHEMES = ("int8", "int8-dynamic-intx", "intx-weight-only", "int4-weight-only")
 LOW_BIT_SCHEMES = SCHEMES[1:]
@@ -297,6 +300,10 @@ class QuantizationAwareTraining(Callback):
         example_input: the LightningModule's input used to export the model; default ``example_input_array``,
             else the first training batch.
         export_path: where to save the converted int8 program (``.pt2``) at the end of training.
+        measure: at conversion, also measure the int8 model against the fp32 one on rank zero (:attr:`measurements`,
+            logged): the size of both saved programs, and the latency of both compiled the same way
+            (``compile_for_cpu``: inductor with freezing) on a validation batch, median of interleaved repeats after
+            warm-up. Costs two compilations (seconds).
         log_every_n_steps: how often the quantization error is measured and logged.
 
     Example::
@@ -324,6 +331,7 @@ class QuantizationAwareTraining(Callback):
         exclude: Selector = None,
         example_input: Any = None,
         export_path: str | os.PathLike | None = None,
+        measure: bool = False,
         log_every_n_steps: int = 50,
     ) -> None:
         if scheme not in SCHEMES:
@@ -355,6 +363,11 @@ class QuantizationAwareTraining(Callback):
                 raise ValueError(
                     f"`group_size={group_size!r}` must be a positive integer or None (per channel)."
                 )
+        if measure and scheme != "int8":
+            raise ValueError(
+                f"`measure=True` compiles and times the int8 program of `scheme='int8'`; `scheme={scheme!r}` has "
+                "no compiled CPU program to time."
+            )
         if export_path is not None and scheme != "int8":
             raise ValueError(
                 f"`export_path` saves the converted int8 program of `scheme='int8'`; `scheme={scheme!r}` converts "
@@ -369,6 +382,12 @@ class QuantizationAwareTraining(Callback):
             None if freeze_observers is None else validate_point(freeze_observers, "freeze_observers")
         )
         self.freeze_bn = None if freeze_bn is None else validate_point(freeze_bn, "freeze_bn")
+        if scheme != "int8" and (freeze_observers is not None or freeze_bn is not None):
+            raise ValueError(
+                f"`freeze_observers` and `freeze_bn` apply to `scheme='int8'`; `scheme={scheme!r}` has no "
+                "observers (weight scales follow the weights at every step, activations are quantized "
+                "dynamically) and quantizes only `nn.Linear` layers. Leave both unset."
+            )
         if (
             isinstance(log_every_n_steps, bool)
             or not isinstance(log_every_n_steps, int)
@@ -383,7 +402,9 @@ class QuantizationAwareTraining(Callback):
         self.selection = ModuleSelection(modules, exclude)
         self.example_input = example_input
         self.export_path = export_path
+        self.measure = measure
         self.log_every_n_steps = log_every_n_steps
+        self.measurements: dict[str, float] | None = None
 
         self.converted = False
         self.parity: dict[str, float] | None = None
@@ -763,6 +784,8 @@ class QuantizationAwareTraining(Callback):
             self._uninstall(pl_module)
             if self.export_path is not None and trainer.is_global_zero:
                 self.artifact = self._export(pl_module, converted, parity_input)
+            if self.measure and trainer.is_global_zero:
+                self.measurements = self._measure(self._float_target(pl_module), converted, parity_input)
             self._install(pl_module, converted)
             self.converted = True
         else:
@@ -781,6 +804,8 @@ class QuantizationAwareTraining(Callback):
         if self.artifact:
             metrics["quantization/artifact_bytes"] = float(self.artifact["bytes"])
             metrics["quantization/artifact_size_ratio"] = float(self.artifact["size_ratio"])
+        if self.measurements:
+            metrics.update({f"quantization/{k}": v for k, v in self.measurements.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -824,6 +849,29 @@ class QuantizationAwareTraining(Callback):
             "fp32_path": str(reference),
             "fp32_bytes": fp32,
             "size_ratio": fp32 / size,
+        }
+
+    def _measure(
+        self, fp32: nn.Module, converted: QuantizedGraphModule, inputs: tuple[tuple, dict]
+    ) -> dict[str, float]:
+        args, kwargs = inputs
+        # One call form for the timing loop: positional arguments, or keyword arguments alone.
+        call = kwargs if kwargs and not args else args
+        with tempfile.TemporaryDirectory() as tmp, _mode(fp32, False):
+            fp32_bytes = save_quantized(fp32, args, Path(tmp) / "fp32.pt2", kwargs)
+            int8_bytes = save_quantized(converted, args, Path(tmp) / "int8.pt2", kwargs)
+            compiled = {"fp32": compile_for_cpu(fp32), "int8": compile_for_cpu(converted)}
+            with torch.no_grad():
+                for model in compiled.values():  # the first call compiles: outside the timings
+                    call_module(model, call)
+            latency = compare_latency(compiled, call, repeats=20, warmup=3, rounds=3)
+        return {
+            "measured_fp32_bytes": float(fp32_bytes),
+            "measured_int8_bytes": float(int8_bytes),
+            "measured_size_ratio": fp32_bytes / int8_bytes,
+            "latency_fp32_ms": latency["fp32"].median_ms,
+            "latency_int8_ms": latency["int8"].median_ms,
+            "speedup": latency["fp32"].median_ms / latency["int8"].median_ms,
         }
 
     # -- validation / test outside fit -----------------------------------------------------------------
