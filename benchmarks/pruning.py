@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from typing import Any
 
 import torch
@@ -37,44 +38,70 @@ def _weight_sparsity(model: nn.Module) -> float:
     return zeros / sum(w.numel() for w in weights)
 
 
-def unstructured(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+def unstructured(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-seed runs and their summary (mean accuracy, spread, median step-time ratio)."""
+    runs = []
     prune_epochs = max(1, round(0.7 * args.epochs))
     per_epoch = 1 - (1 - 0.9) ** (1 / prune_epochs)  # compounds to 90% over the pruning epochs
-    for arch in ("lenet_300_100", "lenet5"):
+    for arch in args.archs:
         dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train)
-        dense_step = None
-        for method in ("dense", "GradualPruning", "ModelPruning"):
-            model = ImageClassifier(arch, input_shape=(1, 28, 28), lr=1e-3)
-            callbacks: list = []
-            if method == "GradualPruning":
-                callbacks = [GradualPruning(amount=0.9, scope="global", start=0.0, end=0.7)]
-            elif method == "ModelPruning":
-                callbacks = [
-                    ModelPruning(
-                        "l1_unstructured",
-                        amount=lambda epoch, k=prune_epochs, a=per_epoch: a if epoch < k else 0.0,
-                        parameter_names=["weight"],
-                        use_lottery_ticket_hypothesis=False,
-                        make_pruning_permanent=True,
-                        verbose=0,
+        for seed in range(args.seed, args.seed + args.seeds):
+            dense_step = None
+            for method in ("dense", "GradualPruning", "ModelPruning"):
+                model = ImageClassifier(arch, input_shape=(1, 28, 28), lr=1e-3)
+                callbacks: list = []
+                if method == "GradualPruning":
+                    # The same pruning window as ModelPruning's, which prunes at the ends of epochs 0 to k-1.
+                    pruning = GradualPruning(
+                        amount=0.9, scope="global", start="epoch:1", end=f"epoch:{prune_epochs}"
                     )
-                ]
-            _, timer = fit(model, dm, args.epochs, callbacks, seed=args.seed)
-            step = timer.median_ms
-            dense_step = dense_step or step
-            row = {
-                "model": arch,
-                "method": method,
-                "epochs": args.epochs,
-                "test_acc": test_accuracy(model, dm),
-                "weight_sparsity": _weight_sparsity(model),
-                "step_ms": step,
-                "step_time_vs_dense": step / dense_step,
-            }
-            print(row)
-            rows.append(row)
-    return rows
+                    callbacks = [pruning]
+                elif method == "ModelPruning":
+                    callbacks = [
+                        ModelPruning(
+                            "l1_unstructured",
+                            amount=lambda epoch, k=prune_epochs, a=per_epoch: a if epoch < k else 0.0,
+                            parameter_names=["weight"],
+                            use_lottery_ticket_hypothesis=False,
+                            make_pruning_permanent=True,
+                            verbose=0,
+                        )
+                    ]
+                _, timer = fit(model, dm, args.epochs, callbacks, seed=seed)
+                step = timer.median_ms
+                dense_step = dense_step or step
+                row = {
+                    "model": arch,
+                    "method": method,
+                    "seed": seed,
+                    "epochs": args.epochs,
+                    "test_acc": test_accuracy(model, dm),
+                    "weight_sparsity": _weight_sparsity(model),
+                    "step_ms": step,
+                    "step_time_vs_dense": step / dense_step,
+                }
+                print(row, flush=True)
+                runs.append(row)
+    summary = []
+    for arch in args.archs:
+        for method in ("dense", "GradualPruning", "ModelPruning"):
+            rows = [r for r in runs if r["model"] == arch and r["method"] == method]
+            accs = [r["test_acc"] for r in rows]
+            summary.append(
+                {
+                    "model": arch,
+                    "method": method,
+                    "seeds": len(rows),
+                    "epochs": args.epochs,
+                    "test_acc": statistics.mean(accs),
+                    "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "test_acc_per_seed": " ".join(f"{a:.4f}" for a in accs),
+                    "weight_sparsity": statistics.mean(r["weight_sparsity"] for r in rows),
+                    "step_ms": statistics.median(r["step_ms"] for r in rows),
+                    "step_time_vs_dense": statistics.median(r["step_time_vs_dense"] for r in rows),
+                }
+            )
+    return runs, summary
 
 
 def _prune_by_hand(model: ImageClassifier, example: torch.Tensor, ratio: float) -> None:
@@ -173,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="unstructured runs: seeds per model and method")
+    parser.add_argument("--archs", nargs="+", default=["lenet_300_100", "lenet5"], help="unstructured models")
     parser.add_argument("--quick", action="store_true", help="10k images, 3 + 2 epochs")
     parser.add_argument("--only", choices=("unstructured", "structured"), default=None)
     args = parser.parse_args(argv)
@@ -189,19 +218,32 @@ def main(argv: list[str] | None = None) -> None:
         for part in ("unstructured", "structured"):
             if part != args.only and part in stored:
                 results[part] = stored[part]
+                if f"{part}_runs" in stored:
+                    results[f"{part}_runs"] = stored[f"{part}_runs"]
                 results[f"{part}_settings"] = stored.get(f"{part}_settings", stored["settings"])
     results[f"{args.only or 'unstructured'}_settings"] = vars(args)
     if args.only is None:
         results["structured_settings"] = vars(args)
     tables = []
     if args.only in (None, "unstructured"):
-        results["unstructured"] = unstructured(args)
+        results["unstructured_runs"], results["unstructured"] = unstructured(args)
     if "unstructured" in results:
         tables.append(
             "## Unstructured 90%\n\n"
             + markdown_table(
                 results["unstructured"],
-                ["model", "method", "epochs", "test_acc", "weight_sparsity", "step_ms", "step_time_vs_dense"],
+                [
+                    "model",
+                    "method",
+                    "seeds",
+                    "epochs",
+                    "test_acc",
+                    "test_acc_std",
+                    "test_acc_per_seed",
+                    "weight_sparsity",
+                    "step_ms",
+                    "step_time_vs_dense",
+                ],
             )
         )
     if args.only in (None, "structured"):

@@ -99,3 +99,44 @@ def detach_input(example: Any, max_batch: int | None = None) -> Any:
     if isinstance(example, dict):
         return {k: detach_input(v, max_batch) for k, v in example.items()}
     return example
+
+
+def replace_parameters(trainer: pl.Trainer, replaced: dict[nn.Parameter, list[nn.Parameter]]) -> None:
+    """Point every optimizer at the parameters of layers replaced during training.
+
+    ``replaced`` maps each old parameter to the parameters that take its place (an empty list: it is gone). In
+    every parameter group the new parameters take the old one's position, so they train with its group's
+    hyperparameters (learning rate, weight decay) and in the order ``module.parameters()`` lists them for the
+    new structure — what ``configure_optimizers`` builds when a resumed run rebuilds that structure, so the
+    checkpointed optimizer state loads. The old parameters' state is dropped; the new ones start without state
+    (their shapes differ: there is nothing to carry over). Learning-rate schedulers hold the optimizers and keep
+    working. A trainable new parameter that lands in no optimizer is an error.
+
+    Only single-process training is supported: distributed wrappers register parameters when they wrap.
+    """
+    if trainer.world_size > 1:
+        raise RuntimeError(
+            "Replacing layers during training needs a single process: "
+            f"{type(trainer.strategy).__name__} registered the parameters when it wrapped the model. "
+            "Replace in `setup` instead (the default)."
+        )
+    by_id = {id(old): new for old, new in replaced.items()}
+    placed: set[int] = set()
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            params: list[torch.Tensor] = []
+            for param in group["params"]:
+                if id(param) in by_id:
+                    params.extend(by_id[id(param)])
+                    placed.update(id(p) for p in by_id[id(param)])
+                else:
+                    params.append(param)
+            group["params"] = params
+        for old in replaced:
+            optimizer.state.pop(old, None)
+    missing = [p for new in replaced.values() for p in new if p.requires_grad and id(p) not in placed]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} new trainable parameters belong to no optimizer: the replaced layers' parameters "
+            "were not in any optimizer's parameter groups."
+        )

@@ -441,6 +441,69 @@ def test_composes_with_int8_quantization_aware_training_of_the_factors(tmp_path,
     assert fake_quant_acc > 0.4 and int8_acc == pytest.approx(fake_quant_acc, abs=0.03)
 
 
+class WatchReplacement(Callback):
+    """Per step: the type of `net.8`, and whether the optimizer holds exactly the model's parameters, in order."""
+
+    def __init__(self):
+        self.types, self.aligned = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimized = [id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        self.types.append(type(pl_module.net[8]).__name__)
+        self.aligned.append(optimized == [id(p) for p in pl_module.parameters()])
+
+
+def _later_fit(root, digits, start, ckpt_path=None, checkpoint=None, watch=None, steps=None):
+    pl.seed_everything(4, verbose=False)
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, start=start, verbose=False)
+    extra = [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
+    callbacks = [c for c in (lowrank, watch, steps) if c is not None] + extra
+    model = SGDClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(root, max_epochs=2, enable_checkpointing=checkpoint is not None),
+        callbacks=callbacks,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return model, lowrank, trainer
+
+
+def test_replacing_later_points_the_optimizer_at_the_factors(tmp_path, digits):
+    watch = WatchReplacement()
+    model, lowrank, trainer = _later_fit(tmp_path, digits, start="step:7", watch=watch)
+    assert watch.types[:7] == ["Linear"] * 7 and set(watch.types[7:]) == {"LowRankLinear"}
+    assert all(watch.aligned) and len(watch.aligned) == 40
+    optimizer = trainer.optimizers[0]
+    factors = [model.net[8].first.weight, model.net[8].second.weight, model.net[8].second.bias]
+    assert all(optimizer.state[p]["momentum_buffer"].abs().sum() > 0 for p in factors)  # they trained
+    assert len(optimizer.state) == len(list(model.parameters()))  # no state left for the old layers
+    # Factorized from the weights trained for 7 steps: the record's errors refer to those.
+    assert set(lowrank.layers) == {"net.8", "net.10"} and lowrank.records[0]["weight_error"] > 0
+
+
+@pytest.mark.parametrize("start", ["step:7", "epoch:1"], ids=["checkpoint-after", "checkpoint-before"])
+def test_replacing_later_resumes_exactly_from_either_side_of_the_replacement(tmp_path, digits, start):
+    full, _, _ = _later_fit(tmp_path / "full", digits, start)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _later_fit(tmp_path / "first", digits, start, checkpoint=ckpt)
+    steps = RecordSteps()
+    resumed, _, _ = _later_fit(
+        tmp_path / "second", digits, start, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=20.ckpt", steps=steps
+    )
+    assert steps.steps == list(range(20, 40)) and isinstance(resumed.net[8], LowRankLinear)
+    assert list(full.state_dict()) == list(resumed.state_dict())
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_replacing_later_refuses_callbacks_that_select_layers(tmp_path, digits):
+    callbacks = [LowRankReplacement(rank=4, start=0.5), GradualPruning(amount=0.5)]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=callbacks)
+    with pytest.raises(ValueError, match="GradualPruning set up on the layers as they were"):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert trainer.global_step == 0
+
+
 def test_selecting_callbacks_listed_first_are_refused(tmp_path, digits):
     callbacks = [GradualPruning(amount=0.5), LowRankReplacement(rank=4)]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=callbacks)

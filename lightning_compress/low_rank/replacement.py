@@ -14,7 +14,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_compress._inputs import call_module, to_device
-from lightning_compress._lightning import detach_input, first_input, remember_original
+from lightning_compress._lightning import (
+    detach_input,
+    first_input,
+    remember_original,
+    replace_parameters,
+    training_steps,
+)
 from lightning_compress.low_rank.factorize import (
     CONV_DECOMPOSITIONS,
     FACTORIZED,
@@ -31,6 +37,7 @@ from lightning_compress.low_rank.factorize import (
     layer_kind,
     skip_reason,
 )
+from lightning_compress.schedules import Point, resolve_point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import _eval_mode, count_macs
 
@@ -95,6 +102,11 @@ class LowRankReplacement(Callback):
         alpha: asvd: exponent of the mean absolute input.
         log_per_layer: log rank, errors and ratios of every replaced layer (else only totals).
         verbose: print a table of the replacement on rank zero.
+        start: ``None`` (default) replaces in ``setup``, before the optimizers exist. A point of training
+            (fraction, ``"step:N"``, ``"epoch:N"``) replaces at that step instead, from the weights trained so
+            far: the optimizers are pointed at the factors (which take the old layers' places in their parameter
+            groups and start without optimizer state). Single process only, and not together with callbacks
+            that select layers.
 
     Example::
 
@@ -126,6 +138,7 @@ class LowRankReplacement(Callback):
         alpha: float = 0.5,
         log_per_layer: bool = True,
         verbose: bool = True,
+        start: Point | None = None,
     ) -> None:
         given = [
             name
@@ -192,6 +205,8 @@ class LowRankReplacement(Callback):
         self.alpha = float(alpha)
         self.log_per_layer = log_per_layer
         self.verbose = verbose
+        self.start = None if start is None else validate_point(start, "start")
+        self._start_step: int | None = None
 
         # Decisions, kept in checkpoints.
         self.layers: dict[str, dict[str, Any]] = {}
@@ -209,6 +224,9 @@ class LowRankReplacement(Callback):
         if stage != "fit":
             return
         self._check_order(trainer)
+        if self.start is not None:
+            self._setup_later_replacement(trainer, pl_module)
+            return
         if self.layers and all(
             _has(pl_module, name) and isinstance(_get(pl_module, name), FACTORIZED) for name in self.layers
         ):
@@ -231,9 +249,46 @@ class LowRankReplacement(Callback):
                 )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layers:
+            self._log(trainer)
+
+    def _log(self, trainer: pl.Trainer) -> None:
         metrics = self.metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _setup_later_replacement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"`start={self.start!r}` replaces layers during training, which needs a single process; with "
+                f"{trainer.world_size} processes leave `start=None` (replace in `setup`)."
+            )
+        later = [
+            type(c).__name__
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+            if c is not self and isinstance(getattr(c, "selection", None), ModuleSelection)
+        ]
+        if later:
+            raise ValueError(
+                f"`start={self.start!r}` replaces layers during training, but {', '.join(later)} set up on the "
+                "layers as they were and would keep using the old ones. Leave `start=None` to combine them."
+            )
+        total, per_epoch = training_steps(trainer)
+        self._start_step = resolve_point(self.start, total, per_epoch)
+        remember_original(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start_step is None or self.layers or trainer.global_step < self._start_step:
+            return
+        swapped = self._replace(trainer, pl_module, remember_original(trainer, pl_module))
+        replaced: dict[nn.Parameter, list[nn.Parameter]] = {}
+        for old, new in swapped.values():
+            for name, param in old.named_parameters():
+                replaced[param] = list(new.parameters()) if name == "weight" else []
+        replace_parameters(trainer, replaced)
+        self._log(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         handle = self._hooks.pop(id(pl_module), None)
@@ -252,7 +307,10 @@ class LowRankReplacement(Callback):
                     f"replaces layers that {type(callback).__name__} selects, so it must set up first."
                 )
 
-    def _replace(self, trainer: pl.Trainer, pl_module: pl.LightningModule, original: nn.Module) -> None:
+    def _replace(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, original: nn.Module
+    ) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """Factorize the selected layers in place; returns ``{name: (old layer, new layer)}``."""
         candidates, skipped = self._candidates(pl_module)
         loader = _training_loader(trainer)
         example = self._example(pl_module, loader)
@@ -295,6 +353,7 @@ class LowRankReplacement(Callback):
         plan = trainer.strategy.broadcast(self._plan(decompositions, positions), src=0)
 
         self.layers, self.records = {}, []
+        swapped: dict[str, tuple[nn.Module, nn.Module]] = {}
         for name, decision in plan.items():
             if isinstance(decision, str):
                 skipped[name] = decision
@@ -302,6 +361,7 @@ class LowRankReplacement(Callback):
             decomposition = decompositions[name]
             replacement = decomposition.build(decision)
             weight_error, output_error = decomposition.errors(replacement)
+            swapped[name] = (_get(pl_module, name), replacement)
             _set(pl_module, name, replacement)
             rank = list(decision) if isinstance(decision, tuple) else decision
             self.layers[name] = {"kind": decomposition.kind, "rank": rank}
@@ -323,6 +383,7 @@ class LowRankReplacement(Callback):
         self.totals = self._totals(original, pl_module, to_device(example, device))
         if self.verbose:
             rank_zero_info(self.summary())
+        return swapped
 
     def _candidates(self, pl_module: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         selected = self.selection.select(pl_module)
