@@ -288,6 +288,38 @@ def test_layers_that_would_not_shrink_are_left_and_reported(tmp_path, digits):
     assert lowrank.method_used == "whitened"
 
 
+def test_fixed_and_energy_ranks_in_a_fit(tmp_path, digits):
+    model = ImageClassifier("small_cnn")
+    fixed = LowRankReplacement(rank=6, modules=nn.Linear, verbose=False)
+    pl.Trainer(**trainer_kwargs(tmp_path / "a", max_steps=1), callbacks=[fixed]).fit(model, datamodule=digits)
+    assert {name: layer["rank"] for name, layer in fixed.layers.items()} == {"net.8": 6, "net.10": 6}
+
+    model = ImageClassifier("small_cnn")
+    weights = {name: model.get_submodule(name).weight.detach().clone() for name in ("net.8", "net.10")}
+    energy = LowRankReplacement(energy=0.6, modules=nn.Linear, method="svd", verbose=False)
+    pl.Trainer(**trainer_kwargs(tmp_path / "b", max_steps=1), callbacks=[energy]).fit(
+        model, datamodule=digits
+    )
+    for name, weight in weights.items():
+        # The smallest rank whose singular values hold 60% of the energy, computed here independently.
+        sigma2 = torch.linalg.svdvals(weight.double()) ** 2
+        expected = int((torch.cumsum(sigma2, 0) / sigma2.sum() < 0.6).sum()) + 1
+        assert energy.layers[name]["rank"] == expected, name
+    assert energy.method_used == "svd"
+
+
+def test_without_training_data_auto_falls_back_to_svd_and_whitened_is_refused(tmp_path):
+    model = ImageClassifier("small_cnn")  # has an example_input_array, so MACs can be counted
+    auto = LowRankReplacement(rank=4, modules=nn.Linear, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[auto])
+    auto.setup(trainer, model, "fit")
+    assert auto.method_used == "svd" and isinstance(model.net[8], LowRankLinear)
+    whitened = LowRankReplacement(rank=4, modules=nn.Linear, method="whitened", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[whitened])
+    with pytest.raises(ValueError, match="needs calibration batches from the training loader"):
+        whitened.setup(trainer, ImageClassifier("small_cnn"), "fit")
+
+
 def test_budget_keeps_the_requested_fraction_of_parameters(tmp_path, digits):
     model = ImageClassifier("small_cnn")
     dense = {n: sum(p.numel() for p in model.net[int(n)].parameters()) for n in ("0", "3", "8", "10")}

@@ -774,7 +774,7 @@ def _training_loader(trainer: pl.Trainer) -> Iterable | None:
     """The training loader as the user gave it (before the strategy adds its distributed sampler)."""
     source = getattr(trainer.fit_loop, "_data_source", None)
     loader: Any = None
-    if source is not None and source.is_defined():
+    if source is not None and source.instance is not None and source.is_defined():
         loader = source.dataloader()
     elif trainer.datamodule is not None:
         loader = trainer.datamodule.train_dataloader()
