@@ -273,6 +273,30 @@ def test_self_teacher_is_the_model_before_any_callback_changed_it(tmp_path, digi
     assert not torch.equal(model.net[10].weight, before)
 
 
+def test_self_distillation_with_real_low_rank_and_structured_pruning(tmp_path, digits):
+    from lightning_compress import GradualPruning
+    from lightning_compress.low_rank import LowRankLinear, LowRankReplacement
+
+    model = ImageClassifier("small_cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kd = KnowledgeDistillation("self", features=[FeatureLoss("net.4")])
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, verbose=False)
+    pruning = GradualPruning(amount=0.5, mode="structured", modules=nn.Conv2d, start=0.0, end=0.5)
+    recorder = Recorder()
+    _, trainer = _fit(tmp_path, digits, [kd, lowrank, pruning, recorder], model=model, max_epochs=2)
+    # The teacher is the model as it was: dense layers, full channels, the weights before training.
+    teacher = kd._teacher
+    assert type(teacher.net[8]) is nn.Linear and teacher.net[3].out_channels == 32
+    changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, changed
+    # The student was factorized and lost half of its channels for real, and trained on the mixed loss.
+    assert isinstance(model.net[8], LowRankLinear) and model.net[3].out_channels == 16
+    hints = [row["distillation/hint/net.4"] for row in recorder.rows]
+    assert len(hints) == trainer.global_step and all(math.isfinite(h) for h in hints)
+    # It learned (chance is 0.1), although its teacher here is the untrained model it started from.
+    assert trainer.callback_metrics["val_acc"] > 0.3
+
+
 def test_alpha_and_temperature_follow_the_schedule(tmp_path, digits):
     logger = CSVLogger(tmp_path, name="kd")
     kd = KnowledgeDistillation(
