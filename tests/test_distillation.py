@@ -297,6 +297,16 @@ def test_self_distillation_with_real_low_rank_and_structured_pruning(tmp_path, d
     assert trainer.callback_metrics["val_acc"] > 0.3
 
 
+def test_a_second_fit_of_the_same_trainer_distills_from_its_own_model(tmp_path, digits):
+    kd = KnowledgeDistillation("self")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[kd])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    second = ImageClassifier("small_cnn", arch_kwargs={"width": 8})
+    before = {k: v.clone() for k, v in second.state_dict().items()}
+    trainer.fit(second, datamodule=digits)  # sets up again (and stops at once: max_steps was reached)
+    assert all(torch.equal(v, before[k]) for k, v in kd._teacher.state_dict().items())
+
+
 def test_alpha_and_temperature_follow_the_schedule(tmp_path, digits):
     logger = CSVLogger(tmp_path, name="kd")
     kd = KnowledgeDistillation(

@@ -20,7 +20,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_compress._lightning import build_schedule, detach_input, remember_original, to_device
+from lightning_compress._lightning import (
+    build_schedule,
+    detach_input,
+    forget_original,
+    remember_original,
+    to_device,
+)
 from lightning_compress.distillation.losses import (
     attention_transfer_loss,
     embedding_loss,
@@ -682,6 +688,8 @@ class KnowledgeDistillation(Callback):
             delattr(pl_module, ADAPTERS_ATTRIBUTE)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            forget_original(trainer)  # the next fit takes a fresh copy of its own model
         if stage == "fit":
             self._release()
 

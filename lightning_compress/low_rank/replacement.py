@@ -17,6 +17,7 @@ from lightning_compress._inputs import call_module, to_device
 from lightning_compress._lightning import (
     detach_input,
     first_input,
+    forget_original,
     remember_original,
     replace_parameters,
     training_steps,
@@ -291,6 +292,8 @@ class LowRankReplacement(Callback):
         self._log(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            forget_original(trainer)  # the next fit takes a fresh copy of its own model
         handle = self._hooks.pop(id(pl_module), None)
         if handle is not None:
             handle.remove()

@@ -16,7 +16,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress._inputs import call_module, to_device
-from lightning_compress._lightning import build_schedule, detach_input, first_input, remember_original
+from lightning_compress._lightning import (
+    build_schedule,
+    detach_input,
+    first_input,
+    forget_original,
+    remember_original,
+)
 from lightning_compress.pruning.masks import (
     CRITERIA,
     SCOPES,
@@ -394,6 +400,8 @@ class GradualPruning(Callback):
         self.materialized = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            forget_original(trainer)  # the next fit takes a fresh copy of its own model
         self._remove_hooks()
 
     # -- decisions -----------------------------------------------------------------------------------

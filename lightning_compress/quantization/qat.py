@@ -19,7 +19,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_compress._inputs import call_module
-from lightning_compress._lightning import detach_input, first_input, remember_original, to_device
+from lightning_compress._lightning import (
+    detach_input,
+    first_input,
+    forget_original,
+    remember_original,
+    to_device,
+)
 from lightning_compress.quantization.pt2e import (
     QuantizedGraphModule,
     compile_for_cpu,
@@ -896,6 +902,8 @@ class QuantizationAwareTraining(Callback):
         self._convert_for_evaluation(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            forget_original(trainer)  # the next fit takes a fresh copy of its own model
         for handle in self._recorder_hooks:
             handle.remove()
         self._recorder_hooks = []

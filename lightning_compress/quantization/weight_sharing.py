@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_compress._lightning import remember_original
+from lightning_compress._lightning import forget_original, remember_original
 from lightning_compress.schedules import Point, resolve_point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
@@ -603,6 +603,8 @@ class WeightSharing(Callback):
         self._remove_hooks()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            forget_original(trainer)  # the next fit takes a fresh copy of its own model
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
