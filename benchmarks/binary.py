@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = list(rows[0])
     table = markdown_table(rows, columns)
     table += (
-        f"\n\nSettings: {args.limit_train or 60_000} training images, batch 128, Adam lr {args.lr:g}, {args.epochs} "
+        f"\n\nSettings: {args.limit_train or 55_000} training images, batch 128, Adam lr {args.lr:g}, {args.epochs} "
         "epochs for every model, same seed and data order; binary/ternary from the first step."
     )
     write_results("binary_quick" if args.quick else "binary", {"settings": vars(args), "rows": rows}, table)

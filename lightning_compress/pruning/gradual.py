@@ -194,7 +194,8 @@ class GradualPruning(Callback):
 
         # State, rebuilt in `setup` and restored from checkpoints.
         self.masks: dict[str, Tensor] = {}
-        self._keep: list[tuple[Tensor, Tensor]] = []
+        self._keep_params: list[Tensor] = []
+        self._keep_masks: list[Tensor] = []
         self.plan: dict[str, list[int]] = {}
         self.current_amount = 0.0
         self.last_update_step: int | None = None
@@ -316,7 +317,11 @@ class GradualPruning(Callback):
     ) -> None:
         assert self._schedule is not None
         step = trainer.global_step
-        if self.last_update_step == step or not self._schedule.is_update_step(step):
+        if (
+            step > self._schedule.end
+            or self.last_update_step == step
+            or not self._schedule.is_update_step(step)
+        ):
             return
         target = self._schedule.value(step)
         if target > self.current_amount or not self.masks:
@@ -337,21 +342,26 @@ class GradualPruning(Callback):
                         )
         if not self.masks:
             return
-        with torch.no_grad():
-            grads = [(p.grad, keep) for p, keep in self._keep if p.grad is not None]
-            if grads:
-                torch._foreach_mul_([g for g, _ in grads], [keep for _, keep in grads])
+        grads = [p.grad for p in self._keep_params]
+        if all(g is not None for g in grads):
+            torch._foreach_mul_(grads, self._keep_masks)
+        else:
+            pairs = [(g, keep) for g, keep in zip(grads, self._keep_masks, strict=True) if g is not None]
+            if pairs:
+                torch._foreach_mul_([g for g, _ in pairs], [keep for _, keep in pairs])
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.masks:
             with torch.no_grad():
-                torch._foreach_mul_([p for p, _ in self._keep], [keep for _, keep in self._keep])
+                torch._foreach_mul_(self._keep_params, self._keep_masks)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.masks and trainer.global_step % _PARK_EVERY == 0:
             self._park_optimizer_state(trainer)
+        if not trainer.loggers:
+            return
         # `log` costs tens of microseconds per call: only call it on the steps the loggers will write.
         connector = getattr(trainer, "_logger_connector", None)
         if connector is not None and not connector.should_update_logs:
@@ -396,7 +406,7 @@ class GradualPruning(Callback):
                 f"(max output difference {diff:.2e})."
             )
         self.masks = {}
-        self._keep = []
+        self._keep_params, self._keep_masks = [], []
         self.materialized = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -451,7 +461,8 @@ class GradualPruning(Callback):
         # What every step touches: (parameter, mask as 1.0/0.0 in its dtype). One fused multiply is about ten
         # times faster on the CPU than masked_fill with a bool mask; kept values are unchanged and pruned ones
         # stay exactly zero (a weight that was negative may read -0.0 until the next decision rewrites +0.0).
-        self._keep = [(self._params[k], mask.to(self._params[k].dtype)) for k, mask in self.masks.items()]
+        self._keep_params = [self._params[k] for k in self.masks]
+        self._keep_masks = [mask.to(self._params[k].dtype) for k, mask in self.masks.items()]
 
     def _apply(self, trainer: pl.Trainer) -> None:
         apply_masks(self._params, self.masks)
@@ -462,7 +473,7 @@ class GradualPruning(Callback):
         # left to revive the weights; second moments at 1.0 (see `_SECOND_MOMENTS`).
         with torch.no_grad():
             for optimizer in trainer.optimizers:
-                for (param, _), mask in zip(self._keep, self.masks.values(), strict=True):
+                for param, mask in zip(self._keep_params, self.masks.values(), strict=True):
                     for key, value in optimizer.state.get(param, {}).items():
                         if isinstance(value, Tensor) and value.shape == param.shape:
                             value.masked_fill_(~mask, 1.0 if key in _SECOND_MOMENTS else 0.0)
