@@ -13,21 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ddp_trainer(callbacks, **overrides) -> pl.Trainer:
-    """A quiet 2-process CPU Trainer for the worker scripts."""
-    kwargs = dict(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    kwargs.update(overrides)
-    return pl.Trainer(callbacks=callbacks, **kwargs)
+    """A quiet 2-process CPU Trainer for the worker scripts: the tests' settings with the ``ddp`` strategy."""
+    from tests.conftest import trainer_kwargs
+
+    defaults = dict(devices=2, strategy="ddp", limit_val_batches=0)
+    return pl.Trainer(callbacks=callbacks, **trainer_kwargs(None, **{**defaults, **overrides}))
 
 
 def run_worker(name: str, out_dir: Path, timeout: float = 600) -> None:
