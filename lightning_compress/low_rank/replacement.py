@@ -267,7 +267,7 @@ class LowRankReplacement(Callback):
         later = [
             type(c).__name__
             for c in trainer.callbacks  # type: ignore[attr-defined]
-            if c is not self and isinstance(getattr(c, "selection", None), ModuleSelection)
+            if c is not self and _selects_layers(c)
         ]
         if later:
             raise ValueError(
@@ -304,7 +304,7 @@ class LowRankReplacement(Callback):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is self:
                 return
-            if isinstance(getattr(callback, "selection", None), ModuleSelection):
+            if _selects_layers(callback):
                 raise ValueError(
                     f"List LowRankReplacement before {type(callback).__name__} in `Trainer(callbacks=...)`: it "
                     f"replaces layers that {type(callback).__name__} selects, so it must set up first."
@@ -720,6 +720,11 @@ def _rank_of(module: nn.Module) -> Rank | None:
     if isinstance(module, LowRankLinear | LowRankConv2d):
         return module.rank
     return None
+
+
+def _selects_layers(callback: Callback) -> bool:
+    """Whether a callback acts on layers it selected at setup (pruning, quantization, weight sharing, ...)."""
+    return isinstance(getattr(callback, "selection", None), ModuleSelection)
 
 
 def _rank_in_state(shapes: dict[str, tuple[int, ...]], name: str) -> Rank | None:
