@@ -10,9 +10,9 @@ wait for each other and a residual CNN step ran 9x slower here.
 
 Part 1 trains a residual CNN teacher on the 55,000 training images, then two small students (a narrow CNN and
 LeNet-300-100) on a subsample of the training images, alone and distilled (``KnowledgeDistillation`` with the
-trained teacher), over 3 seeds. Every student run validates after each epoch and ends with its best
-epoch's weights (alone and distilled alike). The default (T=4, alpha=0.5) runs on every seed; a small grid over T and alpha is
-searched on seed 0 by *validation* accuracy and its best point runs on the other seeds too. Reported: test
+trained teacher), over 3 seeds. Every student run validates after each epoch and ends with its best epoch's
+weights (alone and distilled alike). The default (T=4, alpha=0.5) runs on every seed; a small grid over T and
+alpha is searched on seed 0 by *validation* accuracy and its best point runs on the other seeds too. Reported: test
 accuracy, the teacher-student gap and the fraction of it recovered, ``(distilled - alone) / (teacher - alone)``.
 
 Part 2 trains LeNet-300-100 densely, then fine-tunes it while ``GradualPruning`` takes it to 95% sparsity, with

@@ -4,8 +4,7 @@ Part 1, Fashion-MNIST: a dense model is trained, then fine-tuned the same number
 is (dense), and factorized by ``LowRankReplacement(budget=0.5)`` / ``budget=0.25`` (2x and 4x fewer parameters in the
 factorized layers; data-aware whitening from the training loader). For the CNN, budgets on MACs are run as well, since
 there parameters and MACs sit in different layers, and so is every residual-block convolution at a quarter of
-its ranks. Reported: test accuracy right after the factorization and after
-fine-tuning, whole-model parameter and MAC ratios, and the CPU latency ratio measured side by side (median of
+its ranks. Reported: test accuracy right after the factorization and after fine-tuning, whole-model parameter and MAC ratios, and the CPU latency ratio measured side by side (median of
 interleaved repeats) at batch 1 and at a large batch. Training and timing use ``--threads`` torch threads (1 by
 default: on a shared machine, a second thread mostly waits for a core and the timings measure the neighbours).
 
