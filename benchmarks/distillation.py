@@ -37,8 +37,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from benchmarks.common import CosineClassifier
 from examples.data import FashionMNISTDataModule
-from examples.models import ImageClassifier
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning.gradual import GradualPruning
 
@@ -72,16 +72,6 @@ QUICK = {
     "pruning": {**FULL["pruning"], "dense_epochs": 1, "prune_epochs": 1},
     "teacher_train_images": 1024,
 }
-
-
-class Classifier(ImageClassifier):
-    """ImageClassifier with a cosine learning-rate decay over the whole fit (per optimizer step)."""
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _data(limit: int | None, seed: int, batch_size: int) -> FashionMNISTDataModule:
@@ -146,9 +136,9 @@ def _accuracy(model: torch.nn.Module, dataset: torch.utils.data.TensorDataset) -
     return float((predictions == y).float().mean())
 
 
-def _model(spec: dict, seed: int) -> Classifier:
+def _model(spec: dict, seed: int) -> CosineClassifier:
     pl.seed_everything(seed, verbose=False)
-    return Classifier(
+    return CosineClassifier(
         spec["arch"], input_shape=(1, 28, 28), lr=spec["lr"], arch_kwargs=dict(spec["arch_kwargs"])
     )
 

@@ -41,16 +41,31 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader
 
-from benchmarks.common import fit, markdown_table, test_accuracy, write_results
+from benchmarks.common import CosineClassifier, fit, markdown_table, test_accuracy, write_results
 from examples.data import FashionMNISTDataModule
-from examples.models import ImageClassifier
 from lightning_compress._inputs import to_device
 from lightning_compress.low_rank import LowRankReplacement
+from lightning_compress.quantization import compile_for_cpu
 from lightning_compress.stats import compare_latency, count_macs, count_parameters
 
 # -- part 1: Fashion-MNIST ----------------------------------------------------------------------------------
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` in eval mode with every batch norm folded into the convolution that feeds it.
+
+    ``torch.fx`` traces through the factorized layers, so a batch norm after a Tucker-2 convolution folds into
+    its last 1x1 factor. The folded copy computes the same outputs as ``net`` in eval mode.
+    """
+    net = copy.deepcopy(net).eval()
+    folded = fuse(net)
+    example = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(example), net(example), atol=1e-4, rtol=1e-4)
+    return folded
 
 
 class AccuracyAtStart(Callback):
@@ -73,7 +88,7 @@ def fashion(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     for arch, pretrain, finetune, limit, big_batch in setups:
         dm = FashionMNISTDataModule(batch_size=128, limit_train=limit)
-        dense = ImageClassifier(arch, input_shape=(1, 28, 28), lr=1e-3)
+        dense = CosineClassifier(arch, input_shape=(1, 28, 28), lr=1e-3)
         start = time.perf_counter()
         fit(dense, dm, pretrain, seed=args.seed)
         pretrained_acc = test_accuracy(dense, dm)
@@ -93,11 +108,16 @@ def fashion(args: argparse.Namespace) -> list[dict[str, Any]]:
             # Every convolution of the residual blocks at a quarter of its ranks (Tucker: both modes), the stem
             # (288 weights) and the linear head left alone: the cost is spread evenly over the layers, where the
             # energy allocation above concentrates the cuts in the last, parameter-heavy stage.
-            variants["low-rank convs at 1/4 rank"] = {"rank": 0.25, "modules": nn.Conv2d, "min_params": 1000}
-        models: dict[str, ImageClassifier] = {}
+            for fraction in (3, 4):
+                variants[f"low-rank convs at 1/{fraction} rank"] = {
+                    "rank": 1 / fraction,
+                    "modules": nn.Conv2d,
+                    "min_params": 1000,
+                }
+        models: dict[str, CosineClassifier] = {}
         results: dict[str, dict[str, Any]] = {}
         for name, kwargs in variants.items():
-            model = copy.deepcopy(dense)
+            model = copy.deepcopy(dense).train()  # Lightning keeps the flags it finds at the start of fit
             at_start = AccuracyAtStart(dm)
             callbacks: list[Callback] = [at_start]
             lowrank = None
@@ -116,15 +136,29 @@ def fashion(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
             print(f"  {name}: {results[name]} ({time.perf_counter() - start:.0f}s)")
         example = torch.zeros(1, 1, 28, 28)
+        # Timed in three forms: as trained (eager modules); eager with every batch norm folded into the convolution
+        # before it (for a factorized convolution: into its last factor); and compiled by inductor with weight
+        # freezing (which folds the batch norms too and fuses the elementwise operations into the convolutions).
+        # Every model and batch size compiles the same forward code once: lift dynamo's per-code recompile limit
+        # (8), past which it would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        forms = {
+            "": models,
+            "folded": {name: fold_batchnorm(model.net) for name, model in models.items()},
+            "compiled": {
+                name: compile_for_cpu(copy.deepcopy(model.net).eval()) for name, model in models.items()
+            },
+        }
         latency = {
-            batch: compare_latency(
-                models,
+            (form, batch): compare_latency(
+                nets,
                 torch.randn(batch, 1, 28, 28),
                 repeats=args.repeats,
                 warmup=5,
                 rounds=3,
                 threads=args.threads,
             )
+            for form, nets in forms.items()
             for batch in (1, big_batch)
         }
         base_params, base_macs = count_parameters(models["dense"]), count_macs(models["dense"], example)
@@ -143,14 +177,17 @@ def fashion(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "params": params,
                     "params_ratio": base_params / params,
                     "macs_ratio": base_macs / macs,
-                    "speedup_b1": latency[1]["dense"].median_ms / latency[1][name].median_ms,
                     "big_batch": big_batch,
-                    "speedup_big_batch": latency[big_batch]["dense"].median_ms
-                    / latency[big_batch][name].median_ms,
-                    "latency_b1_ms": latency[1][name].median_ms,
-                    "latency_big_batch_ms": latency[big_batch][name].median_ms,
                 }
             )
+            for form in forms:
+                suffix = f"_{form}" if form else ""
+                for batch, label in ((1, "b1"), (big_batch, "big_batch")):
+                    timings = latency[form, batch]
+                    rows[-1][f"speedup_{label}{suffix}"] = (
+                        timings["dense"].median_ms / timings[name].median_ms
+                    )
+                    rows[-1][f"latency_{label}{suffix}_ms"] = timings[name].median_ms
     return rows
 
 
@@ -454,7 +491,7 @@ def main() -> None:
     )
     parser.add_argument("--lenet-pretrain", type=int, default=5)
     parser.add_argument("--lenet-finetune", type=int, default=2)
-    parser.add_argument("--cnn-pretrain", type=int, default=3)
+    parser.add_argument("--cnn-pretrain", type=int, default=6)
     parser.add_argument("--cnn-finetune", type=int, default=1)
     parser.add_argument("--cnn-limit-train", type=int, default=12_000)
     parser.add_argument("--allocations", nargs="+", default=["energy"], choices=["energy", "uniform"])
@@ -512,6 +549,10 @@ def main() -> None:
                     "speedup_b1",
                     "big_batch",
                     "speedup_big_batch",
+                    "speedup_b1_folded",
+                    "speedup_big_batch_folded",
+                    "speedup_b1_compiled",
+                    "speedup_big_batch_compiled",
                     "step_ms",
                 ],
             )
