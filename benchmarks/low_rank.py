@@ -19,7 +19,7 @@ the docstrings of Python's standard library (read with ``ast``, nothing is impor
 from other source files than the training ones. Reported: held-out cosine similarity to the original embeddings
 before and after fine-tuning, and the latency ratio.
 
-    python -m benchmarks.low_rank            # about 15 minutes on 2 idle cores
+    python -m benchmarks.low_rank            # about 45 minutes on 2 idle cores (38 for the Fashion-MNIST part)
     python -m benchmarks.low_rank --parts minilm --accelerator gpu --distill-steps 2000 --distill-batch 64 \
         --sentences 6000 --held-out 512 --max-length 48 --distill-lr 2e-4 --results-name low_rank_gpu
     python -m benchmarks.low_rank --quick    # a few minutes: fewer images, steps and sentences
