@@ -2,6 +2,7 @@
 processes (gloo) with Lightning's ``ddp`` strategy (processes launched as scripts, no shared-memory transfer
 of results), and each rank writes what the test compares."""
 
+import atexit
 import os
 import subprocess
 import sys
@@ -12,10 +13,24 @@ import lightning.pytorch as pl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def ddp_trainer(callbacks, **overrides) -> pl.Trainer:
-    """A quiet 2-process CPU Trainer for the worker scripts: the tests' settings with the ``ddp`` strategy."""
+    """A quiet 2-process CPU Trainer for the worker scripts: the tests' settings with the ``ddp`` strategy.
+
+    The process group is left before the interpreter exits: torn down only at exit, gloo's threads can abort the
+    process (``terminate called without an active exception``) after the work is done.
+    """
     from tests.conftest import trainer_kwargs
 
+    atexit.unregister(_leave_process_group)
+    atexit.register(_leave_process_group)
     defaults = dict(devices=2, strategy="ddp", limit_val_batches=0)
     return pl.Trainer(callbacks=callbacks, **trainer_kwargs(None, **{**defaults, **overrides}))
 
