@@ -143,7 +143,7 @@ def fashion(args: argparse.Namespace) -> list[dict[str, Any]]:
         example = torch.zeros(1, 1, 28, 28)
         # Timed in three forms: as trained (eager modules); eager with every batch norm folded into the convolution
         # before it (for a factorized convolution: into its last factor); and compiled by inductor with weight
-        # freezing (which folds the batch norms too and fuses the elementwise operations into the convolutions).
+        # freezing (which folds the batch norms as well).
         # Every model and batch size compiles the same forward code once: lift dynamo's per-code recompile limit
         # (8), past which it would silently fall back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
