@@ -100,7 +100,9 @@ class BestEpoch(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.state is not None:
-            pl_module.load_state_dict(self.state)
+            # Distillation adapters saved with the best epoch are gone from the module by now.
+            keys = pl_module.state_dict().keys()
+            pl_module.load_state_dict({k: v for k, v in self.state.items() if k in keys})
 
 
 def _fit(
