@@ -27,6 +27,7 @@ __all__ = [
     "compression_stats",
     "compression_summary",
     "count_macs",
+    "count_macs_by_module",
     "count_nonzero",
     "count_parameters",
     "dense_size_bytes",
@@ -310,6 +311,29 @@ def count_macs(module: nn.Module, example_input: Any) -> int:
         >>> count_macs(nn.Conv2d(3, 8, kernel_size=3), torch.zeros(1, 3, 10, 10))  # 8*8 positions * 8 * 3*3*3
         13824
     """
+    return _flop_counter(module, example_input).get_total_flops() // 2
+
+
+def count_macs_by_module(module: nn.Module, example_input: Any) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass per submodule name (``""``: the whole module), as
+    :func:`count_macs` counts them; modules without counted operations are left out.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> count_macs_by_module(net, torch.zeros(3, 10))
+        {'': 144, '0': 120, '2': 24}
+    """
+    counter = _flop_counter(module, example_input)
+    root = type(module).__name__
+    macs = {"": counter.get_total_flops() // 2}
+    for key, ops in counter.get_flop_counts().items():
+        if key.startswith(f"{root}."):
+            macs[key[len(root) + 1 :]] = sum(ops.values()) // 2
+    return macs
+
+
+def _flop_counter(module: nn.Module, example_input: Any) -> FlopCounterMode:
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     # The fused attention fast path (eval-mode nn.MultiheadAttention / TransformerEncoderLayer) has no FLOP
     # formula and would count as zero: count the equivalent unfused computation instead.
@@ -320,7 +344,7 @@ def count_macs(module: nn.Module, example_input: Any) -> int:
             _call(module, example_input)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return counter.get_total_flops() // 2
+    return counter
 
 
 def dense_size_bytes(module: nn.Module) -> int:

@@ -113,6 +113,25 @@ def test_target_follows_the_schedule_and_reaches_the_logger(tmp_path, digits):
     assert by_step[max(by_step)] == pytest.approx(0.9)
     actual = {int(r["step"]): float(r["pruning/sparsity"]) for r in rows}
     assert actual[10] == pytest.approx(schedule.value(10), abs=1e-3)
+    # Remaining parameters and the MACs that multiply a nonzero weight, at the last update (90% of the weights
+    # of the four layers zero); 337,536 dense MACs for one 8x8 image.
+    last = rows[-1]
+    params = dict(model.named_parameters())
+    assert float(last["pruning/remaining_params"]) == sum(int((p != 0).sum()) for p in params.values())
+    layer_macs = {"net.0.weight": 9216, "net.3.weight": 294912, "net.8.weight": 32768, "net.10.weight": 640}
+    expected = 337536 - sum(m * float((params[n] == 0).float().mean()) for n, m in layer_macs.items())
+    assert float(last["pruning/nonzero_macs"]) == pytest.approx(expected, rel=1e-6)
+    assert float(last["pruning/nonzero_macs"]) == pytest.approx(0.1 * 337536, rel=0.01)
+
+
+def test_end_at_the_last_step_still_reaches_the_amount(tmp_path, digits):
+    # `end=1.0` resolves past the last optimizer step; the last update is moved onto it.
+    pruning = GradualPruning(amount=0.8, start=0.0, end=1.0, schedule="linear", frequency=7)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[pruning])
+    trainer.fit(model, datamodule=digits)
+    for layer in (model.net[0], model.net[3], model.net[8], model.net[10]):
+        assert int((layer.weight == 0).sum()) == round(0.8 * layer.weight.numel())
 
 
 def test_nm_two_four_keeps_two_of_every_four(tmp_path, digits):
@@ -122,13 +141,14 @@ def test_nm_two_four_keeps_two_of_every_four(tmp_path, digits):
     trainer.fit(model, datamodule=digits)
     for layer in (model.net[8], model.net[10]):
         groups = layer.weight.detach().reshape(layer.out_features, -1, 4)
-        assert ((groups != 0).sum(-1) <= 2).all()
+        assert ((groups != 0).sum(-1) == 2).all()  # exactly N kept: trained weights are never exactly zero
     assert pruning.amount == 0.5
 
 
-def _resume_run(tmp_path, digits, epochs, ckpt_path=None, checkpoint=None, steps=None):
+def _resume_run(tmp_path, digits, epochs, ckpt_path=None, checkpoint=None, steps=None, **kwargs):
     pl.seed_everything(7, verbose=False)
-    pruning = GradualPruning(amount=0.85, start=0.1, end=0.8, frequency=3, criterion="random")
+    kwargs = kwargs or {"amount": 0.85, "criterion": "random"}
+    pruning = GradualPruning(start=0.1, end=0.8, frequency=3, **kwargs)
     callbacks = [pruning, steps or RecordSteps()] + (
         [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
     )
@@ -154,6 +174,21 @@ def test_resume_from_a_mid_pruning_checkpoint_is_bit_exact(tmp_path, digits):
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert pruning.current_amount == pytest.approx(0.85)
+
+
+def test_structured_taylor_resume_takes_the_same_decisions(tmp_path, digits):
+    kwargs = {"amount": 0.5, "mode": "structured", "criterion": "taylor"}
+    full, full_pruning = _resume_run(tmp_path / "full", digits, epochs=3, **kwargs)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    _resume_run(tmp_path / "first", digits, epochs=3, checkpoint=ckpt, **kwargs)
+    path = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if "GradualPruning" in k)
+    assert state["plan"] and state["taylor"]  # mid-pruning, with gradient sums since the last decision
+    resumed, pruning = _resume_run(tmp_path / "second", digits, epochs=3, ckpt_path=path, **kwargs)
+    assert pruning.plan == full_pruning.plan and sum(map(len, pruning.plan.values())) == 8 + 16 + 32
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_mid_pruning_checkpoint_loads_into_the_plain_module(tmp_path, digits):
@@ -201,6 +236,11 @@ class CountSteps(Callback):
     [
         ({"mode": "2:3", "modules": nn.Linear}, "does not divide|divisible|divide"),
         ({"amount": 0.5, "modules": "decoder.*"}, "`modules`: no name 'decoder.\\*'"),
+        ({"amount": 0.5, "start": "epoch:3", "end": "epoch:4"}, "step 60, but this fit has 20 steps"),
+        (
+            {"amount": 0.5, "mode": "structured", "criterion": "taylor", "start": 0.0},
+            "none before the first optimizer",
+        ),
     ],
 )
 def test_bad_setup_fails_before_any_training_step(tmp_path, digits, kwargs, match):
@@ -357,3 +397,29 @@ def test_structured_removes_attention_heads_and_feed_forward_neurons(tmp_path, d
     removed_ffn = 32 * 32 + 32 + 32 * 32
     assert dense_params - count_parameters(model) == removed_heads + removed_ffn
     assert pruning.materialize_max_abs_diff < 1e-5
+
+
+def test_heads_do_not_hide_a_model_that_cannot_be_traced(tmp_path, digits):
+    CountSteps.steps = 0
+    model = TinyTransformer()
+    model.example_input_array = torch.zeros(1, 5)  # cannot be reshaped into 8 tokens: tracing fails
+    pruning = GradualPruning(
+        amount=0.5, mode="structured", start=0.0, end=0.5, modules=["encoder.self_attn", "encoder.linear1"]
+    )
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, CountSteps()])
+    with pytest.raises(ValueError, match="could not trace TinyTransformer"):
+        trainer.fit(model, datamodule=digits)
+    assert CountSteps.steps == 0
+
+
+def test_layernorm_groups_are_warned_about_at_setup(tmp_path, digits):
+    class FailOnFirstStep(Callback):
+        def on_train_batch_start(self, *args):
+            raise RuntimeError("stop")
+
+    model = ImageClassifier("small_cnn")
+    model.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 10))
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, FailOnFirstStep()])
+    with pytest.warns(UserWarning, match="'net.1'.*LayerNorm"), pytest.raises(RuntimeError, match="stop"):
+        trainer.fit(model, datamodule=digits)

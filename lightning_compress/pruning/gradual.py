@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -22,6 +23,7 @@ from lightning_compress._lightning import (
     first_input,
     forget_original,
     remember_original,
+    training_steps,
 )
 from lightning_compress.pruning.masks import (
     CRITERIA,
@@ -44,7 +46,7 @@ from lightning_compress.schedules import (
     validate_point,
 )
 from lightning_compress.selection import ModuleSelection, Selector
-from lightning_compress.stats import count_macs
+from lightning_compress.stats import count_macs, count_macs_by_module
 
 MODES = ("unstructured", "structured", "N:M")
 # Optimizer state that optimizers take the square root of (Adam, AdamW, AMSGrad, RMSprop, Adagrad). For pruned
@@ -211,6 +213,8 @@ class GradualPruning(Callback):
         self._metrics: dict[str, float] = {}
         self._structure_metrics: dict[str, float] = {}
         self._structure_key: tuple | None = None
+        self._layer_macs: dict[str, int] = {}
+        self._last_input: Any = None
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -232,6 +236,20 @@ class GradualPruning(Callback):
                 raise ValueError(f"The selection {self.selection} has no `weight` parameter to prune.")
             if self.mode == "N:M":
                 validate_nm(self.n, self.m, {k: p.shape for k, p in self._params.items()})
+            self._layer_macs = {}
+            example = self.example_input if self.example_input is not None else pl_module.example_input_array
+            if example is not None:
+                # Each weight of a Linear/Conv layer takes part in the same number of multiply-accumulates, so
+                # a layer's zeros remove that fraction of its MACs (for hardware or kernels that skip them).
+                device = next(pl_module.parameters()).device
+                macs = count_macs_by_module(pl_module, to_device(detach_input(example, max_batch=1), device))
+                self._layer_macs = {f"{n}.weight": macs.get(n, 0) for n, _ in selected}
+                self._layer_macs[""] = macs[""]
+        if self.criterion == "taylor" and self._schedule.start == 0:
+            raise ValueError(
+                "`criterion='taylor'` ranks channels by their gradients, and there are none before the first "
+                "optimizer step: start pruning at step 1 or later (e.g. `start='step:1'`)."
+            )
         if self.criterion == "taylor" and not pl_module.automatic_optimization:
             raise ValueError(
                 "`criterion='taylor'` reads gradients before each optimizer step, which needs automatic "
@@ -241,14 +259,24 @@ class GradualPruning(Callback):
     def _build_schedule(self, trainer: pl.Trainer) -> Schedule:
         if self.mode == "N:M":
             # The pattern is fixed: applied at `start`, kept afterwards.
-            return build_schedule(trainer, self.amount, self.amount, self.start, self.start, "constant", 1)
-        schedule = build_schedule(
-            trainer, self.initial_amount, self.amount, self.start, self.end, self.schedule, 1
-        )
-        frequency = self.frequency or max(1, (schedule.end - schedule.start) // 20)
-        return Schedule(
-            schedule.initial, schedule.final, schedule.start, schedule.end, schedule.schedule, frequency
-        )
+            schedule = build_schedule(
+                trainer, self.amount, self.amount, self.start, self.start, "constant", 1
+            )
+        else:
+            schedule = build_schedule(
+                trainer, self.initial_amount, self.amount, self.start, self.end, self.schedule, 1
+            )
+        last = training_steps(trainer)[0] - 1
+        if schedule.start > last:
+            raise ValueError(
+                f"`start={self.start!r}` is optimizer step {schedule.start}, but this fit has {last + 1} steps "
+                f"(0 to {last}): pruning would never happen."
+            )
+        # Masks are updated before a step runs: an `end` at or past the fit's length (`end=1.0`) is moved to the
+        # last step, so that `amount` is reached.
+        end = min(schedule.end, last)
+        frequency = 1 if self.mode == "N:M" else self.frequency or max(1, (end - schedule.start) // 20)
+        return Schedule(schedule.initial, schedule.final, schedule.start, end, schedule.schedule, frequency)
 
     def _setup_structured(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[tuple[str, nn.Module]]
@@ -263,6 +291,15 @@ class GradualPruning(Callback):
             scope=self.scope,
             round_to=self.round_to,
         )
+        channels = self._pruner.channels
+        inexact = [g.root for g in channels.groups if not g.exact] if channels is not None else []
+        if inexact:
+            rank_zero_warn(
+                f"GradualPruning: the channel groups of {inexact} pass through a LayerNorm, which normalizes "
+                "across channels, so zeroing a channel is not the same as removing it: validation during "
+                "training scores the masked model, and the model with the channels removed will differ. "
+                "Leave these layers out (`exclude=`) for an exact match."
+            )
         if self._pruner.skipped:
             skipped = "; ".join(f"{name!r}: {why}" for name, why in self._pruner.skipped.items())
             rank_zero_info(f"GradualPruning leaves these layers' channels alone: {skipped}.")
@@ -316,6 +353,12 @@ class GradualPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         assert self._schedule is not None
+        if self.mode == "structured":
+            # Kept (by reference) for the check that removing the channels changes nothing, on real data.
+            try:
+                self._last_input = first_input(batch)
+            except TypeError:
+                self._last_input = None
         step = trainer.global_step
         if (
             step > self._schedule.end
@@ -395,6 +438,12 @@ class GradualPruning(Callback):
             pl_module.eval()
             with torch.no_grad():
                 diff = _max_abs_diff(masked, pl_module, self._example)
+                if self._last_input is not None:
+                    batch = detach_input(self._last_input, max_batch=32)
+                    # A model that takes more than the batch's first element is checked on the example only.
+                    with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                        diff = max(diff, _max_abs_diff(masked, pl_module, batch))
+                self._last_input = None
             self.materialize_max_abs_diff = diff
             if diff > 1e-4:
                 rank_zero_warn(
@@ -488,6 +537,13 @@ class GradualPruning(Callback):
         }
         if self.mode == "structured":
             metrics["pruning/removed_channels"] = float(sum(len(v) for v in self.plan.values()))
+        elif self._layer_macs:
+            skipped = sum(
+                macs * float((self._params[name] == 0).float().mean())
+                for name, macs in self._layer_macs.items()
+                if name in self._params
+            )
+            metrics["pruning/nonzero_macs"] = self._layer_macs[""] - skipped
         if self.log_per_layer:
             for name, param in self._params.items():
                 if name.endswith("weight") and param.dim() > 1:
@@ -619,7 +675,7 @@ class _Structure:
         round_to: int,
     ) -> None:
         from lightning_compress.pruning.heads import HEAD_CRITERIA, HeadPruner
-        from lightning_compress.pruning.structured import StructuredPruner
+        from lightning_compress.pruning.structured import NoChannelGroupError, StructuredPruner
 
         self.scope, self.criterion = scope, criterion
         attention = [n for n, m in selected if isinstance(m, nn.MultiheadAttention)]
@@ -645,7 +701,8 @@ class _Structure:
                     strict=False,
                 )
                 self.skipped = dict(self.channels.skipped)
-            except ValueError:
+            except NoChannelGroupError:
+                # Attention heads alone are enough to prune; a model that cannot be traced is still an error.
                 if self.heads is None:
                     raise
         params: set[str] = set()

@@ -51,6 +51,10 @@ _NO_PARAMS = {
 _CUTS = {tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE}
 
 
+class NoChannelGroupError(ValueError):
+    """The traced model has no channel group to prune among the selected layers (tracing itself worked)."""
+
+
 @dataclass(eq=False)
 class ParamSlice:
     """The entries of one parameter that a group removes: index ``positions[i]`` along ``dim`` goes with
@@ -433,12 +437,12 @@ class StructuredPruner:
                     if why
                     else " (it is no Conv/Linear layer in the graph)"
                 )
-                raise ValueError(f"`modules`: {name!r} has no prunable channel group{detail}.")
+                raise NoChannelGroupError(f"`modules`: {name!r} has no prunable channel group{detail}.")
         if not self.groups:
             why = (
                 "; ".join(f"{r!r}: {w}" for r, w in self.skipped.items()) or "no Conv/Linear layer was traced"
             )
-            raise ValueError(
+            raise NoChannelGroupError(
                 f"{type(model).__name__} has no prunable channel group ({why}). Check `modules`/`ignored`."
             )
         if self.importance == "bn_scale":
