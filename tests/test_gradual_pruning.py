@@ -1,4 +1,5 @@
 import csv
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -423,3 +424,44 @@ def test_layernorm_groups_are_warned_about_at_setup(tmp_path, digits):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, FailOnFirstStep()])
     with pytest.warns(UserWarning, match="'net.1'.*LayerNorm"), pytest.raises(RuntimeError, match="stop"):
         trainer.fit(model, datamodule=digits)
+
+
+def test_a_run_resumed_after_the_ramp_still_logs_its_sparsity(tmp_path, digits):
+    def run(ckpt_path=None, logger=False, callbacks=()):
+        pruning = GradualPruning(amount=0.6, start=0.0, end=0.25)  # the ramp ends at step 10 of 40
+        kwargs = trainer_kwargs(
+            tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1, enable_checkpointing=bool(callbacks)
+        )
+        trainer = pl.Trainer(**kwargs, callbacks=[pruning, *callbacks])
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits, ckpt_path=ckpt_path)
+
+    run(callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)])
+    logger = CSVLogger(tmp_path, name="resumed")
+    run(ckpt_path=tmp_path / "ckpt" / "epoch=0-step=20.ckpt", logger=logger)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("pruning/sparsity")]
+    assert len(rows) == 20 and min(int(r["step"]) for r in rows) == 20
+    assert all(float(r["pruning/sparsity"]) == pytest.approx(0.6, abs=1e-3) for r in rows)
+
+
+def test_taylor_scores_are_averaged_over_processes_before_the_decision():
+    calls = []
+
+    class Strategy:
+        def reduce(self, tensor, reduce_op):
+            calls.append(reduce_op)
+            return tensor * 2  # what another rank's scores would add
+
+    pruning = GradualPruning(amount=0.5, mode="structured", criterion="taylor", start="step:1")
+    pruning._taylor = {"net.0.weight": torch.ones(3)}
+    reduced = pruning._reduced_taylor(SimpleNamespace(strategy=Strategy()))
+    assert calls == ["mean"] and torch.equal(reduced["net.0.weight"], torch.full((3,), 2.0))
+
+
+def test_structured_leaves_excluded_layers_whole(tmp_path, digits):
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, exclude="net.3")
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning])
+    trainer.fit(model, datamodule=digits)
+    assert model.net[0].out_channels == 8 and model.net[8].out_features == 32  # pruned
+    assert model.net[3].out_channels == 32 and model.net[3].in_channels == 8  # its own channels kept

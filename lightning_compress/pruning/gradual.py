@@ -345,9 +345,11 @@ class GradualPruning(Callback):
             if owned:
                 self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         if self.masks:
-            # Resumed: the loaded weights already carry the zeros; keep them exact from the first step on.
+            # Resumed: the loaded weights already carry the zeros; keep them exact from the first step on, and
+            # log the restored state until the next update (there is none after `end`).
             self._move_masks(pl_module)
             self._apply(trainer)
+            self._metrics = self._compute_metrics(pl_module, self.current_amount)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
