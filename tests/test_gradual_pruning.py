@@ -294,9 +294,10 @@ def test_structured_masks_zero_whole_groups_during_training(tmp_path, digits):
             self.n_removed = len(removed)
 
     pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, materialize=False)
-    inspect = Inspect()
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, inspect])
-    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    inspect, check = Inspect(), ZerosAfterEveryStep(pruning)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, inspect, check])
+    trainer.fit(SGDClassifier("small_cnn"), datamodule=digits)  # momentum and weight decay
+    assert check.checked > 0 and check.violations == 0
     assert inspect.n_removed == 8
     assert inspect.conv_out == inspect.bn_weight == inspect.bn_bias == inspect.consumer_in == 0.0
 
