@@ -466,3 +466,17 @@ def test_structured_leaves_excluded_layers_whole(tmp_path, digits):
     trainer.fit(model, datamodule=digits)
     assert model.net[0].out_channels == 8 and model.net[8].out_features == 32  # pruned
     assert model.net[3].out_channels == 32 and model.net[3].in_channels == 8  # its own channels kept
+
+
+def test_taylor_with_manual_optimization_fails_at_setup(tmp_path, digits):
+    class Manual(ImageClassifier):
+        def __init__(self):
+            super().__init__("small_cnn")
+            self.automatic_optimization = False
+
+    CountSteps.steps = 0
+    pruning = GradualPruning(amount=0.5, mode="structured", criterion="taylor", start="step:1")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, CountSteps()])
+    with pytest.raises(ValueError, match="needs automatic optimization"):
+        trainer.fit(Manual(), datamodule=digits)
+    assert CountSteps.steps == 0
