@@ -211,50 +211,77 @@ def minilm_path() -> Path:
 _BAD = re.compile(r"[>{}\[\]=_|*`#@\\<]")
 
 
-def docstring_sentences() -> dict[str, list[str]]:
+def _docstring_sentences(path: Path, seen: set[str]) -> list[str]:
+    """English sentences (8-40 words, no code) from the docstrings of one source file, skipping any in ``seen``."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    sentences = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        doc = ast.get_docstring(node)
+        for paragraph in re.split(r"\n\s*\n", doc or ""):
+            text = re.sub(r"\s+", " ", paragraph).strip()
+            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+                words = sentence.split()
+                if (
+                    8 <= len(words) <= 40
+                    and re.match(r"^[A-Z][a-z]+ ", sentence)
+                    and sentence.endswith(".")
+                    and not _BAD.search(sentence)
+                    and sentence not in seen
+                ):
+                    seen.add(sentence)
+                    sentences.append(sentence)
+    return sentences
+
+
+def docstring_sentences(seen: set[str] | None = None) -> dict[str, list[str]]:
     """English sentences from the docstrings of the standard library's source files, by file (sorted)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    seen = set() if seen is None else seen
     by_file: dict[str, list[str]] = {}
-    seen: set[str] = set()
     for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
         if "test" in path.parent.name or path.name.startswith("test"):
             continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        sentences = []
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            doc = ast.get_docstring(node)
-            for paragraph in re.split(r"\n\s*\n", doc or ""):
-                text = re.sub(r"\s+", " ", paragraph).strip()
-                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-                    words = sentence.split()
-                    if (
-                        8 <= len(words) <= 40
-                        and re.match(r"^[A-Z][a-z]+ ", sentence)
-                        and sentence.endswith(".")
-                        and not _BAD.search(sentence)
-                        and sentence not in seen
-                    ):
-                        seen.add(sentence)
-                        sentences.append(sentence)
+        sentences = _docstring_sentences(path, seen)
         if sentences:
             by_file[str(path.relative_to(stdlib))] = sentences
     return by_file
 
 
-def split_sentences(train_size: int, held_out_size: int, seed: int) -> tuple[list[str], list[str]]:
-    """Training and held-out sentences from disjoint source files (a file goes to held-out by a hash of its name)."""
+def package_sentences(packages: list[str], seen: set[str]) -> list[str]:
+    """Docstring sentences from installed packages' source files (tests left out), for more training text."""
+    sentences: list[str] = []
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"`--text-packages`: no installed package {package!r}.")
+        for root in spec.submodule_search_locations:
+            for path in sorted(Path(root).rglob("*.py")):
+                if not any(part.startswith("test") for part in path.relative_to(root).parts):
+                    sentences += _docstring_sentences(path, seen)
+    return sentences
+
+
+def split_sentences(
+    train_size: int, held_out_size: int, seed: int, packages: list[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Training and held-out sentences from disjoint source files (a standard-library file goes to held-out by a
+    hash of its name); the docstrings of ``packages`` add training sentences only."""
     train, held_out = [], []
-    for name, sentences in docstring_sentences().items():
+    seen: set[str] = set()
+    for name, sentences in docstring_sentences(seen).items():
         bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5
         (held_out if bucket == 0 else train).extend(sentences)
     rng = random.Random(seed)
     rng.shuffle(train)
     rng.shuffle(held_out)
+    if packages:
+        train += package_sentences(list(packages), seen)
+        rng.shuffle(train)
     return train[:train_size], held_out[:held_out_size]
 
 
@@ -394,7 +421,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
     teacher = SentenceEncoder(encoder).to(device).eval()
     teacher.requires_grad_(False)
-    train_text, held_text = split_sentences(args.sentences, args.held_out, args.seed)
+    train_text, held_text = split_sentences(args.sentences, args.held_out, args.seed, args.text_packages)
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
         out = tokenizer(
@@ -504,6 +531,12 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=1024)
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument(
+        "--text-packages",
+        nargs="*",
+        default=[],
+        help="installed packages whose docstrings add training sentences (held-out stays standard library)",
+    )
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--distill-steps", type=int, default=80)
     parser.add_argument("--distill-batch", type=int, default=32)

@@ -91,7 +91,7 @@ class GradualPruning(Callback):
         scope: ``"layer"`` (every layer reaches ``amount``) or ``"global"`` (one ranking across layers).
         schedule: schedule name or callable, see :mod:`lightning_compress.schedules`.
         start: when pruning starts (fraction of training, ``"step:N"`` or ``"epoch:N"``).
-        end: when ``amount`` is reached.
+        end: when ``amount`` is reached (at the latest on the fit's last optimizer step, e.g. for ``end=1.0``).
         frequency: optimizer steps between mask updates (``None``: 20 updates over ``[start, end]``).
         initial_amount: amount at ``start``.
         modules: layers to prune (types and/or name patterns); for structured mode, the layers whose output
