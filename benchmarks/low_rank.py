@@ -304,7 +304,8 @@ class SentenceEncoder(nn.Module):
 
 class EmbeddingDistillation(pl.LightningModule):
     """Fine-tunes a student sentence encoder towards the teacher: ``1 - cos`` of the sentence embeddings (fixed
-    targets in the batch), plus ``token_weight`` times ``1 - cos`` of every token's last hidden state."""
+    targets in the batch), plus ``token_weight`` times ``1 - cos`` of every token's hidden state, the last one's
+    or, with ``all_layers``, every layer's (averaged over the layers)."""
 
     def __init__(
         self,
@@ -312,6 +313,7 @@ class EmbeddingDistillation(pl.LightningModule):
         lr: float,
         teacher: SentenceEncoder | None = None,
         token_weight: float = 0.0,
+        all_layers: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -319,6 +321,7 @@ class EmbeddingDistillation(pl.LightningModule):
         # Kept out of the module tree: the teacher is neither trained, saved nor factorized.
         self._teacher = [teacher] if teacher is not None else []
         self.token_weight = token_weight
+        self.all_layers = all_layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.student(input_ids, attention_mask)
@@ -330,13 +333,19 @@ class EmbeddingDistillation(pl.LightningModule):
             self.log("distill_loss", loss, prog_bar=True)
             return loss
         inputs = model_input(batch)
-        hidden = self.student.encoder(**inputs).last_hidden_state
+        out = self.student.encoder(**inputs, output_hidden_states=self.all_layers)
         with torch.no_grad():
-            target = self._teacher[0].encoder(**inputs).last_hidden_state
+            reference = self._teacher[0].encoder(**inputs, output_hidden_states=self.all_layers)
         mask = inputs["attention_mask"].bool()
-        embedding = mean_pool(hidden, inputs["attention_mask"])
+        embedding = mean_pool(out.last_hidden_state, inputs["attention_mask"])
         loss = 1.0 - F.cosine_similarity(embedding, batch["target"]).mean()
-        loss = loss + self.token_weight * (1.0 - F.cosine_similarity(hidden[mask], target[mask]).mean())
+        pairs = (
+            list(zip(out.hidden_states[1:], reference.hidden_states[1:], strict=True))
+            if self.all_layers
+            else [(out.last_hidden_state, reference.last_hidden_state)]
+        )
+        token = torch.stack([1.0 - F.cosine_similarity(h[mask], t[mask]).mean() for h, t in pairs]).mean()
+        loss = loss + self.token_weight * token
         self.log("distill_loss", loss, prog_bar=True)
         return loss
 
@@ -448,6 +457,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.distill_batch,
         "lr": args.distill_lr,
         "token_weight": args.token_weight,
+        "all_layers": args.all_layers,
         "accelerator": args.accelerator,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "teacher_params": count_parameters(teacher),
@@ -465,7 +475,11 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             generator=torch.Generator().manual_seed(args.seed),
         )
         module = EmbeddingDistillation(
-            copy.deepcopy(teacher).requires_grad_(True), args.distill_lr, teacher, args.token_weight
+            copy.deepcopy(teacher).requires_grad_(True),
+            args.distill_lr,
+            teacher,
+            args.token_weight,
+            args.all_layers,
         )
         lowrank = LowRankReplacement(
             budget=0.5,
@@ -542,6 +556,11 @@ def main() -> None:
     parser.add_argument("--distill-batch", type=int, default=32)
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--token-weight", type=float, default=0.0, help="weight of the per-token loss")
+    parser.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="per-token loss on every layer's hidden states, not the last",
+    )
     parser.add_argument(
         "--methods", nargs="+", default=["svd", "whitened"], choices=["svd", "whitened", "asvd"]
     )
