@@ -213,6 +213,7 @@ class GradualPruning(Callback):
         self._metrics: dict[str, float] = {}
         self._structure_metrics: dict[str, float] = {}
         self._structure_key: tuple | None = None
+        self._dense_macs = 0
         self._layer_macs: dict[str, int] = {}
         self._last_input: Any = None
 
@@ -237,14 +238,13 @@ class GradualPruning(Callback):
             if self.mode == "N:M":
                 validate_nm(self.n, self.m, {k: p.shape for k, p in self._params.items()})
             self._layer_macs = {}
-            example = self.example_input if self.example_input is not None else pl_module.example_input_array
+            example = self._find_example(pl_module)
             if example is not None:
                 # Each weight of a Linear/Conv layer takes part in the same number of multiply-accumulates, so
                 # a layer's zeros remove that fraction of its MACs (for hardware or kernels that skip them).
-                device = next(pl_module.parameters()).device
-                macs = count_macs_by_module(pl_module, to_device(detach_input(example, max_batch=1), device))
-                self._layer_macs = {f"{n}.weight": macs.get(n, 0) for n, _ in selected}
-                self._layer_macs[""] = macs[""]
+                macs = count_macs_by_module(pl_module, example)
+                self._dense_macs = macs[""]
+                self._layer_macs = {name: macs.get(name.removesuffix(".weight"), 0) for name in self._params}
         if self.criterion == "taylor" and self._schedule.start == 0:
             raise ValueError(
                 "`criterion='taylor'` ranks channels by their gradients, and there are none before the first "
@@ -281,7 +281,12 @@ class GradualPruning(Callback):
     def _setup_structured(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[tuple[str, nn.Module]]
     ) -> None:
-        self._example = self._find_example(trainer, pl_module)
+        self._example = self._find_example(pl_module, trainer.train_dataloader)
+        if self._example is None:
+            raise ValueError(
+                "Structured pruning traces the model and needs an example input: set "
+                "`example_input_array` on the LightningModule or pass `example_input`."
+            )
         self._pruner = _Structure(
             pl_module,
             self._example,
@@ -306,15 +311,13 @@ class GradualPruning(Callback):
         params = dict(pl_module.named_parameters())
         self._params = {name: params[name] for name in self._pruner.params}
 
-    def _find_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    def _find_example(self, pl_module: pl.LightningModule, loader: Any = None) -> Any:
+        """One sample on the module's device: ``example_input``, else ``example_input_array``, else the first
+        batch of ``loader``; ``None`` when there is none of them."""
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         if example is None:
-            loader = trainer.train_dataloader
             if loader is None:
-                raise ValueError(
-                    "Structured pruning traces the model and needs an example input: set "
-                    "`example_input_array` on the LightningModule or pass `example_input`."
-                )
+                return None
             example = first_input(next(iter(loader)))
         device = next(pl_module.parameters()).device
         return to_device(detach_input(example, max_batch=1), device)
@@ -543,9 +546,8 @@ class GradualPruning(Callback):
             skipped = sum(
                 macs * float((self._params[name] == 0).float().mean())
                 for name, macs in self._layer_macs.items()
-                if name in self._params
             )
-            metrics["pruning/nonzero_macs"] = self._layer_macs[""] - skipped
+            metrics["pruning/nonzero_macs"] = self._dense_macs - skipped
         if self.log_per_layer:
             for name, param in self._params.items():
                 if name.endswith("weight") and param.dim() > 1:
