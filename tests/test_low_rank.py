@@ -366,11 +366,20 @@ class SGDClassifier(ImageClassifier):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def _fit(root, digits, epochs, ckpt_path=None, stop_early=False, logger=False, steps=None):
+def _two_replacements():
+    """Convolutions and Linear layers by two callbacks, at different settings."""
+    return [
+        LowRankReplacement(rank=0.5, modules=nn.Conv2d, min_params=1000, calibration_batches=4, verbose=False),
+        LowRankReplacement(budget=0.25, modules=nn.Linear, method="svd", verbose=False),
+    ]
+
+
+def _fit(root, digits, epochs, ckpt_path=None, stop_early=False, logger=False, steps=None, lowranks=None):
     pl.seed_everything(3, verbose=False)
-    lowrank = LowRankReplacement(budget=0.5, calibration_batches=4, verbose=False)
+    lowranks = lowranks or [LowRankReplacement(budget=0.5, calibration_batches=4, verbose=False)]
+    lowrank = lowranks[0] if len(lowranks) == 1 else lowranks
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
-    callbacks = [lowrank, checkpoint, steps or RecordSteps()] + (
+    callbacks = [*lowranks, checkpoint, steps or RecordSteps()] + (
         [StopAfterFirstEpoch()] if stop_early else []
     )
     model = SGDClassifier("small_cnn")
@@ -422,6 +431,31 @@ def test_fit_resumes_exactly_and_a_fresh_module_tests_from_the_checkpoint(tmp_pa
     assert float(rows[0]["low_rank/net.8/rank"]) == lowrank.layers["net.8"]["rank"]
     assert float(rows[0]["low_rank/params_ratio"]) == pytest.approx(lowrank.totals["params_ratio"], rel=1e-6)
     assert 0.0 < float(rows[0]["low_rank/net.8/output_error"]) < float(rows[0]["low_rank/net.8/weight_error"])
+
+
+def test_two_callbacks_on_different_layers_keep_separate_states_and_resume_exactly(tmp_path, digits):
+    full, (convs, linears), _ = _fit(tmp_path / "full", digits, epochs=2, lowranks=_two_replacements())
+    assert set(convs.layers) == {"net.3"} and set(linears.layers) == {"net.8"}
+    assert convs.state_key != linears.state_key
+    # Whole-model totals compare with the model before the first replacement.
+    dense = sum(p.numel() for p in SGDClassifier("small_cnn").parameters())
+    assert linears.totals["params_ratio"] == dense / sum(p.numel() for p in full.parameters())
+    assert 1.0 < convs.totals["params_ratio"] < linears.totals["params_ratio"]
+    assert isinstance(full.net[3], TuckerConv2d) and isinstance(full.net[8], LowRankLinear)
+    _fit(tmp_path / "first", digits, epochs=2, stop_early=True, lowranks=_two_replacements())
+    resumed, (resumed_convs, resumed_linears), _ = _fit(
+        tmp_path / "second",
+        digits,
+        epochs=2,
+        ckpt_path=tmp_path / "first" / "ckpt" / "epoch=0-step=20.ckpt",
+        lowranks=_two_replacements(),
+    )
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed_convs.layers == convs.layers and resumed_linears.layers == linears.layers
+    ckpt = torch.load(tmp_path / "full" / "ckpt" / "epoch=1-step=40.ckpt", weights_only=False)
+    states = [v for k, v in ckpt["callbacks"].items() if "LowRankReplacement" in k]
+    assert sorted(sorted(state["layers"]) for state in states) == [["net.3"], ["net.8"]]
 
 
 class RecordLoss(Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -304,7 +305,8 @@ class LowRankReplacement(Callback):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is self:
                 return
-            if _selects_layers(callback):
+            # An earlier LowRankReplacement is fine: the layers it factorized are not selected again.
+            if _selects_layers(callback) and not isinstance(callback, LowRankReplacement):
                 raise ValueError(
                     f"List LowRankReplacement before {type(callback).__name__} in `Trainer(callbacks=...)`: it "
                     f"replaces layers that {type(callback).__name__} selects, so it must set up first."
@@ -602,6 +604,18 @@ class LowRankReplacement(Callback):
         return "\n".join(lines)
 
     # -- checkpoints ---------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning reads it at every hook call: computed once
+        # Several LowRankReplacement callbacks (e.g. other layers at other ranks) keep separate states.
+        return self._generate_state_key(
+            rank=self.rank,
+            energy=self.energy,
+            budget=self.budget,
+            budget_on=self.budget_on,
+            conv=self.conv,
+            selection=str(self.selection),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
