@@ -32,6 +32,7 @@ import ast
 import copy
 import hashlib
 import importlib.util
+import math
 import os
 import random
 import re
@@ -314,10 +315,16 @@ class EmbeddingDistillation(pl.LightningModule):
         teacher: SentenceEncoder | None = None,
         token_weight: float = 0.0,
         all_layers: bool = False,
+        schedule: str = "constant",
+        steps: int = 0,
+        warmup: int = 0,
     ) -> None:
         super().__init__()
         self.student = student
         self.lr = lr
+        self.schedule = schedule
+        self.steps = steps
+        self.warmup = warmup
         # Kept out of the module tree: the teacher is neither trained, saved nor factorized.
         self._teacher = [teacher] if teacher is not None else []
         self.token_weight = token_weight
@@ -327,6 +334,9 @@ class EmbeddingDistillation(pl.LightningModule):
         return self.student(input_ids, attention_mask)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if "target" not in batch:  # augmented text: the teacher embeds each batch as it comes
+            with torch.no_grad():
+                batch["target"] = self._teacher[0](batch["input_ids"], batch["attention_mask"])
         if not self.token_weight:
             embedding = self(batch["input_ids"], batch["attention_mask"])
             loss = 1.0 - F.cosine_similarity(embedding, batch["target"]).mean()
@@ -349,8 +359,19 @@ class EmbeddingDistillation(pl.LightningModule):
         self.log("distill_loss", loss, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+        if self.schedule == "constant":
+            return optimizer
+
+        def factor(step: int) -> float:  # linear warm-up, then a cosine down to zero at the last step
+            if step < self.warmup:
+                return (step + 1) / self.warmup
+            progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def model_input(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -373,6 +394,31 @@ class Tokenized(torch.utils.data.Dataset):
         return item
 
 
+class AugmentedText(torch.utils.data.Dataset):
+    """Training sentences changed at random each time they are drawn: 30 % keep their beginning and continue with
+    the end of another sentence, 30 % are cut to a run of their middle words, the rest stay as they are. Inputs
+    the student has not seen before at every epoch; the teacher embeds them as they come."""
+
+    def __init__(self, texts: list[str], seed: int) -> None:
+        self.texts = texts
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> str:
+        words = self.texts[index].split()
+        draw = self.rng.random()
+        if draw < 0.3:
+            other = self.texts[self.rng.randrange(len(self.texts))].split()
+            words = words[: self.rng.randint(3, len(words))] + other[self.rng.randint(0, len(other) - 3) :]
+        elif draw < 0.6:
+            n = len(words)
+            first = self.rng.randint(0, n // 3)
+            words = words[first : self.rng.randint(max(first + 4, 2 * n // 3), n)]
+        return " ".join(words)
+
+
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
     # Trim the padding every item of the batch has, so that short batches stay cheap.
@@ -393,15 +439,17 @@ def embed(model: nn.Module, dataset: Tokenized, batch_size: int = 64) -> torch.T
 
 
 class HeldOutCosine(Callback):
-    """Mean cosine similarity of held-out embeddings to the teacher's, as training starts (after factorization)."""
+    """Mean cosine similarity of embeddings to the teacher's as training starts (after factorization), on the
+    held-out sentences and on sentences seen in training."""
 
-    def __init__(self, held_out: Tokenized, reference: torch.Tensor) -> None:
-        self.held_out = held_out
-        self.reference = reference
-        self.cosine: float | None = None
+    def __init__(
+        self, held_out: Tokenized, reference: torch.Tensor, seen: Tokenized, seen_reference: torch.Tensor
+    ) -> None:
+        self.sets = {"held_out": (held_out, reference), "seen": (seen, seen_reference)}
+        self.cosine: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.cosine = cosine(pl_module.student, self.held_out, self.reference)
+        self.cosine = {name: cosine(pl_module.student, *pair) for name, pair in self.sets.items()}
         pl_module.train()
 
 
@@ -448,6 +496,13 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         f"{time.perf_counter() - start:.0f}s"
     )
     train_set = Tokenized(train_tokens, targets)
+    # The first training sentences, to compare the fit on seen text with the held-out one.
+    seen = min(len(train_text), len(held_text))
+    seen_set = Tokenized({k: v[:seen] for k, v in train_tokens.items()})
+
+    def tokenize_batch(texts: list[str]) -> dict[str, torch.Tensor]:
+        out = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     results: dict[str, Any] = {
         "sentences_train": len(train_text),
@@ -458,6 +513,9 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.distill_lr,
         "token_weight": args.token_weight,
         "all_layers": args.all_layers,
+        "lr_schedule": args.distill_schedule,
+        "warmup_steps": args.warmup_steps,
+        "augment": args.augment,
         "accelerator": args.accelerator,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "teacher_params": count_parameters(teacher),
@@ -468,10 +526,10 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         pl.seed_everything(args.seed, verbose=False)
         loader = DataLoader(
-            train_set,
+            AugmentedText(train_text, args.seed) if args.augment else train_set,
             batch_size=args.distill_batch,
             shuffle=True,
-            collate_fn=collate,
+            collate_fn=tokenize_batch if args.augment else collate,
             generator=torch.Generator().manual_seed(args.seed),
         )
         module = EmbeddingDistillation(
@@ -480,6 +538,9 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             teacher,
             args.token_weight,
             args.all_layers,
+            args.distill_schedule,
+            args.distill_steps,
+            args.warmup_steps,
         )
         lowrank = LowRankReplacement(
             budget=0.5,
@@ -490,7 +551,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             calibration_input=model_input,
             verbose=False,
         )
-        at_start = HeldOutCosine(held_out, reference)
+        at_start = HeldOutCosine(held_out, reference, seen_set, targets[:seen])
         trainer = pl.Trainer(
             max_steps=args.distill_steps,
             accelerator=args.accelerator,
@@ -507,8 +568,10 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         after = cosine(module.student, held_out, reference)
         results["methods"][method] = {
-            "cosine_before_finetune": at_start.cosine,
+            "cosine_before_finetune": at_start.cosine["held_out"],
             "cosine_after_finetune": after,
+            "cosine_seen_before_finetune": at_start.cosine["seen"],
+            "cosine_seen_after_finetune": cosine(module.student, seen_set, targets[:seen]),
             "linear_params_ratio": results["teacher_linear_params"] / linear_weight_params(module.student),
             "params_ratio": results["teacher_params"] / count_parameters(module.student),
             "replaced_layers": len(lowrank.layers),
@@ -555,6 +618,18 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=80)
     parser.add_argument("--distill-batch", type=int, default=32)
     parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--distill-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="learning rate: constant, or a linear warm-up then a cosine decay to zero",
+    )
+    parser.add_argument("--warmup-steps", type=int, default=0, help="with --distill-schedule cosine")
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="join and crop training sentences at random each epoch; the teacher embeds them as they come",
+    )
     parser.add_argument("--token-weight", type=float, default=0.0, help="weight of the per-token loss")
     parser.add_argument(
         "--all-layers",
@@ -630,6 +705,8 @@ def main() -> None:
                     "params_ratio",
                     "cosine_before_finetune",
                     "cosine_after_finetune",
+                    "cosine_seen_before_finetune",
+                    "cosine_seen_after_finetune",
                     "mean_output_error",
                     "speedup",
                 ],
