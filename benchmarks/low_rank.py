@@ -22,6 +22,9 @@ before and after fine-tuning, and the latency ratio.
     python -m benchmarks.low_rank            # about 45 minutes on 2 idle cores (38 for the Fashion-MNIST part)
     python -m benchmarks.low_rank --parts minilm --accelerator gpu --distill-steps 2000 --distill-batch 64 \
         --sentences 6000 --held-out 512 --max-length 48 --distill-lr 2e-4 --results-name low_rank_gpu
+    python -m benchmarks.low_rank --parts minilm --calibration-batches 16 --sentences 6000 --held-out 512 \
+        --distill-steps 1500 --distill-lr 4e-4 --distill-schedule cosine --warmup-steps 100 --augment \
+        --results-name low_rank_minilm_augment    # the MiniLM part with the better fine-tuning protocol
     python -m benchmarks.low_rank --quick    # a few minutes: fewer images, steps and sentences
 """
 
