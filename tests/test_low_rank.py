@@ -369,7 +369,9 @@ class SGDClassifier(ImageClassifier):
 def _two_replacements():
     """Convolutions and Linear layers by two callbacks, at different settings."""
     return [
-        LowRankReplacement(rank=0.5, modules=nn.Conv2d, min_params=1000, calibration_batches=4, verbose=False),
+        LowRankReplacement(
+            rank=0.5, modules=nn.Conv2d, min_params=1000, calibration_batches=4, verbose=False
+        ),
         LowRankReplacement(budget=0.25, modules=nn.Linear, method="svd", verbose=False),
     ]
 
