@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import hashlib
 import importlib.util
 import math
@@ -483,9 +484,9 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     teacher.requires_grad_(False)
     train_text, held_text = split_sentences(args.sentences, args.held_out, args.seed, args.text_packages)
 
-    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(texts: list[str], padding: str | bool = "max_length") -> dict[str, torch.Tensor]:
         out = tokenizer(
-            texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt"
+            texts, padding=padding, truncation=True, max_length=args.max_length, return_tensors="pt"
         )
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
@@ -502,10 +503,6 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     # The first training sentences, to compare the fit on seen text with the held-out one.
     seen = min(len(train_text), len(held_text))
     seen_set = Tokenized({k: v[:seen] for k, v in train_tokens.items()})
-
-    def tokenize_batch(texts: list[str]) -> dict[str, torch.Tensor]:
-        out = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     results: dict[str, Any] = {
         "sentences_train": len(train_text),
@@ -532,7 +529,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             AugmentedText(train_text, args.seed) if args.augment else train_set,
             batch_size=args.distill_batch,
             shuffle=True,
-            collate_fn=tokenize_batch if args.augment else collate,
+            collate_fn=functools.partial(tokenize, padding=True) if args.augment else collate,
             generator=torch.Generator().manual_seed(args.seed),
         )
         module = EmbeddingDistillation(
