@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.distillation --threads 1   # the full run (see the results for its time)
     .venv/bin/python -m benchmarks.distillation --quick       # a smoke test on a few hundred images
+    .venv/bin/python -m benchmarks.distillation --transfer --threads 1   # distilled runs with unlabelled images
 
 On a machine shared with other jobs use ``--threads 1``: with 2 threads on 2 busy cores the OpenMP workers
 wait for each other and a residual CNN step ran 9x slower here.
@@ -20,6 +21,12 @@ and without ``KnowledgeDistillation(teacher="self")`` (same default and grid). R
 pruning alone and the fraction of it that self-distillation recovers.
 
 Results go to ``benchmarks/results/distillation.json`` and ``benchmarks/results/distillation.md``.
+
+With ``--transfer`` the distilled runs learn from unlabelled images too: the MLP student distilled trains on all
+training images, of which only the student's subsample keeps its labels, and the pruning part fine-tunes on 5,000
+labelled images, the distilled runs on all the training images with the others unlabelled. The runs alone keep the
+labelled images only (they have no use for images without labels). Results then go to
+``benchmarks/results/distillation_transfer.{json,md}``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from benchmarks.common import CosineClassifier
 from examples.data import FashionMNISTDataModule
@@ -72,12 +81,48 @@ QUICK = {
     "pruning": {**FULL["pruning"], "dense_epochs": 1, "prune_epochs": 1},
     "teacher_train_images": 1024,
 }
+# ``--transfer``: the distilled runs also see the other training images, without their labels (a transfer set the
+# teacher labels); the runs alone keep only the labelled images. The pruning part then fine-tunes on the same
+# labelled images. Only the MLP student, which misses the target on the labelled images alone, is run.
+TRANSFER = {
+    **FULL,
+    "students": {"lenet_300_100 (MLP)": FULL["students"]["lenet_300_100 (MLP)"]},
+    "grid": {"temperature": [1.0, 2.0, 4.0], "alpha": [0.5, 0.9]},
+    "transfer": {"student_epochs": 15, "labelled_images": 5000, "prune_alone_epochs": 50, "prune_epochs": 20},
+}
+QUICK_TRANSFER = {
+    **QUICK,
+    "students": TRANSFER["students"],
+    "transfer": {"student_epochs": 1, "labelled_images": 512, "prune_alone_epochs": 2, "prune_epochs": 1},
+}
 
 
-def _data(limit: int | None, seed: int, batch_size: int) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=limit, seed=seed)
+def _data(
+    limit: int | None, seed: int, batch_size: int, transfer: bool = False, total: int | None = None
+) -> FashionMNISTDataModule:
+    """The first ``limit`` training images; with ``transfer`` the first ``total`` (default: all), those after the
+    first ``limit`` with the label -1 (unlabelled: only the distillation term learns from them)."""
+    dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=total if transfer else limit, seed=seed)
     dm.setup("fit")
+    if transfer and limit is not None:
+        x, y = dm.train_set.tensors
+        y = y.clone()
+        y[limit:] = -1
+        dm.train_set = TensorDataset(x, y)
     return dm
+
+
+class PartlyLabelled(CosineClassifier):
+    """Cross-entropy on the labelled images of a batch only (label -1: unlabelled). With every image labelled it
+    is the plain classifier; a batch without labels contributes a zero task loss."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        labelled = y >= 0
+        loss = F.cross_entropy(logits[labelled], y[labelled], reduction="sum") / labelled.sum().clamp_min(1)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
 
 
 class BestEpoch(pl.Callback):
@@ -140,7 +185,7 @@ def _accuracy(model: torch.nn.Module, dataset: torch.utils.data.TensorDataset) -
 
 def _model(spec: dict, seed: int) -> CosineClassifier:
     pl.seed_everything(seed, verbose=False)
-    return CosineClassifier(
+    return PartlyLabelled(
         spec["arch"], input_shape=(1, 28, 28), lr=spec["lr"], arch_kwargs=dict(spec["arch_kwargs"])
     )
 
@@ -250,7 +295,15 @@ def run_students(config: dict, log: list[str]) -> dict:
     for name, spec in config["students"].items():
 
         def run(seed: int, point: tuple[float, float] | None, spec: dict = spec) -> dict:
-            dm = _data(config["student_train_images"], seed, config["batch_size"])
+            transfer = point is not None and "transfer" in config
+            dm = _data(
+                config["student_train_images"],
+                seed,
+                config["batch_size"],
+                transfer,
+                config.get("teacher_train_images"),
+            )
+            epochs = config["transfer"]["student_epochs"] if transfer else config["student_epochs"]
             model = _model(spec, seed)
             callbacks = []
             if point is not None:
@@ -263,7 +316,7 @@ def run_students(config: dict, log: list[str]) -> dict:
                     )
                 )
             best = BestEpoch()
-            return _evaluate(model, dm, _fit(model, dm, config["student_epochs"], callbacks, best), best)
+            return _evaluate(model, dm, _fit(model, dm, epochs, callbacks, best), best)
 
         result["students"][name] = {
             "params": sum(p.numel() for p in _model(spec, 0).net.parameters()),
@@ -287,14 +340,25 @@ def run_pruning(config: dict, log: list[str]) -> dict:
         return dense[seed]
 
     def run(seed: int, point: tuple[float, float] | None) -> dict:
+        epochs = spec["prune_epochs"]
         dm = _data(config.get("teacher_train_images"), seed, config["batch_size"])
+        if "transfer" in config:  # fine-tuning on the labelled images; distilled: the others too, unlabelled
+            transfer = config["transfer"]
+            epochs = transfer["prune_alone_epochs"] if point is None else transfer["prune_epochs"]
+            dm = _data(
+                transfer["labelled_images"],
+                seed,
+                config["batch_size"],
+                point is not None,
+                config.get("teacher_train_images"),
+            )
         model = _model(spec, seed)
         model.load_state_dict(dense_model(seed)["state"])
         callbacks: list = [GradualPruning(amount=spec["amount"], start=0.0, end=0.6)]
         if point is not None:
             callbacks.append(KnowledgeDistillation("self", temperature=point[0], alpha=point[1]))
         pl.seed_everything(seed, verbose=False)
-        out = _evaluate(model, dm, _fit(model, dm, spec["prune_epochs"], callbacks))
+        out = _evaluate(model, dm, _fit(model, dm, epochs, callbacks))
         weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         sparsity.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
         return out
@@ -354,6 +418,18 @@ def markdown(report: dict) -> str:
         "(alone or distilled) validates after each epoch and keeps its best epoch by validation accuracy, so a "
         "student that overfits the small set alone is judged at its best, not its last, epoch.",
         "",
+    ]
+    transfer = config.get("transfer")
+    if transfer:
+        lines += [
+            "",
+            f"**Distilled runs with a transfer set**: they train on all {_images(config)} training images, of which "
+            f"only the first {config['student_train_images']:,} keep their labels (the cross-entropy sees those; "
+            f"the distillation term sees every image), for up to {transfer['student_epochs']} epochs. The runs "
+            f"alone train on the {config['student_train_images']:,} labelled images as above.",
+        ]
+    lines += [
+        "",
         header.format(model="student", reference="teacher"),
     ]
     for name, s in students["students"].items():
@@ -367,7 +443,12 @@ def markdown(report: dict) -> str:
         f"per layer, AGP from 0 to {cfg['amount']:.0%} between 0 and 0.6 of training) prunes it; measured sparsity "
         f"of the Linear weights {_pct(pruning['sparsity'])} %. Distilled: `KnowledgeDistillation(teacher='self')`, "
         "the teacher being the dense model.",
-        "",
+        ""
+        if not transfer
+        else f"\n**With a transfer set**: the fine-tuning has {transfer['labelled_images']:,} labelled images; "
+        f"alone it runs {transfer['prune_alone_epochs']} epochs on them, distilled "
+        f"{transfer['prune_epochs']} epochs on all {_images(config)} images, the others unlabelled (the epoch "
+        "counts above do not apply).\n",
         header.format(model="model", reference="dense"),
         _row("LeNet-300-100, 95% pruned", 266_610, pruning),
         "",
@@ -378,10 +459,20 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test on a few hundred images")
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="distilled runs also see the other training images, unlabelled (the MLP student and pruning only)",
+    )
     parser.add_argument("--output", default=None, help="file stem under benchmarks/results/")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     args = parser.parse_args()
-    config = QUICK if args.quick else FULL
+    config = {
+        (False, False): FULL,
+        (True, False): QUICK,
+        (False, True): TRANSFER,
+        (True, True): QUICK_TRANSFER,
+    }[(args.quick, args.transfer)]
     torch.set_num_threads(args.threads)
     log: list[str] = []
     machine = {
@@ -404,7 +495,9 @@ def main() -> None:
         "pruning": pruning,
         "log": log,
     }
-    stem = args.output or ("distillation_quick" if args.quick else "distillation")
+    stem = args.output or "distillation" + ("_transfer" if args.transfer else "") + (
+        "_quick" if args.quick else ""
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)

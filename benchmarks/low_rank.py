@@ -364,7 +364,8 @@ class EmbeddingDistillation(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
+        trained = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=self.lr, weight_decay=0.0)
         if self.schedule == "constant":
             return optimizer
 
@@ -516,6 +517,8 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         "lr_schedule": args.distill_schedule,
         "warmup_steps": args.warmup_steps,
         "augment": args.augment,
+        "freeze_embeddings": args.freeze_embeddings,
+        "dropout": args.dropout,
         "accelerator": args.accelerator,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "teacher_params": count_parameters(teacher),
@@ -532,8 +535,15 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             collate_fn=functools.partial(tokenize, padding=True) if args.augment else collate,
             generator=torch.Generator().manual_seed(args.seed),
         )
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        if args.freeze_embeddings:
+            student.encoder.embeddings.requires_grad_(False)
+        if args.dropout is not None:
+            for layer in student.modules():
+                if isinstance(layer, nn.Dropout):
+                    layer.p = args.dropout
         module = EmbeddingDistillation(
-            copy.deepcopy(teacher).requires_grad_(True),
+            student,
             args.distill_lr,
             teacher,
             args.token_weight,
@@ -629,6 +639,14 @@ def main() -> None:
         "--augment",
         action="store_true",
         help="join and crop training sentences at random each epoch; the teacher embeds them as they come",
+    )
+    parser.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="keep the student's token, position and type embeddings as they are (not fine-tuned)",
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=None, help="the student's dropout while fine-tuning (default: the model's)"
     )
     parser.add_argument("--token-weight", type=float, default=0.0, help="weight of the per-token loss")
     parser.add_argument(

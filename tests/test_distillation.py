@@ -209,6 +209,17 @@ def test_alpha_zero_trains_exactly_like_plain_lightning(tmp_path, digits):
         assert torch.equal(a, b), name
 
 
+class Unlabelled(ImageClassifier):
+    """Cross-entropy on the rows whose label is not -1; here every label is hidden."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        y = torch.full_like(y, -1)
+        logits = self(x)
+        labelled = y >= 0
+        return F.cross_entropy(logits[labelled], y[labelled], reduction="sum") / labelled.sum().clamp_min(1)
+
+
 def test_pure_distillation_copies_the_teacher_not_the_labels(tmp_path, digits):
     trained, _ = _fit(tmp_path / "t", digits, [], max_epochs=2)
     # A teacher that is confidently wrong: it predicts class k + 1 where the trained model predicts k.
@@ -226,6 +237,15 @@ def test_pure_distillation_copies_the_teacher_not_the_labels(tmp_path, digits):
         agreement[alpha] = sum(r["distillation/agreement"] for r in recorder.rows[-5:]) / 5
     assert agreement[1.0] > 0.7
     assert agreement[0.0] < 0.2
+    # Images without labels (a transfer set): the task loss leaves them out, the distillation term still sees them.
+    pl.seed_everything(0, verbose=False)
+    kd = KnowledgeDistillation(teacher, alpha=0.5, temperature=1.0)
+    recorder = Recorder()
+    _fit(tmp_path / "unlabelled", digits, [kd, recorder], model=Unlabelled("small_cnn"), max_epochs=1)
+    for row in recorder.rows:
+        assert row["distillation/task_loss"] == 0.0
+        assert row["loss"] == pytest.approx(0.5 * row["distillation/loss"], rel=1e-6)
+    assert sum(r["distillation/agreement"] for r in recorder.rows[-5:]) / 5 > 0.7
 
 
 def test_teacher_is_frozen_outside_the_module_optimizer_and_checkpoint(tmp_path, digits):
