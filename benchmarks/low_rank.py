@@ -646,7 +646,10 @@ def main() -> None:
         help="keep the student's token, position and type embeddings as they are (not fine-tuned)",
     )
     parser.add_argument(
-        "--dropout", type=float, default=None, help="the student's dropout while fine-tuning (default: the model's)"
+        "--dropout",
+        type=float,
+        default=None,
+        help="the student's dropout while fine-tuning (default: the model's)",
     )
     parser.add_argument("--token-weight", type=float, default=0.0, help="weight of the per-token loss")
     parser.add_argument(
