@@ -25,6 +25,9 @@ before and after fine-tuning, and the latency ratio.
     python -m benchmarks.low_rank --parts minilm --calibration-batches 16 --sentences 6000 --held-out 512 \
         --distill-steps 1500 --distill-lr 4e-4 --distill-schedule cosine --warmup-steps 100 --augment \
         --results-name low_rank_minilm_augment    # the MiniLM part with the better fine-tuning protocol
+    python -m benchmarks.low_rank --parts minilm --methods whitened --calibration-batches 16 --sentences 6000 \
+        --held-out 512 --distill-steps 6000 --distill-lr 4e-4 --distill-schedule cosine --warmup-steps 100 \
+        --augment --dropout 0 --results-name low_rank_minilm_nodropout_long    # 0.95: dropout off, 6,000 steps
     python -m benchmarks.low_rank --quick    # a few minutes: fewer images, steps and sentences
 """
 
