@@ -340,8 +340,6 @@ def run_pruning(config: dict, log: list[str]) -> dict:
         return dense[seed]
 
     def run(seed: int, point: tuple[float, float] | None) -> dict:
-        epochs = spec["prune_epochs"]
-        dm = _data(config.get("teacher_train_images"), seed, config["batch_size"])
         if "transfer" in config:  # fine-tuning on the labelled images; distilled: the others too, unlabelled
             transfer = config["transfer"]
             epochs = transfer["prune_alone_epochs"] if point is None else transfer["prune_epochs"]
@@ -352,6 +350,9 @@ def run_pruning(config: dict, log: list[str]) -> dict:
                 point is not None,
                 config.get("teacher_train_images"),
             )
+        else:
+            epochs = spec["prune_epochs"]
+            dm = _data(config.get("teacher_train_images"), seed, config["batch_size"])
         model = _model(spec, seed)
         model.load_state_dict(dense_model(seed)["state"])
         callbacks: list = [GradualPruning(amount=spec["amount"], start=0.0, end=0.6)]
