@@ -30,6 +30,14 @@ from tests._ddp import run_worker
 from tests.conftest import StopAfterFirstEpoch, trainer_kwargs
 
 
+def _has_vnni():
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def _mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -208,9 +216,17 @@ def test_compiled_int8_graph_matches_the_converted_graph():
     _train(prepared, steps=5)
     converted = convert_int8(prepared)
     compiled = compile_for_cpu(converted)
-    x = torch.randn(16, 1, 8, 8)
+    x = torch.randn(256, 1, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(compiled(x), converted(x), atol=1e-4)
+        out, reference = compiled(x), converted(x)
+    if _has_vnni():
+        assert torch.allclose(out, reference, atol=1e-4)
+    else:
+        # Without VNNI/AMX, oneDNN's u8 x s8 kernels add pairs of products in saturating 16-bit integers, so
+        # the compiled int8 graph drifts from the reference arithmetic (measured on an AVX2-only CPU: 1.6%
+        # relative error, 98.4% argmax agreement).
+        assert float((out - reference).norm() / reference.norm()) < 0.03
+        assert float((out.argmax(1) == reference.argmax(1)).float().mean()) >= 0.95
 
 
 # -- the callback -----------------------------------------------------------------------------------------
@@ -323,7 +339,7 @@ def test_metrics_reach_the_logger(qat_fit):
         "quantization/activation_error",
         "quantization/fake_quant",
         "quantization/layers_quantized",
-        "quantization/bits/net.8.weight",
+        "quantization/per_layer/bits/net.8.weight",
         "quantization/size_fp32_bytes",
         "quantization/size_quantized_bytes",
         "quantization/parity_argmax_agreement",
