@@ -1,6 +1,8 @@
 """Compress neural networks while fine-tuning them with PyTorch Lightning."""
 
+from lightning_compress._events import CompressionEvent, LossJumpDetector
 from lightning_compress.distillation.callback import KnowledgeDistillation
+from lightning_compress.export import ExportResult, check_writable, export
 from lightning_compress.low_rank.replacement import LowRankReplacement
 from lightning_compress.pruning.gradual import GradualPruning
 from lightning_compress.report import CompressionMonitor, format_report
@@ -31,11 +33,14 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BinaryWeights",
+    "CompressionEvent",
     "CompressionMonitor",
     "CompressionStats",
+    "ExportResult",
     "GradualPruning",
     "KnowledgeDistillation",
     "LatencyResult",
+    "LossJumpDetector",
     "LowRankReplacement",
     "ModuleSelection",
     "QuantizationAwareTraining",
@@ -43,9 +48,11 @@ __all__ = [
     "TensorFormat",
     "WeightSharing",
     "__version__",
+    "check_writable",
     "compare_latency",
     "compression_stats",
     "compression_summary",
+    "export",
     "format_report",
     "select_modules",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -140,3 +143,153 @@ def replace_parameters(trainer: pl.Trainer, replaced: dict[nn.Parameter, list[nn
             f"{len(missing)} new trainable parameters belong to no optimizer: the replaced layers' parameters "
             "were not in any optimizer's parameter groups."
         )
+
+
+def per_layer_name(prefix: str, stat: str, name: str) -> str:
+    """The logged name of one layer's value: ``<prefix>per_layer/<stat>/<name>``.
+
+    Every callback files per-layer values under ``per_layer/`` so that no logged name is a ``/``-prefix of
+    another: trackers that store a metric as a file (MLflow's file store) cannot also hold
+    ``<name>/<weight>`` beneath it.
+
+    Example::
+
+        >>> per_layer_name("pruning/", "weight_sparsity", "net.0.weight")
+        'pruning/per_layer/weight_sparsity/net.0.weight'
+    """
+    return f"{prefix}per_layer/{stat}/{name}"
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The step under which a callback writes to ``trainer.loggers`` directly.
+
+    Lightning files what ``pl_module.log`` receives in ``on_train_batch_end`` (and the training loss) under the
+    0-based index of the optimizer step just taken, and epoch-end values under the epoch's last step. Values
+    written with ``logger.log_metrics`` go under the same index, ``global_step - 1``, so every callback's
+    numbers line up with each other and with the loss (0 before the first step).
+    """
+    return max(trainer.global_step - 1, 0)
+
+
+# -- composition: one order of effects, names that survive a graph taking over the layers -----------------
+
+# The order in which the compression callbacks take effect, whatever order `Trainer(callbacks=...)` lists them
+# in: structure first (factorized layers, then pruning selects and masks the layers that exist), weight sharing
+# and binary weights on what pruning left, distillation's hooks next, quantization last, so that it exports the
+# final structure and converts at the very end.
+EFFECT_ORDER = {
+    "LowRankReplacement": 0,
+    "GradualPruning": 1,
+    "WeightSharing": 2,
+    "BinaryWeights": 2,
+    "KnowledgeDistillation": 3,
+    "QuantizationAwareTraining": 4,
+}
+# Per Trainer: the compression callbacks whose `setup` ran in the current round, and those of them called early
+# by `set_up_in_order`, whose call from Lightning is then skipped.
+_SETUP_ROUND: weakref.WeakKeyDictionary[pl.Trainer, tuple[set[int], set[int]]] = weakref.WeakKeyDictionary()
+
+
+def _effect_order(callback: object) -> int | None:
+    return EFFECT_ORDER.get(type(callback).__name__)
+
+
+def set_up_in_order(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+    """Run the compression callbacks' ``setup`` in :data:`EFFECT_ORDER`; ``True``: this call already ran.
+
+    Lightning calls ``setup`` in list order. A compression callback called before one that takes effect earlier
+    sets that one up first (its own call from Lightning is then skipped), and ``trainer.callbacks`` is reordered
+    (a new list: Lightning is iterating the current one) so that every later hook — mask updates, conversion
+    at the end of training — runs in the same order. Other callbacks keep their places.
+    """
+    ran, early = _SETUP_ROUND.setdefault(trainer, (set(), set()))
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    participants = [c for c in callbacks if _effect_order(c) is not None]
+    if id(callback) in early:
+        early.discard(id(callback))
+        _end_round(trainer, participants)
+        return True
+    slots = [i for i, c in enumerate(callbacks) if _effect_order(c) is not None]
+    ordered = sorted(participants, key=lambda c: _effect_order(c))  # type: ignore[arg-type, return-value]
+    if participants != ordered:
+        for i, c in zip(slots, ordered, strict=True):
+            callbacks[i] = c
+        trainer.callbacks = callbacks  # type: ignore[attr-defined]
+    mine = _effect_order(callback)
+    assert mine is not None
+    try:
+        for other in ordered:
+            if _effect_order(other) < mine and id(other) not in ran:  # type: ignore[operator]
+                other.setup(trainer, pl_module, stage)
+                early.add(id(other))
+    except BaseException:
+        _SETUP_ROUND.pop(trainer, None)
+        raise
+    ran.add(id(callback))
+    _end_round(trainer, participants)
+    return False
+
+
+def _end_round(trainer: pl.Trainer, participants: list[Any]) -> None:
+    ran, early = _SETUP_ROUND[trainer]
+    if not early and all(id(c) in ran for c in participants):
+        _SETUP_ROUND.pop(trainer, None)
+
+
+# A callback that runs the model through a graph of its own (QuantizationAwareTraining) may move the layers the
+# graph took over under a new name and hide the float modules. It registers here where they went and how to get
+# the float modules back for a while; the other callbacks look their recorded names up through it.
+# The view takes the module as an argument: a value holding the key would keep it alive in the weak dictionary.
+_HOSTS: weakref.WeakKeyDictionary[
+    nn.Module, tuple[str, Callable[[nn.Module], AbstractContextManager[None]]]
+] = weakref.WeakKeyDictionary()
+
+
+def register_host(
+    pl_module: nn.Module, prefix: str, float_view: Callable[[nn.Module], AbstractContextManager[None]]
+) -> None:
+    """Record that ``pl_module``'s layers now live under ``prefix`` and ``float_view(pl_module)`` shows the float
+    ones."""
+    _HOSTS[pl_module] = (prefix, float_view)
+
+
+def unregister_host(pl_module: nn.Module) -> None:
+    """The layers are back under their own names (the graph was removed)."""
+    _HOSTS.pop(pl_module, None)
+
+
+def host_prefix(pl_module: nn.Module) -> str:
+    """Where a graph moved the layers of ``pl_module`` (e.g. ``"quantized."``); ``""`` when they did not move."""
+    entry = _HOSTS.get(pl_module)
+    return entry[0] if entry else ""
+
+
+def original_name(pl_module: nn.Module, name: str) -> str:
+    """The qualified name a layer, parameter or state-dict key had before a graph moved it (see ``host_prefix``).
+
+    Example::
+
+        >>> original_name(nn.Linear(2, 2), "weight")
+        'weight'
+    """
+    return name.removeprefix(host_prefix(pl_module))
+
+
+def named_parameters_by_original_name(pl_module: nn.Module) -> dict[str, nn.Parameter]:
+    """``pl_module``'s parameters under the names they had before a graph moved the layers."""
+    return {original_name(pl_module, n): p for n, p in pl_module.named_parameters()}
+
+
+@contextlib.contextmanager
+def float_view(pl_module: nn.Module) -> Iterator[None]:
+    """Inside, ``pl_module`` holds its float layers under their own names and its forward runs them.
+
+    Structural edits made inside (e.g. channels removed) are carried into the graph when it comes back.
+    Without a registered graph this does nothing.
+    """
+    entry = _HOSTS.get(pl_module)
+    if entry is None:
+        yield
+        return
+    with entry[1](pl_module):
+        yield

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import logging
 import os
-from collections.abc import Mapping
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lightning_compress._inputs import call_module
 from lightning_compress._lightning import (
     detach_input,
     first_input,
     forget_original,
+    log_step,
+    per_layer_name,
     remember_original,
     to_device,
 )
@@ -28,7 +37,10 @@ from lightning_compress.stats import (
     compression_stats,
     compression_summary,
     count_macs,
+    repeat_sample,
 )
+
+LATENCY_MODES = ("auto", "eager", "compiled")
 
 
 def storage_formats(trainer: pl.Trainer, pl_module: nn.Module) -> dict[str, TensorFormat]:
@@ -44,6 +56,40 @@ def storage_formats(trainer: pl.Trainer, pl_module: nn.Module) -> dict[str, Tens
         if callable(provider) and callback is not None:
             formats.update(provider(pl_module))
     return formats
+
+
+def _metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def latency_mode(module: nn.Module) -> str:
+    """How a model is run once deployed: ``"compiled"`` when it holds a converted int8 graph, else ``"eager"``.
+
+    A converted PT2E int8 graph only gets int8 kernels through
+    :func:`~lightning_compress.quantization.pt2e.compile_for_cpu` (inductor with weight freezing); run eagerly
+    it dequantizes every weight at every call and is slower than the fp32 model.
+
+    Example::
+
+        >>> latency_mode(nn.Linear(2, 2))
+        'eager'
+    """
+    # Importing the quantization stack costs seconds; a model cannot hold its graphs unless it was imported.
+    pt2e = sys.modules.get("lightning_compress.quantization.pt2e")
+    if pt2e is None:
+        return "eager"
+    converted = any(isinstance(m, pt2e.QuantizedGraphModule) and m.converted for m in module.modules())
+    return "compiled" if converted else "eager"
+
+
+def _deployable(module: nn.Module, mode: str) -> Any:
+    if mode == "eager":
+        return module
+    from lightning_compress.quantization.pt2e import QuantizedGraphModule, compile_for_cpu
+
+    # A graph installed as the whole forward is what runs when the model is called: compile it directly.
+    forward = module.__dict__.get("forward")
+    return compile_for_cpu(forward if isinstance(forward, QuantizedGraphModule) else module)
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -91,14 +137,15 @@ def format_report(report: Mapping[str, Any]) -> str:
             ratio("size_ratio"),
         ),
     ]
-    latency = report.get("latency")
-    if latency:
+    for name, values in (report.get("metrics") or {}).items():
+        rows.append((name, _metric(values.get("before")), _metric(values.get("after")), ""))
+    for row in report.get("latency") or ():
         rows.append(
             (
-                f"latency ms (batch {latency['batch_size']})",
-                f"{latency['before_ms']:.3f}",
-                f"{latency['after_ms']:.3f}",
-                f"{latency['speedup']:.2f}x",
+                f"latency ms, batch {row['batch_size']} ({row['mode']})",
+                f"{row['before_ms']:.3f}",
+                f"{row['after_ms']:.3f}",
+                f"{row['speedup']:.2f}x",
             )
         )
     width = max(len(r[0]) for r in rows)
@@ -112,14 +159,24 @@ class CompressionMonitor(Callback):
 
     Logged under ``prefix`` (default ``"compression/"``): ``sparsity``, ``nonzero_params``, ``params``,
     ``macs`` (per sample, when an example input is known), ``compressed_bytes``, ``compression_rate``
-    and ``size_ratio``; with ``per_layer=True`` also ``sparsity/<parameter name>``. At the end of training it
+    and ``size_ratio``; with ``per_layer=True`` also ``per_layer/sparsity/<parameter name>``. At the end of training it
     logs the final ratios under ``prefix + "final/"``, prints a table on rank zero and writes it as JSON
-    (``compression_report.json`` in the Trainer's log directory unless ``report_path`` is given). The report
-    is also kept in :attr:`report`.
+    (``report_path``; by default ``compression_report.json`` in the log directory of the Trainer's logger, and
+    no file at all with ``logger=False``, so that runs never overwrite each other's report in the working
+    directory). The report is also kept in :attr:`report`.
 
     "Before" is the model as it was before any compression callback changed it; "after" is the model at the
     end of training, after the compression callbacks finalized it (the monitor runs its end-of-training
-    hook after theirs, wherever it is listed). Latency is measured for both side by side in one run.
+    hook after theirs, wherever it is listed). MACs are counted for one sample.
+
+    Latency is measured for both side by side in one run, the way each would be deployed: a model holding a
+    converted int8 graph runs compiled (:func:`~lightning_compress.quantization.pt2e.compile_for_cpu`, the
+    only way it gets int8 kernels), and the original is then compiled the same way so that the ratio compares
+    like with like; other models run eagerly. The table says which (``eager``/``compiled``).
+
+    ``metrics`` are read from the LightningModule's own validation loop, run once on the original model and
+    once on the final one at the end of training (each in a separate, callback-free Trainer over the fit's
+    validation loaders), so "before" and "after" are measured the same way on the same data.
 
     Args:
         example_input: input for MACs and latency; default: the LightningModule's ``example_input_array``,
@@ -128,10 +185,20 @@ class CompressionMonitor(Callback):
         log_on_epoch_end: log at the end of every training epoch (through ``pl_module.log``, so the values
             also reach ``trainer.callback_metrics`` and can be monitored by other callbacks).
         per_layer: also log the sparsity of every weight.
+        metrics: names the LightningModule logs in validation (e.g. ``["val_acc"]``) to report for the
+            original and the final model.
         measure_latency: time the original and the final model side by side at the end.
+        latency_batch_size: also time at this batch size (the example's first sample repeated); batch 1 is
+            always timed.
+        latency_mode: ``"auto"`` (compiled when the final model holds a converted int8 graph, else eager),
+            ``"eager"`` or ``"compiled"`` (both models through ``compile_for_cpu``).
         latency_repeats: timed calls per model and round (median reported).
         latency_threads: threads while timing (``None``: leave ``torch.get_num_threads()``).
-        report_path: where to write the JSON report (``None``: the Trainer's log directory).
+        report_path: where to write the JSON report (``None``: ``compression_report.json`` in the logger's
+            directory; no file without a logger). Checked at setup: it must be a writable file path.
+        plots: also draw the report (needs the ``plots`` extra, matplotlib): sparsity target vs reached over
+            steps, per-weight sparsity and bits, stored size per tensor; written as PNG files beside the report
+            (``<report stem>.<figure>.png``) and sent to loggers that take figures (TensorBoard, MLflow).
         prefix: prefix of every logged name.
         verbose: print the table at the end (rank zero only).
 
@@ -148,10 +215,14 @@ class CompressionMonitor(Callback):
         log_every_n_steps: int | None = None,
         log_on_epoch_end: bool = True,
         per_layer: bool = False,
+        metrics: Sequence[str] = (),
         measure_latency: bool = True,
+        latency_batch_size: int | None = None,
+        latency_mode: str = "auto",
         latency_repeats: int = 20,
         latency_threads: int | None = None,
         report_path: str | os.PathLike | None = None,
+        plots: bool = False,
         prefix: str = "compression/",
         verbose: bool = True,
     ) -> None:
@@ -165,11 +236,35 @@ class CompressionMonitor(Callback):
             raise ValueError(f"`latency_repeats={latency_repeats!r}` must be a positive integer.")
         if latency_threads is not None and (not isinstance(latency_threads, int) or latency_threads < 1):
             raise ValueError(f"`latency_threads={latency_threads!r}` must be a positive integer or None.")
+        if latency_batch_size is not None and (
+            isinstance(latency_batch_size, bool)
+            or not isinstance(latency_batch_size, int)
+            or latency_batch_size < 1
+        ):
+            raise ValueError(
+                f"`latency_batch_size={latency_batch_size!r}` must be a positive integer or None."
+            )
+        if latency_mode not in LATENCY_MODES:
+            raise ValueError(
+                f"`latency_mode={latency_mode!r}` must be one of {', '.join(map(repr, LATENCY_MODES))}."
+            )
+        if isinstance(metrics, str) or not all(isinstance(m, str) and m for m in metrics):
+            raise TypeError(
+                f"`metrics={metrics!r}` must be a list of logged names, e.g. `metrics=['val_acc']`."
+            )
+        if plots:
+            from lightning_compress.plots import require_matplotlib
+
+            require_matplotlib()
         self.example_input = example_input
         self.log_every_n_steps = log_every_n_steps
         self.log_on_epoch_end = log_on_epoch_end
         self.per_layer = per_layer
+        self.metrics = list(metrics)
         self.measure_latency = measure_latency
+        self.latency_batch_size = latency_batch_size
+        self.latency_mode = latency_mode
+        self.plots = plots
         self.latency_repeats = latency_repeats
         self.latency_threads = latency_threads
         self.report_path = report_path
@@ -180,12 +275,26 @@ class CompressionMonitor(Callback):
         self._example: Any = None
         self._macs_cache: tuple[tuple, int | None] | None = None
         self._last_logged_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self.figures: dict[str, Path] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_report_path()
+        if self.metrics and not is_overridden("validation_step", pl_module):
+            raise ValueError(
+                f"`metrics={self.metrics!r}` are read from validation, but {type(pl_module).__name__} has no "
+                "`validation_step`. Add one that logs them, or pass `metrics=[]`."
+            )
+        if self.metrics and trainer.limit_val_batches == 0:
+            raise ValueError(
+                f"`metrics={self.metrics!r}` are read from validation, but `limit_val_batches=0` turns it off. "
+                "Allow validation batches, or pass `metrics=[]`."
+            )
+        self.history = []
         original = remember_original(trainer, pl_module)
         # Run the end-of-training hook after every other callback's, so that the final numbers describe the
         # model the compression callbacks finalized, whatever order the user listed them in.
@@ -217,7 +326,19 @@ class CompressionMonitor(Callback):
         self._last_logged_step = trainer.global_step
         metrics = self._metrics(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=log_step(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Fail after the first validation, not after training, when a named metric is never logged.
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        missing = [name for name in self.metrics if name not in trainer.callback_metrics]
+        if missing:
+            available = sorted(trainer.callback_metrics)
+            raise ValueError(
+                f"`metrics`: {missing} not logged by {type(pl_module).__name__}'s validation "
+                f"(logged: {available}). Name metrics from that list."
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.log_on_epoch_end:
@@ -234,6 +355,7 @@ class CompressionMonitor(Callback):
             "before": self.before.to_dict(),
             "after": after.to_dict(),
             "summary": summary,
+            "metrics": self._evaluate_both(trainer, original, pl_module) if self.metrics else {},
             "latency": None,
         }
         if self.measure_latency and self._example is not None and trainer.is_global_zero:
@@ -242,16 +364,27 @@ class CompressionMonitor(Callback):
         final = {
             f"{self.prefix}final/{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)
         }
-        if report["latency"]:
-            final[f"{self.prefix}final/speedup"] = report["latency"]["speedup"]
+        for row in report["latency"] or ():
+            suffix = "" if row["batch_size"] == 1 else f"_batch{row['batch_size']}"
+            final[f"{self.prefix}final/speedup{suffix}"] = row["speedup"]
+        for name, values in report["metrics"].items():
+            for when in ("before", "after"):
+                if values[when] is not None:
+                    final[f"{self.prefix}final/{name}_{when}"] = values[when]
         for logger in trainer.loggers:
-            logger.log_metrics(final, step=trainer.global_step)
+            logger.log_metrics(final, step=log_step(trainer))
         if trainer.is_global_zero:
             path = self._report_file(trainer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=2))
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(report, indent=2))
+            if self.plots:
+                self._plot(trainer, report, path)
             if self.verbose:
-                rank_zero_info(f"Compression report (written to {path}):\n{format_report(report)}")
+                where = (
+                    f"written to {path}" if path is not None else "no file: no logger and no `report_path`"
+                )
+                rank_zero_info(f"Compression report ({where}):\n{format_report(report)}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -272,7 +405,8 @@ class CompressionMonitor(Callback):
 
     def _initial_example(self, pl_module: pl.LightningModule) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        return None if example is None else detach_input(example)
+        # One sample: MACs are reported per sample, and latency batches are built by repeating it.
+        return None if example is None else detach_input(example, max_batch=1)
 
     def _macs(self, module: nn.Module) -> int | None:
         if self._example is None:
@@ -313,31 +447,168 @@ class CompressionMonitor(Callback):
             summary = compression_summary(self.before, stats)
             metrics[f"{p}compression_rate"] = float(summary["compression_rate"] or 0.0)
             metrics[f"{p}size_ratio"] = float(summary["size_ratio"] or 0.0)
+            self._remember(trainer, stats.sparsity, float(summary["compression_rate"] or 0.0))
         if self.per_layer:
-            metrics.update({f"{p}sparsity/{name}": value for name, value in stats.layer_sparsity.items()})
+            metrics.update(
+                {per_layer_name(p, "sparsity", name): value for name, value in stats.layer_sparsity.items()}
+            )
         return metrics
 
-    def _latency(self, original: nn.Module, final: nn.Module) -> dict[str, Any]:
-        device = next(final.parameters(), torch.empty(0)).device
-        example = to_device(self._example, device)
-        original = original.to(device)
-        results = compare_latency(
-            {"before": original, "after": final},
-            example,
-            repeats=self.latency_repeats,
-            threads=self.latency_threads,
-        )
-        before, after = results["before"], results["after"]
-        return {
-            "before_ms": before.median_ms,
-            "after_ms": after.median_ms,
-            "speedup": before.median_ms / after.median_ms,
-            "batch_size": after.batch_size,
-            "threads": after.threads,
-            "repeats": after.repeats,
+    def _remember(self, trainer: pl.Trainer, sparsity: float, compression_rate: float) -> None:
+        if not self.plots:
+            return
+        # A callback that exposes the amount its schedule asks for now is plotted as the target.
+        targets = {
+            type(cb).__name__: float(cb.current_amount)
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(getattr(cb, "current_amount", None), int | float)
         }
+        entry = {
+            "step": trainer.global_step,
+            "sparsity": sparsity,
+            "compression_rate": compression_rate,
+            "targets": targets,
+        }
+        if self.history and self.history[-1]["step"] == entry["step"]:
+            self.history[-1] = entry
+        else:
+            self.history.append(entry)
 
-    def _report_file(self, trainer: pl.Trainer) -> Path:
+    def _latency(self, original: nn.Module, final: nn.Module) -> list[dict[str, Any]]:
+        mode = latency_mode(final) if self.latency_mode == "auto" else self.latency_mode
+        device = next(final.parameters(), torch.empty(0)).device
+        original = original.to(device)
+        models = {"before": _deployable(original, mode), "after": _deployable(final, mode)}
+        rows = []
+        for batch_size in sorted({1, self.latency_batch_size or 1}):
+            example = to_device(repeat_sample(self._example, batch_size), device)
+            if mode == "compiled":
+                # The first call compiles (seconds): outside the timings.
+                with torch.no_grad():
+                    for model in models.values():
+                        call_module(model, example)
+            results = compare_latency(
+                models, example, repeats=self.latency_repeats, threads=self.latency_threads
+            )
+            before, after = results["before"], results["after"]
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "mode": mode,
+                    "before_ms": before.median_ms,
+                    "after_ms": after.median_ms,
+                    "speedup": before.median_ms / after.median_ms,
+                    "threads": after.threads,
+                    "repeats": after.repeats,
+                }
+            )
+        return rows
+
+    def _evaluate_both(
+        self, trainer: pl.Trainer, original: nn.Module, final: pl.LightningModule
+    ) -> dict[str, dict[str, float | None]]:
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            rank_zero_warn(
+                "CompressionMonitor: no validation ran during fit, so `metrics` cannot be reported."
+            )
+            return {name: {"before": None, "after": None} for name in self.metrics}
+        before = self._evaluate(trainer, original, loaders)
+        # A copy: validating the model in place would attach it to another Trainer. References to this
+        # Trainer (from hooks of other callbacks) are not copied.
+        after = self._evaluate(trainer, copy.deepcopy(final, memo={id(trainer): None}), loaders)
+        return {name: {"before": before.get(name), "after": after.get(name)} for name in self.metrics}
+
+    def _evaluate(self, trainer: pl.Trainer, model: nn.Module, loaders: Any) -> dict[str, float]:
+        device = next(model.parameters(), torch.empty(0)).device
+        if isinstance(model, pl.LightningModule):
+            # Lightning caches which attribute holds each logged torchmetrics object by object id; a copy
+            # carries the cache of the model it was copied from.
+            model._metric_attributes = None
+        with _quiet_lightning():
+            results = self._validate(trainer, model, device, loaders)
+        merged: dict[str, float] = {}
+        for result in results:
+            merged.update(result)
+        return {name: float(merged[name]) for name in self.metrics if name in merged}
+
+    def _validate(self, trainer: pl.Trainer, model: nn.Module, device: torch.device, loaders: Any) -> Any:
+        evaluator = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            precision=trainer.precision,
+            logger=False,
+            callbacks=[],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=trainer.limit_val_batches,
+            default_root_dir=trainer.default_root_dir,
+        )
+        return evaluator.validate(model, dataloaders=loaders, verbose=False)  # type: ignore[arg-type]
+
+    def _plot(self, trainer: pl.Trainer, report: dict[str, Any], path: Path | None) -> None:
+        import matplotlib.pyplot as plt
+
+        from lightning_compress.plots import report_figures
+
+        figures = report_figures(report, self.history)
+        self.figures = {}
+        for name, figure in figures.items():
+            if path is not None:
+                file = path.with_name(f"{path.stem}.{name}.png")
+                figure.savefig(file, dpi=100)
+                self.figures[name] = file
+            tag = f"{self.prefix}report/{name}"
+            for logger in trainer.loggers:
+                experiment = logger.experiment
+                if hasattr(experiment, "add_figure"):  # TensorBoard
+                    experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+                elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
+                    experiment.log_figure(logger.run_id, figure, f"{tag}.png")
+            plt.close(figure)
+
+    def _check_report_path(self) -> None:
+        if self.report_path is None:
+            return
+        path = Path(self.report_path)
+        if path.is_dir():
+            raise ValueError(
+                f"`report_path={str(path)!r}` is a directory; give a file name, e.g. "
+                f"`report_path={str(path / 'compression_report.json')!r}`."
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as err:
+            raise ValueError(
+                f"`report_path={str(path)!r}` cannot be written ({type(err).__name__}: {err}). "
+                "Choose a writable location."
+            ) from None
+
+    def _report_file(self, trainer: pl.Trainer) -> Path | None:
         if self.report_path is not None:
             return Path(self.report_path)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "compression_report.json"
+        # Without a logger there is no run directory: writing to the working directory would overwrite the
+        # previous run's report.
+        if not trainer.loggers or trainer.log_dir is None:
+            return None
+        return Path(trainer.log_dir) / "compression_report.json"
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    # The evaluation Trainer would print its device summary at every report; the rank of the process running
+    # it must stay what the training Trainer set.
+    rank = rank_zero_only.rank
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        rank_zero_only.rank = rank

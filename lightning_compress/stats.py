@@ -8,7 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -28,12 +28,15 @@ __all__ = [
     "compression_summary",
     "count_macs",
     "count_macs_by_module",
+    "count_macs_per_sample",
     "count_nonzero",
     "count_parameters",
     "dense_size_bytes",
     "layer_sparsity",
     "measure_latency",
+    "repeat_sample",
     "sparsity",
+    "tensor_sizes",
     "tensor_storage_bits",
 ]
 
@@ -108,6 +111,11 @@ class CompressionStats:
         raw_bytes: Bytes of the ``state_dict`` tensors stored dense, without file overhead.
         compressed_bytes: Size of the ``state_dict`` when stored sparse and/or quantized.
         layer_sparsity: Fraction of zeros per weight, by parameter name.
+        layer_bytes: Bytes of each ``state_dict`` tensor as counted in ``compressed_bytes``, by name (a tensor
+            shared under several names is listed under its first name).
+        layer_bits: Bits per stored value of each floating-point or quantized ``state_dict`` tensor, by name.
+        layer_params: Number of entries of each weight listed in ``layer_sparsity`` (shows layers made smaller
+            by structured pruning or factorization).
 
     Example::
 
@@ -124,6 +132,9 @@ class CompressionStats:
     raw_bytes: int
     compressed_bytes: int
     layer_sparsity: dict[str, float]
+    layer_bytes: dict[str, int] = field(default_factory=dict)
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    layer_params: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the statistics as a JSON-serializable dict.
@@ -314,6 +325,52 @@ def count_macs(module: nn.Module, example_input: Any) -> int:
     return _flop_counter(module, example_input).get_total_flops() // 2
 
 
+def _map_tensors(example_input: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(example_input, torch.Tensor):
+        return fn(example_input) if example_input.dim() > 0 else example_input
+    if isinstance(example_input, (tuple, list)):
+        return type(example_input)(_map_tensors(value, fn) for value in example_input)
+    if isinstance(example_input, Mapping):
+        return {key: _map_tensors(value, fn) for key, value in example_input.items()}
+    return example_input
+
+
+def repeat_sample(example_input: Any, batch_size: int) -> Any:
+    """The first sample of an example input repeated to ``batch_size`` along the first dimension of every tensor.
+
+    Tensors without dimensions and non-tensor values are kept as they are.
+
+    Args:
+        example_input: A tensor, a tuple/list of positional arguments or a dict of keyword arguments.
+        batch_size: Number of samples wanted.
+
+    Example::
+
+        >>> repeat_sample(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 3).tolist()
+        [[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]
+        >>> repeat_sample({"x": torch.zeros(4, 2), "flag": True}, 1)["x"].shape
+        torch.Size([1, 2])
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return _map_tensors(example_input, lambda t: t[:1].expand(batch_size, *t.shape[1:]).contiguous())
+
+
+def count_macs_per_sample(module: nn.Module, example_input: Any) -> int:
+    """Multiply-accumulates of a forward pass over one sample: the first sample of ``example_input``.
+
+    Whatever the batch size of ``example_input``, only its first sample is run, so the count does not grow
+    with the batch (a model whose cost depends on the batch, e.g. attention across samples, is counted at
+    batch 1).
+
+    Example::
+
+        >>> count_macs_per_sample(nn.Linear(10, 4), torch.zeros(3, 10))
+        40
+    """
+    return count_macs(module, repeat_sample(example_input, 1))
+
+
 def count_macs_by_module(module: nn.Module, example_input: Any) -> dict[str, int]:
     """Multiply-accumulates of one forward pass per submodule name (``""``: the whole module), as
     :func:`count_macs` counts them; modules without counted operations are left out.
@@ -442,13 +499,40 @@ def compressed_size_bytes(module: nn.Module, formats: Mapping[str, TensorFormat]
         >>> compressed_size_bytes(layer, {"weight": TensorFormat(bits=8)})
         8
     """
+    return sum(tensor_sizes(module, formats).values())
+
+
+def tensor_sizes(module: nn.Module, formats: Mapping[str, TensorFormat] | None = None) -> dict[str, int]:
+    """Bytes of every ``state_dict`` tensor as :func:`compressed_size_bytes` counts them, by name.
+
+    A tensor shared under several names is listed once, under its first name.
+
+    Example::
+
+        >>> tensor_sizes(nn.Linear(4, 2), {"weight": TensorFormat(bits=8)})
+        {'weight': 8, 'bias': 8}
+    """
     formats = formats or {}
-    total = 0
+    sizes: dict[str, int] = {}
     for names, tensor in _unique_tensors(module):
         fmt = next((formats[name] for name in names if name in formats), None)
         bits = _default_bits(tensor) if fmt is None else tensor_storage_bits(tensor, fmt)
-        total += math.ceil(bits / 8)
-    return total
+        sizes[names[0]] = math.ceil(bits / 8)
+    return sizes
+
+
+def _value_bits(module: nn.Module, formats: Mapping[str, TensorFormat]) -> dict[str, int]:
+    bits: dict[str, int] = {}
+    for names, tensor in _unique_tensors(module):
+        fmt = next((formats[name] for name in names if name in formats), None)
+        if fmt is not None:
+            bits[names[0]] = fmt.bits
+        elif is_traceable_wrapper_subclass(tensor):
+            inner, _ = tensor.__tensor_flatten__()
+            bits[names[0]] = getattr(tensor, inner[0]).element_size() * 8
+        elif tensor.is_floating_point() or tensor.is_quantized or tensor.dtype in (torch.int8, torch.uint8):
+            bits[names[0]] = tensor.element_size() * 8
+    return bits
 
 
 def raw_size_bytes(module: nn.Module) -> int:
@@ -629,6 +713,7 @@ def compression_stats(
         >>> stats.total_params, stats.macs, stats.compressed_bytes
         (44, 120, 176)
     """
+    sizes = tensor_sizes(module, formats)
     return CompressionStats(
         total_params=count_parameters(module),
         nonzero_params=count_nonzero(module),
@@ -636,8 +721,11 @@ def compression_stats(
         macs=count_macs(module, example_input) if example_input is not None else None,
         dense_bytes=dense_size_bytes(module),
         raw_bytes=raw_size_bytes(module),
-        compressed_bytes=compressed_size_bytes(module, formats),
+        compressed_bytes=sum(sizes.values()),
         layer_sparsity=layer_sparsity(module),
+        layer_bytes=sizes,
+        layer_bits=_value_bits(module, formats or {}),
+        layer_params={name: p.numel() for name, p in module.named_parameters() if not _is_bias(name)},
     )
 
 

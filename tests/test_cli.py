@@ -66,3 +66,31 @@ def test_cli_rejects_a_bad_amount_before_training(tmp_path):
             ],
             save_config_callback=None,
         )
+
+
+def test_a_shipped_recipe_combines_with_model_and_trainer_arguments(tmp_path):
+    from lightning_compress import LowRankReplacement, recipes
+
+    cli = LightningCLI(
+        ImageClassifier,
+        DigitsDataModule,
+        args=[
+            "fit",
+            "--config",
+            str(recipes.path("low_rank")),
+            "--model.arch=lenet_300_100",
+            "--model.input_shape=[1, 8, 8]",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        save_config_callback=None,
+    )
+    low_rank = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LowRankReplacement))
+    assert cli.trainer.global_step == 3
+    # LeNet-300-100 on 8x8 input: the 64->300 and 300->100 layers get factorized at about half their size.
+    assert {"net.1", "net.3"} <= set(low_rank.layers)
+    assert low_rank.layers["net.3"]["rank"] < 100

@@ -648,3 +648,24 @@ model:
     assert (kd.teacher, kd.alpha, kd.temperature) == ("self", 0.7, 3.0)
     assert kd.features == (FeatureLoss("net.3", loss="attention", weight=100.0),)
     assert "distillation/attention/net.3" in cli.trainer.callback_metrics
+
+
+def test_defaults_are_t1_alpha_half_and_keep_the_task_gradient_at_least_as_large():
+    kd = KnowledgeDistillation("self")
+    assert (kd.temperature, kd.alpha) == (1.0, 0.5)
+    # A student that already agrees with its teacher's top class but is less sure than the label: at T=1 the
+    # soft-target gradient per logit, alpha * (p_s - p_t), is at most the task gradient, (1 - alpha) * (p_s - y).
+    # At the old T=4 the T² factor makes it 2.9x the task gradient here.
+    student = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[5.0, 1.0, 0.0]])
+    label = torch.tensor([0])
+
+    def grad_norms(temperature, alpha):
+        task = torch.autograd.grad((1 - alpha) * F.cross_entropy(student, label), student)[0].norm()
+        soft = torch.autograd.grad(alpha * hinton_loss(student, teacher, temperature), student)[0].norm()
+        return float(task), float(soft)
+
+    task, soft = grad_norms(kd.temperature, kd.alpha)
+    assert task == pytest.approx(0.1304, abs=1e-4) and soft == pytest.approx(0.1155, abs=1e-4)
+    task4, soft4 = grad_norms(4.0, kd.alpha)
+    assert soft4 / task4 == pytest.approx(2.915, abs=1e-3)

@@ -104,15 +104,15 @@ def test_target_follows_the_schedule_and_reaches_the_logger(tmp_path, digits):
     )
     trainer.fit(model, datamodule=digits)
     with open(f"{logger.log_dir}/metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("pruning/target_sparsity")]
-    by_step = {int(r["step"]): float(r["pruning/target_sparsity"]) for r in rows}
+        rows = [r for r in csv.DictReader(f) if r.get("pruning/target_weight_sparsity")]
+    by_step = {int(r["step"]): float(r["pruning/target_weight_sparsity"]) for r in rows}
     schedule = Schedule(0.0, 0.9, start=0, end=20, frequency=5)
     # Lightning logs a step's metrics under the step index before the optimizer step increments it.
     for step, value in by_step.items():
         assert value == pytest.approx(schedule.value(step), abs=1e-6)  # logged as float32
     assert by_step[4] == pytest.approx(0.0) and by_step[5] == pytest.approx(0.52, abs=5e-4)
     assert by_step[max(by_step)] == pytest.approx(0.9)
-    actual = {int(r["step"]): float(r["pruning/sparsity"]) for r in rows}
+    actual = {int(r["step"]): float(r["pruning/weight_sparsity"]) for r in rows}
     assert actual[10] == pytest.approx(schedule.value(10), abs=1e-3)
     # Remaining parameters and the MACs that multiply a nonzero weight, at the last update (90% of the weights
     # of the four layers zero); 337,536 dense MACs for one 8x8 image.
@@ -357,7 +357,7 @@ def test_structured_metrics_reach_the_logger(tmp_path, digits):
     trainer.fit(model, datamodule=digits)
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    macs = [float(r["pruning/macs"]) for r in rows if r.get("pruning/macs")]
+    macs = [float(r["pruning/macs_after_removal"]) for r in rows if r.get("pruning/macs_after_removal")]
     assert macs[-1] == count_macs(model, model.example_input_array)  # the logged cost is the shipped cost
     channels = [float(r["pruning/removed_channels"]) for r in rows if r.get("pruning/removed_channels")]
     assert channels == sorted(channels) and channels[-1] == 8 + 16 + 32
@@ -440,9 +440,9 @@ def test_a_run_resumed_after_the_ramp_still_logs_its_sparsity(tmp_path, digits):
     logger = CSVLogger(tmp_path, name="resumed")
     run(ckpt_path=tmp_path / "ckpt" / "epoch=0-step=20.ckpt", logger=logger)
     with open(f"{logger.log_dir}/metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("pruning/sparsity")]
+        rows = [r for r in csv.DictReader(f) if r.get("pruning/weight_sparsity")]
     assert len(rows) == 20 and min(int(r["step"]) for r in rows) == 20
-    assert all(float(r["pruning/sparsity"]) == pytest.approx(0.6, abs=1e-3) for r in rows)
+    assert all(float(r["pruning/weight_sparsity"]) == pytest.approx(0.6, abs=1e-3) for r in rows)
 
 
 def test_taylor_scores_are_averaged_over_processes_before_the_decision():

@@ -429,10 +429,14 @@ def test_fit_resumes_exactly_and_a_fresh_module_tests_from_the_checkpoint(tmp_pa
     assert isinstance(fresh.net[8], LowRankLinear)
 
     with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("low_rank/net.8/rank")]
-    assert float(rows[0]["low_rank/net.8/rank"]) == lowrank.layers["net.8"]["rank"]
+        rows = [r for r in csv.DictReader(f) if r.get("low_rank/per_layer/rank/net.8")]
+    assert float(rows[0]["low_rank/per_layer/rank/net.8"]) == lowrank.layers["net.8"]["rank"]
     assert float(rows[0]["low_rank/params_ratio"]) == pytest.approx(lowrank.totals["params_ratio"], rel=1e-6)
-    assert 0.0 < float(rows[0]["low_rank/net.8/output_error"]) < float(rows[0]["low_rank/net.8/weight_error"])
+    assert (
+        0.0
+        < float(rows[0]["low_rank/per_layer/output_error/net.8"])
+        < float(rows[0]["low_rank/per_layer/weight_error/net.8"])
+    )
 
 
 def test_two_callbacks_on_different_layers_keep_separate_states_and_resume_exactly(tmp_path, digits):
@@ -572,11 +576,15 @@ def test_replacing_later_refuses_callbacks_that_select_layers(tmp_path, digits):
     assert trainer.global_step == 0
 
 
-def test_selecting_callbacks_listed_first_are_refused(tmp_path, digits):
-    callbacks = [GradualPruning(amount=0.5), LowRankReplacement(rank=4)]
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=callbacks)
-    with pytest.raises(ValueError, match="List LowRankReplacement before GradualPruning"):
-        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+def test_selecting_callbacks_listed_first_set_up_after_it(tmp_path, digits):
+    pruning, lowrank = GradualPruning(amount=0.5), LowRankReplacement(rank=4, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[pruning, lowrank])
+    model = ImageClassifier("small_cnn")
+    trainer.fit(model, datamodule=digits)
+    assert trainer.callbacks.index(lowrank) < trainer.callbacks.index(pruning)
+    assert isinstance(model.net[8], LowRankLinear)
+    # The factors are what pruning selected.
+    assert {"net.8.first.weight", "net.8.second.weight"} <= set(pruning._params)
 
 
 def test_ddp_two_processes_take_identical_decisions(tmp_path, digits):

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
 from lightning_compress.stats import TensorFormat, count_parameters
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, trainer_kwargs
 
 
 class ZeroHalfOfFirstLinear(Callback):
@@ -48,13 +48,14 @@ def test_csv_logger_receives_step_and_epoch_metrics(tmp_path, digits):
     trainer, model = _fit(tmp_path, digits, logger, monitor, extra=[ZeroHalfOfFirstLinear()])
     rows = _read_csv(f"{logger.log_dir}/metrics.csv")
     step_rows = [r for r in rows if r.get("compression/macs")]
-    # 2 epochs x 6 steps, logged at steps 2, 4, ..., 12 (step metrics) plus the two epoch-end entries.
+    # 2 epochs x 6 steps, logged after optimizer steps 2, 4, ..., 12 under Lightning's 0-based index of the
+    # step just taken (where the loss goes too); the two epoch-end entries fall on steps 5 and 11.
     logged_steps = sorted({int(r["step"]) for r in step_rows})
-    assert {2, 4, 6, 8, 10, 12} <= set(logged_steps)
+    assert logged_steps == [1, 3, 5, 7, 9, 11]
     first_linear = model.net[8].weight
     expected_layer_sparsity = (first_linear == 0).float().mean().item()
     last = step_rows[-1]
-    assert float(last["compression/sparsity/net.8.weight"]) == pytest.approx(
+    assert float(last["compression/per_layer/sparsity/net.8.weight"]) == pytest.approx(
         expected_layer_sparsity, abs=1e-6
     )
     total = count_parameters(model)
@@ -80,7 +81,7 @@ def test_tensorboard_event_file_holds_the_metrics(tmp_path, digits):
     tags = events.Tags()["scalars"]
     assert "compression/sparsity" in tags and "compression/final/compression_rate" in tags
     sparsity = events.Scalars("compression/sparsity")
-    assert [e.step for e in sparsity if e.step % 3 == 0][:4] == [3, 6, 9, 12]
+    assert sorted({e.step for e in sparsity}) == [2, 5, 8, 11]
     total = count_parameters(model)
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     final_rate = events.Scalars("compression/final/compression_rate")[-1].value
@@ -108,8 +109,9 @@ def test_report_before_after_json_and_storage_formats(tmp_path, digits, caplog):
     others = after["raw_bytes"] - w.numel() * 4
     assert after["compressed_bytes"] <= others + sparse_8bit
     assert summary["size_ratio"] == pytest.approx(before["raw_bytes"] / after["compressed_bytes"])
-    assert report["latency"]["before_ms"] > 0 and report["latency"]["after_ms"] > 0
-    assert report["latency"]["batch_size"] == 1
+    (latency,) = report["latency"]
+    assert latency["before_ms"] > 0 and latency["after_ms"] > 0
+    assert (latency["batch_size"], latency["mode"]) == (1, "eager")
     table = next(r.getMessage() for r in caplog.records if "Compression report" in r.getMessage())
     assert f"{total:,}" in table and f"{summary['size_ratio']:.2f}x" in table
 
@@ -146,3 +148,227 @@ def test_monitor_state_survives_checkpoint(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CompressionMonitor(**kwargs)
+
+
+class TinyNet(pl.LightningModule):
+    """Conv 1->2 (3x3) on 1x5x5 then Linear 18->3: 2*3*3 positions * 9 + 18*3 = 216 MACs per sample."""
+
+    def __init__(self, example_batch=1):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 2, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(18, 3)
+        )
+        self.example_input_array = torch.zeros(example_batch, 1, 5, 5)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _tiny_loader():
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(16, 1, 5, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    )
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _tiny_fit(tmp_path, monitor, model=None, extra=(), **overrides):
+    model = model or TinyNet()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=[monitor, *extra])
+    trainer.fit(model, train_dataloaders=_tiny_loader())
+    return trainer, model
+
+
+@pytest.mark.parametrize("example_batch", [1, 2, 5])
+def test_macs_are_counted_for_one_sample_whatever_the_example_batch(tmp_path, example_batch):
+    monitor = CompressionMonitor(measure_latency=False, verbose=False)
+    _tiny_fit(tmp_path, monitor, TinyNet(example_batch))
+    hand_count = (2 * 3 * 3) * (3 * 3) + 18 * 3
+    assert monitor.report["before"]["macs"] == monitor.report["after"]["macs"] == hand_count == 216
+
+
+class InstallConvertedGraph(Callback):
+    """Stands in for QuantizationAwareTraining(scheme="int8"): leaves a converted graph in the final model."""
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_compress.quantization.pt2e import QuantizedGraphModule
+
+        pl_module.net = QuantizedGraphModule(torch.fx.symbolic_trace(pl_module.net), converted=True)
+
+
+def _record_compiles(monkeypatch):
+    import lightning_compress.quantization.pt2e as pt2e
+
+    compiled = []
+
+    def fake_compile(module, dynamic=False):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(pt2e, "compile_for_cpu", fake_compile)
+    return compiled
+
+
+def test_int8_converted_model_is_timed_compiled_and_the_original_alike(tmp_path, monkeypatch, caplog):
+    compiled = _record_compiles(monkeypatch)
+    monitor = CompressionMonitor(latency_batch_size=4, latency_repeats=2)
+    _, model = _tiny_fit(tmp_path, monitor, extra=[InstallConvertedGraph()])
+    # Both the original and the final model go through compile_for_cpu, once each.
+    assert len(compiled) == 2
+    assert type(compiled[0].net) is torch.nn.Sequential and compiled[1] is model
+    rows = monitor.report["latency"]
+    assert [(r["batch_size"], r["mode"]) for r in rows] == [(1, "compiled"), (4, "compiled")]
+    assert all(r["speedup"] == pytest.approx(r["before_ms"] / r["after_ms"]) for r in rows)
+    table = next(r.getMessage() for r in caplog.records if "Compression report" in r.getMessage())
+    assert "latency ms, batch 1 (compiled)" in table and "latency ms, batch 4 (compiled)" in table
+
+
+def test_float_model_is_timed_eager_at_batch_one_and_the_chosen_batch(tmp_path, monkeypatch):
+    compiled = _record_compiles(monkeypatch)
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = CompressionMonitor(latency_batch_size=3, latency_repeats=2, verbose=False)
+    _tiny_fit(tmp_path, monitor, logger=logger)
+    assert compiled == []
+    rows = monitor.report["latency"]
+    assert [(r["batch_size"], r["mode"]) for r in rows] == [(1, "eager"), (3, "eager")]
+    final = _read_csv(f"{logger.log_dir}/metrics.csv")[-1]
+    assert float(final["compression/final/speedup"]) == pytest.approx(rows[0]["speedup"], rel=1e-6)
+    assert float(final["compression/final/speedup_batch3"]) == pytest.approx(rows[1]["speedup"], rel=1e-6)
+
+
+def test_latency_mode_compiled_on_request(tmp_path, monkeypatch):
+    compiled = _record_compiles(monkeypatch)
+    monitor = CompressionMonitor(latency_mode="compiled", latency_repeats=1, verbose=False)
+    _tiny_fit(tmp_path, monitor)
+    assert len(compiled) == 2
+    assert [r["mode"] for r in monitor.report["latency"]] == ["compiled"]
+
+
+def _accuracy(model, digits, limit):
+    model.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(digits.val_dataloader()):
+            if i == limit:
+                break
+            hits += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return hits / total
+
+
+def test_metrics_before_and_after_equal_an_independent_evaluation(tmp_path, digits, caplog):
+    import copy
+
+    model = ImageClassifier("small_cnn", input_shape=(1, 8, 8), lr=1e-2)
+    untrained = copy.deepcopy(model)
+    monitor = CompressionMonitor(metrics=["val_acc"], measure_latency=False)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1),
+        callbacks=[monitor, ZeroHalfOfFirstLinear()],
+        limit_train_batches=10,
+        limit_val_batches=2,
+    )
+    trainer.fit(model, datamodule=digits)
+    values = monitor.report["metrics"]["val_acc"]
+    assert values["before"] == pytest.approx(_accuracy(untrained, digits, limit=2), abs=1e-6)
+    assert values["after"] == pytest.approx(_accuracy(model, digits, limit=2), abs=1e-6)
+    assert values["after"] > values["before"] + 0.2  # ten steps of training on digits
+    table = next(r.getMessage() for r in caplog.records if "Compression report" in r.getMessage())
+    assert f"val_acc {values['before']:.4f}" in " ".join(table.split())
+    assert f"{values['after']:.4f}" in table
+
+
+def test_unknown_metric_fails_at_the_first_validation(tmp_path, digits):
+    monitor = CompressionMonitor(metrics=["val_accuracy"], measure_latency=False, verbose=False)
+    steps = RecordSteps()
+    model = ImageClassifier("small_cnn", input_shape=(1, 8, 8))
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=3),
+        callbacks=[monitor, steps],
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
+    with pytest.raises(ValueError, match=r"`metrics`: \['val_accuracy'\] not logged.*'val_acc'"):
+        trainer.fit(model, datamodule=digits)
+    assert steps.steps == [0, 1]
+
+
+def test_metrics_without_validation_fail_at_setup(tmp_path):
+    monitor = CompressionMonitor(metrics=["val_acc"], measure_latency=False)
+    with pytest.raises(ValueError, match="has no `validation_step`"):
+        _tiny_fit(tmp_path, monitor)
+
+
+def test_without_logger_no_report_file_is_written_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reports = []
+    for _ in range(2):
+        monitor = CompressionMonitor(measure_latency=False, verbose=False)
+        _tiny_fit(tmp_path, monitor, default_root_dir=None)
+        reports.append(monitor.report)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []
+    assert reports[0]["after"]["macs"] == 216 and reports[1] is not reports[0]
+
+
+def test_report_path_is_written_where_asked(tmp_path):
+    path = tmp_path / "out" / "report.json"
+    monitor = CompressionMonitor(measure_latency=False, verbose=False, report_path=path)
+    _tiny_fit(tmp_path, monitor)
+    assert json.loads(path.read_text())["after"]["macs"] == 216
+
+
+@pytest.mark.parametrize("kind", ["directory", "under_a_file"])
+def test_unwritable_report_path_fails_before_training(tmp_path, kind):
+    if kind == "directory":
+        path, match = tmp_path, "is a directory"
+    else:
+        (tmp_path / "file").write_text("")
+        path, match = tmp_path / "file" / "report.json", "cannot be written"
+    steps = RecordSteps()
+    monitor = CompressionMonitor(measure_latency=False, report_path=path)
+    with pytest.raises(ValueError, match=match):
+        _tiny_fit(tmp_path, monitor, extra=[steps])
+    assert steps.steps == []
+
+
+class FakePruning(Callback):
+    """Zeroes a growing share of the Linear weight and exposes the amount asked for, as GradualPruning does."""
+
+    current_amount = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.current_amount = min(0.5, 0.25 * trainer.global_step)
+        with torch.no_grad():
+            w = pl_module.net[2].weight.view(-1)
+            w[: int(w.numel() * self.current_amount)] = 0.0
+
+
+def test_plots_are_written_beside_the_report_and_sent_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = CompressionMonitor(log_every_n_steps=1, measure_latency=False, verbose=False, plots=True)
+    _tiny_fit(tmp_path, monitor, extra=[FakePruning()], logger=logger, max_epochs=2)
+    assert [e["step"] for e in monitor.history] == [1, 2, 3, 4]
+    assert [e["targets"]["FakePruning"] for e in monitor.history] == [0.25, 0.5, 0.5, 0.5]
+    total = 18 + 54 + 3
+    assert monitor.history[-1]["sparsity"] == pytest.approx(27 / total)
+    for name in ("steps", "layers", "sizes"):
+        file = tmp_path / "tb" / "version_0" / f"compression_report.{name}.png"
+        assert monitor.figures[name] == file and file.stat().st_size > 10_000
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == [
+        "compression/report/layers",
+        "compression/report/sizes",
+        "compression/report/steps",
+    ]
+    image = events.Images("compression/report/steps")[-1]
+    assert image.step == 4 and image.width > 500 and len(image.encoded_image_string) > 10_000

@@ -528,13 +528,12 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, qat, 
     assert CountSteps.steps == 0
 
 
-def test_pruning_listed_after_qat_is_an_error(tmp_path, digits):
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path),
-        callbacks=[QuantizationAwareTraining(module="net"), GradualPruning(amount=0.5)],
-    )
-    with pytest.raises(ValueError, match="List GradualPruning before QuantizationAwareTraining"):
-        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+def test_pruning_listed_after_qat_takes_effect_first(tmp_path, digits):
+    qat, pruning = QuantizationAwareTraining(module="net"), GradualPruning(amount=0.5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[qat, pruning])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert trainer.callbacks.index(pruning) < trainer.callbacks.index(qat)
+    assert pruning.current_amount == 0.5 and qat.converted
 
 
 @pytest.mark.parametrize(

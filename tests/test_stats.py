@@ -16,12 +16,15 @@ from lightning_compress.stats import (
     compression_stats,
     compression_summary,
     count_macs,
+    count_macs_per_sample,
     count_nonzero,
     count_parameters,
     dense_size_bytes,
     layer_sparsity,
     measure_latency,
+    repeat_sample,
     sparsity,
+    tensor_sizes,
     tensor_storage_bits,
 )
 
@@ -364,3 +367,46 @@ def test_count_macs_counts_attention_in_eval_mode():
     expected = 4 * 8 * 32 * 32 + 2 * 8 * 8 * 32 + 2 * 8 * 32 * 64
     assert count_macs(layer, x) == expected
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_count_macs_per_sample_does_not_grow_with_the_batch(batch):
+    # Conv 3->4 (3x3, no padding) on 6x6: 4*4 positions * 4 channels * 27 = 1,728; Linear 64->5: 320.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 5))
+    example = torch.randn(batch, 3, 6, 6)
+    assert count_macs_per_sample(model, example) == 4 * 4 * 4 * 27 + 64 * 5 == 2048
+    assert count_macs(model, example) == 2048 * batch
+
+
+def test_repeat_sample_repeats_the_first_sample_of_every_tensor():
+    x = torch.arange(6.0).reshape(3, 2)
+    out = repeat_sample((x, {"mask": torch.tensor([[1], [0], [0]])}, 5), 4)
+    assert out[0].tolist() == [[0.0, 1.0]] * 4 and out[1]["mask"].tolist() == [[1]] * 4 and out[2] == 5
+    with pytest.raises(ValueError, match="batch_size"):
+        repeat_sample(x, 0)
+
+
+def test_tensor_sizes_and_bits_per_tensor_add_up_to_the_compressed_size():
+    model = nn.Sequential(nn.Linear(10, 10), nn.BatchNorm1d(10))
+    _zero_first(model[0].weight, 90)  # 10 non-zero of 100: coordinate list 10 * (32 + 7) bits
+    formats = {"0.bias": TensorFormat(bits=8)}
+    sizes = tensor_sizes(model, formats)
+    assert sizes == {
+        "0.weight": math.ceil(10 * 39 / 8),
+        "0.bias": 10,
+        "1.weight": 40,
+        "1.bias": 0,  # all zeros: an empty coordinate list
+        "1.running_mean": 0,
+        "1.running_var": 40,
+        "1.num_batches_tracked": 8,
+    }
+    stats = compression_stats(model, formats=formats)
+    assert stats.layer_bytes == sizes and stats.compressed_bytes == sum(sizes.values()) == 147
+    assert stats.layer_bits == {
+        "0.weight": 32,
+        "0.bias": 8,
+        "1.weight": 32,
+        "1.bias": 32,
+        "1.running_mean": 32,
+        "1.running_var": 32,
+    }

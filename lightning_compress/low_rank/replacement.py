@@ -14,13 +14,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_compress._events import record_event, watch_loss
 from lightning_compress._inputs import call_module, to_device
 from lightning_compress._lightning import (
     detach_input,
     first_input,
     forget_original,
+    log_step,
+    original_name,
+    per_layer_name,
     remember_original,
     replace_parameters,
+    set_up_in_order,
     training_steps,
 )
 from lightning_compress.low_rank.factorize import (
@@ -221,6 +226,8 @@ class LowRankReplacement(Callback):
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if set_up_in_order(self, trainer, pl_module, stage):
+            return
         if id(pl_module) not in self._hooks:
             self._hooks[id(pl_module)] = pl_module.register_load_state_dict_pre_hook(_rebuild_before_loading)
         if stage != "fit":
@@ -240,7 +247,9 @@ class LowRankReplacement(Callback):
         # A resumed run rebuilds the structure from the checkpoint's keys; it must be the one recorded here.
         # Read from the weights' names and shapes, which stay the same when a later callback wraps the layers
         # (e.g. QuantizationAwareTraining's exported graph).
-        shapes = {key: tuple(value.shape) for key, value in pl_module.state_dict().items()}
+        shapes = {
+            original_name(pl_module, key): tuple(value.shape) for key, value in pl_module.state_dict().items()
+        }
         for name, layer in self.layers.items():
             rank = _rank_in_state(shapes, name)
             if rank != _as_rank(layer["rank"]):
@@ -257,7 +266,7 @@ class LowRankReplacement(Callback):
     def _log(self, trainer: pl.Trainer) -> None:
         metrics = self.metrics()
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=log_step(trainer))
 
     def _setup_later_replacement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -272,12 +281,14 @@ class LowRankReplacement(Callback):
         ]
         if later:
             raise ValueError(
-                f"`start={self.start!r}` replaces layers during training, but {', '.join(later)} set up on the "
-                "layers as they were and would keep using the old ones. Leave `start=None` to combine them."
+                f"LowRankReplacement(start={self.start!r}) replaces layers during training, but {', '.join(later)} "
+                "set up on the layers as they were and would keep using the old ones. Leave `start=None` to "
+                "combine them."
             )
         total, per_epoch = training_steps(trainer)
         self._start_step = resolve_point(self.start, total, per_epoch)
         remember_original(trainer, pl_module)
+        watch_loss(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -290,6 +301,7 @@ class LowRankReplacement(Callback):
             for name, param in old.named_parameters():
                 replaced[param] = list(new.parameters()) if name == "weight" else []
         replace_parameters(trainer, replaced)
+        record_event(trainer, self, f"{len(swapped)} layers factorized")
         self._log(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -557,24 +569,25 @@ class LowRankReplacement(Callback):
         """What is logged at the start of training: totals (whole model) and, per replaced layer, rank and ratios.
 
         Names: ``low_rank/params_ratio``, ``low_rank/macs_ratio`` (original / factorized, whole model),
-        ``low_rank/replaced_layers``, ``low_rank/skipped_layers``; per layer ``low_rank/<layer>/rank`` (Tucker:
-        ``rank_in`` and ``rank_out``), ``weight_error``, ``output_error`` (data-aware methods), ``params_ratio``
-        and ``macs_ratio``.
+        ``low_rank/replaced_layers``, ``low_rank/skipped_layers``; per layer ``low_rank/per_layer/<stat>/<layer>``
+        for the stats ``rank`` (Tucker: ``rank_in`` and ``rank_out``), ``weight_error``, ``output_error``
+        (data-aware methods), ``params_ratio`` and ``macs_ratio``.
         """
         metrics = {f"low_rank/{key}": float(value) for key, value in self.totals.items()}
         if not self.log_per_layer:
             return metrics
         for record in self.records:
-            prefix = f"low_rank/{record['name']}/"
+            layer: dict[str, float] = {}
             if isinstance(record["rank"], list):
-                metrics[prefix + "rank_in"], metrics[prefix + "rank_out"] = map(float, record["rank"])
+                layer["rank_in"], layer["rank_out"] = map(float, record["rank"])
             else:
-                metrics[prefix + "rank"] = float(record["rank"])
-            metrics[prefix + "weight_error"] = record["weight_error"]
+                layer["rank"] = float(record["rank"])
+            layer["weight_error"] = record["weight_error"]
             if record["output_error"] is not None:
-                metrics[prefix + "output_error"] = record["output_error"]
-            metrics[prefix + "params_ratio"] = record["params_before"] / record["params_after"]
-            metrics[prefix + "macs_ratio"] = record["macs_before"] / max(record["macs_after"], 1)
+                layer["output_error"] = record["output_error"]
+            layer["params_ratio"] = record["params_before"] / record["params_after"]
+            layer["macs_ratio"] = record["macs_before"] / max(record["macs_after"], 1)
+            metrics.update({per_layer_name("low_rank/", k, record["name"]): v for k, v in layer.items()})
         return metrics
 
     def summary(self) -> str:

@@ -16,13 +16,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_compress._events import record_event, watch_loss
 from lightning_compress._inputs import call_module, to_device
 from lightning_compress._lightning import (
     build_schedule,
     detach_input,
     first_input,
+    float_view,
     forget_original,
+    named_parameters_by_original_name,
+    per_layer_name,
     remember_original,
+    set_up_in_order,
     training_steps,
 )
 from lightning_compress.pruning.masks import (
@@ -220,9 +225,16 @@ class GradualPruning(Callback):
     # -- setup ---------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if set_up_in_order(self, trainer, pl_module, stage) or stage != "fit":
             return
+        if any(type(c).__name__ == "BinaryWeights" for c in trainer.callbacks):  # type: ignore[attr-defined]
+            raise ValueError(
+                "GradualPruning and BinaryWeights cannot share a fit: BinaryWeights reparametrizes every weight it "
+                "selects as binary/ternary values, so the weights pruning masks are not the ones the model uses. "
+                "Use one of them: BinaryWeights(mode='ternary') has zeros of its own."
+            )
         remember_original(trainer, pl_module)
+        watch_loss(trainer)
         selected = self.selection.select(pl_module)
         self._schedule = self._build_schedule(trainer)
         if self.mode == "structured":
@@ -327,8 +339,9 @@ class GradualPruning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         # The strategy may have replaced the parameter objects (FSDP with `use_orig_params=True`): look them
-        # up again by name, and refuse what masks cannot follow.
-        named = dict(pl_module.named_parameters())
+        # up again by name, and refuse what masks cannot follow. A graph may have moved the layers
+        # (QuantizationAwareTraining): the names recorded at setup are looked up through it.
+        named = named_parameters_by_original_name(pl_module)
         missing = [name for name in self._params if name not in named]
         if missing:
             raise ValueError(
@@ -374,6 +387,7 @@ class GradualPruning(Callback):
         target = self._schedule.value(step)
         if target > self.current_amount or not self.masks:
             self._update_masks(trainer, pl_module, target)
+            record_event(trainer, self, f"masks updated to amount {self.current_amount:.3g}")
         self.last_update_step = step
 
     def on_before_optimizer_step(
@@ -424,9 +438,12 @@ class GradualPruning(Callback):
         # (tracing and pruning a copy at every mask update would cost more than the training steps).
         key = tuple((root, len(idxs)) for root, idxs in self.plan.items())
         if self._structure_key != key:
-            pruned = self._pruner.materialize(copy.deepcopy(pl_module), self.plan)
+            with float_view(pl_module):
+                pruned = self._pruner.materialize(copy.deepcopy(pl_module), self.plan)
             self._structure_metrics = {
-                "pruning/macs": float(count_macs(pruned, to_device(self._example, pl_module.device))),
+                "pruning/macs_after_removal": float(
+                    count_macs(pruned, to_device(self._example, pl_module.device))
+                ),
                 "pruning/params_after_removal": float(sum(p.numel() for p in pruned.parameters())),
             }
             self._structure_key = key
@@ -438,17 +455,19 @@ class GradualPruning(Callback):
         if not self.materialize or self.materialized:
             return
         if self.mode == "structured" and self.plan:
-            masked = copy.deepcopy(pl_module).eval()
-            self._pruner.materialize(pl_module, self.plan)
-            pl_module.eval()
-            with torch.no_grad():
-                diff = _max_abs_diff(masked, pl_module, self._example)
-                if self._last_input is not None:
-                    batch = detach_input(self._last_input, max_batch=32)
-                    # A model that takes more than the batch's first element is checked on the example only.
-                    with contextlib.suppress(TypeError, ValueError, RuntimeError):
-                        diff = max(diff, _max_abs_diff(masked, pl_module, batch))
-                self._last_input = None
+            # Channels are removed from the float layers (a graph running the model follows the change).
+            with float_view(pl_module):
+                masked = copy.deepcopy(pl_module).eval()
+                self._pruner.materialize(pl_module, self.plan)
+                pl_module.eval()
+                with torch.no_grad():
+                    diff = _max_abs_diff(masked, pl_module, self._example)
+                    if self._last_input is not None:
+                        batch = detach_input(self._last_input, max_batch=32)
+                        # A model that takes more than the batch's first element is checked on the example only.
+                        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                            diff = max(diff, _max_abs_diff(masked, pl_module, batch))
+                    self._last_input = None
             self.materialize_max_abs_diff = diff
             if diff > 1e-4:
                 rank_zero_warn(
@@ -487,9 +506,10 @@ class GradualPruning(Callback):
             grads = None
             if self.criterion == "taylor":
                 grads = self._reduced_taylor(trainer)
-            masks, plan = self._pruner.compute_masks(
-                pl_module, target, grads=grads, previous=self.plan or None, generator=self._generator
-            )
+            with float_view(pl_module):  # the pruner reads the layers under the names it recorded
+                masks, plan = self._pruner.compute_masks(
+                    pl_module, target, grads=grads, previous=self.plan or None, generator=self._generator
+                )
             self.plan = trainer.strategy.broadcast(plan, src=0)
             self._taylor = {}
         # Every rank must hold the same masks; rank zero decides.
@@ -536,13 +556,27 @@ class GradualPruning(Callback):
         zeros = sum(int((p == 0).sum()) for p in self._params.values())
         total = sum(p.numel() for p in self._params.values())
         metrics = {
-            "pruning/target_sparsity": float(target),
-            "pruning/sparsity": zeros / total,
+            "pruning/weight_sparsity": zeros / total,
             "pruning/remaining_params": float(sum(int((p != 0).sum()) for p in pl_module.parameters())),
         }
         if self.mode == "structured":
-            metrics["pruning/removed_channels"] = float(sum(len(v) for v in self.plan.values()))
-        elif self._layer_macs:
+            # `amount` counts channels here: the reached fraction is compared with it, not weight sparsity
+            # (a channel's weights are a different share of the whole in every group).
+            metrics["pruning/target_removed_channel_fraction"] = float(target)
+            channel_plan, head_plan = self._pruner._split(self.plan)
+            if self._pruner.channels is not None:
+                removed = sum(len(v) for v in channel_plan.values())
+                total_channels = sum(group.size for group in self._pruner.channels.groups)
+                metrics["pruning/removed_channels"] = float(removed)
+                metrics["pruning/removed_channel_fraction"] = removed / max(total_channels, 1)
+            if self._pruner.heads is not None:
+                removed = sum(len(v) for v in head_plan.values())
+                total_heads = sum(group.num_heads for group in self._pruner.heads.groups)
+                metrics["pruning/removed_heads"] = float(removed)
+                metrics["pruning/removed_head_fraction"] = removed / max(total_heads, 1)
+        else:
+            metrics["pruning/target_weight_sparsity"] = float(target)
+        if self.mode != "structured" and self._layer_macs:
             skipped = sum(
                 macs * float((self._params[name] == 0).float().mean())
                 for name, macs in self._layer_macs.items()
@@ -551,7 +585,9 @@ class GradualPruning(Callback):
         if self.log_per_layer:
             for name, param in self._params.items():
                 if name.endswith("weight") and param.dim() > 1:
-                    metrics[f"pruning/sparsity/{name}"] = float((param == 0).float().mean())
+                    metrics[per_layer_name("pruning/", "weight_sparsity", name)] = float(
+                        (param == 0).float().mean()
+                    )
         return metrics
 
     def _remove_hooks(self) -> None:

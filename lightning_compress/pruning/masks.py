@@ -63,9 +63,27 @@ def magnitude_scores(
 
 
 def _kept_after_pruning(scores: Tensor, k: int) -> Tensor:
-    """Flat bool mask pruning the ``k`` lowest ``scores`` (ties broken by position, earliest first)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[torch.sort(scores, stable=True).indices[:k]] = False
+    """Flat bool mask pruning the ``k`` lowest ``scores`` (ties broken by position, earliest first).
+
+    The same mask as pruning the first ``k`` entries of a stable ascending sort, without the sort: a full
+    stable sort of a ResNet-18 layer takes about ten times as long as selecting the ``k``-th value, and made a
+    mask update cost several training steps. Everything below that value is pruned, then the earliest entries
+    equal to it. NaN scores (which a sort places last) fall back to the sort.
+    """
+    n = scores.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return keep
+    if k >= n:
+        return keep.fill_(False)
+    if bool(torch.isnan(scores).any()):
+        keep[torch.sort(scores, stable=True).indices[:k]] = False
+        return keep
+    threshold = torch.kthvalue(scores, k).values
+    below = scores < threshold
+    ties = torch.nonzero(scores == threshold).flatten()
+    keep[below] = False
+    keep[ties[: k - int(below.sum())]] = False
     return keep
 
 

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_compress._lightning import forget_original, remember_original
+from lightning_compress._events import record_event, watch_loss
+from lightning_compress._lightning import forget_original, remember_original, set_up_in_order
 from lightning_compress.schedules import Point, resolve_point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
@@ -167,9 +168,10 @@ class BinaryWeights(Callback):
         return self._generate_state_key(mode=self.mode, modules=str(self.selection))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if set_up_in_order(self, trainer, pl_module, stage) or stage != "fit":
             return
         remember_original(trainer, pl_module)
+        watch_loss(trainer)
         selected = [
             (n, m)
             for n, m in self.selection.select(pl_module)
@@ -215,6 +217,8 @@ class BinaryWeights(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if trainer.global_step == self._start_step > 0:
+            record_event(trainer, self, f"{self.mode} weights switched on")
         self._enable(trainer.global_step >= self._start_step)
 
     def on_train_batch_end(

@@ -8,8 +8,6 @@ import dataclasses
 import inspect
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
+
+from lightning_compress.export import atomic_write
 
 __all__ = [
     "QuantizedGraphModule",
@@ -403,6 +403,54 @@ class QuantizedGraphModule(nn.Module):
         return "converted int8" if self.converted else "fake-quantized"
 
 
+# Marks the nodes `_guard_zero_scales` inserts, so that `_unguard_zero_scales` finds them again.
+_GUARD = "lightning_compress_zero_scale_guard"
+
+
+def _guard_zero_scales(graph: GraphModule) -> int:
+    """Make the folded batch norm of a prepared graph exact for channels whose scale is zero.
+
+    QAT folds batch norm as ``conv(x, w * s) / s`` with ``s = gamma / std``; a channel pruned together with its
+    batch norm (gamma = 0, weights 0) computes 0 / 0 = NaN, which then spreads through the observers. Where
+    ``s`` is zero the division is by 1 instead (the convolution's output is exactly 0 there, and so is the
+    batch norm's with beta = 0). Returns the number of guarded divisions.
+    """
+    aten = torch.ops.aten
+    conv_ops = set(_CONV_OPS.values())
+    guarded = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.div.Tensor or len(node.args) != 2:
+            continue
+        out, scale = node.args
+        if not isinstance(out, torch.fx.Node) or not isinstance(scale, torch.fx.Node):
+            continue
+        if getattr(out.target, "overloadpacket", None) not in conv_ops:
+            continue
+        with graph.graph.inserting_before(node):
+            zero = graph.graph.call_function(aten.eq.Scalar, (scale, 0.0))
+            safe = graph.graph.call_function(aten.where.ScalarSelf, (zero, 1.0, scale))
+        for inserted in (zero, safe):
+            inserted.meta.update({k: v for k, v in scale.meta.items() if k != "val"})
+            inserted.meta[_GUARD] = True
+        node.args = (out, safe)
+        guarded += 1
+    if guarded:
+        graph.recompile()
+    return guarded
+
+
+def _unguard_zero_scales(graph: GraphModule) -> None:
+    """Remove what :func:`_guard_zero_scales` inserted, so that conversion recognizes the folding pattern."""
+    for node in reversed(list(graph.graph.nodes)):
+        if node.meta.get(_GUARD) and node.target is torch.ops.aten.where.ScalarSelf:
+            node.replace_all_uses_with(node.args[2])
+            graph.graph.erase_node(node)
+    for node in reversed(list(graph.graph.nodes)):
+        if node.meta.get(_GUARD) and not node.users:
+            graph.graph.erase_node(node)
+    graph.recompile()
+
+
 def prepare_int8_qat(
     module: nn.Module, args: tuple, kwargs: dict | None = None, *, what: str | None = None
 ) -> QuantizedGraphModule:
@@ -442,6 +490,7 @@ def prepare_int8_qat(
             "happens when one module instance (often an activation such as nn.ReLU) is called at several "
             "places through a path export does not tell apart; give each call its own module instance."
         ) from err
+    _guard_zero_scales(prepared)
     return QuantizedGraphModule(prepared)
 
 
@@ -537,6 +586,7 @@ def convert_int8(prepared: QuantizedGraphModule) -> QuantizedGraphModule:
         graph = copy.deepcopy(prepared.graph)
     finally:
         prepared.train(training)
+    _unguard_zero_scales(graph)
     with _cached_patterns():
         converted = convert_pt2e(graph)
     return QuantizedGraphModule(slim_graph(converted), converted=True)
@@ -583,10 +633,13 @@ def save_quantized(
     zip archive; tensors are stored as they are. Load with :func:`load_quantized`, or without this package
     with ``import torchao`` (it registers the quantized ops) and ``torch.export.load(path).module()``.
 
+    The file is written atomically (a temporary file in the same directory, then ``os.replace``): an
+    interrupted save leaves the previous file as it was.
+
     Args:
         module: a converted model (:func:`convert_int8`) or any exportable float model, for comparison.
         args: positional example inputs.
-        path: destination file.
+        path: destination file (parent directories are created).
         kwargs: keyword example inputs.
 
     Example::
@@ -602,21 +655,22 @@ def save_quantized(
     example = _at_least_two(tuple(args))
     kw = _at_least_two(dict(kwargs or {}))
     exported = torch.export.export(target, example, kw, dynamic_shapes=_dynamic_shapes(target, example, kw))
-    path = os.fspath(path)
-    torch.export.save(exported, path)
-    _deflate_metadata(path)
+    with atomic_write(path) as partial:
+        torch.export.save(exported, partial)
+        _deflate_metadata(partial)
     return os.path.getsize(path)
 
 
 def _deflate_metadata(path: str) -> None:
     # torch.export.save stores every entry uncompressed; its graph JSON is large next to int8 weights.
-    handle, tmp = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path) or ".")
-    os.close(handle)
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w") as target:
+    with (
+        atomic_write(path) as partial,
+        zipfile.ZipFile(path) as source,
+        zipfile.ZipFile(partial, "w") as target,
+    ):
         for info in source.infolist():
             method = zipfile.ZIP_DEFLATED if info.filename.endswith(".json") else zipfile.ZIP_STORED
             target.writestr(info.filename, source.read(info.filename), compress_type=method)
-    shutil.move(tmp, path)
 
 
 def load_quantized(path: str | os.PathLike) -> QuantizedGraphModule:

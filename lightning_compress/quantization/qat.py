@@ -15,17 +15,24 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_compress._events import record_event, watch_loss
 from lightning_compress._inputs import call_module
 from lightning_compress._lightning import (
     detach_input,
     first_input,
     forget_original,
+    log_step,
+    per_layer_name,
+    register_host,
     remember_original,
+    set_up_in_order,
     to_device,
+    unregister_host,
 )
+from lightning_compress.export import check_writable
 from lightning_compress.quantization.pt2e import (
     QuantizedGraphModule,
     compile_for_cpu,
@@ -45,6 +52,8 @@ LOW_BIT_SCHEMES = SCHEMES[1:]
 # Children of the LightningModule that hold the quantized forward when the whole forward is quantized.
 ROOT_CHILD = "quantized"
 _SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed")
+# Callbacks that rewrite every weight to their own storage format, which the int8 graph would quantize again.
+_REWRITE_WEIGHTS = {"WeightSharing": "k-means shared values", "BinaryWeights": "binary/ternary values"}
 
 
 # -- low-bit weight schemes (torchao QATConfig) ---------------------------------------------------------
@@ -282,13 +291,15 @@ class QuantizationAwareTraining(Callback):
     rebuilds the right structure just before the weights load; with ``convert=True`` validation and test
     outside ``fit`` run the converted model.
 
-    Works with ``GradualPruning`` listed *before* this callback (the prepared graph shares the pruned
-    parameters; symmetric quantization keeps zeros exactly zero), with ``precision="bf16-mixed"`` (the
-    quantized part runs in fp32) and with DDP.
+    Works with ``GradualPruning`` in any list order (the prepared graph shares the pruned parameters; symmetric
+    quantization keeps zeros exactly zero; channels removed by structured pruning at the end of training are
+    followed by preparing the graph again), with ``LowRankReplacement``, with logits distillation, with
+    ``precision="bf16-mixed"`` (the quantized part runs in fp32) and with DDP. This callback always takes effect
+    last, whatever the list order; other callbacks find the layers under the names they recorded.
 
     Logged: ``quantization/weight_error`` and ``quantization/activation_error`` (relative L2 error of the
     fake quantization), ``quantization/fake_quant``, ``quantization/layers_quantized`` (fraction of conv /
-    linear layers), ``quantization/bits/<weight>``, ``quantization/size_fp32_bytes`` and
+    linear layers), ``quantization/per_layer/bits/<weight>``, ``quantization/size_fp32_bytes`` and
     ``quantization/size_quantized_bytes`` (weights at their bit width), and at conversion the parity and
     artifact sizes. :meth:`storage_formats` lets ``CompressionMonitor`` count quantized weights at their bits.
 
@@ -297,7 +308,9 @@ class QuantizationAwareTraining(Callback):
         module: qualified name of the submodule to quantize, or ``None`` for the whole ``forward``.
         start: when fake quantization starts (fp32 warm-up before).
         freeze_observers: when quantization ranges stop updating (``None``: never).
-        freeze_bn: when batch-norm statistics stop updating (``None``: never).
+        freeze_bn: when batch norm stops updating its statistics and normalizes with them while training
+            (``None``: never, the default). Only with a small learning rate or SGD: adaptive optimizers at usual
+            learning rates shift the layers' outputs away from the frozen statistics (warned at train start).
         convert: convert to the real quantized model at the end of training.
         bits: weight bits: 8 for ``"int8"`` (the default), 1 to 8 for the low-bit schemes (default 4).
         group_size: low-bit schemes: weights per scale (``None``: one scale per output channel).
@@ -315,7 +328,7 @@ class QuantizationAwareTraining(Callback):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> qat = QuantizationAwareTraining(scheme="int8", module="net", start=0.5, freeze_observers=0.8, freeze_bn=0.8)
+        >>> qat = QuantizationAwareTraining(scheme="int8", module="net", start=0.5, freeze_observers=0.8)
         >>> trainer = Trainer(callbacks=[qat], max_epochs=4, logger=False)
         >>> QuantizationAwareTraining(scheme="int8", bits=4)
         Traceback (most recent call last):
@@ -478,6 +491,10 @@ class QuantizationAwareTraining(Callback):
 
     def _install(self, pl_module: pl.LightningModule, host: QuantizedGraphModule) -> None:
         parent, attr = self._where(pl_module)
+        # Other callbacks find the layers they recorded through this, and get the float layers back for a while
+        # (e.g. to remove pruned channels) with `float_view`.
+        prefix = "" if self.module is not None else f"{ROOT_CHILD}."
+        register_host(pl_module, prefix, self._float_view)
         if self.module is not None:
             setattr(parent, attr, host)
             return
@@ -489,6 +506,7 @@ class QuantizationAwareTraining(Callback):
         object.__setattr__(pl_module, "forward", host)
 
     def _uninstall(self, pl_module: pl.LightningModule) -> None:
+        unregister_host(pl_module)
         if self.module is not None:
             parent, attr = self._where(pl_module)
             assert self._float is not None
@@ -499,6 +517,51 @@ class QuantizationAwareTraining(Callback):
         for name, child in self._stashed.items():
             pl_module.add_module(name, child)
         self._stashed = {}
+
+    @contextlib.contextmanager
+    def _float_view(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """The float layers in place of the graph for a while; structural edits made meanwhile are prepared again."""
+        host = self._installed(pl_module)
+        if host is None or host.converted:
+            yield
+            return
+        self._uninstall(pl_module)
+        try:
+            yield
+        finally:
+            params = dict(self._float_target(pl_module).named_parameters())
+            if all(params.get(name) is p for name, p in host.graph.named_parameters()):
+                self._install(pl_module, host)
+            else:
+                self._prepare_again(pl_module, host)
+
+    def _prepare_again(self, pl_module: pl.LightningModule, old: QuantizedGraphModule) -> None:
+        """Prepare the changed float structure, carrying the phase and the ranges observed so far."""
+        target = self._float_target(pl_module)
+        args, kwargs = _capture_inputs(pl_module, target, self._model_example)
+        with _mode(target, True):
+            host = prepare_int8_qat(target, args, kwargs, what=f"{type(target).__name__} after a change")
+        # One training-mode call lets the weight quantizers observe the new weights; batch-norm statistics and
+        # the activation ranges (per tensor: the shapes still match) are put back as they were.
+        statistics = {name: b.detach().clone() for name, b in target.named_buffers()}
+        with torch.no_grad():
+            _call_with(host, (args, kwargs))
+            for name, buffer in target.named_buffers():
+                if name in statistics and statistics[name].shape == buffer.shape:
+                    buffer.copy_(statistics[name])
+        previous = dict(fake_quantizers(old))
+        for name, quantizer in fake_quantizers(host):
+            before = previous.get(name)
+            if before is None:
+                continue
+            state = before.state_dict()
+            mine = quantizer.state_dict()
+            if state.keys() == mine.keys() and all(state[k].shape == mine[k].shape for k in state):
+                quantizer.load_state_dict(state)
+        host.train(old.training)
+        host.fake_quant, host.observe, host.bn_frozen = old.fake_quant, old.observe, old.bn_frozen
+        self._install(pl_module, host)
+        self._weight_names = quantized_weight_names(host.graph)
 
     def _ensure(self, pl_module: pl.LightningModule, want: str) -> None:
         """Bring the model to ``want`` (``"float"``, ``"prepared"`` or ``"converted"``) structure."""
@@ -569,12 +632,17 @@ class QuantizationAwareTraining(Callback):
     # -- setup ---------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if set_up_in_order(self, trainer, pl_module, stage):
+            return
         self._check_precision(trainer)
-        self._check_callback_order(trainer)
+        if stage == "fit" and self.export_path is not None:
+            check_writable(self.export_path, "export_path", ".pt2")
+        self._check_hooked_layers(trainer)
         if self.scheme != "int8":
             check_low_bit_supported(self.scheme, self.bits, self.group_size)
         if stage == "fit":
             remember_original(trainer, pl_module)
+            watch_loss(trainer)
         self._where(pl_module)
         if self._model_example is None:
             self._model_example = self._find_example(trainer, pl_module, stage)
@@ -629,23 +697,31 @@ class QuantizationAwareTraining(Callback):
                 "'32-true', or 'bf16-mixed' (the quantized part then runs in fp32, the rest in bf16)."
             )
 
-    def _check_callback_order(self, trainer: pl.Trainer) -> None:
-        from lightning_compress.pruning.gradual import GradualPruning
-
-        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
-        mine = callbacks.index(self) if self in callbacks else len(callbacks)
-        for position, callback in enumerate(callbacks):
-            if not isinstance(callback, GradualPruning):
-                continue
-            if callback.mode == "structured":
+    def _check_hooked_layers(self, trainer: pl.Trainer) -> None:
+        if self.scheme != "int8":
+            return  # low-bit schemes keep the float modules and call them: hooks still fire
+        inside = "" if self.module is None else self.module
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            name = type(callback).__name__
+            if name in _REWRITE_WEIGHTS:
                 raise ValueError(
-                    "GradualPruning(mode='structured') removes channels at the end of training, which the "
-                    "exported quantized graph cannot follow. Prune structurally in a first fit, then run QAT."
+                    f"{name} and QuantizationAwareTraining(scheme='int8') both decide how the weights are stored "
+                    f"({name}: {_REWRITE_WEIGHTS[name]}; int8: per-channel int8 in an exported graph). Use one of "
+                    "them: e.g. prune, then quantize to int8; or prune, then share weights."
                 )
-            if position > mine and self.scheme == "int8":
+            layers = getattr(callback, "hooked_layers", None)
+            if not callable(layers):
+                continue
+            # The graph module itself is called (its hooks fire); the layers inside it are not.
+            caught = [n for n in layers() if (n and not inside) or n.startswith(f"{inside}.")]
+            if caught:
+                part = "the whole forward" if self.module is None else f"`module={self.module!r}`"
                 raise ValueError(
-                    "List GradualPruning before QuantizationAwareTraining in `callbacks`: it must select its "
-                    "layers before they are replaced by the exported graph."
+                    f"{type(callback).__name__} reads the layers {caught[:3]} with forward hooks, but "
+                    f"QuantizationAwareTraining(scheme='int8') runs {part} as one exported graph that calls no "
+                    "submodule, so the hooks would never fire. Distill the logits only (no `features`), "
+                    "quantize a submodule that does not contain those layers (`module=...`), or use a low-bit "
+                    "scheme (`scheme='intx-weight-only'`)."
                 )
 
     def _find_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
@@ -722,8 +798,17 @@ class QuantizationAwareTraining(Callback):
             if host.observe and not observe and fake_quant:
                 # Ranges freeze now: make them the same on every process first.
                 sync_observers(host, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+            for event, now, before in (
+                ("fake quantization started", fake_quant, host.fake_quant),
+                ("observers frozen", fake_quant and not observe, host.fake_quant and not host.observe),
+                ("batch norm frozen", bn_frozen, host.bn_frozen),
+            ):
+                if now and not before:
+                    record_event(trainer, self, event)
             host.fake_quant, host.observe, host.bn_frozen = fake_quant, observe, bn_frozen
         else:
+            if fake_quant and trainer.global_step == (self._steps.get("start") or 0) > 0:
+                record_event(trainer, self, "fake quantization started")
             for quantizer in _low_bit_quantizers(self._float_target(pl_module)):
                 quantizer.enabled = fake_quant
 
@@ -733,7 +818,27 @@ class QuantizationAwareTraining(Callback):
                 "The model holds the converted quantized weights (loaded from a checkpoint saved after "
                 "conversion), which cannot be trained. Resume from a checkpoint saved during training."
             )
+        self._warn_frozen_bn_with_adaptive_steps(trainer)
         self._apply_phase(trainer, pl_module)
+
+    def _warn_frozen_bn_with_adaptive_steps(self, trainer: pl.Trainer) -> None:
+        # Adaptive optimizers move every weight by about `lr` whatever its gradient. Batch statistics cancel
+        # the resulting per-channel shift of each conv output; frozen running statistics do not, and the shift
+        # compounds through the network (measured: a residual net's loss from 0.008 to 32 in 7 Adam steps).
+        if self.freeze_bn is None:
+            return
+        for optimizer in trainer.optimizers:
+            lr = max(float(group["lr"]) for group in optimizer.param_groups)
+            if isinstance(optimizer, _ADAPTIVE) and lr >= 1e-4:
+                rank_zero_warn(
+                    f"`freeze_bn={self.freeze_bn!r}` with {type(optimizer).__name__} at lr={lr:g}: once batch "
+                    "norm uses its frozen running statistics, steps of this size shift each layer's outputs "
+                    "away from them and training can collapse. Leave `freeze_bn=None` (the statistics then "
+                    "keep tracking the weights), or lower the learning rate at least 10x from that point, or "
+                    "use SGD. See docs/quantization.md, 'Freezing batch norm'.",
+                    category=UserWarning,
+                )
+                return
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -769,7 +874,9 @@ class QuantizationAwareTraining(Callback):
             "quantization/size_fp32_bytes": float(fp32),
             "quantization/size_quantized_bytes": float(size),
         }
-        metrics.update({f"quantization/bits/{name}": float(self.bits) for name in quantized})
+        metrics.update(
+            {per_layer_name("quantization/", "bits", name): float(self.bits) for name in quantized}
+        )
         return metrics
 
     # -- conversion ----------------------------------------------------------------------------------
@@ -780,6 +887,7 @@ class QuantizationAwareTraining(Callback):
         self._recorder_hooks = []
         if not self.convert or self._state(pl_module) != "prepared":
             return
+        failure: Exception | None = None
         parity_input = self._parity_input(trainer, pl_module)
         if self.scheme == "int8":
             host = self._installed(pl_module)
@@ -788,12 +896,22 @@ class QuantizationAwareTraining(Callback):
             converted = convert_int8(host)
             self.parity = self._compare(host, converted, parity_input)
             self._uninstall(pl_module)
+            reference = None
+            try:
+                # The fp32 program and the measurements need the float model, installed only until here.
+                if self.export_path is not None and trainer.is_global_zero:
+                    reference = self._export_reference(pl_module, parity_input)
+                if self.measure and trainer.is_global_zero:
+                    self.measurements = self._measure(self._float_target(pl_module), converted, parity_input)
+            finally:
+                # Whatever saving or measuring does, the trained model is kept: converted and installed.
+                self._install(pl_module, converted)
+                self.converted = True
             if self.export_path is not None and trainer.is_global_zero:
-                self.artifact = self._export(pl_module, converted, parity_input)
-            if self.measure and trainer.is_global_zero:
-                self.measurements = self._measure(self._float_target(pl_module), converted, parity_input)
-            self._install(pl_module, converted)
-            self.converted = True
+                try:
+                    self.artifact = self._export(converted, parity_input, reference)
+                except Exception as err:
+                    failure = err
         else:
             target = self._float_target(pl_module)
             with _mode(target, False), torch.no_grad():
@@ -813,7 +931,14 @@ class QuantizationAwareTraining(Callback):
         if self.measurements:
             metrics.update({f"quantization/{k}": v for k, v in self.measurements.items()})
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=log_step(trainer))
+        if failure is not None:
+            raise RuntimeError(
+                f"QuantizationAwareTraining converted the model, but saving it to `export_path="
+                f"{os.fspath(self.export_path)!r}` failed ({type(failure).__name__}: {failure}). The converted "
+                "model is installed in the LightningModule and usable; save it with "
+                "`lightning_compress.export(model, path)` once the cause is fixed."
+            ) from failure
 
     def _parity_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[tuple, dict]:
         batch = _first_batch(trainer.val_dataloaders) if trainer.val_dataloaders is not None else None
@@ -838,24 +963,25 @@ class QuantizationAwareTraining(Callback):
             after = _call_with(converted, inputs)
         return _parity(before, after)
 
-    def _export(
-        self, pl_module: pl.LightningModule, converted: QuantizedGraphModule, inputs: tuple[tuple, dict]
-    ) -> dict[str, Any]:
+    def _export_reference(self, pl_module: pl.LightningModule, inputs: tuple[tuple, dict]) -> tuple[str, int]:
+        """Save the float model the same way as the int8 one, next to it (``<name>.fp32.pt2``), for comparison."""
         path = Path(self.export_path)  # type: ignore[arg-type]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        args, kwargs = inputs
-        size = save_quantized(converted, args, path, kwargs)
         reference = path.with_name(path.stem + ".fp32" + path.suffix)
+        args, kwargs = inputs
         target = self._float_target(pl_module)
         with _mode(target, False):
-            fp32 = save_quantized(target, args, reference, kwargs)
-        return {
-            "path": str(path),
-            "bytes": size,
-            "fp32_path": str(reference),
-            "fp32_bytes": fp32,
-            "size_ratio": fp32 / size,
-        }
+            return str(reference), save_quantized(target, args, reference, kwargs)
+
+    def _export(
+        self, converted: QuantizedGraphModule, inputs: tuple[tuple, dict], reference: tuple[str, int] | None
+    ) -> dict[str, Any]:
+        args, kwargs = inputs
+        path = os.fspath(self.export_path)  # type: ignore[arg-type]
+        size = save_quantized(converted, args, path, kwargs)
+        artifact: dict[str, Any] = {"path": path, "bytes": size}
+        if reference is not None:
+            artifact.update(fp32_path=reference[0], fp32_bytes=reference[1], size_ratio=reference[1] / size)
+        return artifact
 
     def _measure(
         self, fp32: nn.Module, converted: QuantizedGraphModule, inputs: tuple[tuple, dict]
@@ -938,6 +1064,17 @@ class QuantizationAwareTraining(Callback):
                 f"bits={state_dict['bits']}); this callback has scheme={self.scheme!r}, bits={self.bits}."
             )
         self.parity = state_dict.get("parity")
+
+
+_ADAPTIVE = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
 
 
 def _call_with(module: nn.Module, inputs: tuple[tuple, dict]) -> Any:

@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_compress._lightning import forget_original, remember_original
+from lightning_compress._events import record_event, watch_loss
+from lightning_compress._lightning import forget_original, remember_original, set_up_in_order
 from lightning_compress.schedules import Point, resolve_point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
@@ -464,9 +465,10 @@ class WeightSharing(Callback):
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if set_up_in_order(self, trainer, pl_module, stage) or stage != "fit":
             return
         remember_original(trainer, pl_module)
+        watch_loss(trainer)
         self._params = {}
         for name, module in self.selection.select(pl_module):
             weight = getattr(module, "weight", None)
@@ -518,6 +520,7 @@ class WeightSharing(Callback):
         self.quantization_error = math.sqrt(changed / norm) if norm else 0.0
         self._merge_optimizer_state(trainer)
         self._snap()
+        record_event(trainer, self, f"weights clustered into {2**self.bits} shared values")
         rank_zero_info(
             f"WeightSharing clustered {len(self._params)} weights into {2**self.bits} shared values each "
             f"(relative change {self.quantization_error:.3g})."
