@@ -32,7 +32,8 @@ from tests.conftest import StopAfterFirstEpoch, trainer_kwargs
 
 def _has_vnni():
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as info:
+            flags = info.read()
     except OSError:
         return True
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
