@@ -191,7 +191,11 @@ _SETUP_ROUND: weakref.WeakKeyDictionary[pl.Trainer, tuple[set[int], set[int]]] =
 
 
 def _effect_order(callback: object) -> int | None:
-    return EFFECT_ORDER.get(type(callback).__name__)
+    # By the class hierarchy, so that a user's subclass of a compression callback keeps its place.
+    for cls in type(callback).__mro__:
+        if cls.__name__ in EFFECT_ORDER:
+            return EFFECT_ORDER[cls.__name__]
+    return None
 
 
 def set_up_in_order(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:

@@ -289,3 +289,13 @@ def test_all_four_in_one_fit_give_a_smaller_int8_model_that_stays_accurate(tmp_p
     assert int8 >= 0.9 * sum(p.numel() for p in float_net.parameters() if p.dim() > 1)
     assert len(lowrank.layers) >= 1
     assert accuracy >= 0.8  # 0.833 on the committed tree (0.937 in an earlier run); 0.993 for the dense model
+
+
+def test_a_subclass_of_a_compression_callback_keeps_its_place_in_the_order():
+    from lightning_compress._lightning import _effect_order
+
+    class MyPruning(GradualPruning):
+        pass
+
+    assert _effect_order(MyPruning(amount=0.5)) == _effect_order(GradualPruning(amount=0.5)) == 1
+    assert _effect_order(pl.Callback()) is None
