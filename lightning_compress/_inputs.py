@@ -41,3 +41,20 @@ def to_device(example: Any, device: torch.device | str) -> Any:
     if isinstance(example, list | tuple):
         return type(example)(to_device(e, device) for e in example)
     return example
+
+
+def input_shapes(example: Any) -> Any:
+    """The shape of an example input, or of each tensor in it, for error messages.
+
+    Example::
+
+        >>> input_shapes((torch.ones(2, 3), {"mask": torch.zeros(2)}))
+        ((2, 3), {'mask': (2,)})
+    """
+    if isinstance(example, torch.Tensor):
+        return tuple(example.shape)
+    if isinstance(example, Mapping):
+        return {k: input_shapes(v) for k, v in example.items()}
+    if isinstance(example, list | tuple):
+        return type(example)(input_shapes(e) for e in example)
+    return type(example).__name__

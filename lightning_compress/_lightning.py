@@ -39,18 +39,48 @@ def forget_original(trainer: pl.Trainer) -> None:
 
 
 def training_steps(trainer: pl.Trainer) -> tuple[int, int | None]:
-    """Optimizer steps of the whole fit and per epoch (``None`` when unknown, e.g. an infinite loader)."""
+    """Optimizer steps of the whole fit and per epoch (``None`` when unknown, e.g. an infinite loader).
+
+    With training data of unknown length, ``trainer.max_steps`` is the length of the fit. Without either,
+    the error says how to give one.
+    """
     total = trainer.estimated_stepping_batches
-    if not math.isfinite(total):
+    # Lightning answers `max_steps` (-1 when unset) for data without a length, and infinity for endless epochs.
+    if not math.isfinite(total) or total < 0:
+        if trainer.max_epochs == -1:
+            reason = "`max_epochs=-1` and `max_steps=-1` train without end"
+        else:
+            reason = "the training data has no length (an IterableDataset without `__len__`) and `max_steps` is unset"
         raise ValueError(
-            "The length of training is unknown (infinite `max_steps`/`max_epochs` or an iterable dataset "
-            "without length), so fractional `start`/`end` cannot be resolved. Set `max_steps` or use 'step:N'."
+            f"The length of this fit is unknown: {reason}, so fractions of training (`start`/`end` such as 0.5) "
+            "cannot be turned into steps. Set `Trainer(max_steps=N)` (fractions then count from it), or give "
+            "optimizer steps, e.g. `start='step:100'`, `end='step:1000'`."
         )
-    per_epoch: int | None = None
+    return int(total), steps_per_epoch(trainer)
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps per epoch, ``None`` when the training data has no length."""
     batches = trainer.num_training_batches
     if math.isfinite(batches) and batches > 0:
-        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-    return int(total), per_epoch
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    return None
+
+
+def resolve_step(trainer: pl.Trainer, point: Point, name: str) -> int:
+    """The optimizer step of a ``start``/``end`` value in this fit; ``name`` is the argument, for errors.
+
+    Only a fraction of training needs the length of the fit: ``"step:N"`` resolves without it, so a fit of
+    unknown length (an IterableDataset without ``__len__``) works with step counts.
+    """
+    if isinstance(point, float):
+        total, per_epoch = training_steps(trainer)
+    else:
+        if trainer.train_dataloader is None:
+            # What `estimated_stepping_batches` does first: `num_training_batches` is known after it.
+            trainer.fit_loop.setup_data()
+        total, per_epoch = 0, steps_per_epoch(trainer)
+    return resolve_point(point, total, per_epoch, name)
 
 
 def build_schedule(
@@ -63,12 +93,11 @@ def build_schedule(
     frequency: int,
 ) -> Schedule:
     """Resolve ``start``/``end`` against the trainer and build the :class:`Schedule` in optimizer steps."""
-    total, per_epoch = training_steps(trainer)
     return Schedule(
         initial=initial,
         final=final,
-        start=resolve_point(start, total, per_epoch),
-        end=resolve_point(end, total, per_epoch),
+        start=resolve_step(trainer, start, "start"),
+        end=resolve_step(trainer, end, "end"),
         schedule=schedule,
         frequency=frequency,
     )
@@ -297,3 +326,31 @@ def float_view(pl_module: nn.Module) -> Iterator[None]:
         return
     with entry[1](pl_module):
         yield
+
+
+# -- hints in checkpoints of a model whose structure a callback changed ------------------------------------
+# Loading such a checkpoint into the freshly built class (Lightning's `load_from_checkpoint`, strict) fails, and
+# that call cannot be changed. Strict loading lists unexpected keys first, so an extra, empty entry whose key is
+# the instruction says what to use instead. Every loading path of this package drops all of them.
+HINT_PREFIX = "lightning_compress: "
+
+
+def add_checkpoint_hint(checkpoint: dict[str, Any], key: str) -> None:
+    """Add the hint ``key`` (which starts with :data:`HINT_PREFIX`) to a checkpoint's ``state_dict``."""
+    if "state_dict" in checkpoint:
+        checkpoint["state_dict"][key] = torch.zeros(0)
+
+
+def drop_checkpoint_hints(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+    """Remove every hint from ``state_dict`` (keys under ``prefix``); returns the keys removed.
+
+    Example::
+
+        >>> state = {"weight": torch.ones(1), HINT_PREFIX + "use load_pruned_checkpoint": torch.zeros(0)}
+        >>> [k.split(": ")[1] for k in drop_checkpoint_hints(state)], list(state)
+        (['use load_pruned_checkpoint'], ['weight'])
+    """
+    hints = [key for key in state_dict if key.startswith(prefix + HINT_PREFIX)]
+    for key in hints:
+        del state_dict[key]
+    return [key[len(prefix) :] for key in hints]

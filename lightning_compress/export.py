@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import stat
@@ -290,11 +291,15 @@ def to_plain_torch(model: nn.Module) -> nn.Module:
                     continue
                 replaced[id(child)] = new
             parent._modules[name] = replaced[id(child)]
-    # Attributes outside the module tree that pointed at a replaced module (e.g. an instance-level forward).
+    # Attributes outside the module tree that pointed at a replaced module or at one of its methods (e.g. an
+    # instance-level forward).
     for module in plain.modules():
         for key, value in list(vars(module).items()):
+            owner = getattr(value, "__self__", None) if inspect.ismethod(value) else None
             if isinstance(value, nn.Module) and id(value) in replaced:
                 vars(module)[key] = replaced[id(value)]
+            elif isinstance(owner, nn.Module) and id(owner) in replaced:
+                vars(module)[key] = getattr(replaced[id(owner)], value.__name__)
     _bake_parametrizations(plain)
     return plain
 
@@ -536,11 +541,13 @@ def export(
         reference = [_tensors(model(*a, **k)) for a, k in samples]
     args, kwargs = samples[0]
 
+    from lightning_compress.quantization.qat import whole_forward_graph
+
     traced = plain
-    forward = vars(plain).get("forward")
-    if format != "torch" and isinstance(forward, nn.Module):
+    graph = whole_forward_graph(plain)
+    if format != "torch" and graph is not None:
         # The module runs another module as its forward (a whole-forward int8 graph): that one is what runs.
-        traced = forward
+        traced = graph
     with atomic_write(target) as partial:
         _WRITERS[format](traced, args, kwargs, partial)
         loaded = _load(format, partial, config)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_compress._inputs import call_module
+from lightning_compress._inputs import call_module, input_shapes
 from lightning_compress._lightning import (
     detach_input,
     first_input,
@@ -30,6 +29,7 @@ from lightning_compress._lightning import (
     remember_original,
     to_device,
 )
+from lightning_compress.export import atomic_write, check_writable
 from lightning_compress.stats import (
     CompressionStats,
     TensorFormat,
@@ -88,8 +88,10 @@ def _deployable(module: nn.Module, mode: str) -> Any:
     from lightning_compress.quantization.pt2e import QuantizedGraphModule, compile_for_cpu
 
     # A graph installed as the whole forward is what runs when the model is called: compile it directly.
-    forward = module.__dict__.get("forward")
-    return compile_for_cpu(forward if isinstance(forward, QuantizedGraphModule) else module)
+    from lightning_compress.quantization.qat import whole_forward_graph
+
+    graph = whole_forward_graph(module)
+    return compile_for_cpu(graph if isinstance(graph, QuantizedGraphModule) else module)
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -195,7 +197,9 @@ class CompressionMonitor(Callback):
         latency_repeats: timed calls per model and round (median reported).
         latency_threads: threads while timing (``None``: leave ``torch.get_num_threads()``).
         report_path: where to write the JSON report (``None``: ``compression_report.json`` in the logger's
-            directory; no file without a logger). Checked at setup: it must be a writable file path.
+            directory; no file without a logger). A directory fails at construction, a path where no file can
+            be created fails at setup. The report and the plots are written atomically (a temporary file in the
+            same directory, then renamed): an interrupted write leaves the previous file, never a partial one.
         plots: also draw the report (needs the ``plots`` extra, matplotlib): sparsity target vs reached over
             steps, per-weight sparsity and bits, stored size per tensor; written as PNG files beside the report
             (``<report stem>.<figure>.png``) and sent to loggers that take figures (TensorBoard, MLflow).
@@ -232,9 +236,11 @@ class CompressionMonitor(Callback):
             or log_every_n_steps < 1
         ):
             raise ValueError(f"`log_every_n_steps={log_every_n_steps!r}` must be a positive integer or None.")
-        if not isinstance(latency_repeats, int) or latency_repeats < 1:
+        if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
             raise ValueError(f"`latency_repeats={latency_repeats!r}` must be a positive integer.")
-        if latency_threads is not None and (not isinstance(latency_threads, int) or latency_threads < 1):
+        if latency_threads is not None and (
+            isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1
+        ):
             raise ValueError(f"`latency_threads={latency_threads!r}` must be a positive integer or None.")
         if latency_batch_size is not None and (
             isinstance(latency_batch_size, bool)
@@ -252,6 +258,27 @@ class CompressionMonitor(Callback):
             raise TypeError(
                 f"`metrics={metrics!r}` must be a list of logged names, e.g. `metrics=['val_acc']`."
             )
+        for argument, value in (
+            ("log_on_epoch_end", log_on_epoch_end),
+            ("per_layer", per_layer),
+            ("measure_latency", measure_latency),
+            ("plots", plots),
+            ("verbose", verbose),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{argument}={value!r}` must be True or False.")
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix={prefix!r}` must be a string such as 'compression/'.")
+        if report_path is not None:
+            if isinstance(report_path, bool) or not isinstance(report_path, str | os.PathLike):
+                raise TypeError(
+                    f"`report_path={report_path!r}` must be a file path (str or os.PathLike), or None."
+                )
+            if Path(report_path).expanduser().is_dir():
+                raise ValueError(
+                    f"`report_path={os.fspath(report_path)!r}` is a directory; give a file name, e.g. "
+                    f"`report_path={str(Path(report_path) / 'compression_report.json')!r}`."
+                )
         if plots:
             from lightning_compress.plots import require_matplotlib
 
@@ -273,6 +300,7 @@ class CompressionMonitor(Callback):
         self.before: CompressionStats | None = None
         self.report: dict[str, Any] | None = None
         self._example: Any = None
+        self._report_target: Path | None = None
         self._macs_cache: tuple[tuple, int | None] | None = None
         self._last_logged_step: int | None = None
         self.history: list[dict[str, Any]] = []
@@ -283,7 +311,10 @@ class CompressionMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_report_path()
+        # Resolved on every process: `trainer.log_dir` is a collective call under DDP.
+        self._report_target = self._report_file(trainer)
+        if self._report_target is not None:
+            check_writable(self._report_target, "report_path", ".json")
         if self.metrics and not is_overridden("validation_step", pl_module):
             raise ValueError(
                 f"`metrics={self.metrics!r}` are read from validation, but {type(pl_module).__name__} has no "
@@ -303,6 +334,7 @@ class CompressionMonitor(Callback):
         checkpoints = [c for c in others if isinstance(c, Checkpoint)]
         trainer.callbacks = [c for c in others if not isinstance(c, Checkpoint)] + [self, *checkpoints]  # type: ignore[attr-defined]
         self._example = self._initial_example(pl_module)
+        self._check_example(pl_module, original)
         if self.before is None:
             self.before = self._stats(trainer, original, formats={})
 
@@ -319,6 +351,9 @@ class CompressionMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.log_every_n_steps is None or trainer.global_step % self.log_every_n_steps != 0:
+            return
+        # Under gradient accumulation the first micro-batches end before any optimizer step: nothing to log yet.
+        if trainer.global_step == 0:
             return
         # `global_step` stays the same over accumulated micro-batches: log once per optimizer step.
         if self._last_logged_step == trainer.global_step:
@@ -374,10 +409,10 @@ class CompressionMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(final, step=log_step(trainer))
         if trainer.is_global_zero:
-            path = self._report_file(trainer)
+            path = self._report_target
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(report, indent=2))
+                with atomic_write(path) as partial:
+                    Path(partial).write_text(json.dumps(report, indent=2))
             if self.plots:
                 self._plot(trainer, report, path)
             if self.verbose:
@@ -407,6 +442,23 @@ class CompressionMonitor(Callback):
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         # One sample: MACs are reported per sample, and latency batches are built by repeating it.
         return None if example is None else detach_input(example, max_batch=1)
+
+    def _check_example(self, pl_module: pl.LightningModule, original: nn.Module) -> None:
+        # Run the example once through the unchanged model, so that a wrong shape fails here and not as a
+        # warning and missing numbers at the end.
+        if self._example is None:
+            return
+        argument = "example_input" if self.example_input is not None else "example_input_array"
+        device = next(original.parameters(), torch.empty(0)).device
+        try:
+            with torch.no_grad():
+                call_module(original, to_device(self._example, device))
+        except Exception as err:
+            raise ValueError(
+                f"`{argument}` of shape {input_shapes(self._example)} (its first sample) was rejected by "
+                f"{type(pl_module).__name__}: {type(err).__name__}: {err}. Pass an input the model's forward "
+                f"accepts, e.g. one batch of training inputs."
+            ) from err
 
     def _macs(self, module: nn.Module) -> int | None:
         if self._example is None:
@@ -557,7 +609,8 @@ class CompressionMonitor(Callback):
         for name, figure in figures.items():
             if path is not None:
                 file = path.with_name(f"{path.stem}.{name}.png")
-                figure.savefig(file, dpi=100)
+                with atomic_write(file) as partial:
+                    figure.savefig(partial, dpi=100, format="png")
                 self.figures[name] = file
             tag = f"{self.prefix}report/{name}"
             for logger in trainer.loggers:
@@ -567,25 +620,6 @@ class CompressionMonitor(Callback):
                 elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
                     experiment.log_figure(logger.run_id, figure, f"{tag}.png")
             plt.close(figure)
-
-    def _check_report_path(self) -> None:
-        if self.report_path is None:
-            return
-        path = Path(self.report_path)
-        if path.is_dir():
-            raise ValueError(
-                f"`report_path={str(path)!r}` is a directory; give a file name, e.g. "
-                f"`report_path={str(path / 'compression_report.json')!r}`."
-            )
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path.parent):
-                pass
-        except OSError as err:
-            raise ValueError(
-                f"`report_path={str(path)!r}` cannot be written ({type(err).__name__}: {err}). "
-                "Choose a writable location."
-            ) from None
 
     def _report_file(self, trainer: pl.Trainer) -> Path | None:
         if self.report_path is not None:

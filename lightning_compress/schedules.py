@@ -95,19 +95,22 @@ def interpolate(schedule: str | ScheduleFn, t: float, initial: float, final: flo
             return final
         ratio = (1.0 - final) / (1.0 - initial)
         return 1.0 - (1.0 - initial) * ratio**t
-    fn = resolve_schedule(schedule)
+    fn = _ramp(schedule)
     if t >= 1.0 and fn is not one_shot:
         return final
-    fraction = float(fn(t))
-    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
-        raise ValueError(
-            f"`schedule` callable returned {fraction} at t={t}; it must map [0, 1] to a fraction in [0, 1]."
-        )
-    return initial + (final - initial) * fraction
+    return initial + (final - initial) * _fraction(fn, t)
+
+
+# Where a user callable is tried when it is resolved: a schedule that fails anywhere fails before training.
+PROBE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def resolve_schedule(schedule: str | ScheduleFn) -> ScheduleFn:
     """Return the ramp function for a schedule name or a user callable.
+
+    A callable is called once at each of :data:`PROBE_POINTS`: one that raises, returns something other than a
+    number, or returns a value outside ``[0, 1]`` is rejected here, before any training, not at the step that
+    first reaches the bad value.
 
     Example::
 
@@ -117,7 +120,18 @@ def resolve_schedule(schedule: str | ScheduleFn) -> ScheduleFn:
         Traceback (most recent call last):
         ...
         ValueError: Unknown `schedule='cubic'`. Use one of 'agp', 'linear', 'constant', 'one_shot', 'exponential', or a callable t -> fraction.
+        >>> resolve_schedule(lambda t: 2 * t)
+        Traceback (most recent call last):
+        ...
+        ValueError: `schedule` callable returned 1.5 at t=0.75; it must map the progress t in [0, 1] to a fraction in [0, 1], e.g. `schedule=lambda t: t ** 2`.
     """
+    fn = _ramp(schedule)
+    if fn not in SCHEDULES.values():
+        _probe(fn)
+    return fn
+
+
+def _ramp(schedule: str | ScheduleFn) -> ScheduleFn:
     if callable(schedule):
         return schedule
     if isinstance(schedule, str) and schedule in SCHEDULES:
@@ -126,6 +140,31 @@ def resolve_schedule(schedule: str | ScheduleFn) -> ScheduleFn:
         raise ValueError("`schedule='exponential'` depends on its endpoints; call `interpolate` instead.")
     names = ", ".join(repr(n) for n in SCHEDULE_NAMES)
     raise ValueError(f"Unknown `schedule={schedule!r}`. Use one of {names}, or a callable t -> fraction.")
+
+
+def _probe(fn: ScheduleFn) -> None:
+    for t in PROBE_POINTS:
+        _fraction(fn, t)
+
+
+def _fraction(fn: ScheduleFn, t: float) -> float:
+    """``fn(t)`` as a float in ``[0, 1]``, or an error naming ``schedule`` that says what a schedule must be."""
+    hint = "it must map the progress t in [0, 1] to a fraction in [0, 1], e.g. `schedule=lambda t: t ** 2`."
+    try:
+        value = fn(t)
+    except Exception as err:
+        raise ValueError(f"`schedule` callable raised {type(err).__name__} ({err}) at t={t}; {hint}") from err
+    if isinstance(value, bool | str | bytes):
+        raise TypeError(f"`schedule` callable returned {value!r} at t={t}, not a number; {hint}")
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`schedule` callable returned a {type(value).__name__} at t={t}, not a number; {hint}"
+        ) from None
+    if math.isnan(fraction) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"`schedule` callable returned {fraction} at t={t}; {hint}")
+    return fraction
 
 
 _POINT = re.compile(r"^(step|epoch):(\d+)$")
@@ -155,13 +194,16 @@ def validate_point(point: Point, name: str) -> Point:
     raise ValueError(f"`{name}={point!r}` is not understood. {hint}")
 
 
-def resolve_point(point: Point, total_steps: int, steps_per_epoch: int | None = None) -> int:
+def resolve_point(
+    point: Point, total_steps: int, steps_per_epoch: int | None = None, name: str = "point"
+) -> int:
     """Turn a ``start``/``end`` value into an optimizer step index.
 
     Args:
         point: a fraction of training, ``"step:N"`` or ``"epoch:N"``.
         total_steps: optimizer steps of the whole fit (``trainer.estimated_stepping_batches``).
         steps_per_epoch: optimizer steps per epoch; needed for ``"epoch:N"``.
+        name: the argument ``point`` came from, for error messages.
 
     Example::
 
@@ -172,14 +214,18 @@ def resolve_point(point: Point, total_steps: int, steps_per_epoch: int | None = 
         >>> resolve_point("step:7", total_steps=100)
         7
     """
-    point = validate_point(point, "point")
+    point = validate_point(point, name)
     if isinstance(point, float):
         return round(point * total_steps)
     kind, value = point.split(":")
     if kind == "step":
         return int(value)
     if steps_per_epoch is None:
-        raise ValueError(f"{point!r} needs the number of steps per epoch; none is known for this run.")
+        raise ValueError(
+            f"`{name}={point!r}` counts epochs, but the number of optimizer steps per epoch is unknown in this "
+            f"fit (the training data has no length, e.g. an IterableDataset without `__len__`). Count steps "
+            f"instead: `{name}='step:N'`."
+        )
     return int(value) * steps_per_epoch
 
 

@@ -99,6 +99,15 @@ class ModuleSelection:
     _exclude_patterns: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if (
+            self.modules is not None
+            and not isinstance(self.modules, type | str)
+            and not _as_list(self.modules)
+        ):
+            raise ValueError(
+                f"`modules={self.modules!r}` is empty and would select nothing: pass the layer types and/or name "
+                "patterns to select, e.g. `modules=[nn.Linear]` (or `None` for every module with parameters)."
+            )
         types, patterns = _check_items(_as_list(self.modules), "modules")
         ex_types, ex_patterns = _check_items(_as_list(self.exclude), "exclude")
         if isinstance(self.min_params, bool) or not isinstance(self.min_params, int) or self.min_params < 0:

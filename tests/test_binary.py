@@ -1,3 +1,5 @@
+import inspect
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -145,17 +147,28 @@ def test_resume_mid_training_is_bit_exact(tmp_path, digits):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"mode": "int1"}, "Unknown `mode='int1'`"),
-        ({"start": -0.1}, "`start=-0.1` is outside"),
-        ({"modules": [5]}, "`modules` got 5"),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+# Every constructor argument; docs/quantization.md ("What fails early") lists the same rows.
+BAD_ARGUMENTS = [
+    ({"mode": "int1"}, ValueError, "Unknown `mode='int1'`. Use one of 'binary', 'ternary'."),
+    ({"start": -0.1}, ValueError, "`start=-0.1` is outside \\[0, 1\\]"),
+    ({"start": "batch:3"}, ValueError, "`start='batch:3'` is not understood"),
+    ({"modules": [5]}, TypeError, "`modules` got 5, which is neither a module name pattern"),
+    ({"exclude": [5]}, TypeError, "`exclude` got 5, which is neither a module name pattern"),
+    ({"min_params": -1}, ValueError, "`min_params=-1` must be a non-negative integer"),
+    ({"clip_latent": "yes"}, TypeError, "`clip_latent='yes'` must be True or False"),
+    ({"finalize": 1}, TypeError, "`finalize=1` must be True or False"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
         BinaryWeights(**kwargs)
+
+
+def test_every_constructor_argument_has_a_row():
+    covered = {name for kwargs, _, _ in BAD_ARGUMENTS for name in kwargs}
+    assert covered == set(inspect.signature(BinaryWeights).parameters)
 
 
 def test_unknown_layer_fails_at_setup(tmp_path, digits):

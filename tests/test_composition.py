@@ -299,3 +299,20 @@ def test_a_subclass_of_a_compression_callback_keeps_its_place_in_the_order():
 
     assert _effect_order(MyPruning(amount=0.5)) == _effect_order(GradualPruning(amount=0.5)) == 1
     assert _effect_order(pl.Callback()) is None
+
+
+def test_the_four_scheme_pipeline_takes_the_same_decisions_on_every_ddp_rank(tmp_path):
+    from tests._ddp import run_worker
+
+    run_worker("_ddp_pipeline.py", tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["converted"] and rank0["materialized"] and rank1["converted"] and rank1["materialized"]
+    assert rank0["ranks"] and rank0["ranks"] == rank1["ranks"]
+    assert rank0["kept"] == rank1["kept"]
+    assert rank0["kept"]["4.bn1.weight"] < 16  # the second stage's channels were removed before conversion
+    assert "4.conv2.first.weight" in rank0["kept"]  # and its layers factorized
+    assert rank0["state"].keys() == rank1["state"].keys()
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), key
+    assert torch.equal(rank0["logits"], rank1["logits"])

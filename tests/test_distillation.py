@@ -1,4 +1,5 @@
 import csv
+import inspect
 import math
 
 import lightning.pytorch as pl
@@ -44,6 +45,16 @@ def test_hinton_loss_matches_the_hand_computed_kl_and_scales_by_t_squared():
     p_s = F.softmax(s.double() / 3, dim=1)
     expected = 9 * float((p_t * (p_t.log() - p_s.log())).sum(1).mean())
     assert float(hinton_loss(s, t, temperature=3.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hinton_loss_defaults_to_the_callbacks_temperature_of_one():
+    s, t = torch.tensor([[math.log(3.0), 0.0]]), torch.zeros(1, 2)
+    assert KnowledgeDistillation("self").temperature == 1.0
+    assert (
+        float(hinton_loss(s, t))
+        == float(hinton_loss(s, t, temperature=1.0))
+        == pytest.approx(0.5 * math.log(4 / 3))
+    )
 
 
 def test_hinton_gradient_is_t_times_the_softened_probability_difference():
@@ -463,29 +474,125 @@ def test_save_teacher_restores_the_teacher_from_the_checkpoint(tmp_path, digits)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (
-            {"teacher": "self", "temperature": 0.0},
-            ValueError,
-            "`temperature=0.0` must be a finite number > 0",
-        ),
-        ({"teacher": "self", "temperature": -2}, ValueError, "`temperature=-2`"),
-        ({"teacher": "self", "initial_temperature": float("inf")}, ValueError, "`initial_temperature=inf`"),
-        ({"teacher": "self", "alpha": 1.5}, ValueError, "`alpha=1.5` must be in \\[0, 1\\]"),
-        ({"teacher": "self", "initial_alpha": -0.1}, ValueError, "`initial_alpha=-0.1`"),
-        ({"teacher": "teacher.ckpt"}, ValueError, "neither 'self' nor an existing checkpoint"),
-        ({"teacher": 3}, TypeError, "pass 'self', an nn.Module, or a checkpoint path"),
-        ({"teacher": "self", "logits": False}, ValueError, "Nothing to distill"),
-        ({"teacher": "self", "features": ["net.3"]}, TypeError, "must hold FeatureLoss objects"),
-        ({"teacher": "self", "teacher_precision": "int8"}, ValueError, "Unknown `teacher_precision='int8'`"),
-        ({"teacher": "self", "start": 0.8, "end": 0.2}, ValueError, "`end=0.2` is before `start=0.8`"),
-    ],
-)
+# Every constructor argument; docs/distillation.md ("What fails early") lists the same rows.
+BAD_ARGUMENTS = [
+    (
+        {"teacher": "teacher.ckpt"},
+        ValueError,
+        "`teacher='teacher.ckpt'` is neither 'self' nor an existing",
+    ),
+    ({"teacher": 3}, TypeError, "`teacher` got int; pass 'self', an nn.Module, or a checkpoint path"),
+    (
+        {"teacher": __file__},
+        ValueError,
+        "is a checkpoint path: pass the LightningModule class .* `teacher_class`",
+    ),
+    (
+        {"teacher": __file__, "teacher_class": nn.Linear},
+        ValueError,
+        "is a checkpoint path: pass the LightningModule class",
+    ),
+    (
+        {"teacher": nn.Linear(2, 2), "teacher_class": ImageClassifier},
+        ValueError,
+        "`teacher_class` is only used to load a checkpoint path; `teacher` is a module",
+    ),
+    (
+        {"teacher": "self", "teacher_class": ImageClassifier},
+        ValueError,
+        "`teacher_class` is only used to load a checkpoint path, not with teacher='self'",
+    ),
+    ({"teacher": "self", "alpha": 1.5}, ValueError, "`alpha=1.5` must be in \\[0, 1\\]"),
+    ({"teacher": "self", "alpha": "0.5"}, TypeError, "`alpha='0.5'` must be a number in \\[0, 1\\]"),
+    (
+        {"teacher": "self", "temperature": 0.0},
+        ValueError,
+        "`temperature=0.0` must be a finite number > 0",
+    ),
+    ({"teacher": "self", "temperature": -2}, ValueError, "`temperature=-2` must be a finite number > 0"),
+    ({"teacher": "self", "temperature": "4"}, TypeError, "`temperature='4'` must be a number > 0"),
+    ({"teacher": "self", "logits": "yes"}, TypeError, "`logits='yes'` must be True or False"),
+    (
+        {"teacher": "self", "logits": False},
+        ValueError,
+        "Nothing to distill: `logits=False` and no `features`",
+    ),
+    ({"teacher": "self", "module": 3}, TypeError, "`module=3` must be a module name"),
+    (
+        {"teacher": "self", "teacher_module": 3},
+        TypeError,
+        "`teacher_module=3` must be a module name or None",
+    ),
+    ({"teacher": "self", "features": ["net.3"]}, TypeError, "`features` must hold FeatureLoss objects"),
+    (
+        {"teacher": "self", "features": FeatureLoss("net.3")},
+        TypeError,
+        "`features=FeatureLoss\\(.*\\)` must be a list of FeatureLoss objects",
+    ),
+    (
+        {"teacher": "self", "features": [FeatureLoss("net.3"), FeatureLoss("net.3")]},
+        ValueError,
+        "`features` lists the same term twice",
+    ),
+    (
+        {"teacher": "self", "initial_alpha": -0.1},
+        ValueError,
+        "`initial_alpha=-0.1` must be in \\[0, 1\\]",
+    ),
+    ({"teacher": "self", "initial_temperature": float("inf")}, ValueError, "`initial_temperature=inf`"),
+    ({"teacher": "self", "schedule": "cubic"}, ValueError, "Unknown `schedule='cubic'`"),
+    (
+        {"teacher": "self", "schedule": lambda t: 2 * t},
+        ValueError,
+        "`schedule` callable returned 1.5 at t=0.75",
+    ),
+    ({"teacher": "self", "start": "batch:3"}, ValueError, "`start='batch:3'` is not understood"),
+    ({"teacher": "self", "end": 1.5}, ValueError, "`end=1.5` is outside \\[0, 1\\]"),
+    ({"teacher": "self", "start": 0.8, "end": 0.2}, ValueError, "`end=0.2` is before `start=0.8`"),
+    ({"teacher": "self", "teacher_precision": "int8"}, ValueError, "Unknown `teacher_precision='int8'`"),
+    ({"teacher": "self", "save_teacher": "no"}, TypeError, "`save_teacher='no'` must be True or False"),
+    ({"teacher": "self", "keep_adapters": 1}, TypeError, "`keep_adapters=1` must be True or False"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         KnowledgeDistillation(**kwargs)
+
+
+def test_every_constructor_argument_has_a_row():
+    covered = {name for kwargs, _, _ in BAD_ARGUMENTS for name in kwargs}
+    covered.add("example_input")  # needs the model: checked at setup, tested below
+    assert covered == set(inspect.signature(KnowledgeDistillation).parameters)
+
+
+BAD_FEATURE_ARGUMENTS = [
+    ({"student": 3}, TypeError, "`FeatureLoss.student=3` must be a module name \\(str\\)"),
+    ({"student": "net.3", "teacher": 3}, TypeError, "`FeatureLoss.teacher=3` must be a module name"),
+    ({"student": "net.3", "loss": "l1"}, ValueError, "Unknown `loss='l1'` for the feature 'net.3'"),
+    (
+        {"student": "net.3", "weight": -1.0},
+        ValueError,
+        "`FeatureLoss.weight=-1.0` must be a finite number >= 0",
+    ),
+    (
+        {"student": "net.3", "weight": float("nan")},
+        ValueError,
+        "`FeatureLoss.weight=nan` must be a finite",
+    ),
+    (
+        {"student": "net.3", "weight": True},
+        ValueError,
+        "`FeatureLoss.weight=True` must be a finite number",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_FEATURE_ARGUMENTS)
+def test_bad_feature_loss_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FeatureLoss(**kwargs)
 
 
 def test_checkpoint_teacher_needs_its_class(tmp_path):
@@ -541,6 +648,73 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, make_kd, mat
     CountSteps.steps = 0
     with pytest.raises(ValueError, match=match):
         _fit(tmp_path, digits, [make_kd(), CountSteps()], max_steps=2)
+    assert CountSteps.steps == 0
+
+
+class SmallCNNOnly(ImageClassifier):
+    """Builds the default small CNN whatever the checkpoint's hyperparameters say."""
+
+    def __init__(self, num_classes=10):
+        super().__init__("small_cnn", num_classes)
+
+
+def _checkpoint(tmp_path, model):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path))
+    trainer.strategy.connect(model)
+    path = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        (
+            lambda: ImageClassifier("small_cnn", arch_kwargs={"width": 8}),
+            "does not match `teacher_class=SmallCNNOnly`. Shapes differ: net.0.weight \\(8, 1, 3, 3\\) in the "
+            "checkpoint vs \\(16, 1, 3, 3\\); net.0.bias \\(8,\\) in the checkpoint vs \\(16,\\);",
+        ),
+        (
+            lambda: ImageClassifier("lenet_300_100"),
+            "does not match `teacher_class=SmallCNNOnly`. SmallCNNOnly has keys the checkpoint lacks: net.0.weight, "
+            "net.0.bias, .* The checkpoint has keys SmallCNNOnly lacks: net.5.weight, net.5.bias. Shapes differ: "
+            "net.1.weight \\(300, 64\\) in the checkpoint vs \\(16,\\);",
+        ),
+    ],
+)
+def test_checkpoint_of_another_architecture_fails_at_setup_naming_keys_and_shapes(
+    tmp_path, digits, source, match
+):
+    path = _checkpoint(tmp_path, source())
+    CountSteps.steps = 0
+    kd = KnowledgeDistillation(path, teacher_class=SmallCNNOnly)
+    with pytest.raises(
+        ValueError, match=match + ".* Pass as `teacher_class` the LightningModule class that wrote"
+    ):
+        _fit(tmp_path, digits, [kd, CountSteps()], max_steps=2)
+    assert CountSteps.steps == 0
+
+
+def test_wrong_example_input_fails_at_setup_naming_it_and_its_shape(tmp_path, digits):
+    CountSteps.steps = 0
+    kd = KnowledgeDistillation("self", example_input=torch.zeros(2, 1, 5, 5))
+    with pytest.raises(
+        ValueError,
+        match="`example_input` of shape \\(2, 1, 5, 5\\) was rejected by the student \\(ImageClassifier\\)",
+    ):
+        _fit(tmp_path, digits, [kd, CountSteps()], max_steps=2)
+    assert CountSteps.steps == 0
+
+
+def test_teacher_that_cannot_take_the_students_input_fails_at_setup(tmp_path, digits):
+    CountSteps.steps = 0
+    kd = KnowledgeDistillation(nn.Sequential(nn.Flatten(), nn.Linear(10, 10)))
+    with pytest.raises(
+        ValueError,
+        match="The teacher \\(Sequential\\) cannot run its forward on the student's input \\(\\(1, 1, 8, 8\\),\\): "
+        "RuntimeError: .* check `teacher`/`teacher_class`",
+    ):
+        _fit(tmp_path, digits, [kd, CountSteps()], max_steps=2)
     assert CountSteps.steps == 0
 
 

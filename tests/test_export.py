@@ -16,7 +16,7 @@ from lightning_compress.export import ExportError, atomic_write, to_plain_torch
 from lightning_compress.low_rank import LowRankConv2d, LowRankLinear, TuckerConv2d
 from lightning_compress.quantization.pt2e import QuantizedGraphModule, prepare_int8_qat, save_quantized
 from lightning_compress.quantization.qat import QuantizationAwareTraining
-from tests.conftest import RecordSteps, trainer_kwargs
+from tests.conftest import trainer_kwargs
 
 # The module, not the function `lightning_compress.export` that shadows it as a package attribute.
 export_module = importlib.import_module("lightning_compress.export")
@@ -342,15 +342,11 @@ def test_check_writable_rejects_a_read_only_directory(tmp_path):
         ("under_file", r"`export_path='.*'` cannot be created: .* is a file"),
     ],
 )
-def test_unwritable_export_path_fails_before_any_training_step(tmp_path, digits, where, match):
+def test_unwritable_export_path_fails_at_construction(tmp_path, where, match):
     (tmp_path / "file.txt").write_text("x")
     path = tmp_path if where == "dir" else tmp_path / "file.txt" / "model.pt2"
-    steps = RecordSteps()
-    qat = QuantizationAwareTraining(module="net", export_path=path)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[qat, steps])
     with pytest.raises(ValueError, match=match):
-        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
-    assert steps.steps == []
+        QuantizationAwareTraining(module="net", export_path=path)
 
 
 def test_bad_arguments_fail_before_writing(tmp_path):
@@ -390,3 +386,18 @@ def test_hooks_registered_by_this_package_are_dropped_user_hooks_kept(tmp_path):
     loaded = torch.load(result.path, weights_only=False)
     assert len(loaded._forward_hooks) == 0 and len(loaded[0]._forward_hooks) == 1
     assert result.max_abs_diff == 0.0
+
+
+def test_a_model_quantized_with_default_arguments_exports_in_every_format(tmp_path, digits):
+    # `QuantizationAwareTraining()` quantizes the whole forward: the graph runs as the LightningModule's forward.
+    model, trainer = _fit(tmp_path, digits, [QuantizationAwareTraining()])
+    trainer.fit(model, datamodule=digits)
+    x = _images(16, 3)
+    with torch.no_grad():
+        reference = model(x)
+    for fmt in ("torch", "export", "onnx"):
+        result = export(model, tmp_path / f"whole{export_module._SUFFIX[fmt]}", fmt, x)
+        assert result.quantized and result.argmax_agreement == 1.0, fmt
+        assert result.max_abs_diff <= result.tolerance, fmt
+    loaded = torch.export.load(str(tmp_path / "whole.pt2")).module()
+    assert torch.equal(loaded(x), reference)

@@ -1,4 +1,6 @@
 import csv
+import math
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -480,3 +482,129 @@ def test_taylor_with_manual_optimization_fails_at_setup(tmp_path, digits):
     with pytest.raises(ValueError, match="needs automatic optimization"):
         trainer.fit(Manual(), datamodule=digits)
     assert CountSteps.steps == 0
+
+
+def test_a_structured_callback_reused_for_a_second_fit_shrinks_the_second_model(tmp_path, digits):
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5)
+    shapes = []
+    for run in ("first", "second"):
+        model = ImageClassifier("small_cnn")
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path / run, limit_train_batches=6), callbacks=[pruning])
+        trainer.fit(model, datamodule=digits)
+        shapes.append((model.net[0].out_channels, model.net[3].out_channels, model.net[8].out_features))
+        assert pruning.materialized and sum(map(len, pruning.plan.values())) == 8 + 16 + 32
+    assert shapes == [(8, 16, 32), (8, 16, 32)]
+
+
+class TiedLM(pl.LightningModule):
+    """An embedding whose weight is also the decoder's weight (tied), with a residual layer in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.mid = nn.Linear(16, 16)
+        self.dec = nn.Linear(16, 32, bias=False)
+        self.dec.weight = self.emb.weight
+        self.example_input_array = torch.zeros(1, 4, dtype=torch.long)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.dec(h + torch.relu(self.mid(h)))
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "modules"),
+    [
+        ({"amount": 0.75}, (nn.Linear,)),
+        ({"amount": 0.75}, (nn.Embedding, nn.Linear)),
+        ({"mode": "2:4"}, (nn.Embedding, nn.Linear)),
+    ],
+)
+def test_tied_weights_are_pruned_once_with_one_mask(tmp_path, kwargs, modules):
+    pruning = GradualPruning(start=0.0, end=0.5, modules=list(modules), **kwargs)
+    check = ZerosAfterEveryStep(pruning)
+    model = TiedLM()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning, check])
+    trainer.fit(model)
+    assert model.dec.weight is model.emb.weight
+    # One mask for the shared tensor, under the name `named_parameters()` gives it.
+    assert sorted(pruning._params) == ["emb.weight", "mid.weight"]
+    assert check.checked > 0 and check.violations == 0
+    assert int((model.emb.weight == 0).sum()) == 32 * 16 * (0.5 if "mode" in kwargs else 0.75)
+
+
+class SmallHead(ImageClassifier):
+    """The classifier starts with weights 1000x smaller than the rest: a global ranking prunes it first."""
+
+    def __init__(self):
+        super().__init__("small_cnn")
+        with torch.no_grad():
+            self.net[10].weight.mul_(1e-3)
+
+
+def test_global_pruning_warns_when_a_layer_loses_every_weight(tmp_path, digits):
+    pruning = GradualPruning(amount=0.9, scope="global", schedule="one_shot", start=0.0, end=0.0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=3), callbacks=[pruning])
+    with pytest.warns(
+        UserWarning, match=r"pruned every weight of \['net.10.weight'\] at amount 0.9 .*`max_layer_amount`"
+    ):
+        trainer.fit(SmallHead(), datamodule=digits)
+
+
+def test_max_layer_amount_keeps_part_of_every_layer_and_the_total(tmp_path, digits):
+    pruning = GradualPruning(
+        amount=0.9, scope="global", schedule="one_shot", start=0.0, end=0.0, max_layer_amount=0.95
+    )
+    model = SmallHead()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=3), callbacks=[pruning])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*pruned every weight.*")
+        trainer.fit(model, datamodule=digits)
+    names = ["net.0.weight", "net.3.weight", "net.8.weight", "net.10.weight"]
+    params = dict(model.named_parameters())
+    assert int((params["net.10.weight"] == 0).sum()) == math.floor(0.95 * 640)  # at its limit, not all 640
+    assert max(float((params[n] == 0).float().mean()) for n in names) <= 0.95
+    total = sum(params[n].numel() for n in names)
+    assert sum(int((params[n] == 0).sum()) for n in names) == round(0.9 * total)
+
+
+def test_a_pruned_checkpoint_names_the_loader_to_use(tmp_path, digits):
+    from lightning_compress.pruning.gradual import PRUNED_CHECKPOINT_KEY, load_pruned_checkpoint
+
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=6), callbacks=[pruning])
+    trainer.fit(model, datamodule=digits)
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    assert PRUNED_CHECKPOINT_KEY in torch.load(tmp_path / "final.ckpt", weights_only=False)["state_dict"]
+    # Lightning's loader into the unpruned class: the error says which helper to use.
+    with pytest.raises(
+        RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*load_pruned_checkpoint\(YourModule"
+    ):
+        ImageClassifier.load_from_checkpoint(tmp_path / "final.ckpt")
+    # The helper and our own loading (Trainer.test with the callback) drop the key.
+    restored = load_pruned_checkpoint(ImageClassifier("small_cnn"), tmp_path / "final.ckpt")
+    assert restored.net[0].out_channels == 8 and PRUNED_CHECKPOINT_KEY not in restored.state_dict()
+    (result,) = trainer.test(model, datamodule=digits, ckpt_path=tmp_path / "final.ckpt", verbose=False)
+    assert 0.0 <= result["test_acc"] <= 1.0
+    assert not model._load_state_dict_pre_hooks  # removed at teardown: a pickled model needs no hook of ours
+    # Resuming a fit from it into an unpruned model: the strict loading error says how to rebuild the model.
+    again = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2), callbacks=[GradualPruning(amount=0.5, mode="structured")]
+    )
+    with pytest.raises(
+        RuntimeError, match=r"channels were removed by structured pruning.*load_pruned_checkpoint"
+    ):
+        again.fit(ImageClassifier("small_cnn"), datamodule=digits, ckpt_path=tmp_path / "final.ckpt")

@@ -283,3 +283,53 @@ def test_structured_mode_counts_attention_heads_apart_from_channels(tmp_path, di
     assert logger.last("pruning/removed_channels") == 32
     assert logger.last("pruning/removed_channel_fraction") == pytest.approx(0.5)
     assert logger.last("pruning/target_removed_channel_fraction") == pytest.approx(0.5)
+
+
+def test_report_plots_reach_mlflow_as_image_artifacts(tmp_path, digits, monkeypatch):
+    import mlflow
+    from PIL import Image
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    logger = MLFlowLogger(experiment_name="plots", tracking_uri=uri)
+    monitor = CompressionMonitor(log_every_n_steps=1, measure_latency=False, verbose=False, plots=True)
+    pruning = GradualPruning(amount=0.5, end=0.5, frequency=1, modules=nn.Conv2d)
+    _fit(tmp_path, digits, [pruning, monitor], logger, batches=2)
+
+    client = mlflow.tracking.MlflowClient(uri)
+    listed = client.list_artifacts(logger.run_id, "compression/report")
+    assert sorted(a.path for a in listed) == [
+        "compression/report/layers.png",
+        "compression/report/sizes.png",
+        "compression/report/steps.png",
+    ]
+    local = client.download_artifacts(logger.run_id, "compression/report/steps.png", str(tmp_path / "get"))
+    with Image.open(local) as image:
+        assert image.format == "PNG" and image.width > 500
+    assert all(a.file_size > 10_000 for a in listed)
+
+
+def test_with_gradient_accumulation_every_callback_logs_on_the_steps_of_the_loss(tmp_path, digits):
+    logger = CSVLogger(tmp_path, name="accumulate")
+    pruning = GradualPruning(amount=0.5, end=0.5, frequency=1)
+    monitor = _monitor(log_every_n_steps=2)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=2, logger=logger, log_every_n_steps=2, accumulate_grad_batches=2
+        ),
+        callbacks=[pruning, monitor],
+        limit_train_batches=8,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits)
+    assert trainer.global_step == 8  # 2 epochs x 8 batches / 2 accumulated
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+
+    def steps(name):
+        return sorted({int(r["step"]) for r in rows if r.get(name)})
+
+    # Every second optimizer step, under the index of the step just taken; nothing before the first step.
+    assert steps("train_loss") == [1, 3, 5, 7]
+    assert steps("pruning/weight_sparsity") == steps("compression/sparsity") == [1, 3, 5, 7]

@@ -225,31 +225,7 @@ def test_restore_rebuilds_every_form_from_a_state_dict():
 # -- the callback -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"rank": 0}, ValueError, "`rank=0` must be a positive int"),
-        ({"rank": -3}, ValueError, "`rank=-3` must be a positive int"),
-        ({"rank": 1.5}, ValueError, "`rank=1.5` must be a positive int .* or a float in \\(0, 1\\]"),
-        ({"rank": 0.0}, ValueError, "`rank=0.0`"),
-        ({"rank": True}, TypeError, "`rank=True`"),
-        ({"energy": 0.0}, ValueError, "`energy=0.0` must be in \\(0, 1\\]"),
-        ({"energy": 1.01}, ValueError, "`energy=1.01` must be in \\(0, 1\\]"),
-        ({"budget": 1.0}, ValueError, "`budget=1.0` must be in \\(0, 1\\)"),
-        ({"budget": 0.0}, ValueError, "`budget=0.0` must be in \\(0, 1\\)"),
-        ({}, ValueError, "Give exactly one of `rank`"),
-        ({"rank": 4, "energy": 0.9}, ValueError, "got `rank`, `energy`"),
-        ({"budget": 0.5, "budget_on": "flops"}, ValueError, "Unknown `budget_on='flops'`"),
-        ({"rank": 4, "method": "pca"}, ValueError, "Unknown `method='pca'`"),
-        ({"rank": 4, "conv": "cp"}, ValueError, "Unknown `conv='cp'`"),
-        ({"budget": 0.5, "allocation": "greedy"}, ValueError, "Unknown `allocation='greedy'`"),
-        ({"rank": 4, "calibration_batches": 0}, ValueError, "`calibration_batches=0`"),
-        ({"rank": 4, "modules": "decoder.*", "exclude": [3]}, TypeError, "`exclude` got 3"),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        LowRankReplacement(**kwargs)
+# Bad arguments, at construction and at setup: tests/test_errors_low_rank.py.
 
 
 class CountSteps(Callback):
@@ -257,21 +233,6 @@ class CountSteps(Callback):
 
     def on_train_batch_start(self, *args):
         CountSteps.steps += 1
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"rank": 65, "modules": nn.Linear}, "`rank=65` is too large for layer 'net.8'"),
-        ({"rank": 4, "modules": "head"}, "`modules`: no module named 'head'"),
-    ],
-)
-def test_bad_setup_fails_before_any_training_step(tmp_path, digits, kwargs, match):
-    CountSteps.steps = 0
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[LowRankReplacement(**kwargs), CountSteps()])
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
-    assert CountSteps.steps == 0
 
 
 def test_layers_that_would_not_shrink_are_left_and_reported(tmp_path, digits):
@@ -604,3 +565,254 @@ def test_ddp_two_processes_take_identical_decisions(tmp_path, digits):
         assert error == pytest.approx(
             next(r["output_error"] for r in single.records if r["name"] == name), rel=1e-9
         )
+
+
+# -- reliability: frozen layers, nothing to replace, optimizers, inputs, checkpoints, tied weights ------------
+
+
+class FrozenClassifier(ImageClassifier):
+    """`net.8` frozen (all of it, or its weight only); the optimizer takes the trainable parameters only."""
+
+    def __init__(self, frozen):
+        super().__init__("small_cnn")
+        frozen_params = self.net[8].parameters() if frozen == "layer" else [self.net[8].weight]
+        for param in frozen_params:
+            param.requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+
+class FirstFactors(Callback):
+    """The parameters of `net.8` and `net.10` at the first step where they are factorized, and at the end."""
+
+    def __init__(self):
+        self.first = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first is None and isinstance(pl_module.net[8], LowRankLinear):
+            self.first = {
+                k: v.clone() for k, v in pl_module.net.state_dict().items() if k.startswith(("8.", "10."))
+            }
+
+
+@pytest.mark.parametrize("frozen", ["layer", "weight"])
+@pytest.mark.parametrize("start", [None, "step:2"], ids=["in-setup", "later"])
+def test_factors_of_frozen_weights_stay_frozen_and_do_not_move(tmp_path, digits, frozen, start):
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, method="svd", start=start, verbose=False)
+    watch = FirstFactors()
+    model = FrozenClassifier(frozen)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=5), callbacks=[lowrank, watch], limit_val_batches=0
+    )
+    trainer.fit(model, datamodule=digits)
+    frozen_layer, trained_layer = model.net[8], model.net[10]
+    assert isinstance(frozen_layer, LowRankLinear) and isinstance(trained_layer, LowRankLinear)
+    assert [p.requires_grad for p in frozen_layer.parameters()] == [False, False, frozen == "weight"]
+    assert all(p.requires_grad for p in trained_layer.parameters())
+    final = model.net.state_dict()
+    assert torch.equal(final["8.first.weight"], watch.first["8.first.weight"])
+    assert torch.equal(final["8.second.weight"], watch.first["8.second.weight"])
+    # A trainable bias (and every trainable layer) did train.
+    assert torch.equal(final["8.second.bias"], watch.first["8.second.bias"]) == (frozen == "layer")
+    assert not torch.equal(final["10.first.weight"], watch.first["10.first.weight"])
+
+
+@pytest.mark.parametrize("start", [None, "step:1"], ids=["in-setup", "later"])
+def test_replacing_nothing_warns_once_naming_rank_and_modules(tmp_path, digits, start):
+    # At 0.9 of the full rank neither Linear layer gets smaller: 58 * (512 + 64) + 64 > 32,832 parameters.
+    lowrank = LowRankReplacement(rank=0.9, modules=nn.Linear, method="svd", start=start, verbose=False)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[lowrank])
+    with pytest.warns(
+        UserWarning, match=r"replaced no layer: at `rank=0.9` none of the 2 selected layers"
+    ) as caught:
+        trainer.fit(model, datamodule=digits)
+    messages = [str(w.message) for w in caught if "replaced no layer" in str(w.message)]
+    assert len(messages) == 1  # one attempt: later steps do not factorize again
+    assert "net.8: rank 58 would keep 33,472 parameters" in messages[0] and "`modules`" in messages[0]
+    assert type(model.net[8]) is nn.Linear and lowrank.layers == {}
+
+
+class HeadOnlyOptimizer(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[10].parameters(), lr=0.1)
+
+
+def test_replacing_later_refuses_layers_no_optimizer_holds_before_training(tmp_path, digits):
+    CountSteps.steps = 0
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, start="step:2", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=5), callbacks=[lowrank, CountSteps()])
+    with pytest.raises(
+        ValueError, match=r"no optimizer holds the trainable parameters of 'net.8'\. Add them"
+    ):
+        trainer.fit(HeadOnlyOptimizer("small_cnn"), datamodule=digits)
+    assert CountSteps.steps == 0
+
+
+class TwoInputs(pl.LightningModule):
+    """`forward(x, mask)`; batches are `(x, mask, y)` tuples or `{"x", "mask", "y"}` dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(32, 64)
+        self.out = nn.Linear(64, 4)
+        self.example_input_array = (torch.zeros(1, 32), torch.ones(1, 32))
+
+    def forward(self, x, mask):
+        return self.out(torch.relu(self.hidden(x * mask)))
+
+    def training_step(self, batch, batch_idx):
+        x, mask, y = (batch["x"], batch["mask"], batch["y"]) if isinstance(batch, dict) else batch
+        return nn.functional.cross_entropy(self(x, mask), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, x, mask, y):
+        self.x, self.mask, self.y = x, mask, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "mask": self.mask[i], "y": self.y[i]}
+
+
+def _two_input_loader(kind):
+    g = torch.Generator().manual_seed(0)
+    x, mask, y = torch.randn(64, 32, generator=g), torch.ones(64, 32), torch.randint(0, 4, (64,), generator=g)
+    data = DictDataset(x, mask, y) if kind == "dict" else torch.utils.data.TensorDataset(x, mask, y)
+    return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fix"),
+    [
+        ("tuple", lambda batch: (batch[0], batch[1])),
+        ("dict", lambda batch: {"x": batch["x"], "mask": batch["mask"]}),
+    ],
+)
+def test_a_two_argument_forward_points_at_calibration_input(tmp_path, kind, fix):
+    CountSteps.steps = 0
+    lowrank = LowRankReplacement(rank=8, modules="hidden", verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[lowrank, CountSteps()])
+    with pytest.raises(
+        TypeError, match=r"calibrate.*pass `calibration_input`, a function from a training batch"
+    ):
+        trainer.fit(TwoInputs(), _two_input_loader(kind))
+    assert CountSteps.steps == 0
+    lowrank = LowRankReplacement(rank=8, modules="hidden", calibration_input=fix, verbose=False)
+    model = TwoInputs()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[lowrank]).fit(
+        model, _two_input_loader(kind)
+    )
+    assert lowrank.method_used == "whitened" and model.hidden.rank == 8
+    assert (
+        lowrank.records[0]["output_error"] < lowrank.records[0]["weight_error"]
+    )  # calibrated on the batches
+
+
+def test_resuming_from_a_checkpoint_written_without_it_names_the_checkpoint_and_the_fix(tmp_path, digits):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    dense = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True, limit_train_batches=4),
+        callbacks=[checkpoint],
+        limit_val_batches=0,
+    )
+    dense.fit(SGDClassifier("small_cnn"), datamodule=digits)
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    CountSteps.steps = 0
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, verbose=False)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=4), callbacks=[lowrank, CountSteps()]
+    )
+    with pytest.raises(
+        ValueError, match=r"epoch=0-step=4\.ckpt' holds the dense layer\(s\) 'net.8', 'net.10'"
+    ):
+        trainer.fit(SGDClassifier("small_cnn"), datamodule=digits, ckpt_path=path)
+    assert CountSteps.steps == 0
+
+    # The fix the message gives: `start='step:0'` factorizes the loaded, trained weights at the first step.
+    later = LowRankReplacement(rank=0.25, modules=nn.Linear, method="svd", start="step:0", verbose=False)
+    first, watch, steps = FirstFactors(), WatchReplacement(), RecordSteps()
+    model = SGDClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=4),
+        callbacks=[later, first, watch, steps],
+    )
+    trainer.fit(model, datamodule=digits, ckpt_path=path)
+    assert steps.steps == [4, 5, 6, 7] and watch.types == ["LowRankLinear"] * 4 and all(watch.aligned)
+    trained = torch.load(path, weights_only=True)["state_dict"]
+    reference = nn.Linear(512, 64)
+    reference.load_state_dict({"weight": trained["net.8.weight"], "bias": trained["net.8.bias"]})
+    expected = factorize(reference, 16)
+    assert torch.equal(first.first["8.first.weight"], expected.first.weight)
+    assert torch.equal(first.first["8.second.weight"], expected.second.weight)
+
+
+def test_plain_load_from_checkpoint_names_restore_low_rank(tmp_path, digits):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, verbose=False)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True, limit_train_batches=2),
+        callbacks=[lowrank, checkpoint],
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=digits)
+    path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    with pytest.raises(
+        RuntimeError,
+        match=r"Unexpected key\(s\) in state_dict: \"lightning_compress: this checkpoint holds "
+        r"factorized layers \(LowRankReplacement\); call lightning_compress\.low_rank\.restore_low_rank\(model, ",
+    ):
+        ImageClassifier.load_from_checkpoint(path)
+    # The helper the key names removes it again: the weights load strictly.
+    state = torch.load(path, weights_only=True)["state_dict"]
+    fresh = ImageClassifier("small_cnn")
+    assert restore_low_rank(fresh, state) == ["net.8", "net.10"]
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+class TiedLanguageModel(pl.LightningModule):
+    """Token embedding tied to the output layer (one Parameter), with an untied hidden layer between."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.hidden = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+        self.example_input_array = torch.zeros(1, 6, dtype=torch.long)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.hidden(self.embed(tokens))))
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        return nn.functional.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_tied_weights_stay_tied_and_the_skipped_layer_is_named_in_a_warning(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (32, 6), generator=g)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(tokens, tokens.roll(1, 1)), batch_size=8
+    )
+    lowrank = LowRankReplacement(rank=4, verbose=False)
+    model = TiedLanguageModel()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3), callbacks=[lowrank])
+    with pytest.warns(
+        UserWarning, match=r"tied weights as they are: 'head': its weight is shared with 'embed'"
+    ):
+        trainer.fit(model, loader)
+    assert model.head.weight is model.embed.weight and type(model.head) is nn.Linear
+    assert isinstance(model.hidden, LowRankLinear) and set(lowrank.layers) == {"hidden"}

@@ -1,5 +1,9 @@
 import csv
+import inspect
+import io
 import json
+import tempfile
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
 from lightning_compress.stats import TensorFormat, count_parameters
+from tests._ddp import run_worker
 from tests.conftest import RecordSteps, trainer_kwargs
 
 
@@ -137,17 +142,55 @@ def test_monitor_state_survives_checkpoint(tmp_path):
     assert restored.before == monitor.before
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"log_every_n_steps": 0}, "log_every_n_steps"),
-        ({"latency_repeats": 0}, "latency_repeats"),
-        ({"latency_threads": 0}, "latency_threads"),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+# Every constructor argument; docs/monitor.md ("What fails early") lists the same rows. `example_input` needs
+# the model: see the setup tests below.
+BAD_ARGUMENTS = [
+    ({"log_every_n_steps": 0}, ValueError, "`log_every_n_steps=0` must be a positive integer or None"),
+    (
+        {"log_every_n_steps": True},
+        ValueError,
+        "`log_every_n_steps=True` must be a positive integer or None",
+    ),
+    ({"log_on_epoch_end": "yes"}, TypeError, "`log_on_epoch_end='yes'` must be True or False"),
+    ({"per_layer": 1}, TypeError, "`per_layer=1` must be True or False"),
+    ({"metrics": "val_acc"}, TypeError, "`metrics='val_acc'` must be a list of logged names"),
+    (
+        {"metrics": ["val_acc", ""]},
+        TypeError,
+        "`metrics=\\['val_acc', ''\\]` must be a list of logged names",
+    ),
+    ({"measure_latency": None}, TypeError, "`measure_latency=None` must be True or False"),
+    ({"latency_batch_size": 0}, ValueError, "`latency_batch_size=0` must be a positive integer or None"),
+    (
+        {"latency_mode": "jit"},
+        ValueError,
+        "`latency_mode='jit'` must be one of 'auto', 'eager', 'compiled'",
+    ),
+    ({"latency_repeats": 0}, ValueError, "`latency_repeats=0` must be a positive integer"),
+    ({"latency_repeats": True}, ValueError, "`latency_repeats=True` must be a positive integer"),
+    ({"latency_threads": 0}, ValueError, "`latency_threads=0` must be a positive integer or None"),
+    (
+        {"report_path": 3},
+        TypeError,
+        "`report_path=3` must be a file path \\(str or os.PathLike\\), or None",
+    ),
+    ({"report_path": "."}, ValueError, "`report_path='.'` is a directory; give a file name, e.g. "),
+    ({"plots": "yes"}, TypeError, "`plots='yes'` must be True or False"),
+    ({"prefix": None}, TypeError, "`prefix=None` must be a string such as 'compression/'"),
+    ({"verbose": "no"}, TypeError, "`verbose='no'` must be True or False"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
         CompressionMonitor(**kwargs)
+
+
+def test_every_constructor_argument_has_a_row():
+    covered = {name for kwargs, _, _ in BAD_ARGUMENTS for name in kwargs}
+    covered.add("example_input")  # needs the model: checked at setup, tested below
+    assert covered == set(inspect.signature(CompressionMonitor).parameters)
 
 
 class TinyNet(pl.LightningModule):
@@ -306,6 +349,18 @@ def test_metrics_without_validation_fail_at_setup(tmp_path):
         _tiny_fit(tmp_path, monitor)
 
 
+def test_metrics_with_validation_turned_off_fail_at_setup(tmp_path, digits):
+    steps = RecordSteps()
+    monitor = CompressionMonitor(metrics=["val_acc"], measure_latency=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_val_batches=0), callbacks=[monitor, steps])
+    with pytest.raises(
+        ValueError,
+        match="`metrics=\\['val_acc'\\]` are read from validation, but `limit_val_batches=0` turns it off",
+    ):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert steps.steps == []
+
+
 def test_without_logger_no_report_file_is_written_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     reports = []
@@ -324,18 +379,109 @@ def test_report_path_is_written_where_asked(tmp_path):
     assert json.loads(path.read_text())["after"]["macs"] == 216
 
 
-@pytest.mark.parametrize("kind", ["directory", "under_a_file"])
-def test_unwritable_report_path_fails_before_training(tmp_path, kind):
-    if kind == "directory":
-        path, match = tmp_path, "is a directory"
-    else:
+def test_report_path_to_a_directory_fails_at_construction(tmp_path):
+    with pytest.raises(
+        ValueError, match=f"`report_path='{tmp_path}'` is a directory; give a file name, e.g. "
+    ):
+        CompressionMonitor(report_path=tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "read_only_directory"])
+def test_unwritable_report_path_fails_at_setup(tmp_path, monkeypatch, kind):
+    if kind == "under_a_file":
         (tmp_path / "file").write_text("")
-        path, match = tmp_path / "file" / "report.json", "cannot be written"
-    steps = RecordSteps()
+        path = tmp_path / "file" / "report.json"
+        match = f"`report_path='{path}'` cannot be created: '{tmp_path / 'file'}' is a file, not a directory"
+    else:
+        path = tmp_path / "locked" / "report.json"
+        path.parent.mkdir()
+        match = f"`report_path='{path}'` is not writable: files cannot be created in '{path.parent}'"
     monitor = CompressionMonitor(measure_latency=False, report_path=path)
+    if kind == "read_only_directory":
+        # A read-only directory, also when the tests run as root (who may write anywhere).
+        real_mkstemp = tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == path.parent:
+                raise PermissionError(13, "Permission denied")
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    steps = RecordSteps()
     with pytest.raises(ValueError, match=match):
         _tiny_fit(tmp_path, monitor, extra=[steps])
     assert steps.steps == []
+    assert not path.exists() and (kind == "under_a_file" or list(path.parent.iterdir()) == [])
+
+
+@pytest.mark.parametrize("where", ["example_input", "example_input_array"])
+def test_example_input_the_model_rejects_fails_at_setup(tmp_path, where):
+    model = TinyNet()
+    wrong = torch.zeros(4, 1, 4, 4)  # the model takes 1x5x5 images
+    if where == "example_input":
+        monitor = CompressionMonitor(example_input=wrong, measure_latency=False)
+    else:
+        model.example_input_array = wrong
+        monitor = CompressionMonitor(measure_latency=False)
+    steps = RecordSteps()
+    with pytest.raises(
+        ValueError,
+        match=f"`{where}` of shape \\(1, 1, 4, 4\\) \\(its first sample\\) was rejected by TinyNet: "
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied .* Pass an input the model's forward accepts",
+    ):
+        _tiny_fit(tmp_path, monitor, model=model, extra=[steps])
+    assert steps.steps == []
+
+
+def _write_text_half(self, data, *args, **kwargs):
+    # Half of the text reaches the file, then the disk is full.
+    with open(self, "w") as f:
+        f.write(data[: len(data) // 2])
+    raise OSError(28, "No space left on device")
+
+
+def _savefig_half(real_savefig):
+    def savefig(self, target, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_savefig(self, buffer, *args, **kwargs)
+        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    return savefig
+
+
+def test_an_interrupted_report_write_leaves_the_previous_report_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "report.json"
+    monitor = CompressionMonitor(measure_latency=False, verbose=False, report_path=path)
+    _tiny_fit(tmp_path, monitor)
+    previous = path.read_text()
+    assert json.loads(previous)["after"]["macs"] == 216
+    monkeypatch.setattr(Path, "write_text", _write_text_half)
+    monitor = CompressionMonitor(measure_latency=False, verbose=False, report_path=path)
+    with pytest.raises(OSError, match="No space left on device"):
+        _tiny_fit(tmp_path, monitor, max_epochs=2)
+    assert path.read_text() == previous
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_an_interrupted_plot_write_leaves_the_previous_plot_and_no_temporary_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "out" / "report.json"
+    monitor = CompressionMonitor(measure_latency=False, verbose=False, report_path=path, plots=True)
+    _tiny_fit(tmp_path, monitor)
+    names = ["report.json", "report.layers.png", "report.sizes.png", "report.steps.png"]
+    assert sorted(p.name for p in path.parent.iterdir()) == names
+    previous = {name: (path.parent / name).read_bytes() for name in names}
+    monkeypatch.setattr(Figure, "savefig", _savefig_half(Figure.savefig))
+    monitor = CompressionMonitor(measure_latency=False, verbose=False, report_path=path, plots=True)
+    with pytest.raises(OSError, match="No space left on device"):
+        _tiny_fit(tmp_path, monitor, max_epochs=2)
+    assert sorted(p.name for p in path.parent.iterdir()) == names
+    for name in names[1:]:
+        assert (path.parent / name).read_bytes() == previous[name]
+    # The report itself was complete and moved into place before the plots.
+    assert json.loads(path.read_text())["before"] == json.loads(previous["report.json"])["before"]
 
 
 class FakePruning(Callback):
@@ -372,3 +518,11 @@ def test_plots_are_written_beside_the_report_and_sent_to_tensorboard(tmp_path):
     ]
     image = events.Images("compression/report/steps")[-1]
     assert image.step == 4 and image.width > 500 and len(image.encoded_image_string) > 10_000
+
+
+def test_ddp_writes_the_report_into_the_loggers_directory_without_stalling(tmp_path):
+    # `trainer.log_dir` is a collective call: resolved on rank zero alone at the end, the ranks would stall.
+    run_worker("_ddp_monitor.py", tmp_path, timeout=240)
+    report = json.loads((tmp_path / "logs" / "run" / "version_0" / "compression_report.json").read_text())
+    assert report["before"]["macs"] == report["after"]["macs"] == 216
+    assert [torch.load(tmp_path / f"rank{r}.pt")["report"] for r in (0, 1)] == [True, True]

@@ -290,3 +290,57 @@ def test_pruned_count_is_round_amount_times_numel(shape, amount, seed, ties):
     dropped = weight.abs()[~masks["w"]]
     if kept.numel() and dropped.numel():
         assert dropped.max() <= kept.min()
+
+
+def _capped_greedy(weights, amount, cap_fraction):
+    """Reference: walk one global ascending ranking of |w| (ties by position), skipping tensors at their cap."""
+    entries = sorted(
+        (float(v), order, name, i)
+        for order, (name, w) in enumerate(weights.items())
+        for i, v in enumerate(w.abs().reshape(-1).tolist())
+    )
+    entries.sort(key=lambda e: e[0])  # stable: ties stay in (tensor, position) order
+    budget = round(amount * sum(w.numel() for w in weights.values()))
+    caps = {name: math.floor(cap_fraction * w.numel() + 1e-9) for name, w in weights.items()}
+    masks = {name: torch.ones(w.numel(), dtype=torch.bool) for name, w in weights.items()}
+    for _, _, name, i in entries:
+        if budget == 0:
+            break
+        if int((~masks[name]).sum()) < caps[name]:
+            masks[name][i] = False
+            budget -= 1
+    return {name: m.reshape(weights[name].shape) for name, m in masks.items()}
+
+
+@pytest.mark.parametrize("cap", [0.9, 0.95, 0.99, 1.0])
+def test_max_layer_amount_caps_every_tensor_and_still_reaches_the_total(cap):
+    gen = torch.Generator().manual_seed(0)
+    weights = {
+        "big": torch.randn(40, 30, generator=gen),
+        "tiny_scale": torch.randn(10, 8, generator=gen) * 1e-3,  # ranks lowest: global pruning takes it whole
+        "mid": torch.randn(20, 10, generator=gen) * 0.1,
+    }
+    uncapped = unstructured_masks(weights, 0.9, scope="global")
+    assert pruned(uncapped["tiny_scale"]) == 80
+    masks = unstructured_masks(weights, 0.9, scope="global", max_layer_amount=cap)
+    total = sum(w.numel() for w in weights.values())
+    assert sum(pruned(m) for m in masks.values()) == round(0.9 * total)
+    for name, w in weights.items():
+        assert pruned(masks[name]) <= math.floor(cap * w.numel() + 1e-9)
+    assert pruned(masks["tiny_scale"]) == math.floor(cap * 80 + 1e-9)
+    reference = _capped_greedy(weights, 0.9, cap)
+    for name in weights:
+        assert torch.equal(masks[name], reference[name]), name
+
+
+def test_max_layer_amount_keeps_earlier_masks_and_rejects_bad_values():
+    weights = {"a": torch.arange(1.0, 11.0), "b": torch.arange(1.0, 11.0) * 1e-3}
+    first = unstructured_masks(weights, 0.4, scope="global", max_layer_amount=0.6)
+    assert [pruned(first["a"]), pruned(first["b"])] == [2, 6]
+    later = unstructured_masks(weights, 0.5, scope="global", max_layer_amount=0.6, previous=first)
+    assert [pruned(later["a"]), pruned(later["b"])] == [4, 6]
+    assert bool((later["a"] <= first["a"]).all() and (later["b"] <= first["b"]).all())
+    with pytest.raises(ValueError, match=r"`max_layer_amount=0.3` must be in \[amount, 1\] = \[0.4, 1\]"):
+        unstructured_masks(weights, 0.4, scope="global", max_layer_amount=0.3)
+    with pytest.raises(ValueError, match=r"`max_layer_amount` applies to `scope='global'`"):
+        unstructured_masks(weights, 0.4, max_layer_amount=0.6)

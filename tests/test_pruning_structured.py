@@ -422,3 +422,58 @@ def test_concat_offsets_and_chunks():
     assert pruned.bn.num_features == 12 and pruned.c.in_channels == 12
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [(nn.Conv1d, (2, 4, 16)), (nn.Conv3d, (2, 4, 6, 6, 6)), (nn.ConvTranspose1d, (2, 4, 16))],
+)
+def test_conv1d_and_conv3d_channels_are_masked_and_removed_exactly(conv, shape):
+    bn = {nn.Conv3d: nn.BatchNorm3d}.get(conv, nn.BatchNorm1d)
+    model = nn.Sequential(conv(4, 16, 3), bn(16), nn.ReLU(), conv(16, 16, 3), nn.ReLU(), nn.Flatten(1))
+    model.append(nn.LazyLinear(3))
+    x = torch.randn(*shape)
+    model(x)
+    randomize_bn(model)
+    model.eval()
+    pruner = StructuredPruner(model, x, round_to=1)
+    masks, plan = pruner.compute_masks(model, 0.5)
+    assert {root: len(idxs) for root, idxs in plan.items()} == {"0": 8, "3": 8}
+    apply(model, masks)
+    expected = model(x)
+    pruner.materialize(model, plan)
+    assert (model[0].out_channels, model[1].num_features, model[3].in_channels, model[3].out_channels) == (
+        8,
+        8,
+        8,
+        8,
+    )
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("width", "round_to", "scope", "removable"),
+    [(8, 8, "layer", 0), (8, 1, "layer", 4), (12, 8, "layer", 4), (8, 8, "global", 0), (16, 8, "global", 8)],
+)
+def test_removable_says_what_round_to_leaves_to_prune(width, round_to, scope, removable):
+    model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))
+    pruner = StructuredPruner(model, torch.randn(1, 4), round_to=round_to, scope=scope)
+    assert pruner.removable(0.5) == {"0": removable}
+    _, plan = pruner.compute_masks(model, 0.5)
+    assert len(plan["0"]) <= removable
+
+
+def test_groups_that_cut_tied_weights_are_refused_and_named():
+    from lightning_compress.pruning.structured import NoChannelGroupError
+
+    tied = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    tied.extend([nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)])
+    tied[6].weight = tied[4].weight
+    pruner = StructuredPruner(tied, torch.randn(1, 4), round_to=1, strict=False)
+    # Every group whose channels reach the shared tensor (as outputs of 4 or 6, or as inputs of 4 or 6) is refused.
+    assert pruner.roots == ["0"] and sorted(pruner.tied) == ["2", "4", "6"]
+    assert all("tied (shared) weight ['4.weight', '6.weight']" in why for why in pruner.tied.values())
+    with pytest.raises(
+        NoChannelGroupError, match=r"cannot remove channels of tied weights .*`exclude=\['4', '6'\]`"
+    ):
+        StructuredPruner(tied, torch.randn(1, 4), modules=["4", "6"], round_to=1, strict=False)

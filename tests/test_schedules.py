@@ -1,7 +1,10 @@
 import itertools
 import math
 
+import lightning.pytorch as pl
 import pytest
+import torch
+import torch.utils.data as torch_data
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -10,9 +13,11 @@ from lightning_compress.schedules import (
     Schedule,
     interpolate,
     resolve_point,
+    resolve_schedule,
     validate_amount,
     validate_point,
 )
+from tests.conftest import RecordSteps, trainer_kwargs
 
 
 def test_agp_matches_zhu_and_gupta_published_values():
@@ -48,10 +53,60 @@ def test_user_callable_schedule():
     assert schedule.value(4) == pytest.approx(math.sqrt(0.4) * (1.0 - 1e-9))
 
 
-def test_callable_outside_unit_interval_is_rejected():
-    schedule = Schedule(0.0, 0.5, start=0, end=10, schedule=lambda t: 2.0 * t)
-    with pytest.raises(ValueError, match="fraction in \\[0, 1\\]"):
-        schedule.value(8)
+def _raises(t):
+    return t if t < 0.5 else t / (t - t)
+
+
+BAD_SCHEDULES = [
+    (lambda t: 2.0 * t, ValueError, "`schedule` callable returned 1.5 at t=0.75; it must map the progress t"),
+    (lambda t: t - 0.25, ValueError, "`schedule` callable returned -0.25 at t=0.0"),
+    (lambda t: float("nan"), ValueError, "`schedule` callable returned nan at t=0.0"),
+    (lambda t: "half", TypeError, "`schedule` callable returned 'half' at t=0.0, not a number"),
+    (lambda t: None, TypeError, "`schedule` callable returned a NoneType at t=0.0, not a number"),
+    (lambda t: t > 0.5, TypeError, "`schedule` callable returned False at t=0.0, not a number"),
+    (
+        _raises,
+        ValueError,
+        "`schedule` callable raised ZeroDivisionError \\(float division by zero\\) at t=0.5",
+    ),
+    (lambda: 0.5, ValueError, "`schedule` callable raised TypeError .* at t=0.0"),
+]
+
+
+@pytest.mark.parametrize(("fn", "error", "message"), BAD_SCHEDULES)
+def test_bad_schedule_callable_fails_when_resolved(fn, error, message):
+    with pytest.raises(error, match=message):
+        resolve_schedule(fn)
+    with pytest.raises(error, match=message):
+        Schedule(0.0, 0.5, start=0, end=10, schedule=fn)
+
+
+@pytest.mark.parametrize(("fn", "error", "message"), BAD_SCHEDULES)
+@pytest.mark.parametrize("callback", ["GradualPruning", "KnowledgeDistillation"])
+def test_every_callback_with_a_schedule_rejects_a_bad_callable_at_construction(callback, fn, error, message):
+    from lightning_compress import GradualPruning, KnowledgeDistillation
+
+    with pytest.raises(error, match=message):
+        if callback == "GradualPruning":
+            GradualPruning(amount=0.5, schedule=fn)
+        else:
+            KnowledgeDistillation(teacher="self", initial_alpha=0.0, schedule=fn)
+
+
+def test_callable_out_of_range_between_the_probe_points_still_fails_when_reached():
+    schedule = Schedule(0.0, 0.5, start=0, end=10, schedule=lambda t: 2.0 if 0.05 < t < 0.2 else t)
+    assert [schedule.value(k) for k in (0, 5, 10)] == [0.0, 0.25, 0.5]
+    with pytest.raises(ValueError, match="`schedule` callable returned 2.0 at t=0.1"):
+        schedule.value(1)
+    with pytest.raises(ValueError, match="returned 2.0 at t=0.15"):
+        interpolate(lambda t: 2.0 if 0.05 < t < 0.2 else t, 0.15, 0.0, 1.0)
+
+
+def test_good_callables_and_numeric_types_pass_the_probe():
+    import numpy as np
+
+    for fn in (math.sqrt, lambda t: np.float32(t), lambda t: torch.tensor(t), lambda t: 1, lambda t: 0):
+        assert resolve_schedule(fn) is fn
 
 
 @given(
@@ -91,8 +146,10 @@ def test_points_resolve_to_steps():
     assert resolve_point(1.0, total_steps=400) == 400
     assert resolve_point("step:17", total_steps=400) == 17
     assert resolve_point("epoch:3", total_steps=400, steps_per_epoch=40) == 120
-    with pytest.raises(ValueError, match="steps per epoch"):
-        resolve_point("epoch:3", total_steps=400)
+    with pytest.raises(
+        ValueError, match="`end='epoch:3'` counts epochs, .* Count steps instead: `end='step:N'`"
+    ):
+        resolve_point("epoch:3", total_steps=400, name="end")
 
 
 @pytest.mark.parametrize(
@@ -120,3 +177,108 @@ def test_amount_outside_unit_interval_is_rejected(amount):
 def test_bad_points_are_rejected(point):
     with pytest.raises(ValueError, match="`start="):
         validate_point(point, "start")
+
+
+# -- start/end against the Trainer: training data without a length -----------------------------------------
+
+
+class _Stream(torch_data.IterableDataset):
+    """16 samples, 4 features, 2 classes, and no `__len__`: the fit's length is unknown."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(16):
+            yield torch.randn(4, generator=generator), torch.randint(0, 2, (), generator=generator)
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _stream_fit(tmp_path, callback, **overrides):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=[callback])
+    trainer.fit(_Tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
+    return trainer
+
+
+def _callback(name, **kwargs):
+    from lightning_compress import BinaryWeights, GradualPruning, KnowledgeDistillation, WeightSharing
+
+    return {
+        "GradualPruning": lambda: GradualPruning(amount=0.5, **kwargs),
+        "KnowledgeDistillation": lambda: KnowledgeDistillation(teacher="self", initial_alpha=0.0, **kwargs),
+        "WeightSharing": lambda: WeightSharing(bits=2, **kwargs),
+        "BinaryWeights": lambda: BinaryWeights(**kwargs),
+    }[name]()
+
+
+UNKNOWN_LENGTH = (
+    "The length of this fit is unknown: the training data has no length \\(an IterableDataset without "
+    "`__len__`\\) and `max_steps` is unset, so fractions of training .* Set `Trainer\\(max_steps=N\\)` "
+    "\\(fractions then count from it\\), or give optimizer steps, e.g. `start='step:100'`"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("GradualPruning", {}),
+        ("KnowledgeDistillation", {}),
+        ("WeightSharing", {"start": 0.5}),
+        ("BinaryWeights", {"start": 0.5}),
+    ],
+)
+def test_fractions_of_a_fit_of_unknown_length_fail_at_setup_with_the_fix(tmp_path, name, kwargs):
+    steps = RecordSteps()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[_callback(name, **kwargs), steps])
+    with pytest.raises(ValueError, match=UNKNOWN_LENGTH):
+        trainer.fit(_Tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
+    assert steps.steps == []
+
+
+def test_endless_epochs_name_the_cause(tmp_path):
+    with pytest.raises(ValueError, match="unknown: `max_epochs=-1` and `max_steps=-1` train without end"):
+        _stream_fit(tmp_path, _callback("WeightSharing", start=0.5), max_epochs=-1)
+
+
+def test_fractions_count_from_max_steps_when_the_data_has_no_length(tmp_path):
+    sharing = _callback("WeightSharing", start=0.5)
+    kd = _callback("KnowledgeDistillation", start=0.25, end=0.75)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, max_epochs=-1), callbacks=[sharing, kd])
+    trainer.fit(_Tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
+    assert trainer.global_step == 8
+    assert sharing._start_step == 4
+    assert (kd._alpha_schedule.start, kd._alpha_schedule.end) == (2, 6)
+
+
+@pytest.mark.parametrize("name", ["WeightSharing", "BinaryWeights", "KnowledgeDistillation"])
+def test_step_counts_work_without_a_known_length(tmp_path, name):
+    kwargs = {"start": "step:1"} if name != "KnowledgeDistillation" else {"start": "step:1", "end": "step:3"}
+    callback = _callback(name, **kwargs)
+    trainer = _stream_fit(tmp_path, callback)
+    assert trainer.global_step == 4  # one pass over the 16 samples
+    if name == "WeightSharing":
+        assert callback._start_step == 1 and callback.clustered
+    elif name == "BinaryWeights":
+        assert callback._start_step == 1 and callback.finalized
+    else:
+        assert (callback._alpha_schedule.start, callback._alpha_schedule.end) == (1, 3)
+
+
+def test_epochs_without_a_known_epoch_length_name_the_argument(tmp_path):
+    with pytest.raises(
+        ValueError, match="`start='epoch:1'` counts epochs, .* Count steps instead: `start='step:N'`"
+    ):
+        _stream_fit(tmp_path, _callback("WeightSharing", start="epoch:1"))

@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import lightning.pytorch as pl
@@ -128,6 +129,20 @@ def test_layer_storage_counts_each_stage():
     assert dense.index_bits == 0 and dense.shared_bytes == math.ceil(100 * 2 / 8) + 4 * 4
 
 
+@pytest.mark.parametrize(("bits", "dtype"), [(8, torch.uint8), (9, torch.int32), (16, torch.int32)])
+def test_indices_hold_every_cluster_up_to_16_bits(bits, dtype):
+    # More distinct values than clusters, spread evenly: with the linear initialization every cluster is used.
+    weight = torch.linspace(0.01, 1.0, 2**bits + 4464 if bits == 16 else 2**bits * 2)
+    codebook, indices, kept = share_weights(weight, bits=bits, iterations=2)
+    assert indices.dtype == dtype and codebook.numel() == 2**bits
+    assert int(indices.min()) == 0 and int(indices.max()) == 2**bits - 1
+    assert len(indices.unique()) == 2**bits  # at 16 bits: 65,536 clusters, most above int16's 32,767
+    shared = shared_tensor(codebook, indices, kept)
+    # Each value lands on its own cluster's centroid, not on a wrapped-around negative index.
+    assert float((shared - weight).abs().max()) < 2.0 / 2**bits
+    assert torch.equal(shared.sort().values, shared)
+
+
 # -- the callback -----------------------------------------------------------------------------------------
 
 
@@ -200,6 +215,54 @@ def test_pruning_then_sharing_keeps_zeros_and_a_few_values_per_layer(tmp_path, d
     assert monitor.report["summary"]["size_ratio"] > 5
 
 
+class TiedLanguageModel(pl.LightningModule):
+    """A next-token model whose output layer reuses the embedding's weight (tied weights)."""
+
+    def __init__(self, vocab=12, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.decoder = nn.Linear(dim, vocab, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.decoder(torch.tanh(self.hidden(self.embed(tokens))))
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        logits = self(tokens[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+@pytest.mark.parametrize("modules", [nn.Linear, [nn.Embedding, nn.Linear], "decoder"])
+def test_tied_weights_are_shared_once_and_stay_tied(tmp_path, modules):
+    tokens = torch.randint(0, 12, (32, 5), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
+    model = TiedLanguageModel()
+    sharing = WeightSharing(bits=2, start="step:1", modules=modules)
+    monitor = CompressionMonitor(measure_latency=False, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[sharing, monitor])
+    trainer.fit(model, loader)
+    assert model.decoder.weight is model.embed.weight
+    # One tensor, clustered once under its first name, with 2**bits shared values.
+    tied = "embed.weight"
+    assert sorted(sharing.codebooks) == ([tied] if modules == "decoder" else [tied, "hidden.weight"])
+    assert sharing.codebooks[tied].numel() == 4
+    weight = model.embed.weight.detach()
+    assert torch.equal(weight, sharing.codebooks[tied][sharing.indices[tied].long()])
+    assert set(weight.unique().tolist()) <= set(sharing.codebooks[tied].tolist())
+    # The tied tensor is stored once: 12 x 6 entries at 2 bits plus 4 fp32 centroids.
+    report = sharing.storage_report(model)
+    assert report["layers"][tied]["numel"] == 72 and report["layers"][tied]["shared_bytes"] == 18 + 16
+    assert report["total"]["dense_bytes"] == (72 + 36 + 6) * 4  # tied weight, hidden weight and bias
+    assert float(trainer.callback_metrics["weight_sharing/compression_ratio"]) == pytest.approx(
+        report["ratios"]["huffman"], rel=1e-4
+    )
+
+
 def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, steps=None):
     pl.seed_everything(5, verbose=False)
     sharing = WeightSharing(bits=3, start="step:3", modules=nn.Linear)
@@ -231,20 +294,38 @@ def test_resume_after_clustering_is_bit_exact(tmp_path, digits):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"bits": 0}, ValueError, "`bits=0` is out of range"),
-        ({"bits": 17}, ValueError, "`bits=17` is out of range"),
-        ({"bits": 2.5}, TypeError, "must be an integer"),
-        ({"index_bits": 0}, ValueError, "`index_bits=0`"),
-        ({"init": "kmeans++"}, ValueError, "Unknown `init='kmeans\\+\\+'`"),
-        ({"start": "batch:3"}, ValueError, "`start='batch:3'` is not understood"),
-    ],
-)
+# Every constructor argument; docs/quantization.md ("What fails early") lists the same rows.
+BAD_ARGUMENTS = [
+    ({"bits": 0}, ValueError, "`bits=0` is out of range: weight sharing supports 1 to 16 bits"),
+    ({"bits": 17}, ValueError, "`bits=17` is out of range"),
+    ({"bits": 2.5}, TypeError, "`bits=2.5` must be an integer"),
+    ({"start": 1.5}, ValueError, "`start=1.5` is outside \\[0, 1\\]"),
+    ({"start": "batch:3"}, ValueError, "`start='batch:3'` is not understood"),
+    ({"modules": [3]}, TypeError, "`modules` got 3, which is neither a module name pattern"),
+    ({"exclude": [3]}, TypeError, "`exclude` got 3, which is neither a module name pattern"),
+    ({"min_params": -1}, ValueError, "`min_params=-1` must be a non-negative integer"),
+    (
+        {"init": "kmeans++"},
+        ValueError,
+        "Unknown `init='kmeans\\+\\+'`. Use one of 'linear', 'density', 'random'",
+    ),
+    ({"index_bits": 0}, ValueError, "`index_bits=0` must be an integer from 1 to 16"),
+    ({"index_bits": 17}, ValueError, "`index_bits=17` must be an integer from 1 to 16"),
+    ({"iterations": 0}, ValueError, "`iterations=0` must be a positive integer"),
+    ({"seed": -1}, ValueError, "`seed=-1` must be a non-negative integer"),
+    ({"seed": "0"}, ValueError, "`seed='0'` must be a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         WeightSharing(**kwargs)
+
+
+def test_every_constructor_argument_has_a_row():
+    covered = {name for kwargs, _, _ in BAD_ARGUMENTS for name in kwargs}
+    assert covered == set(inspect.signature(WeightSharing).parameters)
 
 
 def test_selection_without_weights_fails_at_setup(tmp_path, digits):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import inspect
 import itertools
 import math
 import os
@@ -20,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_compress._inputs import call_module as _call
+from lightning_compress._inputs import input_shapes
 from lightning_compress._lightning import (
     build_schedule,
     detach_input,
@@ -40,7 +43,6 @@ from lightning_compress.distillation.losses import (
     validate_temperature,
 )
 from lightning_compress.schedules import Point, Schedule, ScheduleFn, resolve_schedule, validate_point
-from lightning_compress.stats import _call
 
 FEATURE_LOSSES = ("hint", "attention", "cosine", "mse")
 TEACHER_PRECISIONS = ("32-true", "64-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
@@ -248,7 +250,19 @@ class KnowledgeDistillation(Callback):
             raise TypeError(f"`module={module!r}` must be a module name ('' for the LightningModule itself).")
         if teacher_module is not None and not isinstance(teacher_module, str):
             raise TypeError(f"`teacher_module={teacher_module!r}` must be a module name or None.")
-        self.logits = bool(logits)
+        for argument, value in (
+            ("logits", logits),
+            ("save_teacher", save_teacher),
+            ("keep_adapters", keep_adapters),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{argument}={value!r}` must be True or False.")
+        if isinstance(features, FeatureLoss | str) or not isinstance(features, Sequence):
+            raise TypeError(
+                f"`features={features!r}` must be a list of FeatureLoss objects, e.g. "
+                "`features=[FeatureLoss('layer3', loss='attention')]`."
+            )
+        self.logits = logits
         self.module = module
         self.teacher_module = module if teacher_module is None else teacher_module
         self.features = tuple(features)
@@ -325,7 +339,7 @@ class KnowledgeDistillation(Callback):
             teacher = copy.deepcopy(original) if dtype is not None else original
         else:
             assert self.teacher_class is not None
-            teacher = self.teacher_class.load_from_checkpoint(self.teacher, map_location="cpu")
+            teacher = _load_teacher(self.teacher, self.teacher_class)
         teacher.eval()
         teacher.requires_grad_(False)
         if dtype is not None:
@@ -388,7 +402,17 @@ class KnowledgeDistillation(Callback):
         try:
             pl_module.eval()
             with torch.no_grad():
-                _call(pl_module, example)
+                try:
+                    _call(pl_module, example)
+                except _OutputError:
+                    raise
+                except Exception as err:
+                    argument = "example_input" if self.example_input is not None else "example_input_array"
+                    raise ValueError(
+                        f"`{argument}` of shape {input_shapes(example)} was rejected by the student "
+                        f"({type(pl_module).__name__}) in the setup check: {type(err).__name__}: {err}. Pass an "
+                        "input the LightningModule's forward accepts, e.g. one batch of training inputs."
+                    ) from err
                 self._recording = False
                 if self._capture is None:
                     message = (
@@ -402,7 +426,10 @@ class KnowledgeDistillation(Callback):
                     rank_zero_warn(f"{message}; they run at the first training step instead.")
                     return
                 args, kwargs, output = self._capture
-                teacher_output = self._run_teacher(args, kwargs)
+                try:
+                    teacher_output = self._run_teacher(args, kwargs)
+                except (RuntimeError, TypeError) as err:  # the teacher's forward itself: shapes, arguments
+                    raise self._teacher_rejects(args, kwargs, err) from err
                 self._check(output, teacher_output)
                 self._build_adapters(pl_module)
                 for i, feature in enumerate(self.features):
@@ -411,6 +438,16 @@ class KnowledgeDistillation(Callback):
             pl_module.train(was_training)
             self._clear()
             self._remove_hooks()
+
+    def _teacher_rejects(self, args: tuple, kwargs: dict, err: Exception) -> ValueError:
+        assert self._teacher is not None
+        where = f"`teacher_module={self.teacher_module!r}`" if self.teacher_module else "its forward"
+        return ValueError(
+            f"The teacher ({type(self._teacher).__name__}) cannot run {where} on the student's input "
+            f"{input_shapes((*args, *kwargs.values()))}: {type(err).__name__}: {err}. The teacher must accept what "
+            "the student's `module` receives: check `teacher`/`teacher_class` (the architecture) and "
+            "`module`/`teacher_module`."
+        )
 
     def _build_adapters(self, pl_module: pl.LightningModule) -> None:
         existing = getattr(pl_module, ADAPTERS_ATTRIBUTE, None)
@@ -750,6 +787,55 @@ class KnowledgeDistillation(Callback):
             )
 
 
+def _load_teacher(path: str, teacher_class: type[pl.LightningModule]) -> nn.Module:
+    """Load a checkpoint ``teacher`` with its class; a mismatch says which keys and shapes differ."""
+    try:
+        return teacher_class.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:
+        detail = _checkpoint_mismatch(path, teacher_class) or f"{type(err).__name__}: {err}."
+        raise ValueError(
+            f"`teacher={path!r}` does not match `teacher_class={teacher_class.__name__}`. {detail} Pass as "
+            "`teacher_class` the LightningModule class that wrote the checkpoint (it is rebuilt from the "
+            "hyperparameters saved in it), or pass the teacher as an nn.Module."
+        ) from err
+
+
+def _checkpoint_mismatch(path: str, teacher_class: type[pl.LightningModule]) -> str | None:
+    """Which keys and shapes of a checkpoint's ``state_dict`` ``teacher_class`` lacks or holds differently."""
+    try:
+        # A checkpoint the user names as the teacher is loaded in full by Lightning anyway.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved = checkpoint["state_dict"]
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        parameters = inspect.signature(teacher_class.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            hparams = {k: v for k, v in hparams.items() if k in parameters}
+        expected = teacher_class(**hparams).state_dict()
+    except Exception:
+        return None
+    name = teacher_class.__name__
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} in the checkpoint vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in saved and isinstance(saved[k], Tensor) and saved[k].shape != expected[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{name} has keys the checkpoint lacks: {_first(missing, ', ')}.")
+    if unexpected:
+        parts.append(f"The checkpoint has keys {name} lacks: {_first(unexpected, ', ')}.")
+    if shapes:
+        parts.append(f"Shapes differ: {_first(shapes, '; ')}.")
+    return " ".join(parts) or None
+
+
+def _first(items: list[str], separator: str, n: int = 4) -> str:
+    shown = separator.join(items[:n])
+    return shown if len(items) <= n else f"{shown} (and {len(items) - n} more)"
+
+
 def _get_module(model: nn.Module, name: str, argument: str, side: str) -> nn.Module:
     if name == "":
         return model
@@ -770,6 +856,10 @@ def _device(module: nn.Module) -> torch.device | None:
     return None if tensor is None else tensor.device
 
 
+class _OutputError(TypeError):
+    """A module output holds no tensor to distill (raised by the hooks, not by the model)."""
+
+
 def _as_tensor(value: Any, what: str) -> Tensor:
     """The tensor of a module output: itself, a mapping's/an object's ``logits``, or a tuple's first item."""
     if isinstance(value, Tensor):
@@ -780,7 +870,7 @@ def _as_tensor(value: Any, what: str) -> Tensor:
         return value.logits
     if isinstance(value, tuple | list) and value and isinstance(value[0], Tensor):
         return value[0]
-    raise TypeError(
+    raise _OutputError(
         f"Cannot find a tensor in {what} (a {type(value).__name__}); a module output must be a tensor, a "
         "tuple whose first item is one, or carry `logits`."
     )

@@ -60,7 +60,7 @@ def _flatten_classes(logits: Tensor) -> Tensor:
     return logits.reshape(-1, logits.shape[-1]) if logits.dim() != 2 else logits
 
 
-def hinton_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def hinton_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Hinton et al. (2015) soft-target loss: ``T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``.
 
     The Kullback-Leibler divergence from the teacher's softened distribution to the student's, summed over the
@@ -73,14 +73,16 @@ def hinton_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     Args:
         student_logits: ``(..., classes)``, with gradients.
         teacher_logits: the same shape; used as targets (no gradient flows into them).
-        temperature: softmax temperature ``T > 0``.
+        temperature: softmax temperature ``T > 0``; the default 1 (the plain softmax) is
+            :class:`~lightning_compress.distillation.KnowledgeDistillation`'s default too. Hinton et al. used 2
+            to 20; higher values give more weight to the teacher's small logits.
 
     Example::
 
         >>> # T = 1: p_t = (0.5, 0.5), p_s = softmax(log 3, 0) = (0.75, 0.25);
         >>> # KL = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.5 ln(4/3) = 0.1438
         >>> s, t = torch.tensor([[math.log(3.0), 0.0]]), torch.zeros(1, 2)
-        >>> round(float(hinton_loss(s, t, temperature=1.0)), 4)
+        >>> round(float(hinton_loss(s, t)), 4)  # the default T = 1
         0.1438
         >>> # T = 2: p_s = softmax(log √3, 0) = (√3, 1) / (√3 + 1); KL = ½ ln((√3 + 1)² / (4√3)) = 0.03725, x T²
         >>> round(float(hinton_loss(s, t, temperature=2.0)), 4)

@@ -5,19 +5,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_compress._events import record_event, watch_loss
 from lightning_compress._inputs import call_module, to_device
 from lightning_compress._lightning import (
+    add_checkpoint_hint,
     detach_input,
+    drop_checkpoint_hints,
     first_input,
     forget_original,
     log_step,
@@ -50,6 +53,14 @@ from lightning_compress.stats import _eval_mode, count_macs
 
 BUDGET_ON = ("params", "macs")
 ALLOCATIONS = ("energy", "uniform")
+# An extra entry of the checkpoints' `state_dict` that a strict `load_state_dict` of the plain model reports as an
+# unexpected key, so that its error says how to load the factorized layers. The callback's load hook and
+# `restore_low_rank` remove it again.
+CHECKPOINT_HINT = (
+    "lightning_compress: this checkpoint holds factorized layers (LowRankReplacement); call "
+    "lightning_compress.low_rank.restore_low_rank(model, checkpoint['state_dict']) before load_state_dict, "
+    "or load it through a Trainer that lists LowRankReplacement"
+)
 
 
 class LowRankReplacement(Callback):
@@ -60,7 +71,9 @@ class LowRankReplacement(Callback):
     (:class:`~lightning_compress.low_rank.LowRankLinear`, :class:`~lightning_compress.low_rank.TuckerConv2d` or
     :class:`~lightning_compress.low_rank.LowRankConv2d`); training then fine-tunes the factors. A layer is only
     replaced when the replacement has fewer parameters *and* fewer MACs; otherwise it is left as is and the
-    reason is reported in :attr:`skipped`.
+    reason is reported in :attr:`skipped` (with a warning when no layer at all is replaced). Factors of a frozen
+    weight (``requires_grad=False``) stay frozen. A layer whose weight is tied to another module is left as is,
+    with a warning naming both.
 
     Ranks — give exactly one of:
 
@@ -82,7 +95,10 @@ class LowRankReplacement(Callback):
     that rebuilds the factorized structure from the checkpoint's own keys before the weights are copied in, so
     resuming a fit and ``Trainer.test(model, ckpt_path=...)`` on a freshly constructed LightningModule both work
     (list this callback in that Trainer too, or call :func:`restore_low_rank` yourself). The ranks are also in the
-    callback's ``state_dict``.
+    callback's ``state_dict``. The checkpoint's ``state_dict`` carries one extra entry, :data:`CHECKPOINT_HINT`,
+    whose key says how to load it, so that a strict ``load_state_dict`` of the plain class reports it; the load
+    hook and :func:`restore_low_rank` remove it. Resuming from a checkpoint written without this callback is
+    refused with the checkpoint named and the way to factorize its weights instead.
 
     List this callback before callbacks that select layers (e.g. ``GradualPruning``): they then act on the factors.
 
@@ -113,7 +129,8 @@ class LowRankReplacement(Callback):
             (fraction, ``"step:N"``, ``"epoch:N"``) replaces at that step instead, from the weights trained so
             far: the optimizers are pointed at the factors (which take the old layers' places in their parameter
             groups and start without optimizer state). Single process only, and not together with callbacks
-            that select layers.
+            that select layers; every selected layer's trainable parameters must be in an optimizer (checked
+            when the fit starts).
 
     Example::
 
@@ -179,6 +196,15 @@ class LowRankReplacement(Callback):
             raise ValueError(
                 f"Unknown `allocation={allocation!r}`. Use 'energy' (joint) or 'uniform' (per layer)."
             )
+        for name, value, default in (
+            ("budget_on", budget_on, "params"),
+            ("allocation", allocation, "energy"),
+        ):
+            if budget is None and value != default:
+                raise ValueError(
+                    f"`{name}={value!r}` only applies with `budget`, which is not given: pass `budget=...` "
+                    f"instead of `{given[0]}`, or leave `{name}` out."
+                )
         if method not in ("auto", *METHODS):
             raise ValueError(
                 f"Unknown `method={method!r}`. Use one of 'auto', {', '.join(map(repr, METHODS))}."
@@ -193,10 +219,17 @@ class LowRankReplacement(Callback):
             or calibration_batches < 1
         ):
             raise ValueError(f"`calibration_batches={calibration_batches!r}` must be a positive integer.")
-        if not _number_in(damping, 0.0, math.inf, closed_left=True) or not _number_in(
-            alpha, 0.0, math.inf, closed_left=True
-        ):
-            raise ValueError(f"`damping={damping!r}` and `alpha={alpha!r}` must be non-negative numbers.")
+        if calibration_input is not None and not callable(calibration_input):
+            raise TypeError(
+                f"`calibration_input={calibration_input!r}` must be a function from a training batch to the "
+                "model's input, e.g. `calibration_input=lambda batch: batch[0]`."
+            )
+        for name, value in (("damping", damping), ("alpha", alpha)):
+            if not _number_in(value, 0.0, math.inf, closed_left=True):
+                raise ValueError(f"`{name}={value!r}` must be a non-negative number.")
+        for name, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}={value!r}` must be True or False.")
         self.rank = rank
         self.energy = energy
         self.budget = budget
@@ -229,7 +262,9 @@ class LowRankReplacement(Callback):
         if set_up_in_order(self, trainer, pl_module, stage):
             return
         if id(pl_module) not in self._hooks:
-            self._hooks[id(pl_module)] = pl_module.register_load_state_dict_pre_hook(_rebuild_before_loading)
+            self._hooks[id(pl_module)] = pl_module.register_load_state_dict_pre_hook(
+                functools.partial(_rebuild_before_loading, weakref.ref(trainer))
+            )
         if stage != "fit":
             return
         self._check_order(trainer)
@@ -244,6 +279,8 @@ class LowRankReplacement(Callback):
         self._replace(trainer, pl_module, original)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start_step is not None and not self.layers:
+            self._check_optimized(trainer, pl_module)
         # A resumed run rebuilds the structure from the checkpoint's keys; it must be the one recorded here.
         # Read from the weights' names and shapes, which stay the same when a later callback wraps the layers
         # (e.g. QuantizationAwareTraining's exported graph).
@@ -262,6 +299,12 @@ class LowRankReplacement(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.layers:
             self._log(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.layers:
+            add_checkpoint_hint(checkpoint, CHECKPOINT_HINT)
 
     def _log(self, trainer: pl.Trainer) -> None:
         metrics = self.metrics()
@@ -286,20 +329,55 @@ class LowRankReplacement(Callback):
                 "combine them."
             )
         total, per_epoch = training_steps(trainer)
-        self._start_step = resolve_point(self.start, total, per_epoch)
+        start_step = resolve_point(self.start, total, per_epoch)  # type: ignore[arg-type]
+        if start_step >= total:
+            raise ValueError(
+                f"`start={self.start!r}` is step {start_step}, but this fit ends after {total} steps: the layers "
+                "would never be replaced. Give an earlier `start`, or leave it out to replace in `setup`."
+            )
+        self._start_step = start_step
+        if not self.layers:
+            # What the replacement will need is checked now, not at `start`, after training was spent.
+            with _preserved_rng():
+                self._prepare(trainer, pl_module, check_calibration=True)
         remember_original(trainer, pl_module)
         watch_loss(trainer)
+
+    def _check_optimized(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every trainable parameter of a layer replaced later must be in an optimizer: its factors take its place."""
+        optimized = {
+            id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]
+        }
+        candidates, _ = self._candidates(pl_module)
+        outside = [
+            name
+            for name, module in candidates.items()
+            if any(p.requires_grad and id(p) not in optimized for p in module.parameters())
+        ]
+        if outside:
+            raise ValueError(
+                f"LowRankReplacement(start={self.start!r}) hands the factors of each replaced layer to the "
+                f"optimizer that trains the layer, but no optimizer holds the trainable parameters of "
+                f"{', '.join(map(repr, outside))}. Add them to the optimizer in `configure_optimizers`, freeze them "
+                "(`requires_grad_(False)`: their factors then stay frozen), or leave them out with `exclude=`."
+            )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._start_step is None or self.layers or trainer.global_step < self._start_step:
             return
+        self._start_step = None  # one attempt: when no layer would get smaller, the next steps do not retry
         swapped = self._replace(trainer, pl_module, remember_original(trainer, pl_module))
+        if not swapped:
+            return
         replaced: dict[nn.Parameter, list[nn.Parameter]] = {}
         for old, new in swapped.values():
+            # Weights to the factors' weights, bias to bias: each keeps the optimizer (and group) it had.
+            weights = [p for name, p in new.named_parameters() if not name.endswith("bias")]
+            biases = [p for name, p in new.named_parameters() if name.endswith("bias")]
             for name, param in old.named_parameters():
-                replaced[param] = list(new.parameters()) if name == "weight" else []
+                replaced[param] = biases if name == "bias" else weights
         replace_parameters(trainer, replaced)
         record_event(trainer, self, f"{len(swapped)} layers factorized")
         self._log(trainer)
@@ -328,28 +406,10 @@ class LowRankReplacement(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, original: nn.Module
     ) -> dict[str, tuple[nn.Module, nn.Module]]:
         """Factorize the selected layers in place; returns ``{name: (old layer, new layer)}``."""
-        candidates, skipped = self._candidates(pl_module)
-        loader = _training_loader(trainer)
-        example = self._example(pl_module, loader)
+        candidates, skipped, loader, example, positions, method = self._prepare(
+            trainer, pl_module, warn=self.start is None
+        )
         device = next(pl_module.parameters()).device
-        positions = _positions(pl_module, to_device(example, device), candidates)
-        for name in list(candidates):
-            if name not in positions:
-                skipped[name] = "not called in the forward pass"
-                del candidates[name]
-        if not candidates:
-            raise ValueError(
-                f"None of the layers selected by {self.selection} can be factorized: "
-                + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-            )
-        method = self.method
-        if method == "auto":
-            method = "whitened" if loader is not None else "svd"
-        if method != "svd" and loader is None:
-            raise ValueError(
-                f"`method={method!r}` needs calibration batches from the training loader, and this Trainer has none. "
-                "Pass training data to `fit`, or use `method='svd'`."
-            )
         kinds = {name: layer_kind(module, self.conv) for name, module in candidates.items()}
         stats = (
             self._calibrate(trainer, pl_module, loader, candidates, kinds, method, device)
@@ -377,6 +437,7 @@ class LowRankReplacement(Callback):
                 continue
             decomposition = decompositions[name]
             replacement = decomposition.build(decision)
+            _keep_trainability(_get(pl_module, name), replacement)
             weight_error, output_error = decomposition.errors(replacement)
             swapped[name] = (_get(pl_module, name), replacement)
             _set(pl_module, name, replacement)
@@ -400,14 +461,77 @@ class LowRankReplacement(Callback):
         self.totals = self._totals(original, pl_module, to_device(example, device))
         if self.verbose:
             rank_zero_info(self.summary())
+        if not swapped:
+            setting = next(
+                f"`{n}={v!r}`"
+                for n, v in (("rank", self.rank), ("energy", self.energy), ("budget", self.budget))
+                if v is not None
+            )
+            reasons = "; ".join(f"{name}: {plan[name]}" for name in plan)
+            rank_zero_warn(
+                f"LowRankReplacement replaced no layer: at {setting} none of the {len(plan)} selected layers would "
+                f"get smaller ({reasons}). Ask for less (a smaller `rank`/`energy`/`budget`), or select larger "
+                "layers with `modules`."
+            )
         return swapped
+
+    def _prepare(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        warn: bool = True,
+        check_calibration: bool = False,
+    ) -> tuple[dict[str, nn.Module], dict[str, str], Iterable | None, Any, dict[str, tuple[int, int]], str]:
+        """The layers to factorize, the training loader, the example input, the layers' positions and the method.
+
+        Raises what can be known before any factorization: an empty selection, no usable layer, an input the model
+        cannot be called on (with ``check_calibration``, also the first calibration batch's).
+        """
+        candidates, skipped = self._candidates(pl_module)
+        tied = {name: reason for name, reason in skipped.items() if "tied weights" in reason}
+        if tied and warn:
+            rank_zero_warn(
+                "LowRankReplacement leaves layers with tied weights as they are: "
+                + "; ".join(f"{name!r}: {reason}" for name, reason in tied.items())
+                + ". Factorizing one of them would untie the weights. Leave them out with `exclude=` to silence "
+                "this warning."
+            )
+        loader = _training_loader(trainer)
+        example = self._example(pl_module, loader)
+        device = next(pl_module.parameters()).device
+        positions = _positions(
+            pl_module, to_device(example, device), candidates, self._example_source(pl_module)
+        )
+        for name in list(candidates):
+            if name not in positions:
+                skipped[name] = "not called in the forward pass"
+                del candidates[name]
+        if not candidates:
+            raise ValueError(
+                f"None of the layers selected by {self.selection} can be factorized: "
+                + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+                + ". Select Linear or Conv2d layers with `modules`."
+            )
+        method = self.method
+        if method == "auto":
+            method = "whitened" if loader is not None else "svd"
+        if method != "svd" and loader is None:
+            raise ValueError(
+                f"`method={method!r}` needs calibration batches from the training loader, and this Trainer has none. "
+                "Pass training data to `fit`, or use `method='svd'`."
+            )
+        if check_calibration and method != "svd":
+            assert loader is not None
+            with torch.no_grad(), _eval_mode([pl_module]):
+                self._call_on_batch(pl_module, next(iter(loader)), device)
+        return candidates, skipped, loader, example, positions, method
 
     def _candidates(self, pl_module: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         selected = self.selection.select(pl_module)
-        uses: dict[int, int] = {}
-        for module in pl_module.modules():
+        users: dict[int, list[str]] = {}
+        for module_name, module in pl_module.named_modules():
             for param in module.parameters(recurse=False):
-                uses[id(param)] = uses.get(id(param), 0) + 1
+                users.setdefault(id(param), []).append(module_name)
         factorized = [name for name, module in pl_module.named_modules() if isinstance(module, FACTORIZED)]
         candidates: dict[str, nn.Module] = {}
         skipped: dict[str, str] = {}
@@ -415,8 +539,9 @@ class LowRankReplacement(Callback):
             if isinstance(module, FACTORIZED) or any(name.startswith(f"{f}.") for f in factorized):
                 continue
             reason = skip_reason(module)
-            if reason is None and uses.get(id(module.weight), 0) > 1:
-                reason = "its weight is shared with another module (tied weights)"
+            shared = [other for other in users.get(id(module.weight), []) if other != name]
+            if reason is None and shared:
+                reason = f"its weight is shared with {', '.join(map(repr, shared))} (tied weights)"
             if reason is None:
                 candidates[name] = module
             else:
@@ -424,7 +549,24 @@ class LowRankReplacement(Callback):
         return candidates, skipped
 
     def _model_input(self, batch: Any) -> Any:
-        return self.calibration_input(batch) if self.calibration_input is not None else first_input(batch)
+        try:
+            return self.calibration_input(batch) if self.calibration_input is not None else first_input(batch)
+        except Exception as err:
+            raise _calibration_error(err, self.calibration_input is not None) from err
+
+    def _call_on_batch(self, pl_module: nn.Module, batch: Any, device: torch.device) -> None:
+        inputs = to_device(self._model_input(batch), device)
+        try:
+            call_module(pl_module, inputs)
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+            raise _calibration_error(err, self.calibration_input is not None) from err
+
+    def _example_source(self, pl_module: pl.LightningModule) -> str:
+        if self.example_input is not None:
+            return "`example_input`"
+        if pl_module.example_input_array is not None:
+            return "the LightningModule's `example_input_array`"
+        return "the first training batch's model input (see `calibration_input`)"
 
     def _example(self, pl_module: pl.LightningModule, loader: Iterable | None) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
@@ -472,7 +614,7 @@ class LowRankReplacement(Callback):
                         break
                     # Each process takes its share of the batches; the sums are all-reduced below.
                     if index % world == me:
-                        call_module(pl_module, to_device(self._model_input(batch), device))
+                        self._call_on_batch(pl_module, batch, device)
         finally:
             for handle in handles:
                 handle.remove()
@@ -655,7 +797,9 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
 
     A layer is rebuilt where the state dict has ``<name>.first.weight`` but the model has a plain layer (or a
     factorization of another rank) there; the shapes in the state dict give the ranks. Weights are left at zero for
-    ``load_state_dict`` to fill, and no random numbers are drawn.
+    ``load_state_dict`` to fill, and no random numbers are drawn; factors of a frozen layer are frozen. The entry
+    :data:`CHECKPOINT_HINT` that checkpoints of :class:`LowRankReplacement` carry is removed from ``state_dict``
+    (when it is mutable), so that a strict ``load_state_dict`` follows.
 
     Args:
         model: the model, e.g. a freshly constructed LightningModule.
@@ -676,6 +820,8 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
         >>> fresh.load_state_dict(trained.state_dict())
         <All keys matched successfully>
     """
+    if isinstance(state_dict, MutableMapping):
+        drop_checkpoint_hints(state_dict, prefix)
     rebuilt = []
     for name, module in list(model.named_modules()):
         key = f"{prefix}{name}." if name else prefix
@@ -688,15 +834,65 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
                 continue
         elif type(module) not in (nn.Linear, nn.Conv2d) or key + "weight" in state_dict:
             continue
-        _set(model, name, _empty_like(module, state_dict, key, tucker))
+        replacement = _empty_like(module, state_dict, key, tucker)
+        _keep_trainability(module, replacement)
+        _set(model, name, replacement)
         rebuilt.append(name)
     return rebuilt
 
 
 def _rebuild_before_loading(
-    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
+    trainer: Callable[[], pl.Trainer | None],
+    module: nn.Module,
+    state_dict: MutableMapping[str, Any],
+    prefix: str,
+    *args: Any,
 ) -> None:
+    dense = [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, FACTORIZED)
+        and f"{prefix}{name}.weight" in state_dict
+        and f"{prefix}{name}.first.weight" not in state_dict
+    ]
+    if dense:
+        running = trainer()
+        path = getattr(running, "ckpt_path", None)
+        source = f"The checkpoint {str(path)!r}" if path else "The state dict being loaded"
+        raise ValueError(
+            f"{source} holds the dense layer(s) {', '.join(map(repr, dense))} where the model has "
+            "LowRankReplacement's factors: it was written without LowRankReplacement (or before its `start`), so "
+            "it has no factors to load. To factorize "
+            "the trained weights, load them into the model (`model.load_state_dict(torch.load(path)"
+            "['state_dict'])`) and call `trainer.fit(model)` without `ckpt_path`; or keep `ckpt_path` and give "
+            "`LowRankReplacement(start='step:0', ...)`, which factorizes the loaded weights at the first step."
+        )
     restore_low_rank(module, state_dict, prefix)
+
+
+def _keep_trainability(old: nn.Module, new: nn.Module) -> None:
+    """Factors of a frozen weight (bias) stay frozen: factorizing must not start training what was frozen."""
+    weight = any(p.requires_grad for n, p in old.named_parameters() if not n.endswith("bias"))
+    bias = any(p.requires_grad for n, p in old.named_parameters() if n.endswith("bias"))
+    for name, param in new.named_parameters():
+        param.requires_grad_(bias if name.endswith("bias") else weight)
+
+
+def _calibration_error(err: Exception, given: bool) -> Exception:
+    """An error that names `calibration_input` for a failure to call the model on a training batch."""
+    fix = (
+        "Check that `calibration_input` returns what the model's forward takes"
+        if given
+        else "By default the model input is the batch's first element; pass `calibration_input`"
+    )
+    error = TypeError if isinstance(err, TypeError) else ValueError
+    return error(
+        f"LowRankReplacement runs the model on training batches to calibrate, and calling it on one failed with "
+        f"{type(err).__name__}: {err}. {fix}, a function from a training batch to the model's input: a tensor, a "
+        "tuple of positional arguments or a dict of keyword arguments, e.g. "
+        "`calibration_input=lambda batch: (batch[0], batch[1])` or "
+        "`calibration_input=lambda batch: {'x': batch['x'], 'mask': batch['mask']}`."
+    )
 
 
 def _saved_rank(state_dict: Mapping[str, Any], key: str, tucker: bool) -> Rank:
@@ -820,7 +1016,9 @@ def _training_loader(trainer: pl.Trainer) -> Iterable | None:
     return loader
 
 
-def _positions(model: nn.Module, example: Any, layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+def _positions(
+    model: nn.Module, example: Any, layers: dict[str, nn.Module], source: str = "the example input"
+) -> dict[str, tuple[int, int]]:
     """Input and output positions per sample of every layer (rows for Linear, H·W for Conv2d), summed over calls."""
     positions: dict[str, tuple[int, int]] = {}
 
@@ -841,6 +1039,13 @@ def _positions(model: nn.Module, example: Any, layers: dict[str, nn.Module]) -> 
     try:
         with _preserved_rng(), torch.no_grad(), _eval_mode([model]):
             call_module(model, example)
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        error = TypeError if isinstance(err, TypeError) else ValueError
+        raise error(
+            f"LowRankReplacement counts each layer's MACs on one sample, but the model cannot be called on {source}: "
+            f"{type(err).__name__}: {err}. Give one sample as the model takes it: a tensor, a tuple of positional "
+            "arguments or a dict of keyword arguments."
+        ) from err
     finally:
         for handle in handles:
             handle.remove()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,8 +21,10 @@ from torch import Tensor, nn
 from lightning_compress._events import record_event, watch_loss
 from lightning_compress._inputs import call_module, to_device
 from lightning_compress._lightning import (
+    add_checkpoint_hint,
     build_schedule,
     detach_input,
+    drop_checkpoint_hints,
     first_input,
     float_view,
     forget_original,
@@ -62,6 +66,36 @@ _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"
 # Parked values decay by the optimizer's beta2 per step; refreshed this often they stay normal for beta2 >= 0.5.
 _PARK_EVERY = 100
 _NM = re.compile(r"^(\d+):(\d+)$")
+# Saved in the `state_dict` of a checkpoint written after channels were removed. Loading such a checkpoint into a
+# freshly built (unpruned) model fails on the shapes, and Lightning's `load_from_checkpoint` cannot be changed to
+# rebuild them; strict loading lists unexpected keys first, so this key tells the user what to use instead. Our
+# own loading paths drop it.
+PRUNED_CHECKPOINT_KEY = (
+    "lightning_compress: channels were removed by GradualPruning(mode='structured'); load this checkpoint with "
+    "`lightning_compress.pruning.gradual.load_pruned_checkpoint(YourModule(...), path)`, not load_from_checkpoint"
+)
+_HINT_HOOKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def _drop_hint(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    if PRUNED_CHECKPOINT_KEY not in drop_checkpoint_hints(state_dict, prefix):
+        return
+    own = module.state_dict()
+    if any(k[len(prefix) :] in own and own[k[len(prefix) :]].shape != v.shape for k, v in state_dict.items()):
+        error_msgs.append(
+            f"This checkpoint holds a model whose channels were removed by structured pruning, and "
+            f"{type(module).__name__} has the unpruned shapes. Rebuild the pruned model with "
+            "`model = load_pruned_checkpoint(YourModule(...), path)` and fit it without `ckpt_path`."
+        )
 
 
 class GradualPruning(Callback):
@@ -89,11 +123,22 @@ class GradualPruning(Callback):
     ``amount`` is the *absolute* target sparsity of the selected weights (not a fraction of what is left),
     reached along ``schedule`` between ``start`` and ``end``, updated every ``frequency`` optimizer steps.
 
+    A weight shared by several layers (tied embedding and decoder) is pruned once, with one mask (unstructured
+    and N:M); structured pruning refuses channels that cut a shared weight, at setup. Every fit starts afresh, so
+    one instance can serve several Trainers. A checkpoint written after channels were removed carries a
+    ``state_dict`` key (:data:`PRUNED_CHECKPOINT_KEY`) that makes ``load_from_checkpoint`` of the unpruned class
+    name :func:`load_pruned_checkpoint` in its error; that function and this callback's loading drop it.
+
     Args:
         amount: final fraction pruned, in ``[0, 1)`` (weights for unstructured, channels for structured).
         mode: ``"unstructured"``, ``"structured"`` or ``"N:M"`` (e.g. ``"2:4"``).
         criterion: importance criterion (see above).
         scope: ``"layer"`` (every layer reaches ``amount``) or ``"global"`` (one ranking across layers).
+        max_layer_amount: unstructured ``scope="global"`` only: the largest fraction of its weights any one layer
+            may lose (``None``: no limit). The global ranking skips a layer once it reaches this fraction and
+            prunes the next-ranked weights elsewhere, so the total still reaches ``amount``; it must therefore be
+            at least ``amount``. Without it a layer whose weights all rank low (often the classifier) can lose
+            every weight, which is warned about.
         schedule: schedule name or callable, see :mod:`lightning_compress.schedules`.
         start: when pruning starts (fraction of training, ``"step:N"`` or ``"epoch:N"``).
         end: when ``amount`` is reached (at the latest on the fit's last optimizer step, e.g. for ``end=1.0``).
@@ -127,6 +172,7 @@ class GradualPruning(Callback):
         mode: str = "unstructured",
         criterion: str = "l1",
         scope: str = "layer",
+        max_layer_amount: float | None = None,
         schedule: str | ScheduleFn = "agp",
         start: Point = 0.0,
         end: Point = 0.7,
@@ -174,6 +220,24 @@ class GradualPruning(Callback):
         else:
             self.criterion = check_choice(criterion, CRITERIA, "criterion")
         self.scope = check_choice(scope, SCOPES, "scope")
+        if self.mode == "N:M":
+            # The N:M pattern is one magnitude decision per group of M weights, taken once at `start`.
+            if self.criterion not in ("l1", "l2"):
+                raise ValueError(
+                    f"`criterion={criterion!r}` does not apply to `mode={mode!r}`: N:M keeps the largest "
+                    "magnitudes in every group. Leave `criterion` at 'l1'."
+                )
+            if self.scope != "layer":
+                raise ValueError(
+                    f"`scope={scope!r}` does not apply to `mode={mode!r}`: every group of M weights keeps N, "
+                    "so there is nothing to rank globally. Leave `scope` at 'layer'."
+                )
+            if self.initial_amount != 0.0:
+                raise ValueError(
+                    f"`initial_amount={initial_amount!r}` does not apply to `mode={mode!r}`: the pattern is "
+                    "applied whole at `start`. Leave `initial_amount` at 0."
+                )
+        self.max_layer_amount = self._check_max_layer_amount(max_layer_amount)
         if schedule != "exponential":
             resolve_schedule(schedule)
         elif schedule not in SCHEDULE_NAMES:
@@ -190,13 +254,18 @@ class GradualPruning(Callback):
                 f"`frequency={frequency!r}` must be a positive number of optimizer steps, or None."
             )
         self.frequency = frequency
-        if not isinstance(round_to, int) or round_to < 1:
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"`round_to={round_to!r}` must be a positive integer (1 disables rounding).")
         self.round_to = round_to
         self.selection = ModuleSelection(modules, exclude, min_params)
         self.example_input = example_input
+        for name, flag in (("materialize", materialize), ("log_per_layer", log_per_layer)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}={flag!r}` must be True or False.")
         self.materialize = materialize
         self.log_per_layer = log_per_layer
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed={seed!r}` must be an integer (the seed of the random criterion).")
         self.seed = seed
 
         # State, rebuilt in `setup` and restored from checkpoints.
@@ -221,12 +290,57 @@ class GradualPruning(Callback):
         self._dense_macs = 0
         self._layer_macs: dict[str, int] = {}
         self._last_input: Any = None
+        self._emptied: set[str] = set()
+        self._training_ran = False
+
+    def _check_max_layer_amount(self, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if self.mode != "unstructured" or self.scope != "global":
+            raise ValueError(
+                f"`max_layer_amount={value!r}` applies to `mode='unstructured', scope='global'` only "
+                f"(here mode={self.mode!r}, scope={self.scope!r}): with `scope='layer'` every layer loses "
+                "exactly `amount`. Leave it unset, or use `scope='global'`."
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise TypeError(f"`max_layer_amount={value!r}` must be a number in (0, 1].")
+        if not self.amount <= value <= 1.0 or value == 0.0:
+            raise ValueError(
+                f"`max_layer_amount={value!r}` must be in [amount, 1] = [{self.amount:g}, 1]: no layer may lose "
+                "more than this fraction, so below `amount` the total could never reach `amount`."
+            )
+        return float(value)
+
+    def _reset(self) -> None:
+        """Forget what an earlier fit decided: every fit prunes its own model from scratch (a resumed fit then
+        loads its state from the checkpoint)."""
+        self.masks = {}
+        self._keep_params, self._keep_masks = [], []
+        self.plan = {}
+        self.current_amount = 0.0
+        self.last_update_step = None
+        self.materialized = False
+        self.materialize_max_abs_diff = None
+        self._taylor = {}
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._metrics, self._structure_metrics = {}, {}
+        self._structure_key = None
+        self._last_input = None
+        self._emptied = set()
+        self._training_ran = False
 
     # -- setup ---------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if set_up_in_order(self, trainer, pl_module, stage) or stage != "fit":
+        if set_up_in_order(self, trainer, pl_module, stage):
             return
+        if pl_module not in _HINT_HOOKS:
+            # Our own loading (resume, `Trainer.test(ckpt_path=...)`) drops the hint that checkpoints of a
+            # structurally pruned model carry for `load_from_checkpoint` users; removed again in `teardown`.
+            _HINT_HOOKS[pl_module] = pl_module.register_load_state_dict_pre_hook(_drop_hint)
+        if stage != "fit":
+            return
+        self._reset()
         if any(type(c).__name__ == "BinaryWeights" for c in trainer.callbacks):  # type: ignore[attr-defined]
             raise ValueError(
                 "GradualPruning and BinaryWeights cannot share a fit: BinaryWeights reparametrizes every weight it "
@@ -240,11 +354,17 @@ class GradualPruning(Callback):
         if self.mode == "structured":
             self._setup_structured(trainer, pl_module, selected)
         else:
+            # A weight shared by several layers (tied embedding and decoder) is pruned once, under the name
+            # `named_parameters()` gives it, with one mask; every layer that uses it sees the same zeros.
+            canonical = {id(p): n for n, p in pl_module.named_parameters()}
             self._params = {}
+            users: dict[str, list[str]] = {}
             for name, module in selected:
                 weight = getattr(module, "weight", None)
                 if isinstance(weight, nn.Parameter):
-                    self._params[f"{name}.weight"] = weight
+                    key = canonical.get(id(weight), f"{name}.weight")
+                    self._params[key] = weight
+                    users.setdefault(key, []).append(name)
             if not self._params:
                 raise ValueError(f"The selection {self.selection} has no `weight` parameter to prune.")
             if self.mode == "N:M":
@@ -254,9 +374,18 @@ class GradualPruning(Callback):
             if example is not None:
                 # Each weight of a Linear/Conv layer takes part in the same number of multiply-accumulates, so
                 # a layer's zeros remove that fraction of its MACs (for hardware or kernels that skip them).
-                macs = count_macs_by_module(pl_module, example)
+                try:
+                    macs = count_macs_by_module(pl_module, example)
+                except Exception as err:
+                    raise ValueError(
+                        f"The model could not run on its example input ({type(err).__name__}: {err}). Pass an "
+                        "`example_input` (or set `example_input_array`) that `model(example_input)` accepts: a "
+                        "tuple is unpacked into positional arguments, a dict into keyword arguments."
+                    ) from err
                 self._dense_macs = macs[""]
-                self._layer_macs = {name: macs.get(name.removesuffix(".weight"), 0) for name in self._params}
+                self._layer_macs = {
+                    key: sum(macs.get(name, 0) for name in names) for key, names in users.items()
+                }
         if self.criterion == "taylor" and self._schedule.start == 0:
             raise ValueError(
                 "`criterion='taylor'` ranks channels by their gradients, and there are none before the first "
@@ -293,6 +422,15 @@ class GradualPruning(Callback):
     def _setup_structured(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[tuple[str, nn.Module]]
     ) -> None:
+        precision = str(getattr(trainer, "precision", "32-true"))
+        if precision.endswith("-true") and precision != "32-true":
+            raise ValueError(
+                f"`mode='structured'` cannot run with `Trainer(precision={precision!r})`: the channels are "
+                "removed at the end of training by tracing the model on a float32 example input, which a model "
+                "whose weights are converted to another dtype rejects. Use `precision='bf16-mixed'` (or "
+                "'16-mixed'): the weights stay float32 and the forward still runs in low precision; or use "
+                "`mode='unstructured'`."
+            )
         self._example = self._find_example(pl_module, trainer.train_dataloader)
         if self._example is None:
             raise ValueError(
@@ -317,9 +455,31 @@ class GradualPruning(Callback):
                 "training scores the masked model, and the model with the channels removed will differ. "
                 "Leave these layers out (`exclude=`) for an exact match."
             )
+        if self._pruner.tied:
+            from lightning_compress.pruning.structured import tied_weights_message
+
+            raise ValueError(tied_weights_message(self._pruner.tied))
         if self._pruner.skipped:
             skipped = "; ".join(f"{name!r}: {why}" for name, why in self._pruner.skipped.items())
             rank_zero_info(f"GradualPruning leaves these layers' channels alone: {skipped}.")
+        if self.amount > 0:
+            removable = self._pruner.removable(self.amount)
+            stuck = [name for name, count in removable.items() if count == 0]
+            why = (
+                f"at `amount={self.amount:g}` with `round_to={self.round_to}` (the kept channel count is rounded "
+                "to a multiple of `round_to`, and heads to whole heads, at least one kept)"
+            )
+            if stuck and len(stuck) == len(removable):
+                sizes = ", ".join(f"{name!r} ({self._pruner.size(name)})" for name in stuck)
+                raise ValueError(
+                    f"Structured pruning would remove nothing from the selected layers: {sizes} {why}. Lower "
+                    "`round_to` (e.g. `round_to=1`) or raise `amount`."
+                )
+            if stuck:
+                rank_zero_warn(
+                    f"GradualPruning removes nothing from {stuck} {why}. Lower `round_to` or leave them out "
+                    "with `exclude=`."
+                )
         params = dict(pl_module.named_parameters())
         self._params = {name: params[name] for name in self._pruner.params}
 
@@ -450,6 +610,15 @@ class GradualPruning(Callback):
         for name, value in self._structure_metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training_ran = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from the checkpoint of its last step (`max_steps` reached) skips the training loop,
+        # `on_train_end` included: remove the channels here instead.
+        if not self._training_ran:
+            self.on_train_end(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         if not self.materialize or self.materialized:
@@ -486,6 +655,10 @@ class GradualPruning(Callback):
         if stage == "fit":
             forget_original(trainer)  # the next fit takes a fresh copy of its own model
         self._remove_hooks()
+        # The model leaves the Trainer as the user built it: a pickled module must not need this package.
+        hint_hook = _HINT_HOOKS.pop(pl_module, None)
+        if hint_hook is not None:
+            hint_hook.remove()
 
     # -- decisions -----------------------------------------------------------------------------------
 
@@ -501,7 +674,9 @@ class GradualPruning(Callback):
                 criterion=self.criterion,
                 previous=self.masks or None,
                 generator=self._generator,
+                max_layer_amount=self.max_layer_amount,
             )
+            self._warn_emptied(masks, target)
         else:
             grads = None
             if self.criterion == "taylor":
@@ -519,6 +694,23 @@ class GradualPruning(Callback):
         self.current_amount = target
         self._apply(trainer)
         self._metrics = self._compute_metrics(pl_module, target)
+
+    def _warn_emptied(self, masks: Mapping[str, Tensor], target: float) -> None:
+        emptied = [name for name, mask in masks.items() if not bool(mask.any()) and name not in self._emptied]
+        if not emptied:
+            return
+        self._emptied.update(emptied)
+        hint = (
+            "cap what one layer may lose with `max_layer_amount` (in [amount, 1), e.g. "
+            f"{round(self.amount + (1 - self.amount) / 2, 4):g})"
+            if self.scope == "global"
+            else "lower `amount`"
+        )
+        rank_zero_warn(
+            f"GradualPruning pruned every weight of {emptied} at amount {target:.4g} (scope={self.scope!r}): "
+            f"these layers' outputs no longer depend on their inputs. To keep some of them, {hint}, or leave "
+            "them out with `exclude=`."
+        )
 
     def _reduced_taylor(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         if not self._taylor:
@@ -602,6 +794,12 @@ class GradualPruning(Callback):
         # Several GradualPruning callbacks (e.g. different layers, different modes) keep separate states.
         return self._generate_state_key(mode=self.mode, amount=self.amount, selection=str(self.selection))
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.mode == "structured" and self.materialized and any(self.plan.values()):
+            add_checkpoint_hint(checkpoint, PRUNED_CHECKPOINT_KEY)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: pack_mask(mask) for name, mask in self.masks.items()},
@@ -665,7 +863,8 @@ def load_pruned_checkpoint(
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state_dict = checkpoint["state_dict"]
+    state_dict = dict(checkpoint["state_dict"])
+    drop_checkpoint_hints(state_dict)
     plan: dict[str, list[int]] = {}
     for key, state in checkpoint.get("callbacks", {}).items():
         if key.startswith("GradualPruning") and state.get("mode") == "structured":
@@ -728,6 +927,7 @@ class _Structure:
             )
         self.channels: StructuredPruner | None = None
         self.skipped: dict[str, str] = {}
+        self.tied: dict[str, str] = {}
         if others:
             try:
                 self.channels = StructuredPruner(
@@ -741,6 +941,7 @@ class _Structure:
                     strict=False,
                 )
                 self.skipped = dict(self.channels.skipped)
+                self.tied = dict(self.channels.tied)
             except NoChannelGroupError:
                 # Attention heads alone are enough to prune; a model that cannot be traced is still an error.
                 if self.heads is None:
@@ -752,6 +953,30 @@ class _Structure:
         ):
             params.update(p for group in groups for p in group.params)
         self.params = sorted(params)
+
+    def removable(self, amount: float) -> dict[str, int]:
+        """The most channels (per channel group root) or heads (per attention module) ``amount`` removes."""
+        found = self.channels.removable(amount) if self.channels is not None else {}
+        if self.heads is not None:
+            groups = self.heads.groups
+            if self.scope == "layer":
+                found.update(
+                    {g.module: min(math.floor(amount * g.num_heads + 1e-9), g.num_heads - 1) for g in groups}
+                )
+            else:
+                total = math.floor(amount * sum(g.num_heads for g in groups) + 1e-9)
+                found.update({g.module: min(total, g.num_heads - 1) for g in groups})
+        return found
+
+    def size(self, name: str) -> str:
+        """What a group or attention module has to lose, in words (for messages)."""
+        for group in self.channels.groups if self.channels is not None else []:
+            if group.root == name:
+                return f"{group.size} channels"
+        for head_group in self.heads.groups if self.heads is not None else []:
+            if head_group.module == name:
+                return f"{head_group.num_heads} heads"
+        return "?"
 
     def _split(self, plan: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         plan = plan or {}

@@ -95,6 +95,7 @@ def unstructured_masks(
     criterion: str = "l1",
     previous: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    max_layer_amount: float | None = None,
 ) -> dict[str, Tensor]:
     """Unstructured masks pruning the fraction ``amount`` of the lowest-scored entries.
 
@@ -110,6 +111,9 @@ def unstructured_masks(
         criterion: scoring, see :func:`magnitude_scores`.
         previous: masks from the last update, by name (missing names have none).
         generator: random source for ``criterion="random"``.
+        max_layer_amount: ``scope="global"`` only: no tensor loses more than ``floor(max_layer_amount * numel)``
+            entries; the ranking passes over a tensor at that limit and prunes the next-lowest entries of the
+            others instead, so the total is still reached. In ``[amount, 1]``; ``None``: no limit.
 
     Returns:
         Bool masks (``True`` = keep) with the shapes and devices of ``weights``.
@@ -121,10 +125,25 @@ def unstructured_masks(
         {'a': tensor([ True, False,  True, False]), 'b': tensor([False,  True])}
         >>> unstructured_masks(w, 0.34, scope="global")["a"]
         tensor([ True, False,  True,  True])
+        >>> small = {"a": torch.tensor([4.0, 3.0, 2.0, 5.0]), "b": torch.tensor([0.1, 0.2])}
+        >>> unstructured_masks(small, 0.5, scope="global")["b"]
+        tensor([False, False])
+        >>> unstructured_masks(small, 0.5, scope="global", max_layer_amount=0.5)
+        {'a': tensor([ True, False, False,  True]), 'b': tensor([False,  True])}
     """
     amount = validate_amount(amount)
     check_choice(scope, SCOPES, "scope")
     check_choice(criterion, CRITERIA, "criterion")
+    if max_layer_amount is not None:
+        if scope != "global":
+            raise ValueError(
+                "`max_layer_amount` applies to `scope='global'`; with 'layer' every tensor loses `amount`."
+            )
+        if not amount <= max_layer_amount <= 1.0:
+            raise ValueError(
+                f"`max_layer_amount={max_layer_amount!r}` must be in [amount, 1] = [{amount:g}, 1], or the total "
+                "could not be reached."
+            )
     previous = previous or {}
     scores: dict[str, Tensor] = {}
     prev_masks: dict[str, Tensor] = {}
@@ -162,12 +181,34 @@ def unstructured_masks(
             for name, w in weights.items()
         }
     device = next(iter(weights.values())).device
-    keep = _kept_after_pruning(torch.cat([s.to(device) for s in scores.values()]), k)
-    masks, offset = {}, 0
-    for name, weight in weights.items():
-        masks[name] = keep[offset : offset + weight.numel()].reshape(weight.shape).to(weight.device)
-        offset += weight.numel()
-    return masks
+    masks: dict[str, Tensor] = {}
+    pool = dict(weights)
+    while True:
+        keep = _kept_after_pruning(torch.cat([scores[name].to(device) for name in pool]), k)
+        offsets, offset = {}, 0
+        for name, weight in pool.items():
+            offsets[name] = (offset, offset + weight.numel())
+            offset += weight.numel()
+        # A tensor over its limit keeps exactly its limit of lowest entries and leaves the ranking; the budget
+        # it gives up goes to the others, which can push more of them over, hence the loop (at most one pass
+        # per tensor). Equal to walking one global ranking and skipping tensors that reached their limit.
+        over = {}
+        if max_layer_amount is not None:
+            for name, (lo, hi) in offsets.items():
+                cap = math.floor(max_layer_amount * pool[name].numel() + 1e-9)
+                if int((~keep[lo:hi]).sum()) > cap:
+                    over[name] = cap
+        if not over:
+            for name, (lo, hi) in offsets.items():
+                masks[name] = keep[lo:hi].reshape(pool[name].shape).to(pool[name].device)
+            break
+        for name, cap in over.items():
+            masks[name] = _kept_after_pruning(scores[name], cap).reshape(pool[name].shape)
+            k -= cap
+            del pool[name]
+        if not pool:
+            break
+    return {name: masks[name] for name in weights}
 
 
 def _check_nm(n: int, m: int) -> None:

@@ -207,14 +207,36 @@ class _Candidate:
     producers: list[str]
     group: ChannelGroup | None
     reason: str | None
+    tied: bool = False
+
+
+def tied_weights_message(tied: Mapping[str, str]) -> str:
+    """The error for channel groups that cut tied weights (``{root: reason}``), naming the fix."""
+    detail = "; ".join(f"{root!r}: {why}" for root, why in tied.items())
+    return (
+        f"Structured pruning cannot remove channels of tied weights ({detail}): torch-pruning would cut the "
+        f"shared tensor once for every layer that uses it. Leave these layers out with `exclude={sorted(tied)}`, "
+        "untie the weights, or prune them with `mode='unstructured'` or N:M (which prune a shared weight once, "
+        "with one mask)."
+    )
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """``{parameter name: every name of the same tensor}`` for the tensors that several layers share."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}
 
 
 def _describe(
     graph: tp.DependencyGraph, model: nn.Module, module: nn.Module, root: str, out_fns: set[Any]
 ) -> _Candidate:
     names = {m: n for n, m in model.named_modules()}
-    params = dict(model.named_parameters())
-    param_names = {p: n for n, p in params.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    param_names = {p: n for n, p in model.named_parameters()}
+    tied_names = _tied_names(model)
+    tied: list[str] = []
     pruner = graph.get_pruner_of_module(module)
     size = int(pruner.get_out_channels(module))
     group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
@@ -260,6 +282,8 @@ def _describe(
                 bn_params.add(f"{prefix}weight")
         for local_name, dim in local:
             pname = f"{prefix}{local_name}"
+            if pname in tied_names:
+                tied.append(pname)
             key = (pname, dim % params[pname].dim())
             bucket = pairs.setdefault(key, {})
             for pos, ch in zip(item.idxs, item.root_idxs, strict=True):
@@ -267,6 +291,11 @@ def _describe(
     order = {n: i for i, n in enumerate(names.values())}
     producers = sorted(dict.fromkeys(producers), key=lambda n: order.get(n, len(order)))
     consumers = sorted(dict.fromkeys(consumers), key=lambda n: order.get(n, len(order)))
+    if reason is None and tied:
+        shared = sorted({n for p in tied for n in tied_names[p]})
+        return _Candidate(
+            root, producers, None, f"its channels cut the tied (shared) weight {shared}", tied=True
+        )
     if reason is not None:
         return _Candidate(root, producers, None, reason)
     slices = []
@@ -328,7 +357,9 @@ class StructuredPruner:
     - a module in ``ignored`` would lose output channels (coupled groups are ignored as a whole);
     - masks cannot stand in for removal: the group contains an ``nn.MultiheadAttention`` (torch-pruning
       shrinks its embedding width, not whole heads), a grouped convolution, a GroupNorm, an LSTM or an
-      unknown layer, or its channels are split/chunked/sliced in the forward code.
+      unknown layer, or its channels are split/chunked/sliced in the forward code;
+    - its channels cut a weight tensor that several layers share (tied weights, e.g. an embedding used again
+      as the decoder): these are also listed in :attr:`tied`, and ``GradualPruning`` refuses them at setup.
 
     Tracing follows autograd, so it runs with gradients enabled (nothing is backpropagated); train/eval and
     ``requires_grad`` flags are restored afterwards.
@@ -414,6 +445,7 @@ class StructuredPruner:
 
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}
+        self.tied: dict[str, str] = {}
         for cand in candidates:
             if selected and not any(_within(p, selected) for p in cand.producers):
                 continue
@@ -422,6 +454,8 @@ class StructuredPruner:
                 self.skipped[cand.root] = f"{blocked[0]!r} is in `ignored`"
             elif cand.group is None:
                 self.skipped[cand.root] = str(cand.reason)
+                if cand.tied:
+                    self.tied[cand.root] = str(cand.reason)
             else:
                 self.groups.append(cand.group)
 
@@ -438,6 +472,8 @@ class StructuredPruner:
                     else " (it is no Conv/Linear layer in the graph)"
                 )
                 raise NoChannelGroupError(f"`modules`: {name!r} has no prunable channel group{detail}.")
+        if not self.groups and self.tied:
+            raise NoChannelGroupError(tied_weights_message(self.tied))
         if not self.groups:
             why = (
                 "; ".join(f"{r!r}: {w}" for r, w in self.skipped.items()) or "no Conv/Linear layer was traced"
@@ -601,6 +637,28 @@ class StructuredPruner:
             keep = math.floor(keep / self.round_to + 0.5) * self.round_to
             keep = max(keep, self.round_to)
         return max(1, min(keep, size, size - n_forced))
+
+    def removable(self, amount: float) -> dict[str, int]:
+        """The most channels each group can lose at ``amount`` after rounding to ``round_to`` (exact for
+        ``scope="layer"``, an upper bound for ``"global"``); ``0`` marks a group that pruning leaves whole.
+
+        Example::
+
+            >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+            >>> StructuredPruner(model, torch.randn(1, 2), round_to=8).removable(0.5)
+            {'0': 0}
+            >>> StructuredPruner(model, torch.randn(1, 2), round_to=1).removable(0.5)
+            {'0': 4}
+        """
+        amount = validate_amount(amount)
+        if self.scope == "layer":
+            return {
+                g.root: g.size - self._kept(g.size, math.floor(amount * g.size + 1e-9), 0)
+                for g in self.groups
+            }
+        if math.floor(amount * sum(g.size for g in self.groups) + 1e-9) == 0:
+            return {g.root: 0 for g in self.groups}
+        return {g.root: g.size - self._kept(g.size, g.size, 0) for g in self.groups}
 
     def compute_masks(
         self,

@@ -10,7 +10,7 @@ from lightning_compress.quantization.pt2e import (
     quantize_int8_ptq,
     save_quantized,
 )
-from lightning_compress.quantization.qat import QuantizationAwareTraining
+from lightning_compress.quantization.qat import QuantizationAwareTraining, load_qat_checkpoint
 from lightning_compress.quantization.weight_sharing import (
     WeightSharing,
     huffman_encode,
@@ -30,6 +30,7 @@ __all__ = [
     "huffman_encode",
     "kmeans_1d",
     "layer_storage",
+    "load_qat_checkpoint",
     "load_quantized",
     "prepare_int8_qat",
     "quantize_int8_ptq",

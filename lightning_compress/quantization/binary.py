@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress._events import record_event, watch_loss
-from lightning_compress._lightning import forget_original, remember_original, set_up_in_order
-from lightning_compress.schedules import Point, resolve_point, validate_point
+from lightning_compress._lightning import forget_original, remember_original, resolve_step, set_up_in_order
+from lightning_compress.schedules import Point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
 
@@ -152,6 +152,9 @@ class BinaryWeights(Callback):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Unknown `mode={mode!r}`. Use one of {', '.join(map(repr, MODES))}.")
+        for argument, value in (("clip_latent", clip_latent), ("finalize", finalize)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{argument}={value!r}` must be True or False.")
         self.mode = mode
         self.bits = 1 if mode == "binary" else 2
         self.start = validate_point(start, "start")
@@ -185,13 +188,7 @@ class BinaryWeights(Callback):
                 parametrize.register_parametrization(module, "weight", QuantizedWeight(self.mode))
             self._layers[name] = module
         self.finalized = False
-        total = trainer.estimated_stepping_batches
-        per_epoch = None
-        if math.isfinite(trainer.num_training_batches) and trainer.num_training_batches > 0:
-            per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-        if isinstance(self.start, float) and not math.isfinite(total):
-            raise ValueError("`start` is a fraction of training, but its length is unknown. Use 'step:N'.")
-        self._start_step = resolve_point(self.start, int(total) if math.isfinite(total) else 0, per_epoch)
+        self._start_step = resolve_step(trainer, self.start, "start")
         self._enable(self._start_step == 0)
 
     def _enable(self, enabled: bool) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import os
 import re
+import sys
 import zipfile
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
@@ -104,6 +105,36 @@ def _cached_patterns() -> Iterator[None]:
         pt2e_utils._get_aten_graph_module_for_pattern = original
         qat_utils._get_aten_graph_module_for_pattern = original
         qat_utils._fold_conv_bn_qat_helper = original_fold
+        release_torchao_module_cache()
+
+
+def release_torchao_module_cache() -> None:
+    """Forget the modules torchao's PT2E passes have looked at.
+
+    torchao (and the torch.ao helpers it reuses) memoize the device of every module their passes see (``functools.cache`` keyed by the module), so
+    each prepared, converted or mode-switched graph — with its weights, and the model around it — stayed alive
+    for the life of the process, and a graph moved to another device afterwards got its old device back.
+
+    Example::
+
+        >>> from torchao.utils import _assert_and_get_unique_device
+        >>> _ = _assert_and_get_unique_device(nn.Linear(2, 2))
+        >>> release_torchao_module_cache()
+        >>> _assert_and_get_unique_device.cache_info().currsize
+        0
+    """
+    for module_name, function in _DEVICE_CACHES:
+        module = sys.modules.get(module_name)  # only those already imported hold anything
+        cache_clear = getattr(getattr(module, function, None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+
+
+# torchao's PT2E passes call both (the second through torch.ao helpers they reuse).
+_DEVICE_CACHES = (
+    ("torchao.utils", "_assert_and_get_unique_device"),
+    ("torch.ao.quantization.fx.utils", "assert_and_get_unique_device"),
+)
 
 
 def _x86_quantizer(is_qat: bool) -> Any:

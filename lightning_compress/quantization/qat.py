@@ -8,7 +8,8 @@ import functools
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 from lightning_compress._events import record_event, watch_loss
 from lightning_compress._inputs import call_module
 from lightning_compress._lightning import (
+    add_checkpoint_hint,
     detach_input,
+    drop_checkpoint_hints,
     first_input,
     forget_original,
     log_step,
@@ -49,8 +52,43 @@ from lightning_compress.stats import TensorFormat, compare_latency
 
 SCHEMES = ("int8", "int8-dynamic-intx", "intx-weight-only", "int4-weight-only")
 LOW_BIT_SCHEMES = SCHEMES[1:]
+# The group sizes torchao's int4 weight-only kernels accept.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Children of the LightningModule that hold the quantized forward when the whole forward is quantized.
 ROOT_CHILD = "quantized"
+# An entry added to the saved ``state_dict`` of a model this callback changed: loading the checkpoint into the
+# plain class (``load_from_checkpoint``, strict) lists it among the unexpected keys, which says what to use.
+CHECKPOINT_HINT = (
+    "lightning_compress: QuantizationAwareTraining changed this model's structure; load this checkpoint with "
+    "`lightning_compress.quantization.load_qat_checkpoint(YourModule(...), path)`, not load_from_checkpoint"
+)
+
+
+def _broadcast_buffers(trainer: pl.Trainer, module: nn.Module) -> None:
+    """Give every process rank zero's buffers (batch-norm statistics, observer state) before conversion.
+
+    DDP sends rank zero's buffers at the start of each forward, but the last training forward updates each
+    process's batch-norm statistics with its own batch: without this, each process would fold different
+    statistics into its int8 model.
+    """
+    if trainer.world_size <= 1:
+        return
+    buffers = dict(module.named_buffers())
+    source = trainer.strategy.broadcast(
+        {name: b.detach().cpu().clone() for name, b in buffers.items()}, src=0
+    )
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            buffer.copy_(source[name])
+
+
+def whole_forward_graph(module: nn.Module) -> nn.Module | None:
+    """The quantized graph that runs as ``module``'s whole forward (``module=None``), or ``None``."""
+    forward = module.__dict__.get("forward")
+    owner = getattr(forward, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
 _SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed")
 # Callbacks that rewrite every weight to their own storage format, which the int8 graph would quantize again.
 _REWRITE_WEIGHTS = {"WeightSharing": "k-means shared values", "BinaryWeights": "binary/ternary values"}
@@ -65,7 +103,7 @@ def low_bit_config(scheme: str, bits: int, group_size: int | None) -> Any:
     Args:
         scheme: ``"int8-dynamic-intx"`` (int8 dynamic per-token activations, ``bits``-bit weights),
             ``"intx-weight-only"`` (``bits``-bit weights, float activations) or ``"int4-weight-only"``.
-        bits: weight bits, 1 to 8.
+        bits: weight bits, 2 to 8.
         group_size: weights per scale along the input dimension; ``None`` for one scale per output channel.
 
     Example::
@@ -105,12 +143,16 @@ def check_low_bit_supported(scheme: str, bits: int, group_size: int | None) -> N
     from torchao.quantization.qat import QATConfig
 
     config = low_bit_config(scheme, bits, group_size)
-    probe = nn.Sequential(nn.Linear(256, 16))
+    # The probe's input size is a multiple of `group_size`: whether the model's layers are is checked apart,
+    # naming them, so that this only tells whether the machine can run the scheme.
+    in_features = group_size * max(1, 256 // group_size) if group_size else 256
+    probe = nn.Sequential(nn.Linear(in_features, 16))
     try:
         quantize_(probe, QATConfig(config, step="prepare"))
+        probe(torch.randn(2, in_features))  # a training step's forward: fake quantization runs
         quantize_(probe, QATConfig(config, step="convert"))
         with torch.no_grad():
-            probe(torch.randn(2, 256))
+            probe(torch.randn(2, in_features))
     except Exception as err:
         raise ValueError(
             f"`scheme={scheme!r}` cannot be converted on this machine ({type(err).__name__}: {err}). "
@@ -118,12 +160,30 @@ def check_low_bit_supported(scheme: str, bits: int, group_size: int | None) -> N
         ) from err
 
 
-def _selected_linears(target: nn.Module, selection: ModuleSelection) -> dict[str, nn.Module]:
-    chosen = {name: m for name, m in selection.select(target) if isinstance(m, nn.Linear)}
+def _layer_types(target: nn.Module) -> str:
+    """The kinds of layers with parameters in ``target``, for error messages."""
+    kinds = sorted(
+        {type(m).__name__ for m in target.modules() if any(True for _ in m.parameters(recurse=False))}
+    )
+    return ", ".join(kinds) if kinds else "no layers with parameters"
+
+
+def _selected_linears(
+    target: nn.Module, selection: ModuleSelection, scheme: str, where: str
+) -> dict[str, nn.Module]:
+    problem = (
+        f"`scheme={scheme!r}` quantizes `nn.Linear` layers, and {where} has none that the selection "
+        f"{selection} picks (its layers: {_layer_types(target)}). Point `module=` at a part with "
+        "nn.Linear layers, or widen `modules`/`exclude`."
+    )
+    try:
+        chosen = {name: m for name, m in selection.select(target) if isinstance(m, nn.Linear)}
+    except ValueError as err:
+        if "matches no module" not in str(err):
+            raise  # e.g. a name pattern that matches nothing: that message names the pattern
+        raise ValueError(problem) from err
     if not chosen:
-        raise ValueError(
-            f"Low-bit schemes quantize `nn.Linear` layers; the selection {selection} matches none of them."
-        )
+        raise ValueError(problem)
     return chosen
 
 
@@ -263,7 +323,7 @@ class QuantizationAwareTraining(Callback):
       (per-channel symmetric int8 weights, per-tensor uint8 activations, batch norm folded into convolutions)
       and converted with ``convert_pt2e``. Run the converted model through
       :func:`~lightning_compress.quantization.pt2e.compile_for_cpu` for int8 kernels.
-    - ``"int8-dynamic-intx"``, ``"intx-weight-only"``: low-bit weights (``bits`` from 1 to 8, one scale per
+    - ``"int8-dynamic-intx"``, ``"intx-weight-only"``: low-bit weights (``bits`` from 2 to 8, one scale per
       output channel or per ``group_size`` inputs) for ``nn.Linear`` layers through
       ``torchao.quantization.qat.QATConfig``; the first also quantizes activations dynamically to int8.
     - ``"int4-weight-only"``: accepted only where torchao can convert it (not on CPU); checked at setup.
@@ -289,7 +349,8 @@ class QuantizationAwareTraining(Callback):
     weights, so a resumed run continues exactly. Loading a checkpoint whose structure differs from the current
     model (e.g. ``Trainer.test(ckpt_path=...)`` after conversion, or a converted checkpoint in a new process)
     rebuilds the right structure just before the weights load; with ``convert=True`` validation and test
-    outside ``fit`` run the converted model.
+    outside ``fit`` run the converted model. Resuming a fit from a checkpoint written without this callback
+    starts QAT from its float weights. Without a Trainer, load a QAT checkpoint with :func:`load_qat_checkpoint`.
 
     Works with ``GradualPruning`` in any list order (the prepared graph shares the pruned parameters; symmetric
     quantization keeps zeros exactly zero; channels removed by structured pruning at the end of training are
@@ -312,7 +373,7 @@ class QuantizationAwareTraining(Callback):
             (``None``: never, the default). Only with a small learning rate or SGD: adaptive optimizers at usual
             learning rates shift the layers' outputs away from the frozen statistics (warned at train start).
         convert: convert to the real quantized model at the end of training.
-        bits: weight bits: 8 for ``"int8"`` (the default), 1 to 8 for the low-bit schemes (default 4).
+        bits: weight bits: 8 for ``"int8"`` (the default), 2 to 8 for the low-bit schemes (default 4).
         group_size: low-bit schemes: weights per scale (``None``: one scale per output channel).
         modules: low-bit schemes: the ``nn.Linear`` layers to quantize (types and/or name patterns).
         exclude: low-bit schemes: layers to leave in float.
@@ -333,7 +394,7 @@ class QuantizationAwareTraining(Callback):
         >>> QuantizationAwareTraining(scheme="int8", bits=4)
         Traceback (most recent call last):
         ...
-        ValueError: `bits=4` is not available with `scheme='int8'` (8-bit only). Use `scheme='int8-dynamic-intx'` or 'intx-weight-only' for 1 to 8-bit weights.
+        ValueError: `bits=4` is not available with `scheme='int8'` (8-bit only). Use `scheme='int8-dynamic-intx'` or 'intx-weight-only' for 2 to 8-bit weights.
     """
 
     def __init__(
@@ -361,7 +422,7 @@ class QuantizationAwareTraining(Callback):
             if bits not in (None, 8):
                 raise ValueError(
                     f"`bits={bits}` is not available with `scheme='int8'` (8-bit only). Use "
-                    "`scheme='int8-dynamic-intx'` or 'intx-weight-only' for 1 to 8-bit weights."
+                    "`scheme='int8-dynamic-intx'` or 'intx-weight-only' for 2 to 8-bit weights."
                 )
             bits = 8
             if group_size is not None:
@@ -372,15 +433,22 @@ class QuantizationAwareTraining(Callback):
             bits = 4 if bits is None else bits
             if scheme == "int4-weight-only" and bits != 4:
                 raise ValueError(f"`scheme='int4-weight-only'` has 4-bit weights; got `bits={bits}`.")
-            if not 1 <= bits <= 8:
+            if not 2 <= bits <= 8:
                 raise ValueError(
-                    f"`bits={bits}` is out of range: low-bit schemes support 1 to 8-bit weights."
+                    f"`bits={bits}` is out of range: low-bit schemes support 2 to 8-bit weights (torchao has "
+                    "no 1-bit integer weights; `BinaryWeights(mode='binary')` trains 1-bit weights)."
                 )
             if group_size is not None and (
-                isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+                isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2
             ):
                 raise ValueError(
-                    f"`group_size={group_size!r}` must be a positive integer or None (per channel)."
+                    f"`group_size={group_size!r}` must be an integer of at least 2 (weights per scale), or None "
+                    "for one scale per output channel."
+                )
+            if scheme == "int4-weight-only" and group_size not in (None, *INT4_GROUP_SIZES):
+                raise ValueError(
+                    f"`group_size={group_size}` is not available with `scheme='int4-weight-only'`: use one of "
+                    f"{', '.join(map(str, INT4_GROUP_SIZES))} (default 128)."
                 )
         if measure and scheme != "int8":
             raise ValueError(
@@ -396,6 +464,22 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 f"`module={module!r}` must be a submodule name such as 'net', or None (whole forward)."
             )
+        for name, flag in (("convert", convert), ("measure", measure)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}={flag!r}` must be True or False.")
+        if scheme == "int8" and (modules is not nn.Linear or exclude is not None):
+            raise ValueError(
+                "`modules` and `exclude` select the `nn.Linear` layers of the low-bit schemes; "
+                "`scheme='int8'` quantizes every convolution and linear layer of the exported part. Choose "
+                "that part with `module='name'` (e.g. `module='backbone'`), or use a low-bit scheme."
+            )
+        if example_input is not None and not isinstance(example_input, Tensor | tuple | list | dict):
+            raise TypeError(
+                f"`example_input` must be the LightningModule's input: a tensor, a tuple/list of positional "
+                f"inputs or a dict of keyword inputs; got {type(example_input).__name__}."
+            )
+        if export_path is not None:
+            check_writable(export_path, "export_path", ".pt2")
         self.start = validate_point(start, "start")
         self.freeze_observers = (
             None if freeze_observers is None else validate_point(freeze_observers, "freeze_observers")
@@ -424,6 +508,7 @@ class QuantizationAwareTraining(Callback):
         self.measure = measure
         self.log_every_n_steps = log_every_n_steps
         self.measurements: dict[str, float] | None = None
+        self._training_ran = False
 
         self.converted = False
         self.parity: dict[str, float] | None = None
@@ -434,6 +519,8 @@ class QuantizationAwareTraining(Callback):
         self._prepared_linears: dict[str, nn.Module] = {}
         self._model_example: Any = None
         self._load_hook: Any = None
+        self._fitting = False
+        self._ranges: dict[str, Tensor] = {}
         self._recorder = _ErrorRecorder()
         self._recorder_hooks: list[Any] = []
         self._weight_names: dict[str, str] = {}
@@ -465,6 +552,12 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"`module={self.module!r}` is not an nn.Module.")
         return parent, attr
 
+    def _describe(self, pl_module: pl.LightningModule) -> str:
+        """The quantized part, as errors name it."""
+        if self.module is None:
+            return f"{type(pl_module).__name__}.forward (`module=None`)"
+        return f"`module={self.module!r}` ({type(self._float_target(pl_module)).__name__})"
+
     def _installed(self, pl_module: pl.LightningModule) -> nn.Module | None:
         parent, attr = self._where(pl_module)
         current = parent._modules.get(attr) if self.module is None else getattr(parent, attr)
@@ -494,7 +587,7 @@ class QuantizationAwareTraining(Callback):
         # Other callbacks find the layers they recorded through this, and get the float layers back for a while
         # (e.g. to remove pruned channels) with `float_view`.
         prefix = "" if self.module is not None else f"{ROOT_CHILD}."
-        register_host(pl_module, prefix, self._float_view)
+        register_host(pl_module, prefix, _weak_float_view(self))
         if self.module is not None:
             setattr(parent, attr, host)
             return
@@ -503,7 +596,10 @@ class QuantizationAwareTraining(Callback):
             if name in pl_module._modules:
                 self._stashed[name] = pl_module._modules.pop(name)  # type: ignore[assignment]
         pl_module.add_module(ROOT_CHILD, host)
-        object.__setattr__(pl_module, "forward", host)
+        # A bound method, not the module: assigning a module to `forward` (as Lightning's DDP forward
+        # redirection does when it puts back what it found) would register it as a child named "forward"
+        # and leave the class's forward running.
+        object.__setattr__(pl_module, "forward", host.__call__)
 
     def _uninstall(self, pl_module: pl.LightningModule) -> None:
         unregister_host(pl_module)
@@ -583,17 +679,25 @@ class QuantizationAwareTraining(Callback):
                 "`example_input_array` on the LightningModule or pass `example_input`."
             )
         args, kwargs = _capture_inputs(pl_module, target, self._model_example)
-        what = (
-            f"`{self.module}` ({type(target).__name__})"
-            if self.module
-            else f"{type(pl_module).__name__}.forward"
-        )
+        what = self._describe(pl_module)
         self._float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in target.modules())
         with _mode(target, True):
             host = prepare_int8_qat(target, args, kwargs, what=what)
         self._install(pl_module, host)
         self._weight_names = quantized_weight_names(host.graph)
+        if not self._weight_names:
+            self._uninstall(pl_module)
+            raise ValueError(
+                f"`scheme='int8'` found nothing to quantize in {what}: it quantizes the weights of the "
+                "convolution and nn.Linear layers the forward calls, and there are none (its layers: "
+                f"{_layer_types(target)}). Point `module=` at a part with convolution or nn.Linear layers, "
+                "or leave QuantizationAwareTraining out for this model."
+            )
         if want == "converted":
+            # The converted graph bakes the activation ranges into its code, and the converted state dict does
+            # not hold them: conversion needs the ranges the quantizers had (kept in this callback's state).
+            if self._ranges:
+                host.load_state_dict(self._ranges, strict=False)
             self._install_converted(pl_module, convert_int8(host))
 
     def _install_converted(self, pl_module: pl.LightningModule, converted: QuantizedGraphModule) -> None:
@@ -612,8 +716,11 @@ class QuantizationAwareTraining(Callback):
                 target.set_submodule(name, module)
             current = "prepared"
         if current == "float":
-            linears = _selected_linears(target, self.selection)
-            _check_group_size(linears, self.group_size, f"{self.module}." if self.module else "")
+            linears = _selected_linears(target, self.selection, self.scheme, self._describe(pl_module))
+            group_size = self.group_size
+            if self.scheme == "int4-weight-only" and group_size is None:
+                group_size = 128  # torchao's default for int4
+            _check_group_size(linears, group_size, f"{self.module}." if self.module else "")
             self._float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in target.modules())
             names = set(linears)
             quantize_(target, QATConfig(config, step="prepare"), filter_fn=lambda m, fqn: fqn in names)
@@ -650,6 +757,7 @@ class QuantizationAwareTraining(Callback):
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
         if stage != "fit":
             return
+        self._training_ran = False
         total = trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else None
         per_epoch = None
@@ -677,6 +785,7 @@ class QuantizationAwareTraining(Callback):
         self.converted = False
         self._ensure(pl_module, "prepared")
         self._attach_recorder(pl_module)
+        self._fitting = True
 
     @staticmethod
     def _resolve(point: Point | None, name: str, total: int | None, per_epoch: int | None) -> int | None:
@@ -736,6 +845,7 @@ class QuantizationAwareTraining(Callback):
 
     def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rebuild the structure the checkpoint was saved with, just before its weights load."""
+        drop_checkpoint_hints(state_dict, prefix)
         if self.scheme != "int8":
             want = self._low_bit_state_of(state_dict)
         else:
@@ -747,8 +857,96 @@ class QuantizationAwareTraining(Callback):
                 want = "prepared"
             else:
                 want = "float"
+        if want == "float" and self._fitting and self._state(module) == "prepared":  # type: ignore[arg-type]
+            # Resuming a fit from a checkpoint written without this callback: QAT starts from its float weights.
+            self._adopt_float_weights(module, state_dict, prefix)  # type: ignore[arg-type]
+            return
+        if (
+            want == "converted"
+            and self.scheme == "int8"
+            and not self._ranges
+            and self._state(module) != "converted"
+        ):  # type: ignore[arg-type]
+            # Lightning loads the weights before this callback's state, which holds the activation ranges the
+            # converted graph's code needs: rebuilding without them would give wrong outputs.
+            raise ValueError(
+                "This checkpoint holds a converted int8 model, whose activation ranges are kept in "
+                "QuantizationAwareTraining's state, which Lightning loads after the weights. Load it with "
+                "`lightning_compress.quantization.load_qat_checkpoint(YourModule(...), path)` (then validate or "
+                "test the returned model without `ckpt_path`), or pass a checkpoint written during training."
+            )
         if want is not None:
             self._ensure(module, want)  # type: ignore[arg-type]
+        if want == "converted" and self.scheme == "int8":
+            self._match_converted_shapes(module, state_dict, prefix)  # type: ignore[arg-type]
+
+    def _match_converted_shapes(
+        self, pl_module: pl.LightningModule, state_dict: dict[str, Any], prefix: str
+    ) -> None:
+        """Give the rebuilt int8 graph's quantization parameters the checkpoint's shapes.
+
+        A graph rebuilt from a fresh float model is converted with quantizers that never observed the weights,
+        so its per-channel scales and zero points have one element; the checkpoint's have one per channel. The
+        graph's code does not depend on those shapes: the buffers are replaced and the load fills them.
+        """
+        host = self._installed(pl_module)
+        if host is None:
+            return
+        scope = f"{prefix}{self.module if self.module is not None else ROOT_CHILD}."
+        for name, buffer in list(host.named_buffers()):
+            saved = state_dict.get(scope + name)
+            if isinstance(saved, Tensor) and saved.shape != buffer.shape:
+                owner, _, attr = name.rpartition(".")
+                parent = host.get_submodule(owner) if owner else host
+                parent.register_buffer(attr, torch.empty_like(saved, device=buffer.device))
+
+    def _adopt_float_weights(
+        self, pl_module: pl.LightningModule, state_dict: dict[str, Any], prefix: str
+    ) -> None:
+        """Make a float checkpoint's state dict load into the prepared graph, quantizers as they are now."""
+        host = self._installed(pl_module)
+        assert host is not None
+        scope = f"{prefix}{self.module if self.module is not None else ROOT_CHILD}."
+        if self.module is None:  # the graph took over the children of the whole forward
+            for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(scope)]:
+                if key[len(prefix) :].split(".", 1)[0] in host._modules:
+                    state_dict[scope + key[len(prefix) :]] = state_dict.pop(key)
+        for key, value in _quantizer_state(host).items():
+            state_dict.setdefault(scope + key, value)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if trainer.state.fn != "fit" or any(str(k).startswith(type(self).__name__) for k in states):
+            return
+        # The checkpoint was written without QuantizationAwareTraining: the model weights loaded into the
+        # prepared structure (see `_adopt_float_weights`); check that the schedule still makes sense from here.
+        step = int(checkpoint.get("global_step", 0))
+        start = self._steps.get("start") or 0
+        frozen = self._steps.get("freeze_observers")
+        where = (
+            f"The checkpoint {os.fspath(trainer.ckpt_path)!r} was written without QuantizationAwareTraining"
+        )
+        if self.scheme == "int8" and frozen is not None and step >= frozen:
+            raise ValueError(
+                f"{where} at step {step}, at or after `freeze_observers={self.freeze_observers!r}` (step {frozen}): "
+                "quantization would start with its ranges already frozen, before observing any data. Resume "
+                f"with a later `freeze_observers` (e.g. 'step:{step + max(1, frozen - start)}'), or from a "
+                f"checkpoint written before step {frozen}."
+            )
+        if step > start:
+            rank_zero_warn(
+                f"{where} at step {step}, after `start={self.start!r}` (step {start}): fake quantization starts "
+                f"now, from the checkpoint's float weights, {step - start} steps later than planned, with fresh "
+                "quantization ranges.",
+                category=UserWarning,
+            )
+        else:
+            rank_zero_info(
+                f"{where}: quantization-aware training starts from its float weights; fake quantization "
+                f"from step {start} as planned."
+            )
 
     def _low_bit_state_of(self, state_dict: dict[str, Any]) -> str | None:
         from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -818,8 +1016,16 @@ class QuantizationAwareTraining(Callback):
                 "The model holds the converted quantized weights (loaded from a checkpoint saved after "
                 "conversion), which cannot be trained. Resume from a checkpoint saved during training."
             )
+        self._training_ran = True
         self._warn_frozen_bn_with_adaptive_steps(trainer)
         self._apply_phase(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from the checkpoint of its last step (`max_steps` reached) skips the training loop,
+        # `on_train_end` included: convert here instead.
+        if not self._training_ran:
+            self._apply_phase(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
 
     def _warn_frozen_bn_with_adaptive_steps(self, trainer: pl.Trainer) -> None:
         # Adaptive optimizers move every weight by about `lr` whatever its gradient. Batch statistics cancel
@@ -893,6 +1099,8 @@ class QuantizationAwareTraining(Callback):
             host = self._installed(pl_module)
             assert host is not None
             sync_observers(host, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+            _broadcast_buffers(trainer, host)
+            self._ranges = _quantizer_state(host)
             converted = convert_int8(host)
             self.parity = self._compare(host, converted, parity_input)
             self._uninstall(pl_module)
@@ -1030,6 +1238,7 @@ class QuantizationAwareTraining(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             forget_original(trainer)  # the next fit takes a fresh copy of its own model
+            self._fitting = False
         for handle in self._recorder_hooks:
             handle.remove()
         self._recorder_hooks = []
@@ -1051,8 +1260,28 @@ class QuantizationAwareTraining(Callback):
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._state(pl_module) != "float":
+            add_checkpoint_hint(checkpoint, CHECKPOINT_HINT)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "bits": self.bits, "converted": self.converted, "parity": self.parity}
+        example = self._model_example
+        return {
+            "scheme": self.scheme,
+            "bits": self.bits,
+            "converted": self.converted,
+            "parity": self.parity,
+            # What `load_qat_checkpoint` needs to rebuild the structure without the constructor arguments.
+            "module": self.module,
+            "group_size": self.group_size,
+            "layers": sorted(self._prepared_linears) if self.scheme != "int8" else None,
+            "ranges": self._ranges,
+            "example_input": None
+            if example is None
+            else to_device(detach_input(example), torch.device("cpu")),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if (
@@ -1064,6 +1293,100 @@ class QuantizationAwareTraining(Callback):
                 f"bits={state_dict['bits']}); this callback has scheme={self.scheme!r}, bits={self.bits}."
             )
         self.parity = state_dict.get("parity")
+        self._ranges = dict(state_dict.get("ranges") or {})
+
+
+def load_qat_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], example_input: Any = None
+) -> nn.Module:
+    """Load a checkpoint written by a fit with :class:`QuantizationAwareTraining` into a freshly built model.
+
+    ``LightningModule.load_from_checkpoint`` cannot: the checkpoint holds the fake-quantized (during training)
+    or converted (after it) structure, not the float layers the class builds. This rebuilds that structure from
+    the callback's state saved in the checkpoint (scheme, quantized part, example input), then loads the weights
+    strictly. Works without a Trainer.
+
+    Args:
+        model: a new instance of the model that was trained (e.g. ``MyModule(**hparams)``).
+        checkpoint: a path to a Lightning checkpoint, or the loaded checkpoint dict.
+        example_input: the model's input, used to export it again with ``scheme="int8"`` (default: the one saved
+            in the checkpoint, else ``model.example_input_array``).
+
+    Returns:
+        ``model``, quantized in place, with the checkpoint's weights.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> load_qat_checkpoint(net, {"state_dict": net.state_dict(), "callbacks": {}})
+        Traceback (most recent call last):
+        ...
+        ValueError: The checkpoint holds no QuantizationAwareTraining state (it was written by a fit without it): load it with `model.load_state_dict(checkpoint['state_dict'])` or `load_from_checkpoint`.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    states = [
+        s for k, s in (checkpoint.get("callbacks") or {}).items() if str(k).startswith("QuantizationAware")
+    ]
+    if not states:
+        raise ValueError(
+            "The checkpoint holds no QuantizationAwareTraining state (it was written by a fit without it): load "
+            "it with `model.load_state_dict(checkpoint['state_dict'])` or `load_from_checkpoint`."
+        )
+    state = states[0]
+    if "module" not in state:
+        raise ValueError(
+            "The checkpoint's QuantizationAwareTraining state comes from an older version that did not record "
+            "the quantized part: load it through a Trainer that lists the same QuantizationAwareTraining(...) "
+            "(`trainer.validate(model, ckpt_path=...)`)."
+        )
+    layers = state.get("layers")
+    qat = QuantizationAwareTraining(
+        scheme=state["scheme"],
+        module=state["module"],
+        bits=state["bits"],
+        group_size=state.get("group_size"),
+        modules=list(layers) if layers else nn.Linear,
+    )
+    if layers:
+        qat._weight_names = {f"{name}.weight": name for name in layers}
+    qat._ranges = dict(state.get("ranges") or {})
+    example = example_input if example_input is not None else state.get("example_input")
+    if example is None:
+        example = getattr(model, "example_input_array", None)
+    if example is not None:
+        device = next(model.parameters(), torch.empty(0)).device
+        qat._model_example = to_device(detach_input(example, max_batch=2), device)
+    handle = model.register_load_state_dict_pre_hook(qat._before_load)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    finally:
+        handle.remove()
+    return model
+
+
+def _quantizer_state(host: nn.Module) -> dict[str, Tensor]:
+    """The fake quantizers' entries of a prepared graph's state dict (ranges, scales, switches), copied."""
+    # Every name a quantizer is registered under (one quantizer can serve several ops under several names).
+    kinds = tuple(type(q) for _, q in fake_quantizers(host))
+    names = tuple(f"{name}." for name, child in host._modules.items() if isinstance(child, kinds))
+    return {k: v.detach().cpu().clone() for k, v in host.state_dict().items() if k.startswith(names)}
+
+
+def _weak_float_view(callback: QuantizationAwareTraining) -> Any:
+    """``callback._float_view`` without holding ``callback``.
+
+    The host registry is keyed weakly by the LightningModule, but Lightning gives every callback the module's
+    ``log`` method: a registry entry that held the callback would hold the module forever (every fit's model,
+    graphs and optimizer state stayed alive in a process that runs several fits).
+    """
+    method = weakref.WeakMethod(callback._float_view)
+
+    def view(pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:
+        bound = method()
+        return contextlib.nullcontext() if bound is None else bound(pl_module)
+
+    return view
 
 
 _ADAPTIVE = (

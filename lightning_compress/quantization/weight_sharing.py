@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_compress._events import record_event, watch_loss
-from lightning_compress._lightning import forget_original, remember_original, set_up_in_order
-from lightning_compress.schedules import Point, resolve_point, validate_point
+from lightning_compress._lightning import forget_original, remember_original, resolve_step, set_up_in_order
+from lightning_compress.schedules import Point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
 
@@ -115,7 +115,8 @@ def share_weights(
 
     Returns:
         ``(codebook, indices, kept)``: the ``2**bits`` shared values, the codebook index of every entry
-        (``uint8``/``int16``, shape of ``weight``; 0 where pruned) and the bool mask of the clustered entries.
+        (shape of ``weight``, 0 where pruned; ``uint8`` up to 8 bits, else ``int32``, which holds every index up
+        to 16 bits) and the bool mask of the clustered entries.
 
     Example::
 
@@ -129,7 +130,7 @@ def share_weights(
     centroids, assignments = kmeans_1d(
         weight.detach()[kept], 2**bits, init=init, iterations=iterations, generator=generator
     )
-    dtype = torch.uint8 if bits <= 8 else torch.int16
+    dtype = torch.uint8 if bits <= 8 else torch.int32
     indices = torch.zeros(weight.shape, dtype=dtype)
     indices[kept.cpu()] = assignments.to(dtype).cpu()
     return centroids.to(weight.dtype), indices, kept.cpu()
@@ -437,6 +438,8 @@ class WeightSharing(Callback):
             raise ValueError(f"Unknown `init={init!r}`. Use one of {', '.join(map(repr, INITS))}.")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"`iterations={iterations!r}` must be a positive integer.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed={seed!r}` must be a non-negative integer (the seed of `init='random'`).")
         self.bits = bits
         self.start = validate_point(start, "start")
         self.selection = ModuleSelection(modules, exclude, min_params)
@@ -469,20 +472,17 @@ class WeightSharing(Callback):
             return
         remember_original(trainer, pl_module)
         watch_loss(trainer)
+        # A weight tied to another layer's (an embedding reused by the output layer) is one tensor: it is
+        # clustered once, under the name `named_parameters` gives it, whichever of its layers was selected.
+        first_names = {id(p): n for n, p in pl_module.named_parameters()}
         self._params = {}
         for name, module in self.selection.select(pl_module):
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter):
-                self._params[f"{name}.weight"] = weight
+                self._params[first_names.get(id(weight), f"{name}.weight")] = weight
         if not self._params:
             raise ValueError(f"The selection {self.selection} has no `weight` parameter to share.")
-        total = trainer.estimated_stepping_batches
-        per_epoch = None
-        if math.isfinite(trainer.num_training_batches) and trainer.num_training_batches > 0:
-            per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-        if isinstance(self.start, float) and not math.isfinite(total):
-            raise ValueError("`start` is a fraction of training, but its length is unknown. Use 'step:N'.")
-        self._start_step = resolve_point(self.start, int(total) if math.isfinite(total) else 0, per_epoch)
+        self._start_step = resolve_step(trainer, self.start, "start")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -626,7 +626,8 @@ class WeightSharing(Callback):
     def storage_report(self, pl_module: nn.Module) -> dict[str, Any]:
         """Bytes of the whole model at each Deep Compression stage, per layer and in total, and the ratios.
 
-        Every parameter and buffer that is not a shared weight counts as fp32 (or its dtype), dense.
+        Every parameter and buffer that is not a shared weight counts as fp32 (or its dtype), dense; a tensor
+        held under several names (tied weights) counts once.
         """
         layers: dict[str, LayerStorage] = {}
         params = dict(pl_module.named_parameters())
@@ -635,11 +636,12 @@ class WeightSharing(Callback):
             layers[name] = layer_storage(
                 weight, self.indices.get(name), self.bits if self.clustered else 32, self.index_bits
             )
-        other = sum(
-            t.numel() * t.element_size()
-            for n, t in pl_module.state_dict().items()
-            if n not in layers and isinstance(t, Tensor)
-        )
+        seen = {id(p) for p in self._params.values()}
+        other = 0
+        for t in pl_module.state_dict(keep_vars=True).values():
+            if isinstance(t, Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                other += t.numel() * t.element_size()
         stages = ("dense_bytes", "pruned_bytes", "shared_bytes", "huffman_bytes")
         total = {stage: other + sum(getattr(layer, stage) for layer in layers.values()) for stage in stages}
         dense = total["dense_bytes"]
