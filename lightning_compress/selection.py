@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -26,11 +26,16 @@ Selector = SelectorItem | Sequence[SelectorItem] | None
 _GLOB_CHARS = set("*?[")
 
 
-def _as_list(spec: Selector) -> list[SelectorItem]:
+def _as_list(spec: Selector, argument: str = "modules") -> list[SelectorItem]:
     if spec is None:
         return []
     if isinstance(spec, type | str):
         return [spec]
+    if not isinstance(spec, Iterable):
+        raise TypeError(
+            f"`{argument}={spec!r}` must be a layer type, a name pattern, or a list of them, e.g. "
+            f"`{argument}=[nn.Linear, 'encoder.*']`."
+        )
     return list(spec)
 
 
@@ -102,14 +107,14 @@ class ModuleSelection:
         if (
             self.modules is not None
             and not isinstance(self.modules, type | str)
-            and not _as_list(self.modules)
+            and not _as_list(self.modules, "modules")
         ):
             raise ValueError(
                 f"`modules={self.modules!r}` is empty and would select nothing: pass the layer types and/or name "
                 "patterns to select, e.g. `modules=[nn.Linear]` (or `None` for every module with parameters)."
             )
-        types, patterns = _check_items(_as_list(self.modules), "modules")
-        ex_types, ex_patterns = _check_items(_as_list(self.exclude), "exclude")
+        types, patterns = _check_items(_as_list(self.modules, "modules"), "modules")
+        ex_types, ex_patterns = _check_items(_as_list(self.exclude, "exclude"), "exclude")
         if isinstance(self.min_params, bool) or not isinstance(self.min_params, int) or self.min_params < 0:
             raise ValueError(f"`min_params={self.min_params!r}` must be a non-negative integer.")
         object.__setattr__(self, "_types", tuple(types))

@@ -20,18 +20,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from examples.models import ResidualBlock
 from lightning_compress import (
     GradualPruning,
     KnowledgeDistillation,
     LowRankReplacement,
     QuantizationAwareTraining,
 )
+from tests import conftest
 
 # The same thread count as the test process (tests/conftest.py): the fits must agree to the bit.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -55,36 +53,17 @@ BOUNDARY_EPOCH = 2
 KILL_POINTS = ("pruning_update", "epoch_boundary", "qat_convert")
 
 
-class ResidualNet(pl.LightningModule):
-    """A tiny residual CNN with batch norm; records the loss of every optimizer step it takes."""
+class ResidualNet(conftest.ResidualNet):
+    """The tests' tiny residual CNN (width 8); records the loss of every optimizer step it takes."""
 
     def __init__(self, width: int = 8, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            ResidualBlock(width, width),
-            ResidualBlock(width, 2 * width, stride=2),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(2 * width, 10),
-        )
-        self.example_input_array = torch.zeros(2, 1, 8, 8)
+        super().__init__(width, lr)
         self.losses: dict[int, float] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = super().training_step(batch, batch_idx)
         self.losses[self.trainer.global_step] = loss.detach().item()
         return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 class EpochShuffle(Sampler[int]):

@@ -5,6 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from examples.models import ResidualBlock
+
 # Tests run on the CPU with a fixed thread count so results are reproducible.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -56,3 +58,65 @@ class RecordSteps(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append(trainer.global_step)
+
+
+class TiedLM(pl.LightningModule):
+    """A tiny language model: an embedding whose weight is also the decoder's (tied), a residual layer between."""
+
+    def __init__(self, momentum: float = 0.0):
+        super().__init__()
+        self.momentum = momentum
+        self.emb = torch.nn.Embedding(32, 16)
+        self.mid = torch.nn.Linear(16, 16)
+        self.dec = torch.nn.Linear(16, 32, bias=False)
+        self.dec.weight = self.emb.weight
+        self.example_input_array = torch.zeros(1, 4, dtype=torch.long)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.dec(h + torch.relu(self.mid(h)))
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)
+
+    def train_dataloader(self):
+        tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
+
+
+class ResidualNet(pl.LightningModule):
+    """A small residual CNN with batch norm, held as ``self.net`` (two residual blocks share no ReLU)."""
+
+    def __init__(self, width: int = 8, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, width, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(width),
+            torch.nn.ReLU(),
+            ResidualBlock(width, width),
+            ResidualBlock(width, 2 * width, stride=2),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(2 * width, 10),
+        )
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -11,7 +11,7 @@ from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
 from lightning_compress.quantization.binary import BinaryWeights, QuantizedWeight, binarize, ternarize
 from lightning_compress.stats import compressed_size_bytes, raw_size_bytes
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, TiedLM, trainer_kwargs
 
 MIDDLE = ["net.3", "net.8"]  # small_cnn's inner conv and linear layers; the first and last stay fp32
 
@@ -175,3 +175,16 @@ def test_unknown_layer_fails_at_setup(tmp_path, digits):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[BinaryWeights(modules="net.99")])
     with pytest.raises(ValueError, match="no module named 'net.99'"):
         trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+
+
+@pytest.mark.parametrize("mode", ["binary", "ternary"])
+def test_tied_weights_are_binarized_once_and_stay_tied(tmp_path, mode):
+
+    model = TiedLM()
+    callback = BinaryWeights(mode=mode, modules=[nn.Embedding, nn.Linear])
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[callback]).fit(model)
+    assert callback.finalized and model.dec.weight is model.emb.weight
+    allowed = 2 if mode == "binary" else 3  # +-a per row (and 0 for ternary)
+    for row in model.emb.weight.detach():
+        assert row.unique().numel() <= allowed
+        assert torch.allclose(row.abs()[row != 0], row.abs()[row != 0][0].expand(int((row != 0).sum())))

@@ -3,10 +3,8 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from examples.models import ResidualBlock
 from lightning_compress import (
     BinaryWeights,
     CompressionMonitor,
@@ -19,42 +17,9 @@ from lightning_compress import (
 from lightning_compress.distillation import FeatureLoss
 from lightning_compress.quantization.pt2e import convert_int8, prepare_int8_qat
 from lightning_compress.stats import count_macs
-from tests.conftest import RecordSteps, trainer_kwargs
+from tests.conftest import RecordSteps, ResidualNet, trainer_kwargs
 
 EFFECT_ORDER = ["LowRankReplacement", "GradualPruning", "KnowledgeDistillation", "QuantizationAwareTraining"]
-
-
-class ResidualNet(pl.LightningModule):
-    """A small residual CNN with batch norm, held as ``self.net`` (two residual blocks share no ReLU)."""
-
-    def __init__(self, width: int = 8, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            ResidualBlock(width, width),
-            ResidualBlock(width, 2 * width, stride=2),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(2 * width, 10),
-        )
-        self.example_input_array = torch.zeros(2, 1, 8, 8)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 def _fit(tmp_path, digits, callbacks, model=None, **overrides):

@@ -13,7 +13,7 @@ from torch import nn
 
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
-from tests.conftest import trainer_kwargs
+from tests.conftest import TiedLM, trainer_kwargs
 
 # (arguments, exception, message fragment): each fails in the constructor.
 AT_CONSTRUCTION = [
@@ -127,34 +127,6 @@ class Conv1dNet(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-class TiedLM(pl.LightningModule):
-    """An embedding whose weight is also the decoder's (tied), and a residual layer in between."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(32, 16)
-        self.mid = nn.Linear(16, 16)
-        self.dec = nn.Linear(16, 32, bias=False)
-        self.dec.weight = self.emb.weight
-        self.example_input_array = torch.zeros(1, 4, dtype=torch.long)
-
-    def forward(self, tokens):
-        h = self.emb(tokens)
-        return self.dec(h + torch.relu(self.mid(h)))
-
-    def training_step(self, batch, batch_idx):
-        (tokens,) = batch
-        logits = self(tokens[:, :-1])
-        return nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
 
 
 # (arguments, model, trainer arguments, message fragment): each fails in `setup`, before the first step.

@@ -14,7 +14,7 @@ from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.schedules import Schedule
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, StopAfterFirstEpoch, TiedLM, trainer_kwargs
 
 
 class SGDClassifier(ImageClassifier):
@@ -496,34 +496,6 @@ def test_a_structured_callback_reused_for_a_second_fit_shrinks_the_second_model(
     assert shapes == [(8, 16, 32), (8, 16, 32)]
 
 
-class TiedLM(pl.LightningModule):
-    """An embedding whose weight is also the decoder's weight (tied), with a residual layer in between."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(32, 16)
-        self.mid = nn.Linear(16, 16)
-        self.dec = nn.Linear(16, 32, bias=False)
-        self.dec.weight = self.emb.weight
-        self.example_input_array = torch.zeros(1, 4, dtype=torch.long)
-
-    def forward(self, tokens):
-        h = self.emb(tokens)
-        return self.dec(h + torch.relu(self.mid(h)))
-
-    def training_step(self, batch, batch_idx):
-        (tokens,) = batch
-        logits = self(tokens[:, :-1])
-        return nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-    def train_dataloader(self):
-        tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "modules"),
     [
@@ -535,7 +507,7 @@ class TiedLM(pl.LightningModule):
 def test_tied_weights_are_pruned_once_with_one_mask(tmp_path, kwargs, modules):
     pruning = GradualPruning(start=0.0, end=0.5, modules=list(modules), **kwargs)
     check = ZerosAfterEveryStep(pruning)
-    model = TiedLM()
+    model = TiedLM(momentum=0.9)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning, check])
     trainer.fit(model)
     assert model.dec.weight is model.emb.weight

@@ -198,12 +198,12 @@ def test_resumed_at_the_last_step_records_the_same_channel_removal_check(runs, r
     assert pruning.materialize_max_abs_diff == ref_pruning.materialize_max_abs_diff
 
 
-def test_resumed_from_the_last_step_with_max_steps_still_removes_the_channels(tmp_path):
+def _fit_then_resume_from_the_last_step(tmp_path, make_callback):
+    """A `max_steps` fit, then the same fit resumed from the checkpoint of its last step: (model, callback) each."""
     fits = []
     for ckpt in (None, tmp_path / "first" / "last.ckpt"):
         pl.seed_everything(0, verbose=False)
-        model = run.ResidualNet()
-        pruning = GradualPruning(amount=0.5, mode="structured")
+        model, callback = run.ResidualNet(), make_callback()
         checkpoint = ModelCheckpoint(
             dirpath=tmp_path / ("first" if ckpt is None else "second"), every_n_train_steps=2, save_last=True
         )
@@ -214,11 +214,17 @@ def test_resumed_from_the_last_step_with_max_steps_still_removes_the_channels(tm
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[pruning, checkpoint],
+            callbacks=[callback, checkpoint],
         )
         trainer.fit(model, run.DigitsSubset(), ckpt_path=ckpt)
-        fits.append((model, pruning))
-    (model, pruning), (resumed, resumed_pruning) = fits
+        fits.append((model, callback))
+    return fits
+
+
+def test_resumed_from_the_last_step_with_max_steps_still_removes_the_channels(tmp_path):
+    (model, pruning), (resumed, resumed_pruning) = _fit_then_resume_from_the_last_step(
+        tmp_path, lambda: GradualPruning(amount=0.5, mode="structured")
+    )
     assert pruning.materialized
     assert sum(p.numel() for p in model.parameters()) == 2626  # 5,122 before the channels are removed
     assert resumed_pruning.materialized
@@ -226,26 +232,9 @@ def test_resumed_from_the_last_step_with_max_steps_still_removes_the_channels(tm
 
 
 def test_resumed_from_the_last_step_with_max_steps_still_converts_to_int8(tmp_path):
-    fits = []
-    for ckpt in (None, tmp_path / "first" / "last.ckpt"):
-        pl.seed_everything(0, verbose=False)
-        model = run.ResidualNet()
-        qat = QuantizationAwareTraining()
-        checkpoint = ModelCheckpoint(
-            dirpath=tmp_path / ("first" if ckpt is None else "second"), every_n_train_steps=2, save_last=True
-        )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=4,
-            deterministic=True,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[qat, checkpoint],
-        )
-        trainer.fit(model, run.DigitsSubset(), ckpt_path=ckpt)
-        fits.append((model, qat))
-    (model, qat), (resumed, resumed_qat) = fits
+    (model, qat), (resumed, resumed_qat) = _fit_then_resume_from_the_last_step(
+        tmp_path, QuantizationAwareTraining
+    )
     assert qat.converted and resumed_qat.converted
     x = torch.linspace(0, 1, 4 * 64).reshape(4, 1, 8, 8)
     with torch.no_grad():

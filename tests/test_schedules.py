@@ -214,10 +214,17 @@ def _stream_fit(tmp_path, callback, **overrides):
 
 
 def _callback(name, **kwargs):
-    from lightning_compress import BinaryWeights, GradualPruning, KnowledgeDistillation, WeightSharing
+    from lightning_compress import (
+        BinaryWeights,
+        GradualPruning,
+        KnowledgeDistillation,
+        QuantizationAwareTraining,
+        WeightSharing,
+    )
 
     return {
         "GradualPruning": lambda: GradualPruning(amount=0.5, **kwargs),
+        "QuantizationAwareTraining": lambda: QuantizationAwareTraining(**kwargs),
         "KnowledgeDistillation": lambda: KnowledgeDistillation(teacher="self", initial_alpha=0.0, **kwargs),
         "WeightSharing": lambda: WeightSharing(bits=2, **kwargs),
         "BinaryWeights": lambda: BinaryWeights(**kwargs),
@@ -238,6 +245,7 @@ UNKNOWN_LENGTH = (
         ("KnowledgeDistillation", {}),
         ("WeightSharing", {"start": 0.5}),
         ("BinaryWeights", {"start": 0.5}),
+        ("QuantizationAwareTraining", {"start": 0.5}),
     ],
 )
 def test_fractions_of_a_fit_of_unknown_length_fail_at_setup_with_the_fix(tmp_path, name, kwargs):
@@ -263,13 +271,29 @@ def test_fractions_count_from_max_steps_when_the_data_has_no_length(tmp_path):
     assert (kd._alpha_schedule.start, kd._alpha_schedule.end) == (2, 6)
 
 
-@pytest.mark.parametrize("name", ["WeightSharing", "BinaryWeights", "KnowledgeDistillation"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "WeightSharing",
+        "BinaryWeights",
+        "KnowledgeDistillation",
+        "GradualPruning",
+        "QuantizationAwareTraining",
+    ],
+)
 def test_step_counts_work_without_a_known_length(tmp_path, name):
-    kwargs = {"start": "step:1"} if name != "KnowledgeDistillation" else {"start": "step:1", "end": "step:3"}
+    kwargs = {"start": "step:1"}
+    if name in ("KnowledgeDistillation", "GradualPruning"):
+        kwargs["end"] = "step:3"
     callback = _callback(name, **kwargs)
     trainer = _stream_fit(tmp_path, callback)
     assert trainer.global_step == 4  # one pass over the 16 samples
-    if name == "WeightSharing":
+    if name == "GradualPruning":
+        assert (callback._schedule.start, callback._schedule.end) == (1, 3)
+        assert callback.current_amount == pytest.approx(0.5)
+    elif name == "QuantizationAwareTraining":
+        assert callback._steps["start"] == 1 and callback.converted
+    elif name == "WeightSharing":
         assert callback._start_step == 1 and callback.clustered
     elif name == "BinaryWeights":
         assert callback._start_step == 1 and callback.finalized

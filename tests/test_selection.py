@@ -81,3 +81,11 @@ def test_invalid_regex_and_min_params():
         ModuleSelection(modules="re:enc(")
     with pytest.raises(ValueError, match="min_params"):
         ModuleSelection(min_params=-1)
+
+
+@pytest.mark.parametrize("argument", ["modules", "exclude"])
+def test_a_selector_that_is_neither_a_type_a_pattern_nor_a_list_names_the_argument(argument):
+    with pytest.raises(
+        TypeError, match=rf"`{argument}=3` must be a layer type, a name pattern, or a list of them"
+    ):
+        ModuleSelection(**{argument: 3})

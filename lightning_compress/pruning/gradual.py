@@ -32,7 +32,6 @@ from lightning_compress._lightning import (
     per_layer_name,
     remember_original,
     set_up_in_order,
-    training_steps,
 )
 from lightning_compress.pruning.masks import (
     CRITERIA,
@@ -407,15 +406,18 @@ class GradualPruning(Callback):
             schedule = build_schedule(
                 trainer, self.initial_amount, self.amount, self.start, self.end, self.schedule, 1
             )
-        last = training_steps(trainer)[0] - 1
-        if schedule.start > last:
-            raise ValueError(
-                f"`start={self.start!r}` is optimizer step {schedule.start}, but this fit has {last + 1} steps "
-                f"(0 to {last}): pruning would never happen."
-            )
-        # Masks are updated before a step runs: an `end` at or past the fit's length (`end=1.0`) is moved to the
-        # last step, so that `amount` is reached.
-        end = min(schedule.end, last)
+        end = schedule.end
+        estimated = trainer.estimated_stepping_batches
+        if math.isfinite(estimated) and estimated >= 0:  # a fit of unknown length may give `"step:N"` points
+            last = int(estimated) - 1
+            if schedule.start > last:
+                raise ValueError(
+                    f"`start={self.start!r}` is optimizer step {schedule.start}, but this fit has {last + 1} steps "
+                    f"(0 to {last}): pruning would never happen."
+                )
+            # Masks are updated before a step runs: an `end` at or past the fit's length (`end=1.0`) is moved to
+            # the last step, so that `amount` is reached.
+            end = min(end, last)
         frequency = 1 if self.mode == "N:M" else self.frequency or max(1, (end - schedule.start) // 20)
         return Schedule(schedule.initial, schedule.final, schedule.start, end, schedule.schedule, frequency)
 

@@ -31,6 +31,7 @@ from lightning_compress._lightning import (
     per_layer_name,
     register_host,
     remember_original,
+    resolve_step,
     set_up_in_order,
     to_device,
     unregister_host,
@@ -46,7 +47,7 @@ from lightning_compress.quantization.pt2e import (
     save_quantized,
     sync_observers,
 )
-from lightning_compress.schedules import Point, resolve_point, validate_point
+from lightning_compress.schedules import Point, validate_point
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat, compare_latency
 
@@ -758,13 +759,11 @@ class QuantizationAwareTraining(Callback):
         if stage != "fit":
             return
         self._training_ran = False
-        total = trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) else None
-        per_epoch = None
-        if math.isfinite(trainer.num_training_batches) and trainer.num_training_batches > 0:
-            per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        estimated = trainer.estimated_stepping_batches
+        # Lightning answers `max_steps` (-1 when unset) for data without a length, and infinity for endless epochs.
+        total = int(estimated) if math.isfinite(estimated) and estimated >= 0 else None
         self._steps = {
-            name: self._resolve(point, name, total, per_epoch)
+            name: None if point is None else resolve_step(trainer, point, name)
             for name, point in (
                 ("start", self.start),
                 ("freeze_observers", self.freeze_observers),
@@ -786,17 +785,6 @@ class QuantizationAwareTraining(Callback):
         self._ensure(pl_module, "prepared")
         self._attach_recorder(pl_module)
         self._fitting = True
-
-    @staticmethod
-    def _resolve(point: Point | None, name: str, total: int | None, per_epoch: int | None) -> int | None:
-        if point is None:
-            return None
-        if isinstance(point, float) and total is None:
-            raise ValueError(
-                f"`{name}={point}` is a fraction of training, but the length of training is unknown. "
-                "Set `max_steps`/`max_epochs`, or use 'step:N'."
-            )
-        return resolve_point(point, total or 0, per_epoch)
 
     def _check_precision(self, trainer: pl.Trainer) -> None:
         precision = str(trainer.precision)
