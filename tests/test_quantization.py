@@ -212,14 +212,22 @@ def test_export_failure_names_the_line_and_suggests_a_submodule():
     assert "module='body'" in message
 
 
-def test_compiled_int8_graph_matches_the_converted_graph():
+def test_compiled_int8_graph_matches_the_converted_graph_and_leaves_inductor_config_as_it_was():
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
     prepared = prepare_int8_qat(_mlp(), (torch.randn(2, 1, 8, 8),))
     _train(prepared, steps=5)
     converted = convert_int8(prepared)
+    before = inductor_config.freezing
+    counters["inductor"].clear()
     compiled = compile_for_cpu(converted)
     x = torch.randn(256, 1, 8, 8)
     with torch.no_grad():
         out, reference = compiled(x), converted(x)
+    assert inductor_config.freezing == before
+    # Freezing was on while it compiled: the int8 linear layers were lowered to oneDNN's int8 kernels.
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] >= 1
     if _has_vnni():
         assert torch.allclose(out, reference, atol=1e-4)
     else:

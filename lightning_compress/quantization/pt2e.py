@@ -723,23 +723,37 @@ def load_quantized(path: str | os.PathLike) -> QuantizedGraphModule:
     return QuantizedGraphModule(torch.export.load(os.fspath(path)).module(), converted=True)
 
 
-def compile_for_cpu(module: nn.Module, dynamic: bool | None = False) -> Callable[..., Any]:
+def compile_for_cpu(module: nn.Module, dynamic: bool | None = False) -> nn.Module:
     """``torch.compile`` with inductor's weight freezing, which is what turns an int8 graph into int8 kernels.
 
-    Without freezing the int8 graph runs as dequantize + fp32 ops and is no faster than fp32. This sets the
-    global flag ``torch._inductor.config.freezing = True`` (the per-call ``options`` do not reach the
-    quantization passes). Freezing applies to inference: call the result under ``torch.no_grad()``. The first
-    call compiles and costs seconds; time it after a warm-up. ``dynamic=False`` (default) compiles each input
-    shape separately, with static shapes.
+    Without freezing the int8 graph runs as dequantize + fp32 ops and is no faster than fp32. The per-call
+    ``options`` of ``torch.compile`` do not reach the quantization passes, so each call of the result runs with
+    inductor's global ``freezing`` flag switched on, and the flag is put back afterwards: other compiled
+    functions of the process are unaffected. Freezing applies to inference: call the result under
+    ``torch.no_grad()``. The first call compiles and costs seconds; time it after a warm-up. ``dynamic=False``
+    (default) compiles each input shape separately, with static shapes.
 
     Example::
 
+        >>> import torch._inductor.config as inductor_config
         >>> compiled = compile_for_cpu(nn.Linear(4, 2))
-        >>> callable(compiled)
-        True
+        >>> callable(compiled), inductor_config.freezing
+        (True, False)
     """
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True
     target = module.graph if isinstance(module, QuantizedGraphModule) and module.converted else module
-    return torch.compile(target, dynamic=dynamic)
+    return _CompiledWithFreezing(torch.compile(target, dynamic=dynamic), inductor_config)
+
+
+class _CompiledWithFreezing(nn.Module):
+    """Calls a compiled module with inductor's ``freezing`` on, and puts the flag back after each call."""
+
+    def __init__(self, compiled: nn.Module, inductor_config: Any) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self._config = inductor_config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
