@@ -1,10 +1,10 @@
 """Compress neural networks while fine-tuning them with PyTorch Lightning."""
 
 from lightning_compress._events import CompressionEvent, LossJumpDetector
-from lightning_compress.distillation.callback import KnowledgeDistillation
+from lightning_compress.distillation.callback import FeatureLoss, KnowledgeDistillation
 from lightning_compress.export import ExportResult, check_writable, export
-from lightning_compress.low_rank.replacement import LowRankReplacement
-from lightning_compress.pruning.gradual import GradualPruning
+from lightning_compress.low_rank.replacement import LowRankReplacement, restore_low_rank
+from lightning_compress.pruning.gradual import GradualPruning, load_pruned_checkpoint
 from lightning_compress.report import CompressionMonitor, format_report
 from lightning_compress.schedules import Schedule
 from lightning_compress.selection import ModuleSelection, select_modules
@@ -20,7 +20,7 @@ from lightning_compress.stats import (
 __version__ = "0.1.0"
 
 # The quantization callbacks need torchao (`pip install 'lightning-compress[quant]'`): imported on first use.
-_QUANTIZATION = ("BinaryWeights", "QuantizationAwareTraining", "WeightSharing")
+_QUANTIZATION = ("BinaryWeights", "QuantizationAwareTraining", "WeightSharing", "load_qat_checkpoint")
 
 
 def __getattr__(name: str) -> object:
@@ -37,6 +37,7 @@ __all__ = [
     "CompressionMonitor",
     "CompressionStats",
     "ExportResult",
+    "FeatureLoss",
     "GradualPruning",
     "KnowledgeDistillation",
     "LatencyResult",
@@ -54,5 +55,8 @@ __all__ = [
     "compression_summary",
     "export",
     "format_report",
+    "load_pruned_checkpoint",
+    "load_qat_checkpoint",
+    "restore_low_rank",
     "select_modules",
 ]

@@ -1,1 +1,37 @@
-"""Pruning: masks, structured groups and the GradualPruning callback."""
+"""Pruning: masks (unstructured, N:M), structured channel and head groups, and the GradualPruning callback."""
+
+from lightning_compress.pruning.gradual import PRUNED_CHECKPOINT_KEY, GradualPruning, load_pruned_checkpoint
+from lightning_compress.pruning.heads import HeadPruner, PrunedMultiheadAttention
+from lightning_compress.pruning.masks import (
+    apply_masks,
+    magnitude_scores,
+    mask_sparsity,
+    nm_mask,
+    nm_masks,
+    pack_mask,
+    unpack_mask,
+    unstructured_masks,
+)
+from lightning_compress.pruning.semi_structured import is_two_four_sparse, to_semi_structured
+from lightning_compress.pruning.structured import ChannelGroup, NoChannelGroupError, StructuredPruner
+
+__all__ = [
+    "PRUNED_CHECKPOINT_KEY",
+    "ChannelGroup",
+    "GradualPruning",
+    "HeadPruner",
+    "NoChannelGroupError",
+    "PrunedMultiheadAttention",
+    "StructuredPruner",
+    "apply_masks",
+    "is_two_four_sparse",
+    "load_pruned_checkpoint",
+    "magnitude_scores",
+    "mask_sparsity",
+    "nm_mask",
+    "nm_masks",
+    "pack_mask",
+    "to_semi_structured",
+    "unpack_mask",
+    "unstructured_masks",
+]
