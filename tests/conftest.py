@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from examples.models import ResidualBlock
+from examples.models import ImageClassifier, ResidualBlock
 
 # Tests run on the CPU with a fixed thread count so results are reproducible.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -58,6 +58,33 @@ class RecordSteps(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append(trainer.global_step)
+
+
+class SGDClassifier(ImageClassifier):
+    """An :class:`ImageClassifier` trained with SGD (optimizer state that resume must restore), not Adam."""
+
+    def __init__(
+        self, arch: str = "small_cnn", *, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(arch)
+        self.sgd = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), **self.sgd)
+
+
+def fit_or_resume(tmp_path, digits, model, callbacks, ckpt_path=None, checkpoint=None, **trainer_overrides):
+    """Fits ``model`` on the digits with ``callbacks`` (``None`` entries skipped) and one validation batch.
+
+    With ``checkpoint`` (a ``ModelCheckpoint``) the fit writes checkpoints and stops after its first epoch: the
+    run a resume test starts from. With ``ckpt_path`` the fit resumes from that checkpoint. Returns the trainer.
+    """
+    callbacks = [c for c in callbacks if c is not None]
+    callbacks += [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
+    overrides = dict(enable_checkpointing=checkpoint is not None, limit_val_batches=1, **trainer_overrides)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=callbacks)
+    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    return trainer
 
 
 class TiedLM(pl.LightningModule):

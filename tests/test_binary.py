@@ -11,7 +11,7 @@ from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
 from lightning_compress.quantization.binary import BinaryWeights, QuantizedWeight, binarize, ternarize
 from lightning_compress.stats import compressed_size_bytes, raw_size_bytes
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, TiedLM, trainer_kwargs
+from tests.conftest import RecordSteps, TiedLM, fit_or_resume, trainer_kwargs
 
 MIDDLE = ["net.3", "net.8"]  # small_cnn's inner conv and linear layers; the first and last stay fp32
 
@@ -120,15 +120,11 @@ def test_fp32_warm_up_before_start_and_latent_clipping(tmp_path, digits):
 def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, steps=None):
     pl.seed_everything(11, verbose=False)
     binary = BinaryWeights(mode="ternary", start="step:2", modules=MIDDLE)
-    callbacks = [binary, steps or RecordSteps()] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
     model = ImageClassifier("small_cnn")
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=checkpoint is not None),
-        callbacks=callbacks,
-        limit_train_batches=5,
-        limit_val_batches=1,
+    callbacks = [binary, steps or RecordSteps()]
+    fit_or_resume(
+        tmp_path, digits, model, callbacks, ckpt_path, checkpoint, max_epochs=2, limit_train_batches=5
     )
-    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
     return model
 
 

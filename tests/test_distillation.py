@@ -27,7 +27,7 @@ from lightning_compress.distillation import (
 )
 from lightning_compress.distillation.callback import ADAPTERS_ATTRIBUTE
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, SGDClassifier, fit_or_resume, trainer_kwargs
 
 # -- functional core ------------------------------------------------------------------------------
 
@@ -162,11 +162,6 @@ def test_top1_agreement_counts_equal_argmax():
 
 
 # -- the callback -----------------------------------------------------------------------------------
-
-
-class SGDClassifier(ImageClassifier):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
 class Recorder(Callback):
@@ -436,14 +431,10 @@ def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, teacher_seed=
         keep_adapters=True,
         **kd_kwargs,
     )
-    callbacks = [kd, steps or RecordSteps()] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=checkpoint is not None),
-        callbacks=callbacks,
-        limit_train_batches=6,
-        limit_val_batches=1,
+    callbacks = [kd, steps or RecordSteps()]
+    fit_or_resume(
+        tmp_path, digits, model, callbacks, ckpt_path, checkpoint, max_epochs=3, limit_train_batches=6
     )
-    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
     return model, kd
 
 
@@ -602,13 +593,6 @@ def test_checkpoint_teacher_needs_its_class(tmp_path):
         KnowledgeDistillation(path)
 
 
-class CountSteps(Callback):
-    steps = 0
-
-    def on_train_batch_start(self, *args):
-        CountSteps.steps += 1
-
-
 def _nan_teacher():
     teacher = ImageClassifier("small_cnn")
     with torch.no_grad():
@@ -645,10 +629,10 @@ def _nan_teacher():
     ],
 )
 def test_bad_setup_fails_before_any_training_step(tmp_path, digits, make_kd, match):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     with pytest.raises(ValueError, match=match):
-        _fit(tmp_path, digits, [make_kd(), CountSteps()], max_steps=2)
-    assert CountSteps.steps == 0
+        _fit(tmp_path, digits, [make_kd(), counter], max_steps=2)
+    assert counter.steps == []
 
 
 class SmallCNNOnly(ImageClassifier):
@@ -686,36 +670,36 @@ def test_checkpoint_of_another_architecture_fails_at_setup_naming_keys_and_shape
     tmp_path, digits, source, match
 ):
     path = _checkpoint(tmp_path, source())
-    CountSteps.steps = 0
+    counter = RecordSteps()
     kd = KnowledgeDistillation(path, teacher_class=SmallCNNOnly)
     with pytest.raises(
         ValueError, match=match + ".* Pass as `teacher_class` the LightningModule class that wrote"
     ):
-        _fit(tmp_path, digits, [kd, CountSteps()], max_steps=2)
-    assert CountSteps.steps == 0
+        _fit(tmp_path, digits, [kd, counter], max_steps=2)
+    assert counter.steps == []
 
 
 def test_wrong_example_input_fails_at_setup_naming_it_and_its_shape(tmp_path, digits):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     kd = KnowledgeDistillation("self", example_input=torch.zeros(2, 1, 5, 5))
     with pytest.raises(
         ValueError,
         match="`example_input` of shape \\(2, 1, 5, 5\\) was rejected by the student \\(ImageClassifier\\)",
     ):
-        _fit(tmp_path, digits, [kd, CountSteps()], max_steps=2)
-    assert CountSteps.steps == 0
+        _fit(tmp_path, digits, [kd, counter], max_steps=2)
+    assert counter.steps == []
 
 
 def test_teacher_that_cannot_take_the_students_input_fails_at_setup(tmp_path, digits):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     kd = KnowledgeDistillation(nn.Sequential(nn.Flatten(), nn.Linear(10, 10)))
     with pytest.raises(
         ValueError,
         match="The teacher \\(Sequential\\) cannot run its forward on the student's input \\(\\(1, 1, 8, 8\\),\\): "
         "RuntimeError: .* check `teacher`/`teacher_class`",
     ):
-        _fit(tmp_path, digits, [kd, CountSteps()], max_steps=2)
-    assert CountSteps.steps == 0
+        _fit(tmp_path, digits, [kd, counter], max_steps=2)
+    assert counter.steps == []
 
 
 class NoExample(ImageClassifier):
@@ -733,16 +717,16 @@ def test_without_an_example_input_the_checks_run_at_the_first_step(tmp_path, dig
             model=NoExample(),
             max_steps=2,
         )
-    CountSteps.steps = 0
+    counter = RecordSteps()
     with pytest.raises(ValueError, match="teacher's logits contain NaN"):
         _fit(
             tmp_path,
             digits,
-            [KnowledgeDistillation(_nan_teacher()), CountSteps()],
+            [KnowledgeDistillation(_nan_teacher()), counter],
             model=NoExample(),
             max_steps=2,
         )
-    assert CountSteps.steps == 1
+    assert len(counter.steps) == 1
 
 
 def test_adapters_outside_every_optimizer_and_a_shared_teacher_are_errors(tmp_path, digits):

@@ -8,13 +8,12 @@ import inspect
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.low_rank import LowRankReplacement
-from tests.conftest import trainer_kwargs
+from tests.conftest import RecordSteps, trainer_kwargs
 
 CONSTRUCTION = [
     ({"rank": 0}, ValueError, r"`rank=0` must be a positive int \(a fixed rank\) or a float in \(0, 1\]"),
@@ -75,14 +74,6 @@ CONSTRUCTION = [
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         LowRankReplacement(**kwargs)
-
-
-class CountSteps(Callback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_train_batch_start(self, *args):
-        self.steps += 1
 
 
 class HeadOnlyOptimizer(ImageClassifier):
@@ -151,12 +142,12 @@ SETUP = [
 def test_bad_arguments_for_this_model_fail_at_setup_before_any_step(tmp_path, digits, kwargs, error, match):
     kwargs = dict(kwargs)
     extra, model = kwargs.pop("callbacks", []), kwargs.pop("model", ImageClassifier)("small_cnn")
-    steps = CountSteps()
+    steps = RecordSteps()
     lowrank = LowRankReplacement(**kwargs, verbose=False)  # constructing it is fine
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=5), callbacks=[lowrank, *extra, steps])
     with pytest.raises(error, match=match):
         trainer.fit(model, datamodule=digits)
-    assert steps.steps == 0
+    assert steps.steps == []
 
 
 def test_every_public_argument_is_in_a_table():

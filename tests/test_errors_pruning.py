@@ -8,12 +8,11 @@ import inspect
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
-from tests.conftest import TiedLM, trainer_kwargs
+from tests.conftest import RecordSteps, TiedLM, trainer_kwargs
 
 # (arguments, exception, message fragment): each fails in the constructor.
 AT_CONSTRUCTION = [
@@ -97,14 +96,6 @@ AT_CONSTRUCTION = [
 def test_bad_argument_fails_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradualPruning(**kwargs)
-
-
-class CountSteps(Callback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_train_batch_start(self, *args):
-        self.steps += 1
 
 
 class Conv1dNet(pl.LightningModule):
@@ -192,14 +183,14 @@ def _model(name):
 
 @pytest.mark.parametrize(("kwargs", "model", "trainer_args", "match"), AT_SETUP)
 def test_bad_argument_for_the_model_fails_at_setup(tmp_path, digits, kwargs, model, trainer_args, match):
-    counter = CountSteps()
+    counter = RecordSteps()
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, **trainer_args), callbacks=[GradualPruning(**kwargs), counter]
     )
     module = _model(model)
     with pytest.raises(ValueError, match=match):
         trainer.fit(module, datamodule=None if model == "tied" else digits)
-    assert counter.steps == 0
+    assert counter.steps == []
 
 
 def test_the_tables_cover_every_public_argument():

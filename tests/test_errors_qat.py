@@ -22,7 +22,7 @@ from lightning_compress.quantization.qat import (
     QuantizationAwareTraining,
     check_low_bit_supported,
 )
-from tests.conftest import StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
 
 # -- every constructor argument: (arguments, exception, message fragment) ----------------------------------
 
@@ -140,14 +140,6 @@ def _token_loader(n=64):
     return DataLoader(TensorDataset(x, x[:, 0] % 8), batch_size=16)
 
 
-class CountSteps(Callback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_train_batch_start(self, *args):
-        self.steps += 1
-
-
 AT_SETUP = [
     ("small_cnn", {"module": "net"}, {"precision": "bf16-true"}, r"`precision='bf16-true'` is not supported"),
     ("small_cnn", {"module": "net"}, {"precision": "16-true"}, r"`precision='16-true'` is not supported"),
@@ -193,7 +185,7 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, kwarg
             pass
         else:
             pytest.skip("this machine converts int4-weight-only")
-    counter = CountSteps()
+    counter = RecordSteps()
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, **trainer_args), callbacks=[QuantizationAwareTraining(**kwargs), counter]
     )
@@ -203,7 +195,7 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, kwarg
             trainer.fit(module, _token_loader())
         else:
             trainer.fit(module, datamodule=digits)
-    assert counter.steps == 0
+    assert counter.steps == []
     # The failed setup leaves the model as it was: no graph installed.
     assert not any(isinstance(m, QuantizedGraphModule) for m in module.modules())
 
@@ -234,13 +226,8 @@ class RecordFirstWeights(Callback):
 
 def _float_checkpoint(tmp_path, digits):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True),
-        callbacks=[checkpoint, StopAfterFirstEpoch()],
-        limit_train_batches=4,
-        limit_val_batches=1,
-    )
-    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    model = ImageClassifier("small_cnn")
+    fit_or_resume(tmp_path, digits, model, [], checkpoint=checkpoint, max_epochs=2, limit_train_batches=4)
     return tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
 
 
@@ -248,13 +235,9 @@ def _resume(tmp_path, digits, path, **qat):
     qat = QuantizationAwareTraining(**qat)
     record = RecordFirstWeights()
     model = ImageClassifier("small_cnn")
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=2),
-        callbacks=[qat, record],
-        limit_train_batches=4,
-        limit_val_batches=1,
+    trainer = fit_or_resume(
+        tmp_path, digits, model, [qat, record], ckpt_path=path, max_epochs=2, limit_train_batches=4
     )
-    trainer.fit(model, datamodule=digits, ckpt_path=path)
     return model, qat, record, trainer
 
 
@@ -288,7 +271,7 @@ def test_resuming_a_float_checkpoint_after_start_warns_that_quantization_starts_
 
 def test_resuming_a_float_checkpoint_after_freeze_observers_fails_before_training(tmp_path, digits):
     path = _float_checkpoint(tmp_path, digits)
-    counter = CountSteps()
+    counter = RecordSteps()
     qat = QuantizationAwareTraining(module="net", start=0.0, freeze_observers=0.25)
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=2),
@@ -299,7 +282,7 @@ def test_resuming_a_float_checkpoint_after_freeze_observers_fails_before_trainin
     match = r"epoch=0-step=4.ckpt' was written without QuantizationAwareTraining at step 4, at or after `freeze_obs"
     with pytest.raises(ValueError, match=match + r"ervers=0.25` \(step 2\).*later `freeze_observers`"):
         trainer.fit(ImageClassifier("small_cnn"), datamodule=digits, ckpt_path=path)
-    assert counter.steps == 0
+    assert counter.steps == []
 
 
 # -- loading a QAT checkpoint outside the Trainer ----------------------------------------------------------

@@ -11,12 +11,7 @@ from torch import nn
 from examples.models import ImageClassifier, residual_cnn
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress._events import compression_events
-from tests.conftest import trainer_kwargs
-
-
-class SGDClassifier(ImageClassifier):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+from tests.conftest import SGDClassifier, trainer_kwargs
 
 
 def _fit(tmp_path, digits, model, **qat_kwargs):
@@ -39,7 +34,7 @@ def test_freeze_bn_with_adam_is_warned_at_train_start_and_recorded_as_an_event(t
 
 @pytest.mark.parametrize("freeze_bn", [None, 0.5])
 def test_no_warning_without_freeze_bn_or_with_sgd(tmp_path, digits, freeze_bn):
-    model = ImageClassifier("small_cnn") if freeze_bn is None else SGDClassifier("small_cnn")
+    model = ImageClassifier("small_cnn") if freeze_bn is None else SGDClassifier("small_cnn", lr=1e-3)
     _, warned = _fit(tmp_path, digits, model, freeze_bn=freeze_bn)
     assert warned == []
 

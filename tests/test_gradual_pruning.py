@@ -14,14 +14,7 @@ from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.schedules import Schedule
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, TiedLM, trainer_kwargs
-
-
-class SGDClassifier(ImageClassifier):
-    """Momentum and weight decay: the optimizer state that could revive pruned weights."""
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+from tests.conftest import RecordSteps, SGDClassifier, TiedLM, fit_or_resume, trainer_kwargs
 
 
 class ZerosAfterEveryStep(Callback):
@@ -48,7 +41,7 @@ def _selected_sparsity(model, names):
 def test_unstructured_agp_reaches_target_and_zeros_stay_zero_under_momentum(tmp_path, digits):
     pruning = GradualPruning(amount=0.8, start=0.0, end=0.5, frequency=2)
     check = ZerosAfterEveryStep(pruning)
-    model = SGDClassifier("small_cnn")
+    model = SGDClassifier("small_cnn", weight_decay=1e-3)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning, check])
     trainer.fit(model, datamodule=digits)
     names = ["net.0.weight", "net.3.weight", "net.8.weight", "net.10.weight"]
@@ -152,16 +145,9 @@ def _resume_run(tmp_path, digits, epochs, ckpt_path=None, checkpoint=None, steps
     pl.seed_everything(7, verbose=False)
     kwargs = kwargs or {"amount": 0.85, "criterion": "random"}
     pruning = GradualPruning(start=0.1, end=0.8, frequency=3, **kwargs)
-    callbacks = [pruning, steps or RecordSteps()] + (
-        [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
-    )
-    model = SGDClassifier("small_cnn")
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=epochs, enable_checkpointing=checkpoint is not None),
-        callbacks=callbacks,
-        limit_val_batches=1,
-    )
-    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    model = SGDClassifier("small_cnn", weight_decay=1e-3)
+    callbacks = [pruning, steps or RecordSteps()]
+    fit_or_resume(tmp_path, digits, model, callbacks, ckpt_path, checkpoint, max_epochs=epochs)
     return model, pruning
 
 
@@ -227,13 +213,6 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
         GradualPruning(**kwargs)
 
 
-class CountSteps(Callback):
-    steps = 0
-
-    def on_train_batch_start(self, *args):
-        CountSteps.steps += 1
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -247,11 +226,11 @@ class CountSteps(Callback):
     ],
 )
 def test_bad_setup_fails_before_any_training_step(tmp_path, digits, kwargs, match):
-    CountSteps.steps = 0
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[GradualPruning(**kwargs), CountSteps()])
+    counter = RecordSteps()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[GradualPruning(**kwargs), counter])
     with pytest.raises(ValueError, match=match):
         trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
-    assert CountSteps.steps == 0
+    assert counter.steps == []
 
 
 class RecordValAccuracy(Callback):
@@ -298,7 +277,7 @@ def test_structured_masks_zero_whole_groups_during_training(tmp_path, digits):
     pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, materialize=False)
     inspect, check = Inspect(), ZerosAfterEveryStep(pruning)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, inspect, check])
-    trainer.fit(SGDClassifier("small_cnn"), datamodule=digits)  # momentum and weight decay
+    trainer.fit(SGDClassifier("small_cnn", weight_decay=1e-3), datamodule=digits)  # momentum and weight decay
     assert check.checked > 0 and check.violations == 0
     assert inspect.n_removed == 8
     assert inspect.conv_out == inspect.bn_weight == inspect.bn_bias == inspect.consumer_in == 0.0
@@ -404,16 +383,16 @@ def test_structured_removes_attention_heads_and_feed_forward_neurons(tmp_path, d
 
 
 def test_heads_do_not_hide_a_model_that_cannot_be_traced(tmp_path, digits):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     model = TinyTransformer()
     model.example_input_array = torch.zeros(1, 5)  # cannot be reshaped into 8 tokens: tracing fails
     pruning = GradualPruning(
         amount=0.5, mode="structured", start=0.0, end=0.5, modules=["encoder.self_attn", "encoder.linear1"]
     )
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, CountSteps()])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, counter])
     with pytest.raises(ValueError, match="could not trace TinyTransformer"):
         trainer.fit(model, datamodule=digits)
-    assert CountSteps.steps == 0
+    assert counter.steps == []
 
 
 def test_layernorm_groups_are_warned_about_at_setup(tmp_path, digits):
@@ -476,12 +455,12 @@ def test_taylor_with_manual_optimization_fails_at_setup(tmp_path, digits):
             super().__init__("small_cnn")
             self.automatic_optimization = False
 
-    CountSteps.steps = 0
+    counter = RecordSteps()
     pruning = GradualPruning(amount=0.5, mode="structured", criterion="taylor", start="step:1")
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, CountSteps()])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, counter])
     with pytest.raises(ValueError, match="needs automatic optimization"):
         trainer.fit(Manual(), datamodule=digits)
-    assert CountSteps.steps == 0
+    assert counter.steps == []
 
 
 def test_a_structured_callback_reused_for_a_second_fit_shrinks_the_second_model(tmp_path, digits):

@@ -27,7 +27,7 @@ from lightning_compress.low_rank import (
 )
 from lightning_compress.stats import count_macs
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, SGDClassifier, StopAfterFirstEpoch, fit_or_resume, trainer_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,13 +228,6 @@ def test_restore_rebuilds_every_form_from_a_state_dict():
 # Bad arguments, at construction and at setup: tests/test_errors_low_rank.py.
 
 
-class CountSteps(Callback):
-    steps = 0
-
-    def on_train_batch_start(self, *args):
-        CountSteps.steps += 1
-
-
 def test_layers_that_would_not_shrink_are_left_and_reported(tmp_path, digits):
     lowrank = LowRankReplacement(rank=0.5, verbose=False)
     model = ImageClassifier("small_cnn")
@@ -320,11 +313,6 @@ def test_macs_budget_counts_macs(tmp_path, digits):
     skipped_macs = 16 * 9 * 64 if "net.0" in lowrank.skipped else 0  # a dense layer counts fully
     assert after + skipped_macs <= 0.5 * (before + skipped_macs) + 1
     assert lowrank.totals["macs_ratio"] > 1.5
-
-
-class SGDClassifier(ImageClassifier):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
 def _two_replacements():
@@ -489,15 +477,8 @@ class WatchReplacement(Callback):
 def _later_fit(root, digits, start, ckpt_path=None, checkpoint=None, watch=None, steps=None):
     pl.seed_everything(4, verbose=False)
     lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, start=start, verbose=False)
-    extra = [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
-    callbacks = [c for c in (lowrank, watch, steps) if c is not None] + extra
     model = SGDClassifier("small_cnn")
-    trainer = pl.Trainer(
-        **trainer_kwargs(root, max_epochs=2, enable_checkpointing=checkpoint is not None),
-        callbacks=callbacks,
-        limit_val_batches=1,
-    )
-    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
+    trainer = fit_or_resume(root, digits, model, [lowrank, watch, steps], ckpt_path, checkpoint, max_epochs=2)
     return model, lowrank, trainer
 
 
@@ -640,14 +621,14 @@ class HeadOnlyOptimizer(ImageClassifier):
 
 
 def test_replacing_later_refuses_layers_no_optimizer_holds_before_training(tmp_path, digits):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, start="step:2", verbose=False)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=5), callbacks=[lowrank, CountSteps()])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=5), callbacks=[lowrank, counter])
     with pytest.raises(
         ValueError, match=r"no optimizer holds the trainable parameters of 'net.8'\. Add them"
     ):
         trainer.fit(HeadOnlyOptimizer("small_cnn"), datamodule=digits)
-    assert CountSteps.steps == 0
+    assert counter.steps == []
 
 
 class TwoInputs(pl.LightningModule):
@@ -696,14 +677,14 @@ def _two_input_loader(kind):
     ],
 )
 def test_a_two_argument_forward_points_at_calibration_input(tmp_path, kind, fix):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     lowrank = LowRankReplacement(rank=8, modules="hidden", verbose=False)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[lowrank, CountSteps()])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[lowrank, counter])
     with pytest.raises(
         TypeError, match=r"calibrate.*pass `calibration_input`, a function from a training batch"
     ):
         trainer.fit(TwoInputs(), _two_input_loader(kind))
-    assert CountSteps.steps == 0
+    assert counter.steps == []
     lowrank = LowRankReplacement(rank=8, modules="hidden", calibration_input=fix, verbose=False)
     model = TwoInputs()
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[lowrank]).fit(
@@ -724,16 +705,16 @@ def test_resuming_from_a_checkpoint_written_without_it_names_the_checkpoint_and_
     )
     dense.fit(SGDClassifier("small_cnn"), datamodule=digits)
     path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
-    CountSteps.steps = 0
+    counter = RecordSteps()
     lowrank = LowRankReplacement(rank=0.25, modules=nn.Linear, verbose=False)
     trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=4), callbacks=[lowrank, CountSteps()]
+        **trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=4), callbacks=[lowrank, counter]
     )
     with pytest.raises(
         ValueError, match=r"epoch=0-step=4\.ckpt' holds the dense layer\(s\) 'net.8', 'net.10'"
     ):
         trainer.fit(SGDClassifier("small_cnn"), datamodule=digits, ckpt_path=path)
-    assert CountSteps.steps == 0
+    assert counter.steps == []
 
     # The fix the message gives: `start='step:0'` factorizes the loaded, trained weights at the first step.
     later = LowRankReplacement(rank=0.25, modules=nn.Linear, method="svd", start="step:0", verbose=False)

@@ -27,7 +27,7 @@ from lightning_compress.quantization.pt2e import (
 )
 from lightning_compress.quantization.qat import QuantizationAwareTraining
 from tests._ddp import run_worker
-from tests.conftest import StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
 
 
 def _has_vnni():
@@ -406,15 +406,10 @@ def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, record=None):
     qat = QuantizationAwareTraining(
         module="net", start=0.25, freeze_observers=0.75, freeze_bn=0.6, convert=False
     )
-    callbacks = [qat, record] + ([checkpoint, StopAfterFirstEpoch()] if checkpoint else [])
     model = ImageClassifier("small_cnn")
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=checkpoint is not None),
-        callbacks=[c for c in callbacks if c is not None],
-        limit_train_batches=6,
-        limit_val_batches=1,
+    fit_or_resume(
+        tmp_path, digits, model, [qat, record], ckpt_path, checkpoint, max_epochs=2, limit_train_batches=6
     )
-    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
     return model
 
 
@@ -491,13 +486,6 @@ def test_bf16_mixed_runs_the_quantized_part_in_fp32(tmp_path, digits):
     assert trainer.callback_metrics["val_acc"] > 0.5
 
 
-class CountSteps(Callback):
-    steps = 0
-
-    def on_train_batch_start(self, *args):
-        CountSteps.steps += 1
-
-
 class DataDependentClassifier(ImageClassifier):
     def forward(self, x):
         if x.mean() > 0:
@@ -527,14 +515,14 @@ class DataDependentClassifier(ImageClassifier):
     ],
 )
 def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, qat, trainer_overrides, match):
-    CountSteps.steps = 0
+    counter = RecordSteps()
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, **trainer_overrides),
-        callbacks=[QuantizationAwareTraining(**qat), CountSteps()],
+        callbacks=[QuantizationAwareTraining(**qat), counter],
     )
     with pytest.raises(ValueError, match=match):
         trainer.fit(model("small_cnn"), datamodule=digits)
-    assert CountSteps.steps == 0
+    assert counter.steps == []
 
 
 def test_pruning_listed_after_qat_takes_effect_first(tmp_path, digits):

@@ -22,7 +22,7 @@ from lightning_compress.quantization.weight_sharing import (
     share_weights,
     shared_tensor,
 )
-from tests.conftest import RecordSteps, StopAfterFirstEpoch, trainer_kwargs
+from tests.conftest import RecordSteps, SGDClassifier, fit_or_resume, trainer_kwargs
 
 # -- the functional core ---------------------------------------------------------------------------------
 
@@ -146,11 +146,6 @@ def test_indices_hold_every_cluster_up_to_16_bits(bits, dtype):
 # -- the callback -----------------------------------------------------------------------------------------
 
 
-class SGDClassifier(ImageClassifier):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 class RecordSharedStep(Callback):
     """Listed after WeightSharing: sees the summed gradients and the codebook around one optimizer step."""
 
@@ -170,7 +165,7 @@ class RecordSharedStep(Callback):
 def test_each_shared_value_moves_by_the_sum_of_its_members_gradients(tmp_path, digits):
     sharing = WeightSharing(bits=3, start="step:2", modules="net.8")
     record = RecordSharedStep(sharing, "net.8.weight")
-    model = SGDClassifier("small_cnn")
+    model = SGDClassifier("small_cnn", lr=0.1, momentum=0.0)
     initial = model.net[8].weight.detach().clone()
     pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[sharing, record], limit_train_batches=6).fit(
         model, datamodule=digits
@@ -266,17 +261,11 @@ def test_tied_weights_are_shared_once_and_stay_tied(tmp_path, modules):
 def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, steps=None):
     pl.seed_everything(5, verbose=False)
     sharing = WeightSharing(bits=3, start="step:3", modules=nn.Linear)
-    callbacks = [sharing, steps or RecordSteps()] + (
-        [checkpoint, StopAfterFirstEpoch()] if checkpoint else []
-    )
     model = ImageClassifier("small_cnn")
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=checkpoint is not None),
-        callbacks=callbacks,
-        limit_train_batches=5,
-        limit_val_batches=1,
+    callbacks = [sharing, steps or RecordSteps()]
+    fit_or_resume(
+        tmp_path, digits, model, callbacks, ckpt_path, checkpoint, max_epochs=3, limit_train_batches=5
     )
-    trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
     return model, sharing
 
 
