@@ -186,12 +186,6 @@ def test_killed_fit_resumed_from_its_last_checkpoint_equals_the_uninterrupted_fi
         assert pruning.materialize_max_abs_diff == ref_pruning.materialize_max_abs_diff
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GradualPruning checks the removal of the pruned channels on the example input and on the last "
-    "training batch it saw; a fit resumed from the checkpoint of the last step takes no step, sees no batch, "
-    "and records the difference on the example input alone",
-)
 def test_resumed_at_the_last_step_records_the_same_channel_removal_check(runs, resumed):
     _, _, callbacks, _ = resumed("qat_convert")
     pruning, ref_pruning = callbacks[2], runs["reference"][1][2]

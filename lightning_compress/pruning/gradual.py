@@ -65,6 +65,8 @@ _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"
 # Parked values decay by the optimizer's beta2 per step; refreshed this often they stay normal for beta2 >= 0.5.
 _PARK_EVERY = 100
 _NM = re.compile(r"^(\d+):(\d+)$")
+# Samples of the last training batch on which removing the pruned channels is checked (besides the example input).
+_CHECK_SAMPLES = 4
 # Saved in the `state_dict` of a checkpoint written after channels were removed. Loading such a checkpoint into a
 # freshly built (unpruned) model fails on the shapes, and Lightning's `load_from_checkpoint` cannot be changed to
 # rebuild them; strict loading lists unexpected keys first, so this key tells the user what to use instead. Our
@@ -534,9 +536,10 @@ class GradualPruning(Callback):
     ) -> None:
         assert self._schedule is not None
         if self.mode == "structured":
-            # Kept (by reference) for the check that removing the channels changes nothing, on real data.
+            # A few samples of real data for the check that removing the channels changes nothing; saved in
+            # checkpoints, so that a fit resumed at its last step checks the same samples.
             try:
-                self._last_input = first_input(batch)
+                self._last_input = detach_input(first_input(batch), max_batch=_CHECK_SAMPLES)
             except TypeError:
                 self._last_input = None
         step = trainer.global_step
@@ -634,7 +637,7 @@ class GradualPruning(Callback):
                 with torch.no_grad():
                     diff = _max_abs_diff(masked, pl_module, self._example)
                     if self._last_input is not None:
-                        batch = detach_input(self._last_input, max_batch=32)
+                        batch = to_device(self._last_input, pl_module.device)
                         # A model that takes more than the batch's first element is checked on the example only.
                         with contextlib.suppress(TypeError, ValueError, RuntimeError):
                             diff = max(diff, _max_abs_diff(masked, pl_module, batch))
@@ -812,6 +815,7 @@ class GradualPruning(Callback):
             "taylor": {k: v.detach().cpu() for k, v in self._taylor.items()},
             "generator": self._generator.get_state(),
             "mode": self.mode,
+            "check_input": to_device(self._last_input, "cpu"),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -827,6 +831,7 @@ class GradualPruning(Callback):
         self.materialized = state_dict["materialized"]
         self._taylor = dict(state_dict.get("taylor", {}))
         self._generator.set_state(state_dict["generator"])
+        self._last_input = state_dict.get("check_input")
 
 
 def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
