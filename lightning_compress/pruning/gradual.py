@@ -536,10 +536,10 @@ class GradualPruning(Callback):
     ) -> None:
         assert self._schedule is not None
         if self.mode == "structured":
-            # A few samples of real data for the check that removing the channels changes nothing; saved in
-            # checkpoints, so that a fit resumed at its last step checks the same samples.
+            # Real data for the check that removing the channels changes nothing (kept by reference; a few
+            # samples of it are saved in checkpoints, so that a fit resumed at its last step checks the same).
             try:
-                self._last_input = detach_input(first_input(batch), max_batch=_CHECK_SAMPLES)
+                self._last_input = first_input(batch)
             except TypeError:
                 self._last_input = None
         step = trainer.global_step
@@ -637,7 +637,7 @@ class GradualPruning(Callback):
                 with torch.no_grad():
                     diff = _max_abs_diff(masked, pl_module, self._example)
                     if self._last_input is not None:
-                        batch = to_device(self._last_input, pl_module.device)
+                        batch = to_device(detach_input(self._last_input, _CHECK_SAMPLES), pl_module.device)
                         # A model that takes more than the batch's first element is checked on the example only.
                         with contextlib.suppress(TypeError, ValueError, RuntimeError):
                             diff = max(diff, _max_abs_diff(masked, pl_module, batch))
@@ -815,7 +815,7 @@ class GradualPruning(Callback):
             "taylor": {k: v.detach().cpu() for k, v in self._taylor.items()},
             "generator": self._generator.get_state(),
             "mode": self.mode,
-            "check_input": to_device(self._last_input, "cpu"),
+            "check_input": to_device(detach_input(self._last_input, _CHECK_SAMPLES), "cpu"),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
