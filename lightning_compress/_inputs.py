@@ -58,3 +58,18 @@ def input_shapes(example: Any) -> Any:
     if isinstance(example, list | tuple):
         return type(example)(input_shapes(e) for e in example)
     return type(example).__name__
+
+
+def as_call(example: Any) -> tuple[tuple, dict]:
+    """An example input as the positional and keyword arguments of one call (a dict: keywords; a tuple: positions).
+
+    Example::
+
+        >>> as_call(torch.ones(2)), as_call({"x": 1}), as_call((1, 2))
+        (((tensor([1., 1.]),), {}), ((), {'x': 1}), ((1, 2), {}))
+    """
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, tuple | list):
+        return tuple(example), {}
+    return (example,), {}

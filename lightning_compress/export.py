@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from lightning_compress._inputs import as_call
+
 __all__ = [
     "FORMATS",
     "ExportError",
@@ -311,14 +313,6 @@ def _package_classes(model: nn.Module) -> list[str]:
 # -- inputs, outputs and the parity check ---------------------------------------------------------------------
 
 
-def _as_call(example: Any) -> tuple[tuple, dict]:
-    if isinstance(example, dict):
-        return (), dict(example)
-    if isinstance(example, tuple | list):
-        return tuple(example), {}
-    return (example,), {}
-
-
 def _tensors(value: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, Tensor)]
 
@@ -536,7 +530,7 @@ def export(
         min_agreement = 0.98
     config = dict(ONNX_QUANTIZED_SESSION_CONFIG) if onnx_int8 else {}
 
-    samples = [_as_call(example_input)] + [_as_call(x) for x in check_inputs]
+    samples = [as_call(example_input)] + [as_call(x) for x in check_inputs]
     with torch.no_grad(), _eval_mode(model):
         reference = [_tensors(model(*a, **k)) for a, k in samples]
     args, kwargs = samples[0]

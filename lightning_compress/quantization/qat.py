@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress._events import record_event, watch_loss
-from lightning_compress._inputs import call_module
+from lightning_compress._inputs import as_call, call_module
 from lightning_compress._lightning import (
     add_checkpoint_hint,
     detach_input,
@@ -233,24 +233,16 @@ def _mode(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _as_call(example: Any) -> tuple[tuple, dict]:
-    if isinstance(example, dict):
-        return (), dict(example)
-    if isinstance(example, tuple | list):
-        return tuple(example), {}
-    return (example,), {}
-
-
 def _capture_inputs(pl_module: nn.Module, target: nn.Module, example: Any) -> tuple[tuple, dict]:
     """The inputs ``target`` receives when ``pl_module`` runs on ``example`` (the forward stops there)."""
     if target is pl_module:
-        return _as_call(example)
+        return as_call(example)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise _Captured(args, kwargs)
 
     handle = target.register_forward_pre_hook(hook, with_kwargs=True)
-    args, kwargs = _as_call(example)
+    args, kwargs = as_call(example)
     try:
         with _mode(pl_module, False), torch.no_grad():
             pl_module(*args, **kwargs)
@@ -1145,11 +1137,11 @@ class QuantizationAwareTraining(Callback):
             return (
                 _capture_inputs(pl_module, self._float_target(pl_module), example)
                 if self.module
-                else _as_call(example)
+                else as_call(example)
             )
         host = self._installed(pl_module)
         assert host is not None
-        return _capture_inputs(pl_module, host, example) if self.module else _as_call(example)
+        return _capture_inputs(pl_module, host, example) if self.module else as_call(example)
 
     def _compare(
         self, prepared: QuantizedGraphModule, converted: QuantizedGraphModule, inputs: tuple[tuple, dict]
