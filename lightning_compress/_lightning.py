@@ -220,6 +220,9 @@ _SETUP_ROUND: weakref.WeakKeyDictionary[pl.Trainer, tuple[set[int], set[int]]] =
 
 
 def _effect_order(callback: object) -> int | None:
+    declared = getattr(type(callback), "effect_order", None)
+    if declared is not None:
+        return declared
     # By the class hierarchy, so that a user's subclass of a compression callback keeps its place.
     for cls in type(callback).__mro__:
         if cls.__name__ in EFFECT_ORDER:

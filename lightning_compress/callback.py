@@ -1,0 +1,287 @@
+"""The base of every compression callback: the lifecycle they share, and what each declares about itself.
+
+A compression callback is a schedule and a lifecycle around a plain-torch core (``prune``, ``low_rank_``,
+``prepare``/``convert``...). Everything the callbacks would otherwise repeat lives here:
+
+- ordering: the callbacks take effect in the order of their ``effect_order`` (structure first, quantization
+  last) whatever order ``Trainer(callbacks=...)`` lists them in;
+- the frozen copy of the original model, taken only when a callback in the fit declares ``needs_original``;
+- turning ``start``/``end`` into optimizer steps (:meth:`step_of`);
+- the example input (:meth:`example_input`) and the training loader (:func:`training_loader`);
+- hooks on modules and optimizers, and their removal (:meth:`track_hook`, :meth:`on_optimizer_step`);
+- logging under the callback's ``prefix`` (:meth:`log_values`);
+- ``state_key``, ``finalize`` exactly once at the end of training, and teardown.
+
+Subclasses implement :meth:`prepare` (the fit's setup), optionally :meth:`finalize` (make the compression
+permanent at the end of training) and :meth:`release` (drop what the fit held), plus whichever Lightning hooks
+their schedule needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_compress._events import watch_loss
+from lightning_compress._inputs import to_device
+from lightning_compress._lightning import (
+    detach_input,
+    first_input,
+    forget_original,
+    log_step,
+    remember_original,
+    resolve_step,
+    set_up_in_order,
+)
+from lightning_compress.schedules import Point
+
+# The order in which the schemes take effect (``effect_order``): structure first (factorized layers, then
+# pruning selects and masks the layers that exist), weight values next, distillation's hooks, quantization last.
+REPLACE_LAYERS, REMOVE_WEIGHTS, SHARE_VALUES, DISTILL, QUANTIZE = 0, 1, 2, 3, 4
+
+
+class CompressionCallback(Callback):
+    """Base class of the compression callbacks (see the module documentation).
+
+    Declarations (class attributes a subclass sets):
+
+    - ``prefix``: what its logged names start with, e.g. ``"pruning/"``;
+    - ``effect_order``: when it takes effect among the compression callbacks of a fit (``None``: not ordered);
+    - ``selects_layers``: it chooses layers by type or name when it sets up, so layers a callback replaces
+      before it must exist by then;
+    - ``changes_structure``: it replaces or removes modules (their names or shapes change);
+    - ``needs_original``: it reads the frozen copy of the model as it was before any compression.
+
+    Example::
+
+        >>> class CountSteps(CompressionCallback):
+        ...     prefix = "count/"
+        ...     def prepare(self, trainer, pl_module):
+        ...         self.steps = 0
+        ...     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ...         self.steps += 1
+        ...         self.log_values(pl_module, {"steps": self.steps})
+        >>> CountSteps().state_key
+        'CountSteps'
+    """
+
+    prefix: ClassVar[str] = ""
+    effect_order: ClassVar[int | None] = None
+    selects_layers: ClassVar[bool] = False
+    changes_structure: ClassVar[bool] = False
+    needs_original: ClassVar[bool] = False
+
+    # -- declarations read by the other callbacks --------------------------------------------------------
+
+    def storage_formats(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """How the parameters this callback compressed are stored (``{name: TensorFormat}``); empty: as they are."""
+        return {}
+
+    def state_key_fields(self) -> dict[str, Any]:
+        """The arguments that tell two instances of this class apart in a checkpoint (see ``state_key``)."""
+        return {}
+
+    @functools.cached_property
+    def state_key(self) -> str:  # Lightning reads it at every hook call: computed once
+        fields = self.state_key_fields()
+        return self._generate_state_key(**fields) if fields else type(self).__qualname__
+
+    # -- what subclasses implement -------------------------------------------------------------------------
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set up for a fit: select the layers, change the structure, resolve the schedule."""
+
+    def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Set up for ``validate``/``test``/``predict`` outside a fit (e.g. rebuild a converted model)."""
+
+    def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the compression permanent at the end of training (called once per fit)."""
+
+    def release(self) -> None:
+        """Drop what the fit held (called at teardown and on an exception, after the hooks are removed)."""
+
+    # -- the lifecycle ---------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.effect_order is not None and set_up_in_order(self, trainer, pl_module, stage):
+            return  # an earlier callback's setup already ran this one, in effect order
+        if stage != "fit":
+            self.prepare_evaluation(trainer, pl_module, stage)
+            return
+        self._finalized = False
+        if any(getattr(c, "needs_original", False) for c in trainer.callbacks):  # type: ignore[attr-defined]
+            remember_original(trainer, pl_module)
+        watch_loss(trainer)
+        self.prepare(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finalize_once(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from a checkpoint written at its last step runs no training loop and skips
+        # `on_train_end`: the compression still has to be made permanent.
+        self._finalize_once(trainer, pl_module)
+
+    def _finalize_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(self, "_finalized", True):
+            return
+        self._finalized = True
+        self.remove_hooks()
+        self.finalize(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            forget_original(trainer)  # the next fit takes a fresh copy of its own model
+        self.remove_hooks()
+        self.release()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.remove_hooks()
+
+    # -- helpers for subclasses ------------------------------------------------------------------------------
+
+    @staticmethod
+    def original(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+        """The frozen, never-mutated copy of the model as it was before any compression of this fit."""
+        return remember_original(trainer, pl_module)
+
+    @staticmethod
+    def step_of(trainer: pl.Trainer, point: Point, name: str) -> int:
+        """The optimizer step of a ``start``/``end`` value; ``name`` (the argument) is used in errors."""
+        return resolve_step(trainer, point, name)
+
+    @staticmethod
+    def example_input(
+        trainer: pl.Trainer | None,
+        pl_module: pl.LightningModule,
+        given: Any = None,
+        max_batch: int | None = 1,
+        model_input: Callable[[Any], Any] = first_input,
+    ) -> Any:
+        """One example input on the module's device, cut to ``max_batch`` samples; ``None`` when there is none.
+
+        In order: ``given`` (the callback's ``example_input``), the LightningModule's ``example_input_array``,
+        ``model_input(first training batch)``. Drawing the batch leaves the global random state as it was.
+        """
+        example = given if given is not None else getattr(pl_module, "example_input_array", None)
+        if example is None and trainer is not None:
+            loader = training_loader(trainer)
+            if loader is not None:
+                with preserved_rng():
+                    batch = next(iter(loader), None)
+                example = None if batch is None else model_input(batch)
+        if example is None:
+            return None
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        return to_device(detach_input(example, max_batch=max_batch), device)
+
+    def track_hook(self, handle: Any) -> Any:
+        """Remember a hook handle (module or optimizer hook) so that :meth:`remove_hooks` removes it."""
+        self.__dict__.setdefault("_handles", []).append(handle)
+        return handle
+
+    def on_optimizer_step(
+        self, trainer: pl.Trainer, fn: Callable[[], None], params: Iterable[nn.Parameter] | None = None
+    ) -> None:
+        """Call ``fn()`` after every step of each optimizer (only those holding one of ``params`` when given)."""
+        wanted = None if params is None else {id(p) for p in params}
+        for optimizer in trainer.optimizers:
+            if wanted is None or any(id(p) in wanted for g in optimizer.param_groups for p in g["params"]):
+                self.track_hook(optimizer.register_step_post_hook(lambda *_: fn()))
+
+    def remove_hooks(self) -> None:
+        """Remove every hook registered through :meth:`track_hook`."""
+        for handle in self.__dict__.pop("_handles", []):
+            handle.remove()
+
+    def log_values(
+        self,
+        pl_module: pl.LightningModule,
+        values: Mapping[str, float],
+        per_layer: Mapping[str, Mapping[str, float]] | None = None,
+        epoch: bool = False,
+    ) -> None:
+        """Log ``values`` under :attr:`prefix` from a training hook (per step, or per epoch when ``epoch``).
+
+        ``per_layer`` maps a statistic to ``{layer or parameter name: value}``, logged under
+        ``<prefix>per_layer/<statistic>/<name>``.
+        """
+        for name, value in values.items():
+            pl_module.log(self.prefix + name, float(value), on_step=not epoch, on_epoch=epoch)
+        for stat, layers in (per_layer or {}).items():
+            for name, value in layers.items():
+                pl_module.log(
+                    f"{self.prefix}per_layer/{stat}/{name}", float(value), on_step=not epoch, on_epoch=epoch
+                )
+
+    def log_to_loggers(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+        """Write ``values`` (under :attr:`prefix`) to every logger directly, from hooks where ``log`` is not
+        allowed (``on_train_end``, ``setup``), at the step Lightning files the training loss under."""
+        if trainer.is_global_zero:
+            metrics = {self.prefix + name: float(value) for name, value in values.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=log_step(trainer))
+
+
+def training_loader(trainer: pl.Trainer) -> Iterable | None:
+    """The training loader as the user gave it (before the strategy adds its distributed sampler).
+
+    The one place that reads Lightning's private data source: the loader is needed in ``setup``, before
+    Lightning builds ``trainer.train_dataloader``. With several loaders, the first.
+    """
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    loader: Any = None
+    if source is not None and source.instance is not None and source.is_defined():
+        loader = source.dataloader()
+    elif trainer.datamodule is not None:
+        loader = trainer.datamodule.train_dataloader()
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, list | tuple):
+        loader = loader[0] if loader else None
+    return loader
+
+
+def evaluation_loader(trainer: pl.Trainer, stage: str) -> Any:
+    """The loader of a ``validate``/``test``/``predict`` run (``"fit"``: the training loader), or ``None``."""
+    if stage == "fit":
+        return training_loader(trainer)
+    loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[
+        stage
+    ]
+    source = getattr(loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    try:
+        loader = source.dataloader()
+    except Exception:
+        return None
+    if isinstance(loader, list | tuple):
+        loader = loader[0] if loader else None
+    return loader
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Draw batches without moving the global random state (a shuffling sampler seeds itself from it), so a
+    resumed run, which does not draw at the same point, does not diverge."""
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def compression_callbacks(trainer: pl.Trainer) -> list[CompressionCallback]:
+    """The compression callbacks of ``trainer``, in the order they take effect."""
+    found = [c for c in trainer.callbacks if isinstance(c, CompressionCallback)]  # type: ignore[attr-defined]
+    return sorted(found, key=lambda c: (c.effect_order is None, c.effect_order or 0))
