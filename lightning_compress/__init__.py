@@ -1,6 +1,7 @@
 """Compress neural networks while fine-tuning them with PyTorch Lightning."""
 
 from lightning_compress._events import CompressionEvent, LossJumpDetector
+from lightning_compress.callback import CompressionCallback
 from lightning_compress.distillation.callback import FeatureLoss, KnowledgeDistillation
 from lightning_compress.export import ExportResult, check_writable, export
 from lightning_compress.low_rank.replacement import LowRankReplacement, restore_low_rank
@@ -33,6 +34,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BinaryWeights",
+    "CompressionCallback",
     "CompressionEvent",
     "CompressionMonitor",
     "CompressionStats",

@@ -220,7 +220,7 @@ _SETUP_ROUND: weakref.WeakKeyDictionary[pl.Trainer, tuple[set[int], set[int]]] =
 
 
 def _effect_order(callback: object) -> int | None:
-    declared = getattr(type(callback), "effect_order", None)
+    declared = getattr(callback, "effect_order", None)
     if declared is not None:
         return declared
     # By the class hierarchy, so that a user's subclass of a compression callback keeps its place.
