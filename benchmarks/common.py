@@ -1,22 +1,167 @@
-"""Shared pieces of the benchmarks: machine description, step timing, fitting, evaluation and result files."""
+"""Shared pieces of the benchmarks: what a run gets and returns, data, machine description, timing, fitting."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import TensorDataset
 
+from examples.data import FASHION_MNIST_DIR, DigitsDataModule, FashionMNISTDataModule
 from examples.models import ImageClassifier
 
 RESULTS = Path(__file__).parent / "results"
+FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+QUICK_EVALUATION = 2000  # validation and test images of Fashion-MNIST in a quick run
+
+
+class Unavailable(RuntimeError):
+    """A configuration needs something this machine lacks (a GPU, an optional package)."""
+
+
+@dataclass
+class Context:
+    """What a benchmark gets besides its settings.
+
+    Args:
+        name: the configuration's name (the stem of the result files).
+        quick: a quick run (small sizes); without Fashion-MNIST it falls back to the digits.
+        output: folder of the result files; a benchmark's other files go under ``output / name``.
+        data_dir: folder of the Fashion-MNIST IDX files.
+        notes: lines the result file shows under its header (e.g. which data a quick run used).
+    """
+
+    name: str
+    quick: bool = False
+    output: Path = RESULTS
+    data_dir: Path = Path(FASHION_MNIST_DIR)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> Path:
+        """The folder for this run's files besides the results (figures, logs, cached models)."""
+        return self.output / self.name
+
+    def note(self, line: str) -> None:
+        """Add ``line`` to the notes once."""
+        if line not in self.notes:
+            self.notes.append(line)
+
+
+@dataclass
+class Result:
+    """What a benchmark returns: everything measured (JSON) and its Markdown tables with their settings."""
+
+    payload: dict[str, Any]
+    markdown: str
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository when it lies inside it (result files name no machine's folders)."""
+    resolved = Path(path).resolve()
+    root = RESULTS.resolve().parents[1]
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
+
+
+def has_fashion_mnist(data_dir: str | os.PathLike) -> bool:
+    """Whether the four Fashion-MNIST IDX files (gzip-compressed or not) are in ``data_dir``."""
+    folder = Path(data_dir)
+    return all((folder / f"{stem}.gz").exists() or (folder / stem).exists() for stem in FASHION_FILES)
+
+
+class Digits28(DigitsDataModule):
+    """scikit-learn's digits upsampled (bilinear) to 28x28 and standardized: a stand-in with Fashion-MNIST's shape.
+
+    The split is the digits module's (a fixed permutation; 15 % validation, 15 % test); ``limit_train`` keeps the
+    first training images, and ``flatten`` returns 784-vectors, as :class:`FashionMNISTDataModule` does.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        limit_train: int | None = None,
+        flatten: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, shuffle=shuffle, seed=seed)
+        self.limit_train = limit_train
+        self.flatten = flatten
+        self.input_shape = (784,) if flatten else (1, 28, 28)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        super().setup(stage)
+        train = self.train_set.tensors[0]
+        self.available_train = len(train)
+        mean, std = float(train.mean()), float(train.std())
+        for name in ("train_set", "val_set", "test_set"):
+            x, y = getattr(self, name).tensors
+            if name == "train_set" and self.limit_train is not None:
+                x, y = x[: self.limit_train], y[: self.limit_train]
+            x = (F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False) - mean) / std
+            setattr(self, name, TensorDataset(x.reshape(len(x), -1) if self.flatten else x, y))
+
+
+def image_data(
+    context: Context,
+    batch_size: int = 128,
+    limit_train: int | None = None,
+    val_size: int = 5000,
+    seed: int = 0,
+    flatten: bool = False,
+) -> FashionMNISTDataModule | Digits28:
+    """Fashion-MNIST from ``context.data_dir``, set up; in a quick run without it, the digits at 28x28 (noted).
+
+    A quick run on Fashion-MNIST validates and tests on the first :data:`QUICK_EVALUATION` images of each split.
+
+    A full run without the files fails with :class:`FashionMNISTDataModule`'s error, which names the Debian package.
+    """
+    if context.quick and not has_fashion_mnist(context.data_dir):
+        digits = Digits28(batch_size, limit_train, flatten, seed=seed)
+        digits.setup("fit")
+        context.note(
+            f"Fashion-MNIST is not in `{context.data_dir}` (Debian package `dataset-fashion-mnist`): this quick run "
+            f"used scikit-learn's digits upsampled to 28x28 instead ({digits.available_train:,} training images, or "
+            f"the first N where a setting limits them; {len(digits.test_set)} test images)."
+        )
+        return digits
+    dm = FashionMNISTDataModule(
+        context.data_dir,
+        batch_size=batch_size,
+        val_size=val_size,
+        flatten=flatten,
+        limit_train=limit_train,
+        seed=seed,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    if context.quick:
+        # Evaluating all 10,000 test images after every fit would cost a quick run more than its training.
+        for name in ("val_set", "test_set"):
+            x, y = getattr(dm, name).tensors
+            setattr(dm, name, TensorDataset(x[:QUICK_EVALUATION], y[:QUICK_EVALUATION]))
+        context.note(
+            f"Quick run: validation and test on the first {QUICK_EVALUATION:,} images of each split only."
+        )
+    return dm
 
 
 def machine() -> dict[str, Any]:
@@ -38,6 +183,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": [round(x, 1) for x in os.getloadavg()],
     }
 
 
@@ -118,16 +265,6 @@ def test_accuracy(model: pl.LightningModule, datamodule: pl.LightningDataModule)
             correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
     return correct / total
-
-
-def write_results(name: str, payload: dict[str, Any], table: str) -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` and print the table."""
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    header = f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch {torch.__version__}\n\n"
-    (RESULTS / f"{name}.md").write_text(header + table + "\n")
-    print(header + table)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -14,26 +14,45 @@ model (biases included, stored fp32). The sizes of stages 2-4 come from ``Weight
 sparse values with ``index_bits``-bit relative positions, 6-bit indices plus the fp32 codebook, and the sizes of
 the actual Huffman-coded bit streams. Target: at least 40x at no more than 0.5 point of accuracy lost.
 
-Run from the repository root (needs ``apt-get install -y dataset-fashion-mnist``)::
-
-    python -m benchmarks.deep_compression          # full run
-    python -m benchmarks.deep_compression --quick  # a couple of minutes: fewer images and epochs
+Configuration ``deep_compression`` (``python -m benchmarks run deep_compression``; needs
+``apt-get install -y dataset-fashion-mnist``).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from benchmarks.common import fit, markdown_table, test_accuracy, write_results
-from examples.data import FashionMNISTDataModule
+from benchmarks.common import Context, Result, fit, image_data, markdown_table, test_accuracy
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.quantization import WeightSharing
+
+TITLE = "Deep Compression on Fashion-MNIST: pruning, weight sharing, Huffman coding"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    dense_epochs: int = 10
+    prune_epochs: int = 10
+    share_epochs: int = 4
+    amounts: tuple[float, ...] = (0.92, 0.95)  # fractions of the weights pruned
+    bits: int = 6  # bits per shared-value index
+    index_bits: int | None = None  # bits per relative position (None: the cheapest of 3-8)
+    finetune_lr: float = 3e-4
+    limit_train: int | None = None  # training images (None: all 55,000)
+    threads: int = 1
+    seed: int = 0
+
+
+QUICK = {"limit_train": 2000, "dense_epochs": 2, "prune_epochs": 2, "share_epochs": 1, "amounts": (0.92,)}
 
 
 def _sparsity(model: nn.Module) -> float:
@@ -44,9 +63,9 @@ def _sparsity(model: nn.Module) -> float:
 def _compress(
     dense: ImageClassifier,
     dense_acc: float,
-    dm: FashionMNISTDataModule,
+    dm: pl.LightningDataModule,
     amount: float,
-    args: argparse.Namespace,
+    args: Settings,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Stages 2-4 from a copy of the dense model; returns its table rows and its storage details."""
     model = copy.deepcopy(dense).train()  # Lightning keeps the train/eval flags at the start of fit
@@ -99,33 +118,9 @@ def _compress(
     return rows, details
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dense-epochs", type=int, default=10)
-    parser.add_argument("--prune-epochs", type=int, default=10)
-    parser.add_argument("--share-epochs", type=int, default=4)
-    parser.add_argument(
-        "--amounts", type=float, nargs="+", default=[0.92, 0.95], help="fractions of the weights pruned"
-    )
-    parser.add_argument("--bits", type=int, default=6, help="bits per shared-value index")
-    parser.add_argument(
-        "--index-bits",
-        type=int,
-        default=None,
-        help="bits per relative position (default: the cheapest of 3-8)",
-    )
-    parser.add_argument("--finetune-lr", type=float, default=3e-4)
-    parser.add_argument("--limit-train", type=int, default=0, help="training images (0: all 55,000)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="10k images, 3 + 3 + 2 epochs")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.limit_train = 10_000
-        args.dense_epochs, args.prune_epochs, args.share_epochs = 3, 3, 2
+def run(args: Settings, context: Context) -> Result:
     torch.set_num_threads(args.threads)
-
-    dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train or None, seed=args.seed)
+    dm = image_data(context, batch_size=128, limit_train=args.limit_train, seed=args.seed)
     dense = ImageClassifier("lenet_300_100", input_shape=(1, 28, 28), lr=1e-3)
     _, timer = fit(dense, dm, args.dense_epochs, seed=args.seed)
     dense_acc = test_accuracy(dense, dm)
@@ -161,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "Target >= 40x at <= 0.5 point lost (Deep Compression on MNIST: 40x, 92% pruned): "
         + "; ".join(verdicts)
         + ".",
-        f"Settings: {args.limit_train or 55_000} training images, {args.threads} thread(s), batch 128, Adam (lr 1e-3 "
+        f"Settings: {len(dm.train_set):,} training images, {args.threads} thread(s), batch 128, Adam (lr 1e-3 "
         f"dense, {args.finetune_lr:g} for retraining), global magnitude pruning (AGP over the first 60% of the "
         f"pruning epochs), {args.bits}-bit shared values, seed {args.seed}. Sizes include the fp32 biases. "
         f"Dense step {timer.median_ms:.2f} ms.",
@@ -192,13 +187,4 @@ def main(argv: list[str] | None = None) -> None:
                 ["index_bits", "pruned_bytes", "shared_bytes", "huffman_bytes", "huffman_ratio"],
             )
         )
-    name = "deep_compression_quick" if args.quick else "deep_compression"
-    write_results(
-        name,
-        {"settings": vars(args), "stages": rows, "details": details, "verdicts": verdicts},
-        "\n\n".join(sections),
-    )
-
-
-if __name__ == "__main__":
-    main()
+    return Result({"stages": rows, "details": details, "verdicts": verdicts}, "\n\n".join(sections))

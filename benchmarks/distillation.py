@@ -1,44 +1,32 @@
 """Knowledge distillation on Fashion-MNIST: small students alone vs distilled, and pruning recovery by self-distillation.
 
-Run from the repository root::
-
-    .venv/bin/python -m benchmarks.distillation --threads 1   # the full run (see the results for its time)
-    .venv/bin/python -m benchmarks.distillation --quick       # a smoke test on a few hundred images
-    .venv/bin/python -m benchmarks.distillation --transfer --threads 1   # distilled runs with unlabelled images
-
-On a machine shared with other jobs use ``--threads 1``: with 2 threads on 2 busy cores the OpenMP workers
-wait for each other and a residual CNN step ran 9x slower here.
+Configurations ``distillation`` and ``distillation_transfer`` (``python -m benchmarks run distillation``). On a
+machine shared with other jobs they use one torch thread: with 2 threads on 2 busy cores the OpenMP workers wait for
+each other and a residual CNN step ran 9x slower here.
 
 Part 1 trains a residual CNN teacher on the 55,000 training images, then two small students (a narrow CNN and
 LeNet-300-100) on a subsample of the training images, alone and distilled (``KnowledgeDistillation`` with the
 trained teacher), over 3 seeds. Every student run validates after each epoch and ends with its best epoch's
-weights (alone and distilled alike). The default (T=4, alpha=0.5) runs on every seed; a small grid over T and
+weights (alone and distilled alike). The default point (T=4, alpha=0.5) runs on every seed; a small grid over T and
 alpha is searched on seed 0 by *validation* accuracy and its best point runs on the other seeds too. Reported: test
 accuracy, the teacher-student gap and the fraction of it recovered, ``(distilled - alone) / (teacher - alone)``.
 
-Part 2 trains LeNet-300-100 densely, then fine-tunes it while ``GradualPruning`` takes it to 95% sparsity, with
+Part 2 trains LeNet-300-100 densely, then fine-tunes it while ``GradualPruning`` takes it to 95% sparsity (``amount``), with
 and without ``KnowledgeDistillation(teacher="self")`` (same default and grid). Reported: the accuracy drop of
 pruning alone and the fraction of it that self-distillation recovers.
 
-Results go to ``benchmarks/results/distillation.json`` and ``benchmarks/results/distillation.md``.
-
-With ``--transfer`` the distilled runs learn from unlabelled images too: the MLP student distilled trains on all
+With ``transfer`` the distilled runs learn from unlabelled images too: the MLP student distilled trains on all
 training images, of which only the student's subsample keeps its labels, and the pruning part fine-tunes on 5,000
 labelled images, the distilled runs on all the training images with the others unlabelled. The runs alone keep the
-labelled images only (they have no use for images without labels). Results then go to
-``benchmarks/results/distillation_transfer.{json,md}``.
+labelled images only (they have no use for images without labels).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -46,64 +34,117 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from benchmarks.common import CosineClassifier
-from examples.data import FashionMNISTDataModule
+from benchmarks.common import Context, CosineClassifier, Result, image_data
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning.gradual import GradualPruning
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-FULL = {
-    "seeds": [0, 1, 2],
-    "teacher": {"arch": "residual_cnn", "arch_kwargs": {"widths": [16, 32, 64]}, "epochs": 3, "lr": 3e-3},
-    "students": {
-        "small_cnn (width 4)": {
-            "arch": "small_cnn",
-            "arch_kwargs": {"width": 4, "image_size": 28},
-            "lr": 3e-3,
-        },
-        "lenet_300_100 (MLP)": {"arch": "lenet_300_100", "arch_kwargs": {}, "lr": 1e-3},
-    },
-    "student_train_images": 5000,
-    "student_epochs": 60,
-    "teacher_precision": "bf16-true",
-    "default": {"temperature": 4.0, "alpha": 0.5},
-    "grid": {"temperature": [2.0, 4.0], "alpha": [0.5, 0.9]},
-    "pruning": {"arch": "lenet_300_100", "lr": 1e-3, "dense_epochs": 3, "prune_epochs": 5, "amount": 0.95},
-    "batch_size": 128,
+TITLE = "Knowledge distillation on Fashion-MNIST: students alone vs distilled, pruning recovery"
+TEACHER = {"arch": "residual_cnn", "arch_kwargs": {"widths": [16, 32, 64]}, "lr": 3e-3}
+STUDENTS = {
+    "small_cnn (width 4)": {"arch": "small_cnn", "arch_kwargs": {"width": 4, "image_size": 28}, "lr": 3e-3},
+    "lenet_300_100 (MLP)": {"arch": "lenet_300_100", "arch_kwargs": {}, "lr": 1e-3},
 }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings.
+
+    With ``transfer``, the distilled students train ``transfer_student_epochs`` on every training image, only the
+    first ``student_train_images`` labelled; the pruning part fine-tunes on ``labelled_images`` labelled images,
+    ``prune_alone_epochs`` alone, ``transfer_prune_epochs`` distilled on every image (the others unlabelled).
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    teacher_epochs: int = 3
+    teacher_train_images: int | None = None  # None: all 55,000
+    students: tuple[str, ...] = tuple(STUDENTS)
+    student_train_images: int = 5000
+    student_epochs: int = 60
+    teacher_precision: str = "bf16-true"
+    default: tuple[float, float] = (4.0, 0.5)  # (temperature, alpha) run on every seed
+    temperatures: tuple[float, ...] = (2.0, 4.0)  # the grid searched on the first seed
+    alphas: tuple[float, ...] = (0.5, 0.9)
+    prune_arch: str = "lenet_300_100"
+    dense_epochs: int = 3
+    prune_epochs: int = 5
+    amount: float = 0.95
+    batch_size: int = 128
+    transfer: bool = False
+    transfer_student_epochs: int = 15
+    labelled_images: int = 5000
+    prune_alone_epochs: int = 50
+    transfer_prune_epochs: int = 20
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = set(self.students) - set(STUDENTS)
+        if unknown:
+            raise ValueError(
+                f"`students={self.students}`: unknown {sorted(unknown)}; use some of {list(STUDENTS)}."
+            )
+
+    def config(self) -> dict[str, Any]:
+        """The nested description the measurement and the report read."""
+        config: dict[str, Any] = {
+            "seeds": list(self.seeds),
+            "teacher": {**TEACHER, "epochs": self.teacher_epochs},
+            "students": {name: STUDENTS[name] for name in self.students},
+            "student_train_images": self.student_train_images,
+            "student_epochs": self.student_epochs,
+            "teacher_precision": self.teacher_precision,
+            "default": {"temperature": self.default[0], "alpha": self.default[1]},
+            "grid": {"temperature": list(self.temperatures), "alpha": list(self.alphas)},
+            "pruning": {
+                "arch": self.prune_arch,
+                "lr": STUDENTS["lenet_300_100 (MLP)"]["lr"],
+                "dense_epochs": self.dense_epochs,
+                "prune_epochs": self.prune_epochs,
+                "amount": self.amount,
+            },
+            "batch_size": self.batch_size,
+            "teacher_train_images": self.teacher_train_images,
+        }
+        if self.transfer:
+            config["transfer"] = {
+                "student_epochs": self.transfer_student_epochs,
+                "labelled_images": self.labelled_images,
+                "prune_alone_epochs": self.prune_alone_epochs,
+                "prune_epochs": self.transfer_prune_epochs,
+            }
+        return config
+
+
 QUICK = {
-    **FULL,
-    "teacher": {**FULL["teacher"], "epochs": 1},
+    "seeds": (0,),
+    "teacher_epochs": 3,
+    "teacher_train_images": 1024,
+    "batch_size": 64,
     "student_train_images": 512,
     "student_epochs": 1,
-    "grid": {"temperature": [2.0, 4.0], "alpha": [0.5]},
-    "pruning": {**FULL["pruning"], "dense_epochs": 1, "prune_epochs": 1},
-    "teacher_train_images": 1024,
-}
-# ``--transfer``: the distilled runs also see the other training images, without their labels (a transfer set the
-# teacher labels); the runs alone keep only the labelled images. The pruning part then fine-tunes on the same
-# labelled images. Only the MLP student, which misses the target on the labelled images alone, is run.
-TRANSFER = {
-    **FULL,
-    "students": {"lenet_300_100 (MLP)": FULL["students"]["lenet_300_100 (MLP)"]},
-    "grid": {"temperature": [1.0, 2.0, 4.0], "alpha": [0.5, 0.9]},
-    "transfer": {"student_epochs": 15, "labelled_images": 5000, "prune_alone_epochs": 50, "prune_epochs": 20},
-}
-QUICK_TRANSFER = {
-    **QUICK,
-    "students": TRANSFER["students"],
-    "transfer": {"student_epochs": 1, "labelled_images": 512, "prune_alone_epochs": 2, "prune_epochs": 1},
+    "temperatures": (4.0,),
+    "alphas": (0.5,),
+    "dense_epochs": 1,
+    "prune_epochs": 1,
+    "transfer_student_epochs": 1,
+    "labelled_images": 512,
+    "prune_alone_epochs": 2,
+    "transfer_prune_epochs": 1,
+    "threads": 1,
 }
 
 
 def _data(
-    limit: int | None, seed: int, batch_size: int, transfer: bool = False, total: int | None = None
-) -> FashionMNISTDataModule:
+    context: Context,
+    limit: int | None,
+    seed: int,
+    batch_size: int,
+    transfer: bool = False,
+    total: int | None = None,
+) -> pl.LightningDataModule:
     """The first ``limit`` training images; with ``transfer`` the first ``total`` (default: all), those after the
     first ``limit`` with the label -1 (unlabelled: only the distillation term learns from them)."""
-    dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=total if transfer else limit, seed=seed)
-    dm.setup("fit")
+    dm = image_data(context, batch_size=batch_size, limit_train=total if transfer else limit, seed=seed)
     if transfer and limit is not None:
         x, y = dm.train_set.tensors
         y = y.clone()
@@ -266,7 +307,7 @@ def _compare(
 
 
 def _evaluate(
-    model: torch.nn.Module, dm: FashionMNISTDataModule, step: float, best_epoch: BestEpoch | None = None
+    model: torch.nn.Module, dm: pl.LightningDataModule, step: float, best_epoch: BestEpoch | None = None
 ) -> dict:
     out = {
         "test_accuracy": _accuracy(model, dm.test_set),
@@ -278,8 +319,8 @@ def _evaluate(
     return out
 
 
-def run_students(config: dict, log: list[str]) -> dict:
-    teacher_dm = _data(config.get("teacher_train_images"), 0, config["batch_size"])
+def run_students(config: dict, log: list[str], context: Context) -> dict:
+    teacher_dm = _data(context, config.get("teacher_train_images"), 0, config["batch_size"])
     teacher = _model(config["teacher"], 0)
     teacher_step = _fit(teacher, teacher_dm, config["teacher"]["epochs"], [])
     teacher_acc = _accuracy(teacher, teacher_dm.test_set)
@@ -291,12 +332,15 @@ def run_students(config: dict, log: list[str]) -> dict:
             "seconds_per_step": teacher_step,
         },
         "students": {},
+        "train_images": len(teacher_dm.train_set),
+        "val_images": len(teacher_dm.val_set),
     }
     for name, spec in config["students"].items():
 
         def run(seed: int, point: tuple[float, float] | None, spec: dict = spec) -> dict:
             transfer = point is not None and "transfer" in config
             dm = _data(
+                context,
                 config["student_train_images"],
                 seed,
                 config["batch_size"],
@@ -325,7 +369,7 @@ def run_students(config: dict, log: list[str]) -> dict:
     return result
 
 
-def run_pruning(config: dict, log: list[str]) -> dict:
+def run_pruning(config: dict, log: list[str], context: Context) -> dict:
     spec = {**config["pruning"], "arch_kwargs": {}}
     dense: dict[int, dict] = {}
     sparsity: list[float] = []
@@ -333,7 +377,7 @@ def run_pruning(config: dict, log: list[str]) -> dict:
     def dense_model(seed: int) -> dict:
         if seed not in dense:
             model = _model(spec, seed)
-            dm = _data(config.get("teacher_train_images"), seed, config["batch_size"])
+            dm = _data(context, config.get("teacher_train_images"), seed, config["batch_size"])
             _fit(model, dm, spec["dense_epochs"], [])
             dense[seed] = {"state": model.state_dict(), "test_accuracy": _accuracy(model, dm.test_set)}
             _note(log, f"dense seed {seed}: test {dense[seed]['test_accuracy']:.4f}")
@@ -344,6 +388,7 @@ def run_pruning(config: dict, log: list[str]) -> dict:
             transfer = config["transfer"]
             epochs = transfer["prune_alone_epochs"] if point is None else transfer["prune_epochs"]
             dm = _data(
+                context,
                 transfer["labelled_images"],
                 seed,
                 config["batch_size"],
@@ -352,7 +397,7 @@ def run_pruning(config: dict, log: list[str]) -> dict:
             )
         else:
             epochs = spec["prune_epochs"]
-            dm = _data(config.get("teacher_train_images"), seed, config["batch_size"])
+            dm = _data(context, config.get("teacher_train_images"), seed, config["batch_size"])
         model = _model(spec, seed)
         model.load_state_dict(dense_model(seed)["state"])
         callbacks: list = [GradualPruning(amount=spec["amount"], start=0.0, end=0.6)]
@@ -364,12 +409,14 @@ def run_pruning(config: dict, log: list[str]) -> dict:
         sparsity.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
         return out
 
-    result = _compare(config, "pruned 95%", run, lambda seed: dense_model(seed)["test_accuracy"], log)
-    return {**result, "sparsity": _summary(sparsity)}
+    label = f"pruned {spec['amount']:.0%}"
+    result = _compare(config, label, run, lambda seed: dense_model(seed)["test_accuracy"], log)
+    params = sum(p.numel() for p in _model(spec, 0).net.parameters())
+    return {**result, "sparsity": _summary(sparsity), "params": params}
 
 
-def _images(config: dict) -> str:
-    return f"{config.get('teacher_train_images') or 55000:,}"
+def _images(report: dict) -> str:
+    return f"{report['students']['train_images']:,}"
 
 
 def _pct(summary: dict) -> str:
@@ -385,33 +432,28 @@ def _row(name: str, params: int, r: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    config, machine, students = report["config"], report["machine"], report["students"]
+    config, students = report["config"], report["students"]
     teacher, pruning = students["teacher"], report["pruning"]
     cfg = config["pruning"]
+    default = f"T={config['default']['temperature']:g} α={config['default']['alpha']:g}"
     header = (
-        "| {model} | params | {reference} | alone | gap | distilled, T=4 α=0.5 | gap recovered | best grid point "
-        "| distilled, best | gap recovered | step time distilled / alone |\n"
+        f"| {{model}} | params | {{reference}} | alone | gap | distilled, {default} | gap recovered | best grid "
+        "point | distilled, best | gap recovered | step time distilled / alone |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
-        "# Knowledge distillation on Fashion-MNIST",
-        "",
-        f"Machine: {machine['processor']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s), "
-        f"torch {machine['torch']}, lightning {machine['lightning']}. Load average before / after (other jobs "
-        f"shared the machine): {machine['load_before']} / {machine['load_after']}. Wall time "
-        f"{report['wall_seconds'] / 60:.1f} min.",
-        "",
         "Test accuracy in %, mean ± standard deviation over seeds "
         + ", ".join(map(str, config["seeds"]))
         + ". Gap recovered = (distilled − alone) / (reference − alone), per seed, then averaged. "
         "The grid (T in "
         f"{config['grid']['temperature']} × alpha in {config['grid']['alpha']}) is searched on the first seed by "
-        "validation accuracy (5,000 held-out training images); its best point then runs on every seed.",
+        f"validation accuracy ({students['val_images']:,} held-out training images); its best point then runs on "
+        "every seed.",
         "",
         "## Students alone vs distilled from a residual CNN",
         "",
         f"Teacher (the reference): residual CNN, widths {config['teacher']['arch_kwargs']['widths']} "
-        f"({teacher['params']:,} parameters), {config['teacher']['epochs']} epochs on {_images(config)} training "
+        f"({teacher['params']:,} parameters), {config['teacher']['epochs']} epochs on {_images(report)} training "
         f"images: **{100 * teacher['test_accuracy']:.2f}%**; it runs in `teacher_precision="
         f"{config['teacher_precision']!r}` during distillation. Students: the first "
         f"{config['student_train_images']:,} training images (a subsample, to keep the run short), "
@@ -423,88 +465,45 @@ def markdown(report: dict) -> str:
     transfer = config.get("transfer")
     if transfer:
         lines += [
-            "",
-            f"**Distilled runs with a transfer set**: they train on all {_images(config)} training images, of which "
+            f"**Distilled runs with a transfer set**: they train on all {_images(report)} training images, of which "
             f"only the first {config['student_train_images']:,} keep their labels (the cross-entropy sees those; "
             f"the distillation term sees every image), for up to {transfer['student_epochs']} epochs. The runs "
             f"alone train on the {config['student_train_images']:,} labelled images as above.",
+            "",
         ]
-    lines += [
-        "",
-        header.format(model="student", reference="teacher"),
-    ]
+    lines.append(header.format(model="student", reference="teacher"))
     for name, s in students["students"].items():
         lines.append(_row(name, s["params"], s))
     lines += [
         "",
-        "## Pruning recovery: GradualPruning to 95% with and without self-distillation",
+        f"## Pruning recovery: GradualPruning to {cfg['amount']:.0%} with and without self-distillation",
         "",
-        f"LeNet-300-100 trained densely (the reference) for {cfg['dense_epochs']} epochs on {_images(config)} "
+        f"{cfg['arch']} trained densely (the reference) for {cfg['dense_epochs']} epochs on {_images(report)} "
         f"training images, then fine-tuned {cfg['prune_epochs']} epochs while `GradualPruning` (unstructured, "
         f"per layer, AGP from 0 to {cfg['amount']:.0%} between 0 and 0.6 of training) prunes it; measured sparsity "
         f"of the Linear weights {_pct(pruning['sparsity'])} %. Distilled: `KnowledgeDistillation(teacher='self')`, "
         "the teacher being the dense model.",
-        ""
-        if not transfer
-        else f"\n**With a transfer set**: the fine-tuning has {transfer['labelled_images']:,} labelled images; "
-        f"alone it runs {transfer['prune_alone_epochs']} epochs on them, distilled "
-        f"{transfer['prune_epochs']} epochs on all {_images(config)} images, the others unlabelled (the epoch "
-        "counts above do not apply).\n",
-        header.format(model="model", reference="dense"),
-        _row("LeNet-300-100, 95% pruned", 266_610, pruning),
         "",
+    ]
+    if transfer:
+        lines += [
+            f"**With a transfer set**: the fine-tuning has {transfer['labelled_images']:,} labelled images; alone it "
+            f"runs {transfer['prune_alone_epochs']} epochs on them, distilled {transfer['prune_epochs']} epochs on "
+            f"all {_images(report)} images, the others unlabelled (the epoch counts above do not apply).",
+            "",
+        ]
+    lines += [
+        header.format(model="model", reference="dense"),
+        _row(f"{cfg['arch']}, {cfg['amount']:.0%} pruned", pruning["params"], pruning),
     ]
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke test on a few hundred images")
-    parser.add_argument(
-        "--transfer",
-        action="store_true",
-        help="distilled runs also see the other training images, unlabelled (the MLP student and pruning only)",
-    )
-    parser.add_argument("--output", default=None, help="file stem under benchmarks/results/")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
-    args = parser.parse_args()
-    config = {
-        (False, False): FULL,
-        (True, False): QUICK,
-        (False, True): TRANSFER,
-        (True, True): QUICK_TRANSFER,
-    }[(args.quick, args.transfer)]
-    torch.set_num_threads(args.threads)
+def run(settings: Settings, context: Context) -> Result:
+    config = settings.config()
+    torch.set_num_threads(settings.threads)
     log: list[str] = []
-    machine = {
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
-    start = time.perf_counter()
-    students = run_students(config, log)
-    pruning = run_pruning(config, log)
-    machine["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    report = {
-        "config": config,
-        "machine": machine,
-        "wall_seconds": time.perf_counter() - start,
-        "students": students,
-        "pruning": pruning,
-        "log": log,
-    }
-    stem = args.output or "distillation" + ("_transfer" if args.transfer else "") + (
-        "_quick" if args.quick else ""
-    )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (RESULTS / f"{stem}.md").write_text(text)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+    students = run_students(config, log, context)
+    pruning = run_pruning(config, log, context)
+    report = {"config": config, "students": students, "pruning": pruning, "log": log}
+    return Result(report, markdown(report))

@@ -1,42 +1,35 @@
 """Which ``KnowledgeDistillation`` defaults do not hurt: a T × alpha grid against the student alone, with and without BN.
 
-Run from the repository root::
-
-    .venv/bin/python -m benchmarks.distillation_defaults --workers 2   # the full grid (see the results for its time)
-    .venv/bin/python -m benchmarks.distillation_defaults --quick        # a smoke test on a few hundred images
-
-``--data-dir`` points at the four Fashion-MNIST IDX files when the Debian package is not installed (the files
-can be unpacked from its ``.deb`` with ``dpkg-deb -x``).
+Configuration ``distillation_defaults`` (``python -m benchmarks run distillation_defaults``; ``--data-dir`` points at
+the four Fashion-MNIST IDX files when the Debian package is not installed: they can be unpacked from its ``.deb``
+with ``dpkg-deb -x``).
 
 A residual CNN teacher trains on 20,000 Fashion-MNIST training images; three students then train on the first
-``--labels`` images only (few labels), alone and distilled from it at every point of the grid, over several seeds:
+``labels`` images only (few labels), alone and distilled from it at every point of the grid, over several seeds:
 
 - a small residual CNN (BatchNorm after every convolution; widths 8-16-32),
 - the narrow CNN of ``benchmarks/distillation.py`` (two conv-BN layers, width 4),
 - LeNet-300-100 (no BatchNorm).
 
-Every run, alone or distilled, validates after each epoch on 2,000 held-out training images and ends with its best
+Every run, alone or distilled, validates after each epoch on ``val_images`` held-out training images and ends with its best
 epoch's weights, so no run is judged at an overfitted last epoch. Diagnostics on the residual student, at the old
 default (T=4, alpha=0.5): the teacher kept in train mode (batch statistics; the callback itself always runs it in
 eval mode), and the same inputs shifted by up to 2 pixels (the distillation term then sees augmented images).
 Each distilled run also records the mean task loss and KL term of its last epoch, to show which one dominates.
 
-Results go to ``benchmarks/results/distillation_defaults.{json,md}``, rewritten after every run (a stopped run
-leaves the runs done so far); one thread per worker process. ``--teacher PATH`` keeps the trained teacher there and
-reuses it when the file exists.
+The runs go to ``workers`` processes of one torch thread each. ``teacher_file`` keeps the trained teacher in that
+file and reuses it when it exists (default: a temporary file).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,52 +38,83 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import CosineClassifier, machine
-from examples.data import FASHION_MNIST_DIR, FashionMNISTDataModule
+from benchmarks.common import Context, CosineClassifier, Result, image_data
 from lightning_compress.distillation import KnowledgeDistillation
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-FULL: dict[str, Any] = {
-    "seeds": [0, 1, 2],
-    "labels": 1000,
-    "epochs": 12,
-    "val_images": 1000,
-    "batch_size": 64,
-    "teacher": {
-        "arch": "residual_cnn",
-        "arch_kwargs": {"widths": [16, 32, 64]},
-        "epochs": 2,
+TITLE = "Distillation defaults: T x alpha against the student alone (Fashion-MNIST, few labels)"
+STUDENTS: dict[str, dict[str, Any]] = {
+    "residual CNN 8-16-32 (BN)": {"arch": "residual_cnn", "arch_kwargs": {"widths": [8, 16, 32]}, "lr": 3e-3},
+    "small CNN width 4 (BN)": {
+        "arch": "small_cnn",
+        "arch_kwargs": {"width": 4, "image_size": 28},
         "lr": 3e-3,
-        "images": 20000,
-        "batch_size": 128,
     },
-    "students": {
-        "residual CNN 8-16-32 (BN)": {
-            "arch": "residual_cnn",
-            "arch_kwargs": {"widths": [8, 16, 32]},
-            "lr": 3e-3,
-        },
-        "small CNN width 4 (BN)": {
-            "arch": "small_cnn",
-            "arch_kwargs": {"width": 4, "image_size": 28},
-            "lr": 3e-3,
-        },
-        "LeNet-300-100 (no BN)": {"arch": "lenet_300_100", "arch_kwargs": {}, "lr": 1e-3},
-    },
-    "temperatures": [1.0, 2.0, 4.0],
-    "alphas": [0.1, 0.5, 0.9],
-    "diagnostics": {"student": "residual CNN 8-16-32 (BN)", "point": [4.0, 0.5]},
+    "LeNet-300-100 (no BN)": {"arch": "lenet_300_100", "arch_kwargs": {}, "lr": 1e-3},
 }
-QUICK: dict[str, Any] = {
-    **FULL,
-    "seeds": [0],
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    labels: int = 1000  # labelled training images of the students
+    epochs: int = 12
+    val_images: int = 1000
+    batch_size: int = 64
+    teacher_epochs: int = 2
+    teacher_images: int | None = 20000
+    teacher_batch_size: int = 128
+    students: tuple[str, ...] = tuple(STUDENTS)
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
+    diagnostics: bool = True  # teacher in train mode, shifted inputs (on the residual student)
+    workers: int = 2  # parallel processes, one torch thread each
+    teacher_file: str | None = None  # keeps the trained teacher (reused when it exists)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.students) - set(STUDENTS)
+        if unknown:
+            raise ValueError(
+                f"`students={self.students}`: unknown {sorted(unknown)}; use some of {list(STUDENTS)}."
+            )
+
+    def config(self) -> dict[str, Any]:
+        """The nested description the runs and the report read."""
+        return {
+            "seeds": list(self.seeds),
+            "labels": self.labels,
+            "epochs": self.epochs,
+            "val_images": self.val_images,
+            "batch_size": self.batch_size,
+            "teacher": {
+                "arch": "residual_cnn",
+                "arch_kwargs": {"widths": [16, 32, 64]},
+                "epochs": self.teacher_epochs,
+                "lr": 3e-3,
+                "images": self.teacher_images,
+                "batch_size": self.teacher_batch_size,
+            },
+            "students": {name: STUDENTS[name] for name in self.students},
+            "temperatures": list(self.temperatures),
+            "alphas": list(self.alphas),
+            "diagnostics": {"student": "residual CNN 8-16-32 (BN)", "point": [4.0, 0.5]}
+            if self.diagnostics and "residual CNN 8-16-32 (BN)" in self.students
+            else None,
+        }
+
+
+QUICK = {
+    "seeds": (0,),
     "labels": 256,
-    "epochs": 1,
+    "epochs": 2,
     "val_images": 500,
-    "teacher": {**FULL["teacher"], "epochs": 1, "images": 2048},
-    "temperatures": [1.0, 4.0],
-    "alphas": [0.5],
+    "teacher_epochs": 2,
+    "teacher_images": 1024,
+    "teacher_batch_size": 64,
+    "temperatures": (1.0, 4.0),
+    "alphas": (0.5,),
+    "diagnostics": False,
 }
 
 
@@ -169,17 +193,15 @@ def _trainer(epochs: int, callbacks: list, validate: bool) -> pl.Trainer:
 
 
 def _data(
-    data_dir: str, limit: int | None, seed: int, config: dict, batch_size: int | None = None
-) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule(
-        data_dir=data_dir,
+    context: Context, limit: int | None, seed: int, config: dict, batch_size: int | None = None
+) -> pl.LightningDataModule:
+    return image_data(
+        context,
         batch_size=batch_size or config["batch_size"],
-        val_size=config["val_images"],
         limit_train=limit,
+        val_size=config["val_images"],
         seed=seed,
     )
-    dm.setup("fit")
-    return dm
 
 
 @torch.no_grad()
@@ -201,9 +223,9 @@ def _model(spec: dict, seed: int, shift: int = 0) -> Student:
     )
 
 
-def train_teacher(config: dict, data_dir: str, path: str) -> dict:
+def train_teacher(config: dict, context: Context, path: str) -> dict:
     spec = config["teacher"]
-    dm = _data(data_dir, spec.get("images"), 0, config, spec["batch_size"])
+    dm = _data(context, spec.get("images"), 0, config, spec["batch_size"])
     teacher = _model(spec, 0)
     start = time.perf_counter()
     if os.path.isfile(path):
@@ -215,6 +237,8 @@ def train_teacher(config: dict, data_dir: str, path: str) -> dict:
         "test_accuracy": _accuracy(teacher, dm.test_set),
         "params": sum(p.numel() for p in teacher.net.parameters()),
         "train_seconds": time.perf_counter() - start,
+        "train_images": len(dm.train_set),
+        "val_images": len(dm.val_set),
     }
 
 
@@ -225,7 +249,8 @@ def run_one(job: dict) -> dict:
     teacher = _model(config["teacher"], 0).net
     teacher.load_state_dict(torch.load(job["teacher_path"]))
     spec = config["students"][job["student"]]
-    dm = _data(job["data_dir"], config["labels"], job["seed"], config)
+    context = Context(name="worker", quick=job["quick"], data_dir=Path(job["data_dir"]))
+    dm = _data(context, config["labels"], job["seed"], config)
     model = _model(spec, job["seed"], shift=2 if job["variant"] == "shifted inputs" else 0)
     callbacks: list[pl.Callback] = []
     if job["point"] is not None:
@@ -252,11 +277,15 @@ def _label(point: list[float] | tuple[float, float] | None) -> str:
     return "alone" if point is None else f"T={point[0]:g} α={point[1]:g}"
 
 
-def _jobs(config: dict, data_dir: str, teacher_path: str) -> list[dict]:
+def _jobs(config: dict, context: Context, teacher_path: str) -> list[dict]:
     points = [None] + [(t, a) for t in config["temperatures"] for a in config["alphas"]]
-    base = {"config": config, "data_dir": data_dir, "teacher_path": teacher_path}
+    base = {
+        "config": config,
+        "data_dir": str(context.data_dir),
+        "quick": context.quick,
+        "teacher_path": teacher_path,
+    }
     diag = config["diagnostics"]
-    point = tuple(diag["point"])
 
     def plain(seed: int) -> list[dict]:
         return [
@@ -266,6 +295,9 @@ def _jobs(config: dict, data_dir: str, teacher_path: str) -> list[dict]:
         ]
 
     def diagnostics(seed: int) -> list[dict]:
+        if diag is None:
+            return []
+        point = tuple(diag["point"])
         job = {**base, "student": diag["student"], "seed": seed}
         return [
             {**job, "point": point, "variant": "teacher in train mode"},
@@ -317,22 +349,16 @@ def _pct(s: dict, sign: bool = False) -> str:
 
 
 def markdown(report: dict) -> str:
-    config, m = report["config"], report["machine"]
+    config = report["config"]
     lines = [
-        "# Distillation defaults: T × alpha against the student alone (Fashion-MNIST, few labels)",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs, {report['workers']} worker process(es) of "
-        f"1 torch thread, torch {m['torch']}, lightning {m['lightning']}. Wall time {report['wall_seconds'] / 60:.1f} "
-        f"min; {report['runs_done']} runs. Command: `.venv/bin/python -m benchmarks.distillation_defaults "
-        + " ".join(report["argv"])
-        + "`.",
+        f"{report['runs_done']} runs in {report['workers']} worker process(es) of 1 torch thread.",
         "",
         f"Teacher: residual CNN {config['teacher']['arch_kwargs']['widths']} ({report['teacher']['params']:,} "
-        f"parameters), {config['teacher']['epochs']} epochs on {config['teacher'].get('images') or 55000:,} "
+        f"parameters), {config['teacher']['epochs']} epochs on {report['teacher']['train_images']:,} "
         "training images: "
         f"**{100 * report['teacher']['test_accuracy']:.2f} %** test accuracy. Students: the first "
         f"{config['labels']:,} training images, up to {config['epochs']} epochs (Adam, cosine decay, batch "
-        f"{config['batch_size']}), best epoch by validation accuracy ({config['val_images']:,} held-out images). Test accuracy in %, "
+        f"{config['batch_size']}), best epoch by validation accuracy ({report['teacher']['val_images']:,} held-out images). Test accuracy in %, "
         f"mean ± std over seeds {config['seeds']}; Δ = distilled − alone, per seed (same seed, same data order).",
         "",
     ]
@@ -352,54 +378,30 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke test on a few hundred images")
-    parser.add_argument(
-        "--data-dir", default=FASHION_MNIST_DIR, help="folder with the Fashion-MNIST IDX files"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="parallel processes, one torch thread each")
-    parser.add_argument("--output", default=None, help="file stem under benchmarks/results/")
-    parser.add_argument(
-        "--teacher", default=None, help="file to keep the trained teacher in (reused if it exists)"
-    )
-    args = parser.parse_args()
-    config = QUICK if args.quick else FULL
+def run(settings: Settings, context: Context) -> Result:
+    config = settings.config()
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    load_before = os.getloadavg()
-    stem = args.output or "distillation_defaults" + ("_quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_path = args.teacher or os.path.join(tmp, "teacher.pt")
-        teacher = train_teacher(config, args.data_dir, teacher_path)
+        teacher_path = settings.teacher_file or os.path.join(tmp, "teacher.pt")
+        teacher = train_teacher(config, context, teacher_path)
         print(f"teacher: {teacher}", flush=True)
-        jobs = _jobs(config, args.data_dir, teacher_path)
+        jobs = _jobs(config, context, teacher_path)
         runs: list[dict] = []
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-            for run in pool.map(run_one, jobs):
-                runs.append(run)
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(settings.workers, mp_context=spawn) as pool:
+            for done in pool.map(run_one, jobs):
+                runs.append(done)
                 print(
-                    f"{run['student']} | {run['variant']} | {_label(run['point'])} | seed {run['seed']}: "
-                    f"test {run['test_accuracy']:.4f} ({run['seconds']:.0f} s)",
+                    f"{done['student']} | {done['variant']} | {_label(done['point'])} | seed {done['seed']}: "
+                    f"test {done['test_accuracy']:.4f} ({done['seconds']:.0f} s)",
                     flush=True,
                 )
-                report = {
-                    "config": config,
-                    "machine": {**machine(), "load_before": load_before, "load_after": os.getloadavg()},
-                    "workers": args.workers,
-                    "argv": sys.argv[1:],
-                    "wall_seconds": time.perf_counter() - start,
-                    "runs_done": f"{len(runs)} of {len(jobs)}",
-                    "teacher": teacher,
-                    "summary": summarize(runs),
-                    "runs": runs,
-                }
-                (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
-                (RESULTS / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-
-
-if __name__ == "__main__":
-    main()
+    report = {
+        "config": config,
+        "workers": settings.workers,
+        "runs_done": f"{len(runs)} of {len(jobs)}",
+        "teacher": teacher,
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+    return Result(report, markdown(report))

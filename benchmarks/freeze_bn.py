@@ -1,7 +1,7 @@
 """Freezing batch norm during training with Adam: what happens to the loss, and why (docs/quantization.md).
 
 Model: a resnet18-style network (BasicBlock, 4 stages of two blocks, widths 16-32-64-128, 20 batch norms) on
-scikit-learn's digits upsampled (bilinear) to 32x32; Adam 1e-3, batch 64, ``--steps`` steps (160), seeded, the
+scikit-learn's digits upsampled (bilinear) to 32x32; Adam 1e-3, batch 64, ``steps`` steps (160), seeded, the
 same initial weights and the same batches in every run.
 
 Table 1, three runs side by side:
@@ -14,27 +14,23 @@ Table 1, three runs side by side:
 Reported: the loss of the first step with frozen statistics ("at the freeze", step 128), the losses of the steps
 after it, and the validation accuracy at the end of training.
 
-Table 2: from the float run's model and Adam state at step 128, ``--after`` (12) more steps on the same batches,
+Table 2: from the float run's model and Adam state at step 128, ``after`` (12) more steps on the same batches,
 in plain torch, with batch statistics or with frozen ones, and with several optimizers. Reported: the losses and
 the largest ``|batch mean - running mean| / sqrt(running var + eps)`` over every channel of every batch-norm
 input, measured on each step's batch before its update (largest over the steps). The "frozen, Adam 1e-3, state
 carried on" row repeats the float run's steps 128-139: its losses are checked against that run's.
 
-Run from the repository root::
-
-    python -m benchmarks.freeze_bn           # full run: 160 steps (about 10 minutes on 2 shared cores)
-    python -m benchmarks.freeze_bn --quick   # smoke run: 40 steps, 4 steps in table 2
-    python -m benchmarks.freeze_bn --seed 1  # other initial weights and batch order: results/freeze_bn_seed1.*
+Configuration ``freeze_bn`` (``python -m benchmarks run freeze_bn``: 160 steps, about 10 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,10 +41,33 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import Context, Result, markdown_table
 from examples.data import DigitsDataModule
 from examples.models import ResidualBlock
 from lightning_compress.quantization import QuantizationAwareTraining
+
+TITLE = "Freezing batch norm during QAT with Adam: the loss after the freeze, and why"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    steps: int = 160  # training steps (batch 64)
+    start: float = 0.5  # QAT start, fraction of training
+    freeze: float = 0.8  # freeze_bn, fraction of training
+    after: int = 12  # steps from the float checkpoint (table 2)
+    seed: int = 0
+    threads: int = 1  # torch threads (1: robust on a shared machine)
+
+    def __post_init__(self) -> None:
+        if int(self.freeze * self.steps) + self.after > self.steps:
+            raise ValueError(
+                f"`after={self.after}` steps from step {int(self.freeze * self.steps)} go past `steps={self.steps}`."
+            )
+
+
+QUICK = {"steps": 20, "after": 3}
 
 
 def resnet18_style(
@@ -241,24 +260,9 @@ def _losses_text(losses: list[float]) -> str:
     return ", ".join(f"{v:.3g}" for v in losses)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=160, help="training steps (batch 64)")
-    parser.add_argument("--start", type=float, default=0.5, help="QAT start, fraction of training")
-    parser.add_argument("--freeze", type=float, default=0.8, help="freeze_bn, fraction of training")
-    parser.add_argument("--after", type=int, default=12, help="steps from the float checkpoint (table 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 4 steps in table 2")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.after = 40, 4
+def run(args: Settings, context: Context) -> Result:
     torch.set_num_threads(args.threads)
     freeze_step = int(args.freeze * args.steps)
-    if freeze_step + args.after > args.steps:
-        parser.error(f"`--after={args.after}` steps from step {freeze_step} go past `--steps={args.steps}`.")
 
     dm = Digits32(batch_size=64, seed=args.seed)
     dm.setup("fit")
@@ -266,18 +270,16 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, dict[str, Any]] = {}
     float_record = Record(keep_at=freeze_step, keep_batches=args.after)
     specs: list[tuple[str, list[Callback], Record]] = []
-    for name, freeze in (("int8 QAT, freeze_bn", args.freeze), ("int8 QAT, no freeze_bn", None)):
+    # Explicit steps: the fake quantization and the freeze start at exactly the steps the tables name.
+    start, freeze = f"step:{int(args.start * args.steps)}", f"step:{freeze_step}"
+    for name, freeze_bn in (("int8 QAT, freeze_bn", freeze), ("int8 QAT, no freeze_bn", None)):
         record = Record()
-        qat = QuantizationAwareTraining(module="net", start=args.start, freeze_bn=freeze, convert=False)
+        qat = QuantizationAwareTraining(module="net", start=start, freeze_bn=freeze_bn, finalize=False)
         specs.append((name, [qat, record], record))
     specs.insert(1, ("float, BN eval()", [BatchNormEval(freeze_step), float_record], float_record))
     for name, callbacks, record in specs:
         _, trainer, seconds = _fit(args.seed, args.steps, dm, callbacks)
         assert trainer.global_step == args.steps and len(record.losses) == args.steps
-        qat_steps = next((c._steps for c in callbacks if isinstance(c, QuantizationAwareTraining)), None)
-        if qat_steps is not None:
-            assert qat_steps["start"] == int(args.start * args.steps), qat_steps
-            assert qat_steps["freeze_bn"] in (None, freeze_step), qat_steps
         runs[name] = {
             "loss_at_freeze": record.losses[freeze_step],
             "losses_from_freeze": record.losses[freeze_step:],
@@ -359,19 +361,12 @@ def main(argv: list[str] | None = None) -> None:
         f"Settings: digits upsampled to 32x32, batch 64, Adam 1e-3, seed {args.seed}, {args.threads} thread(s); "
         f"run times: " + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in runs.items()) + ".",
     ]
-    write_results(
-        "freeze_bn" + ("_quick" if args.quick else "") + (f"_seed{args.seed}" if args.seed else ""),
-        {
-            "settings": {**vars(args), "freeze_step": freeze_step},
-            "table1": runs,
-            "table2": continued,
-            "statistics_at_freeze": statistics_at_freeze,
-            "replay_max_abs_diff": replay_max_abs_diff,
-            "median_run_seconds": statistics.median(r["seconds"] for r in runs.values()),
-        },
-        "\n\n".join(lines),
-    )
-
-
-if __name__ == "__main__":
-    main()
+    payload = {
+        "freeze_step": freeze_step,
+        "table1": runs,
+        "table2": continued,
+        "statistics_at_freeze": statistics_at_freeze,
+        "replay_max_abs_diff": replay_max_abs_diff,
+        "median_run_seconds": statistics.median(r["seconds"] for r in runs.values()),
+    }
+    return Result(payload, "\n\n".join(lines))

@@ -1,19 +1,15 @@
 """GPU checks: the CUDA paths of the callbacks, Lightning's FSDP strategy, and 2:4 sparse kernel speed.
 
-Run from the repository root on a machine with a CUDA GPU::
-
-    python -m benchmarks.gpu_check --out benchmarks/results
-
-Each check is independent; a failing one is recorded with its error and the others still run.
+Configuration ``gpu_check`` (``python -m benchmarks run gpu_check`` on a machine with a CUDA GPU). Each check is
+independent; a failing one is recorded with its error and the others still run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import traceback
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from benchmarks.common import machine
+from benchmarks.common import Context, Result, Unavailable, markdown_table
 from examples.data import DigitsDataModule
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
@@ -42,14 +38,14 @@ class ZerosAfterSteps(Callback):
             self.violations += int((params[name].detach()[~mask.to(params[name].device)] != 0).sum())
 
 
-def _fit(pruning: GradualPruning, *extra: Callback, **trainer_kwargs: Any) -> dict[str, Any]:
+def _fit(pruning: GradualPruning, *extra: Callback, epochs: int, **trainer_kwargs: Any) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     check = ZerosAfterSteps(pruning)
     model = ImageClassifier("small_cnn")
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,
-        max_epochs=2,
+        max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -70,45 +66,56 @@ def _fit(pruning: GradualPruning, *extra: Callback, **trainer_kwargs: Any) -> di
     }
 
 
-def unstructured_cuda() -> dict[str, Any]:
-    return _fit(GradualPruning(amount=0.8, start=0.0, end=0.5))
+def unstructured_cuda(epochs: int) -> dict[str, Any]:
+    return _fit(GradualPruning(amount=0.8, start=0.0, end=0.5), epochs=epochs)
 
 
-def structured_cuda() -> dict[str, Any]:
-    return _fit(GradualPruning(amount=0.5, mode="structured", criterion="taylor", start=0.1, end=0.6))
+def structured_cuda(epochs: int) -> dict[str, Any]:
+    return _fit(
+        GradualPruning(amount=0.5, mode="structured", criterion="taylor", start=0.1, end=0.6), epochs=epochs
+    )
 
 
-def unstructured_bf16_mixed() -> dict[str, Any]:
-    return _fit(GradualPruning(amount=0.8, start=0.0, end=0.5), precision="bf16-mixed")
+def unstructured_bf16_mixed(epochs: int) -> dict[str, Any]:
+    return _fit(GradualPruning(amount=0.8, start=0.0, end=0.5), epochs=epochs, precision="bf16-mixed")
 
 
-def pruning_with_self_distillation_and_low_rank_cuda() -> dict[str, Any]:
+def pruning_with_self_distillation_and_low_rank_cuda(epochs: int) -> dict[str, Any]:
     from lightning_compress import KnowledgeDistillation, LowRankReplacement
 
     return _fit(
         GradualPruning(amount=0.5, start=0.0, end=0.5, modules="net.8"),
         LowRankReplacement(rank=0.5, modules="net.10"),
         KnowledgeDistillation(teacher="self"),
+        epochs=epochs,
     )
 
 
-def fsdp_single_gpu() -> dict[str, Any]:
+def fsdp_single_gpu(epochs: int) -> dict[str, Any]:
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return _fit(GradualPruning(amount=0.8, start=0.0, end=0.5), strategy=FSDPStrategy(use_orig_params=True))
+    return _fit(
+        GradualPruning(amount=0.8, start=0.0, end=0.5),
+        strategy=FSDPStrategy(use_orig_params=True),
+        epochs=epochs,
+    )
 
 
-def fsdp_flat_params_fail_clearly() -> dict[str, Any]:
+def fsdp_flat_params_fail_clearly(epochs: int) -> dict[str, Any]:
     from lightning.pytorch.strategies import FSDPStrategy
 
     try:
-        _fit(GradualPruning(amount=0.8, start=0.0, end=0.5), strategy=FSDPStrategy(use_orig_params=False))
+        _fit(
+            GradualPruning(amount=0.8, start=0.0, end=0.5),
+            strategy=FSDPStrategy(use_orig_params=False),
+            epochs=epochs,
+        )
     except ValueError as err:
         return {"error": str(err)}
     return {"error": None}
 
 
-def two_four_speed() -> dict[str, Any]:
+def two_four_speed(epochs: int) -> dict[str, Any]:
     from torch.sparse import SparseSemiStructuredTensor
 
     torch.manual_seed(0)
@@ -160,7 +167,7 @@ def _time_cuda(module: nn.Module, x: torch.Tensor, repeats: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
+CHECKS: dict[str, Callable[[int], dict[str, Any]]] = {
     "unstructured_cuda": unstructured_cuda,
     "structured_cuda": structured_cuda,
     "unstructured_bf16_mixed": unstructured_bf16_mixed,
@@ -171,17 +178,35 @@ CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", nargs="*", default=None)
-    args = parser.parse_args(argv)
-    results: dict[str, Any] = {"machine": {**machine(), "gpu": torch.cuda.get_device_name(0)}}
-    for name, check in CHECKS.items():
-        if args.only and name not in args.only:
-            continue
+TITLE = "GPU checks: the CUDA paths of the callbacks, FSDP, and 2:4 sparse kernel speed"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    checks: tuple[str, ...] = tuple(CHECKS)
+    epochs: int = 2  # epochs of each fit on the digits (the 2:4 timing has none)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.checks) - set(CHECKS)
+        if unknown:
+            raise ValueError(
+                f"`checks={self.checks}`: unknown {sorted(unknown)}; use some of {list(CHECKS)}."
+            )
+
+
+QUICK = {"checks": ("unstructured_cuda", "structured_cuda", "two_four_speed"), "epochs": 1}
+
+
+def run(settings: Settings, context: Context) -> Result:
+    if not torch.cuda.is_available():
+        raise Unavailable("gpu_check needs a CUDA GPU.")
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)}
+    rows = []
+    for name in settings.checks:
         try:
-            results[name] = {"ok": True, **check()}
+            results[name] = {"ok": True, **CHECKS[name](settings.epochs)}
         except Exception as err:
             results[name] = {
                 "ok": False,
@@ -189,9 +214,14 @@ def main(argv: list[str] | None = None) -> None:
                 "trace": traceback.format_exc(),
             }
         print(name, json.dumps(results[name], default=str)[:2000], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    main()
+        shown = {k: v for k, v in results[name].items() if k not in ("trace", "rows")}
+        rows.append(
+            {"check": name, "ok": results[name]["ok"], "details": json.dumps(shown, default=str)[:300]}
+        )
+    text = markdown_table(rows, ["check", "ok", "details"])
+    speed = results.get("two_four_speed", {}).get("rows")
+    if speed:
+        text += "\n\n2:4 sparse vs dense fp16 Linear (median of CUDA-event timings):\n\n" + markdown_table(
+            speed, list(speed[0])
+        )
+    return Result(results, text)

@@ -1,41 +1,38 @@
 """What each compression callback costs while training: step time and peak memory against plain training.
 
 One model for every case: the residual CNN of ``examples/models.py`` (stem, three residual stages with batch norm,
-global pooling, linear head) on 1x28x28 inputs, Adam, one epoch of ``--steps`` steps on synthetic images (only
+global pooling, linear head) on 1x28x28 inputs, Adam, one epoch of ``steps`` steps on synthetic images (only
 time and memory are measured), a CSV logger as a user would have. Cases: plain training; ``GradualPruning``
 unstructured and structured (``amount=0.5``, default schedule: a mask update at every step up to 70 % of the fit
 for this short fit); ``QuantizationAwareTraining()`` (int8, fake quantization from the first step);
 ``LowRankReplacement(rank=0.5)``; ``KnowledgeDistillation(teacher="self")``; ``WeightSharing()``;
 ``CompressionMonitor()``. Every case uses the callback's default arguments except where named here.
 
-Each case runs in a fresh Python process, so its peak resident memory (``ru_maxrss``) is its own. The process
+Each case runs in a fresh Python process, so its peak resident memory (``VmHWM``) is its own. The process
 reports the resident memory before the fit (after imports, model and data) and the peak after it; the step
 time is the median (and the mean, which includes occasional work such as mask updates) of the wall time between
 consecutive steps (``benchmarks.common.StepTimer``: forward, backward, optimizer and every callback's hooks),
 the first 10 steps skipped. The cases run side by side in rounds (the order rotated every round); a case's ratio
 to plain training is taken within each round and the median over rounds is reported, with its range.
 
-Run from the repository root::
-
-    .venv/bin/python -m benchmarks.overhead           # 5 rounds of 60 steps, widths 16-32-64, batch 64, 2 threads
-    .venv/bin/python -m benchmarks.overhead --quick   # 3 rounds of 30 steps, widths 8-16-32, batch 32, 1 thread
-
-Both write ``benchmarks/results/overhead.{json,md}`` (``--name`` for another stem).
+Configuration ``overhead`` (``python -m benchmarks run overhead``: 3 rounds of 30 steps, widths 8-16-32, batch 32,
+1 thread). Each case's process is ``python -m benchmarks.overhead '<case settings as JSON>'``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import Context, Result, markdown_table
 
 CASES = (
     "plain",
@@ -57,7 +54,30 @@ LABELS = {
     "weight_sharing": "WeightSharing() (5 bits)",
     "monitor": "CompressionMonitor()",
 }
+TITLE = "What each compression callback costs while training: step time and peak memory"
 SKIPPED_STEPS = 10  # StepTimer.median_ms skips as many: allocator and first-call warm-up
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    rounds: int = 3  # rounds of all cases, the order rotated every round
+    steps: int = 30  # steps per fit
+    batch: int = 32
+    widths: tuple[int, ...] = (8, 16, 32)  # channels of the three stages
+    threads: int = 1  # torch threads of each case's process
+    cases: tuple[str, ...] = CASES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.cases) - set(CASES)
+        if unknown or "plain" not in self.cases:
+            raise ValueError(
+                f"`cases={self.cases}`: use some of {CASES}, 'plain' (the reference) among them."
+            )
+
+
+QUICK = {"rounds": 1, "steps": 15}
 
 
 def _callbacks(case: str) -> list[Any]:
@@ -89,7 +109,12 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # The high-water mark of this process image: `ru_maxrss` would start from the parent's peak (kept over exec).
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def run_case(case: str, steps: int, batch: int, widths: tuple[int, ...], threads: int) -> dict[str, Any]:
@@ -143,22 +168,15 @@ def run_case(case: str, steps: int, batch: int, widths: tuple[int, ...], threads
     }
 
 
-def _worker(case: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.overhead",
-        "--case",
-        case,
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--widths",
-        ",".join(map(str, args.widths)),
-        "--threads",
-        str(args.threads),
-    ]
+def _worker(case: str, args: Settings) -> dict[str, Any]:
+    job = {
+        "case": case,
+        "steps": args.steps,
+        "batch": args.batch,
+        "widths": args.widths,
+        "threads": args.threads,
+    }
+    command = [sys.executable, "-m", "benchmarks.overhead", json.dumps(job)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -167,9 +185,9 @@ def _worker(case: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def _summary(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def _summary(rounds: list[dict[str, dict[str, Any]]], cases: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
-    for case in CASES:
+    for case in cases:
         runs = [r[case] for r in rounds]
         plain = [r["plain"] for r in rounds]
         ratios = [m["median_ms"] / p["median_ms"] for m, p in zip(runs, plain, strict=True)]
@@ -195,45 +213,12 @@ def _summary(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="the quick configuration (see the module docstring)"
-    )
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of all cases (default 5, quick 3)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per fit (default 60, quick 30)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 64, quick 32)")
-    parser.add_argument(
-        "--widths",
-        type=lambda s: tuple(int(w) for w in s.split(",")),
-        default=None,
-        help="channels of the three stages (default 16,32,64, quick 8,16,32)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default up to 2, quick 1)")
-    parser.add_argument("--name", default="overhead", help="file stem under benchmarks/results/")
-    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    quick = {"rounds": 3, "steps": 30, "batch": 32, "widths": (8, 16, 32), "threads": 1}
-    full = {
-        "rounds": 5,
-        "steps": 60,
-        "batch": 64,
-        "widths": (16, 32, 64),
-        "threads": min(2, os.cpu_count() or 1),
-    }
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.case:
-        print(json.dumps(run_case(args.case, args.steps, args.batch, args.widths, args.threads)))
-        return
-
-    from benchmarks.common import markdown_table, write_results
-
+def run(args: Settings, context: Context) -> Result:
     began = time.perf_counter()
+    cases = ("plain", *(c for c in args.cases if c != "plain"))
     rounds: list[dict[str, dict[str, Any]]] = []
     for i in range(args.rounds):
-        order = CASES[i % len(CASES) :] + CASES[: i % len(CASES)]
+        order = cases[i % len(cases) :] + cases[: i % len(cases)]
         results = {}
         for case in order:
             results[case] = _worker(case, args)
@@ -243,14 +228,9 @@ def main() -> None:
                 flush=True,
             )
         rounds.append(results)
-    rows = _summary(rounds)
-    command = " ".join(["python -m benchmarks.overhead", *sys.argv[1:]])
+    rows = _summary(rounds, cases)
     payload = {
-        "command": command,
         "model": f"residual_cnn widths {args.widths}, input 1x28x28, batch {args.batch}, Adam, synthetic data",
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "threads": args.threads,
         "load_average_at_end": os.getloadavg(),
         "wall_s": time.perf_counter() - began,
         "rows": rows,
@@ -271,15 +251,17 @@ def main() -> None:
         ],
     )
     table += (
-        f"\n\n`step_ratio`: median step time / plain training's, within each of {args.rounds} rounds, median "
+        f"\n\n`step_ratio`: median step time / plain training's, within each of {args.rounds} round(s), median "
         "(range) over rounds; `mean_step_ratio` the same with mean step times (mask updates, clustering and "
         "other occasional work included). `peak_rss_mib`: peak resident memory of the process (imports "
         "included); `peak_vs_plain_mib`: its excess over plain training's; `fit_growth_mib`: peak minus the "
-        f"resident memory just before `fit`. {args.steps} steps per fit, {args.threads} torch threads, "
-        f"load average at the end {os.getloadavg()[0]:.1f} (a shared machine). Command: `{command}`"
+        f"resident memory just before `fit`. {args.steps} steps per fit, batch {args.batch}, widths "
+        f"{'-'.join(map(str, args.widths))}, {args.threads} torch thread(s), load average at the end "
+        f"{os.getloadavg()[0]:.1f} (a shared machine)."
     )
-    write_results(args.name, payload, table)
+    return Result(payload, table)
 
 
 if __name__ == "__main__":
-    main()
+    job = json.loads(sys.argv[1])
+    print(json.dumps(run_case(job["case"], job["steps"], job["batch"], tuple(job["widths"]), job["threads"])))

@@ -1,34 +1,28 @@
 """The main job's four-scheme pipeline on digits: validation accuracy by distillation temperature, over seeds.
 
-Run from the repository root::
-
-    .venv/bin/python -m benchmarks.pipeline            # 3 seeds x (no distillation, T=1, 2, 4), ~12 min on 2 cores
-    .venv/bin/python -m benchmarks.pipeline --quick    # 1 seed, 1 + 1 epochs
-    .venv/bin/python -m benchmarks.pipeline --seeds 0 --ablation --output pipeline_ablation
-    .venv/bin/python -m benchmarks.pipeline --seeds 0 --epochs 10 --output pipeline_10_epochs
+Configurations ``pipeline`` (3 seeds x (no distillation, T=1, 2, 4), about 12 minutes on 2 cores),
+``pipeline_10_epochs`` and ``pipeline_ablation`` (``python -m benchmarks run pipeline``).
 
 Per seed, the residual CNN of ``examples/compress_digits.py`` (widths 16-32) trains dense for 6 epochs; every
 variant then fine-tunes a copy of that same dense model for 6 epochs with ``LowRankReplacement(rank=0.5)``,
 ``GradualPruning(amount=0.5, mode="structured")`` and ``QuantizationAwareTraining()`` at their defaults, with
 ``KnowledgeDistillation(teacher="self", temperature=T)`` (alpha 0.5) or without distillation. The number is the
-final int8 model's validation accuracy. Results: ``benchmarks/results/pipeline.{json,md}``.
+final int8 model's validation accuracy. With ``ablation`` the default pipeline (T=1) runs beside itself without
+each structural scheme instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
 import statistics
-import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import Context, Result
 from examples.data import DigitsDataModule
 from examples.models import ImageClassifier
 from lightning_compress import (
@@ -38,8 +32,22 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 
-TEMPERATURES = (None, 1.0, 2.0, 4.0)
+TITLE = "The four-scheme pipeline on digits: accuracy by distillation temperature"
 ABLATIONS = ("without low-rank", "without pruning")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings (a temperature None: the pipeline without distillation)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    dense_epochs: int = 6
+    epochs: int = 6  # compression epochs
+    temperatures: tuple[float | None, ...] = (None, 1.0, 2.0, 4.0)
+    ablation: bool = False  # the default pipeline (T=1) beside itself without each structural scheme
+
+
+QUICK = {"seeds": (0,), "dense_epochs": 1, "epochs": 1, "temperatures": (None, 1.0)}
 
 
 def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
@@ -72,22 +80,23 @@ def _callbacks(temperature: float | None, drop: str | None) -> list:
     return callbacks
 
 
-def run(seed: int, dense_epochs: int, epochs: int, ablation: bool = False) -> list[dict]:
+def run_seed(seed: int, args: Settings) -> list[dict]:
     pl.seed_everything(seed, verbose=False)
     data = DigitsDataModule(batch_size=64, shuffle=True, seed=seed)
     dense = ImageClassifier("residual_cnn", input_shape=(1, 8, 8), lr=1e-2, arch_kwargs={"widths": (16, 32)})
-    _trainer(dense_epochs, []).fit(dense, data)
+    _trainer(args.dense_epochs, []).fit(dense, data)
     dense_acc = _trainer(1, []).validate(dense, data, verbose=False)[0]["val_acc"]
     rows = []
-    # --ablation: the default pipeline (T=1) beside itself without each structural scheme.
     variants = (
-        [(1.0, None)] + [(1.0, d) for d in ABLATIONS] if ablation else [(t, None) for t in TEMPERATURES]
+        [(1.0, None)] + [(1.0, d) for d in ABLATIONS]
+        if args.ablation
+        else [(t, None) for t in args.temperatures]
     )
     for temperature, drop in variants:
         pl.seed_everything(seed, verbose=False)
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        trainer = _trainer(epochs, _callbacks(temperature, drop))
+        trainer = _trainer(args.epochs, _callbacks(temperature, drop))
         trainer.fit(model, data)
         acc = trainer.validate(model, data, verbose=False)[0]["val_acc"]
         rows.append(
@@ -105,79 +114,39 @@ def run(seed: int, dense_epochs: int, epochs: int, ablation: bool = False) -> li
     return rows
 
 
-def markdown(report: dict) -> str:
-    m = report["machine"]
+def markdown(args: Settings, runs: list[dict]) -> str:
     lines = [
-        "# The four-scheme pipeline on digits: accuracy by distillation temperature",
+        f"Residual CNN 16-32 ({args.dense_epochs} dense epochs, then {args.epochs} epochs of low-rank 0.5 + "
+        "structured pruning 0.5 + int8 QAT, alpha 0.5). Validation accuracy of the final int8 model; per seed and "
+        "mean ± std over seeds.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
-        f"lightning {m['lightning']}. Wall time {report['wall_seconds'] / 60:.1f} min. "
-        f"Command: `python -m benchmarks.pipeline {' '.join(report['argv'])}`.",
-        "",
-        f"Residual CNN 16-32 ({report['config']['dense_epochs']} dense epochs, then "
-        f"{report['config']['epochs']} epochs of low-rank 0.5 + structured pruning 0.5 + int8 QAT, alpha 0.5). "
-        "Validation accuracy of the final int8 model; per seed and mean ± std over seeds.",
-        "",
-        "| variant | " + " | ".join(f"seed {s}" for s in report["config"]["seeds"]) + " | mean ± std |",
-        "|---|" + "---|" * (len(report["config"]["seeds"]) + 1),
+        "| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std |",
+        "|---|" + "---|" * (len(args.seeds) + 1),
     ]
-    dense = {r["seed"]: r["dense_val_acc"] for r in report["runs"]}
+    dense = {r["seed"]: r["dense_val_acc"] for r in runs}
     lines.append(
         "| dense (before compression) | "
-        + " | ".join(f"{dense[s]:.4f}" for s in report["config"]["seeds"])
+        + " | ".join(f"{dense[s]:.4f}" for s in args.seeds)
         + f" | {statistics.mean(dense.values()):.4f} |"
     )
-    variants = [(t, None) for t in TEMPERATURES] + [(1.0, drop) for drop in ABLATIONS]
-    for temperature, drop in variants:
-        runs = [r for r in report["runs"] if r["temperature"] == temperature and r.get("ablation") == drop]
-        if not runs:
+    variants = [(t, None) for t in args.temperatures] + [(1.0, drop) for drop in ABLATIONS]
+    for temperature, drop in dict.fromkeys(variants):
+        selected = [r for r in runs if r["temperature"] == temperature and r["ablation"] == drop]
+        if not selected:
             continue
-        by_seed = {r["seed"]: r["val_acc"] for r in runs}
+        by_seed = {r["seed"]: r["val_acc"] for r in selected}
         values = list(by_seed.values())
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(
             f"| {_label(temperature)}{', ' + drop if drop else ''} | "
-            + " | ".join(f"{by_seed[s]:.4f}" if s in by_seed else "" for s in report["config"]["seeds"])
+            + " | ".join(f"{by_seed[s]:.4f}" if s in by_seed else "" for s in args.seeds)
             + f" | {statistics.mean(values):.4f} ± {spread:.4f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 + 1 epochs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6, help="compression epochs")
-    parser.add_argument(
-        "--ablation", action="store_true", help="also the pipeline without each structural scheme"
-    )
-    parser.add_argument("--output", default=None, help="file stem under benchmarks/results/")
-    args = parser.parse_args()
+def run(args: Settings, context: Context) -> Result:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    config = {
-        "seeds": [0] if args.quick else args.seeds,
-        "dense_epochs": 1 if args.quick else 6,
-        "epochs": 1 if args.quick else args.epochs,
-        "ablation": args.ablation,
-    }
-    start = time.perf_counter()
-    runs: list[dict] = []
-    stem = args.output or ("pipeline_quick" if args.quick else "pipeline")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for seed in config["seeds"]:
-        runs += run(seed, config["dense_epochs"], config["epochs"], args.ablation)
-    report = {
-        "config": config,
-        "machine": {**machine(), "load": os.getloadavg()},
-        "argv": sys.argv[1:],
-        "wall_seconds": time.perf_counter() - start,
-        "runs": runs,
-    }
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-
-
-if __name__ == "__main__":
-    main()
+    runs = [row for seed in args.seeds for row in run_seed(seed, args)]
+    return Result({"runs": runs}, markdown(args, runs))

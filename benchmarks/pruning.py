@@ -7,17 +7,13 @@
    torch-pruning used by hand (prune once after dense training, then fine-tune the same number of epochs):
    MACs, parameters, CPU latency at batch 1 and 64 (interleaved, median of repeats), test accuracy.
 
-Run from the repository root (needs ``apt-get install -y dataset-fashion-mnist``)::
-
-    python -m benchmarks.pruning              # full run
-    python -m benchmarks.pruning --quick      # a few minutes: fewer images and epochs
+Configuration ``pruning`` (``python -m benchmarks run pruning``; needs ``apt-get install -y dataset-fashion-mnist``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,18 +22,55 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from benchmarks.common import (
-    RESULTS,
+    Context,
     CosineClassifier,
+    Result,
     fit,
-    machine,
+    image_data,
     markdown_table,
     test_accuracy,
-    write_results,
 )
-from examples.data import FashionMNISTDataModule
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
 from lightning_compress.stats import compare_latency, count_macs, count_parameters
+
+TITLE = "Pruning on Fashion-MNIST: GradualPruning vs Lightning's ModelPruning vs torch-pruning by hand"
+PARTS = ("unstructured", "structured", "step_time")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    parts: tuple[str, ...] = PARTS
+    epochs: int = 10  # epochs of the unstructured runs
+    structured_epochs: int = 4
+    limit_train: int | None = None  # use only the first N training images
+    repeats: int = 30
+    seed: int = 0
+    seeds: int = 1  # unstructured runs: seeds per model and method
+    archs: tuple[str, ...] = ("lenet_300_100", "lenet5")  # unstructured models
+    step_time_rounds: int = 3
+    step_time_steps: int = 300  # training batches per timed epoch
+    cnn_widths: tuple[int, ...] = (32, 64, 128)  # of the structured part's residual CNN
+
+    def __post_init__(self) -> None:
+        unknown = set(self.parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"`parts={self.parts}`: unknown {sorted(unknown)}; use some of {PARTS}.")
+
+
+QUICK = {
+    "limit_train": 2000,
+    "epochs": 2,
+    "structured_epochs": 2,
+    "repeats": 10,
+    "seeds": 1,
+    "archs": ("lenet_300_100",),
+    "step_time_rounds": 1,
+    "step_time_steps": 20,
+    "cnn_widths": (16, 32, 64),
+}
 
 
 def _weight_sparsity(model: nn.Module) -> float:
@@ -46,13 +79,13 @@ def _weight_sparsity(model: nn.Module) -> float:
     return zeros / sum(w.numel() for w in weights)
 
 
-def unstructured(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-seed runs and their summary (mean accuracy, spread, median step-time ratio)."""
+def unstructured(args: Settings, context: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Per-seed runs, their summary (mean accuracy, spread, median step-time ratio) and the training images."""
     runs = []
     prune_epochs = max(1, round(0.7 * args.epochs))
     per_epoch = 1 - (1 - 0.9) ** (1 / prune_epochs)  # compounds to 90% over the pruning epochs
     for arch in args.archs:
-        dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train)
+        dm = image_data(context, batch_size=128, limit_train=args.limit_train)
         for seed in range(args.seed, args.seed + args.seeds):
             dense_step = None
             for method in ("dense", "GradualPruning", "ModelPruning"):
@@ -111,16 +144,17 @@ def unstructured(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[d
                     "step_time_vs_dense": statistics.median(r["step_time_vs_dense"] for r in rows),
                 }
             )
-    return runs, summary
+    return runs, summary, len(dm.train_set)
 
 
-def step_times(args: argparse.Namespace) -> list[dict[str, Any]]:
+def step_times(args: Settings, context: Context) -> tuple[list[dict[str, Any]], int, int]:
     """Training step time at 90% sparsity, side by side: short fits of dense, GradualPruning and ModelPruning
     interleaved over rounds; each fit prunes to 90% after its first epoch, its second epoch is timed."""
     rows = []
-    steps = args.step_time_steps
     for arch in args.archs:
-        dm = FashionMNISTDataModule(batch_size=128, limit_train=128 * steps)
+        dm = image_data(context, batch_size=128, limit_train=128 * args.step_time_steps)
+        steps = len(dm.train_dataloader())
+        skip = min(10, (steps - 1) // 2)  # allocator and first-call warm-up
         times: dict[str, list[float]] = {"dense": [], "GradualPruning": [], "ModelPruning": []}
         for round_ in range(args.step_time_rounds):
             for method in times:
@@ -145,21 +179,21 @@ def step_times(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ]
                 _, timer = fit(model, dm, 2, callbacks, seed=args.seed + round_)
                 second_epoch = timer.times[-(steps - 1) :]
-                times[method].append(1000 * statistics.median(second_epoch[10:]))
+                times[method].append(1000 * statistics.median(second_epoch[skip:]))
         dense = statistics.median(times["dense"])
         for method, values in times.items():
             row = {
                 "model": arch,
                 "method": method,
                 "rounds": len(values),
-                "steps_timed": steps - 11,
+                "steps_timed": steps - 1 - skip,
                 "step_ms": statistics.median(values),
                 "step_time_vs_dense": statistics.median(values) / dense,
                 "step_ms_per_round": " ".join(f"{v:.3f}" for v in values),
             }
             print(row, flush=True)
             rows.append(row)
-    return rows
+    return rows, steps, skip
 
 
 def _prune_by_hand(model: ImageClassifier, example: torch.Tensor, ratio: float) -> None:
@@ -175,22 +209,23 @@ def _prune_by_hand(model: ImageClassifier, example: torch.Tensor, ratio: float) 
     pruner.step()
 
 
-def structured(args: argparse.Namespace) -> list[dict[str, Any]]:
-    dm = FashionMNISTDataModule(batch_size=128, limit_train=args.limit_train)
+def structured(args: Settings, context: Context) -> tuple[list[dict[str, Any]], int]:
+    dm = image_data(context, batch_size=128, limit_train=args.limit_train)
     epochs = args.structured_epochs
+    widths = {"widths": args.cnn_widths}
     models: dict[str, ImageClassifier] = {}
     rows = []
 
-    dense = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3)
+    dense = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3, arch_kwargs=widths)
     fit(dense, dm, epochs, seed=args.seed)
     models["dense"] = dense
 
-    ours = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3)
+    ours = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3, arch_kwargs=widths)
     pruning = GradualPruning(amount=0.5, mode="structured", start=0.25, end=0.6, round_to=8)
     fit(ours, dm, epochs, [pruning], seed=args.seed)
     models["GradualPruning structured"] = ours
 
-    hand = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3)
+    hand = ImageClassifier("residual_cnn", input_shape=(1, 28, 28), lr=1e-3, arch_kwargs=widths)
     pre = epochs // 2
     fit(hand, dm, pre, seed=args.seed)
     _prune_by_hand(hand, torch.zeros(1, 1, 28, 28), 0.5)
@@ -228,7 +263,7 @@ def structured(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["masked_vs_pruned_max_abs_diff"] = pruning.materialize_max_abs_diff
         print(row)
         rows.append(row)
-    return rows
+    return rows, len(dm.train_set)
 
 
 def targets(results: dict[str, Any]) -> dict[str, bool]:
@@ -260,12 +295,11 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
     return met
 
 
-def report(results: dict[str, Any]) -> str:
+def report(results: dict[str, Any], settings: Settings) -> str:
     """The Markdown tables, the settings and the targets of a results dictionary."""
     tables = []
     if "unstructured" in results:
-        settings = results.get("unstructured_settings", results["settings"])
-        prune_epochs = max(1, round(0.7 * settings["epochs"]))
+        prune_epochs = max(1, round(0.7 * settings.epochs))
         tables.append(
             "## Unstructured 90%\n\n"
             + markdown_table(
@@ -283,15 +317,14 @@ def report(results: dict[str, Any]) -> str:
                     "step_time_vs_dense",
                 ],
             )
-            + f"\n\nSettings: {settings['limit_train'] or 55_000} training images, batch 128, Adam lr 1e-3 "
-            f"decaying to zero on a cosine (per step), {settings['epochs']} epochs, the same seeds and data order for the three methods. GradualPruning: AGP "
+            + f"\n\nSettings: {results['train_images']:,} training images, batch 128, Adam lr 1e-3 "
+            f"decaying to zero on a cosine (per step), {settings.epochs} epochs, the same seeds and data order for the three methods. GradualPruning: AGP "
             f"to 90% over epochs 1 to {prune_epochs}, one global threshold. ModelPruning: global L1, per-epoch "
             f"amounts compounding to 90% at the ends of epochs 0 to {prune_epochs - 1}, lottery ticket off. Step time: "
             "median interval between the starts of consecutive training batches (everything a step costs); "
             "ratio to the dense run of the same seed, median over seeds."
         )
     if "step_time" in results:
-        settings = results.get("step_time_settings", results["settings"])
         tables.append(
             "## Training step time at 90% sparsity, side by side\n\n"
             + markdown_table(
@@ -306,14 +339,13 @@ def report(results: dict[str, Any]) -> str:
                     "step_ms_per_round",
                 ],
             )
-            + f"\n\nSettings: per round, one short fit per method in turn ({settings['step_time_rounds']} rounds): "
-            f"epoch 0 ({settings['step_time_steps']} batches of 128) trains and then prunes to 90% (GradualPruning "
+            + f"\n\nSettings: per round, one short fit per method in turn ({settings.step_time_rounds} rounds): "
+            f"epoch 0 ({results['step_time_batches']} batches of 128) trains and then prunes to 90% (GradualPruning "
             "one-shot at the start of epoch 1, ModelPruning at the end of epoch 0), epoch 1 is timed (median "
-            "interval between batch starts, first 10 skipped); medians over the rounds."
+            f"interval between batch starts, the first {results['step_time_skipped']} skipped); medians over the rounds."
         )
     if "structured" in results:
-        settings = results.get("structured_settings", results["settings"])
-        epochs = settings["structured_epochs"]
+        epochs = settings.structured_epochs
         tables.append(
             "## Structured 50% of channels\n\n"
             + markdown_table(
@@ -330,12 +362,13 @@ def report(results: dict[str, Any]) -> str:
                     "latency_b64_ms",
                 ],
             )
-            + f"\n\nSettings: residual CNN (3 stages, skip connections, BatchNorm), "
-            f"{settings['limit_train'] or 55_000} training images, {epochs} epochs for every model. GradualPruning: "
+            + f"\n\nSettings: residual CNN {'-'.join(map(str, settings.cnn_widths))} (3 stages, skip connections, "
+            "BatchNorm), "
+            f"{results['train_images']:,} training images, {epochs} epochs for every model. GradualPruning: "
             "structured L1 group magnitude, 50% of the channels between 0.25 and 0.6 of training, round_to=8, "
             f"removed at the end. By hand: {epochs // 2} dense epochs, torch-pruning once (same criterion, ratio, "
             f"round_to), {epochs - epochs // 2} fine-tuning epochs. Latency: eval mode, inference_mode, "
-            f"{results.get('structured_machine', results.get('machine') or machine())['torch_threads']} threads, the models timed interleaved, 3 rounds x {settings['repeats']} "
+            f"{results['latency_threads']} threads, the models timed interleaved, 3 rounds x {settings.repeats} "
             "calls after warm-up, medians."
         )
     tables.append(
@@ -346,57 +379,19 @@ def report(results: dict[str, Any]) -> str:
     return "\n\n".join(tables)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of the unstructured runs")
-    parser.add_argument("--structured-epochs", type=int, default=4)
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=1, help="unstructured runs: seeds per model and method")
-    parser.add_argument("--archs", nargs="+", default=["lenet_300_100", "lenet5"], help="unstructured models")
-    parser.add_argument("--quick", action="store_true", help="10k images, 3 + 2 epochs")
-    parser.add_argument("--only", choices=("unstructured", "structured", "step_time"), default=None)
-    parser.add_argument("--step-time-rounds", type=int, default=3)
-    parser.add_argument("--step-time-steps", type=int, default=300, help="training batches per timed epoch")
-    parser.add_argument(
-        "--report-only", action="store_true", help="rewrite the Markdown and targets from the stored JSON"
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.limit_train, args.epochs, args.structured_epochs, args.repeats = 10_000, 3, 2, 10
+def run(args: Settings, context: Context) -> Result:
     torch.manual_seed(args.seed)
-
-    results: dict[str, Any] = {"settings": vars(args)}
-    name = "pruning_quick" if args.quick else "pruning"
-    previous = RESULTS / f"{name}.json"
-    if args.only and previous.exists():
-        # Rerunning one part keeps the other part's stored results (with the settings they were run with).
-        stored = json.loads(previous.read_text())
-        for part in ("unstructured", "structured", "step_time"):
-            if part != args.only and part in stored:
-                results[part] = stored[part]
-                if f"{part}_runs" in stored:
-                    results[f"{part}_runs"] = stored[f"{part}_runs"]
-                results[f"{part}_settings"] = stored.get(f"{part}_settings", stored["settings"])
-                results[f"{part}_machine"] = stored.get(f"{part}_machine", stored["machine"])
-    results[f"{args.only or 'unstructured'}_settings"] = vars(args)
-    results[f"{args.only or 'unstructured'}_machine"] = machine()
-    if args.only is None:
-        results["structured_settings"] = vars(args)
-        results["structured_machine"] = results["step_time_machine"] = machine()
-    if args.report_only:
-        results = json.loads(previous.read_text())
-    else:
-        if args.only in (None, "unstructured"):
-            results["unstructured_runs"], results["unstructured"] = unstructured(args)
-        if args.only in (None, "structured"):
-            results["structured"] = structured(args)
-        if args.only in (None, "step_time"):
-            results["step_time"] = step_times(args)
+    results: dict[str, Any] = {}
+    if "unstructured" in args.parts:
+        results["unstructured_runs"], results["unstructured"], results["train_images"] = unstructured(
+            args, context
+        )
+    if "structured" in args.parts:
+        results["structured"], results["train_images"] = structured(args, context)
+        results["latency_threads"] = torch.get_num_threads()
+    if "step_time" in args.parts:
+        results["step_time"], results["step_time_batches"], results["step_time_skipped"] = step_times(
+            args, context
+        )
     results["targets"] = targets(results)
-    write_results(name, results, report(results))
-
-
-if __name__ == "__main__":
-    main()
+    return Result(results, report(results, args))

@@ -6,21 +6,19 @@ with mask updates at known steps; the update is timed around the callback's deci
 masks, applying them, the logged statistics) and the step time is the median of the steps without an update.
 One update per configuration is also profiled with cProfile (the functions with the most own time).
 
-Run from the repository root::
-
-    python -m benchmarks.pruning_update_cost                   # writes results/pruning_update_cost.{json,md}
-    python -m benchmarks.pruning_update_cost --name NAME       # another result name (e.g. for a baseline)
+Configuration ``pruning_update_cost`` (``python -m benchmarks run pruning_update_cost``); its table also shows the
+stored ``pruning_update_cost_before`` result of an earlier version, as the columns ``..._before``.
 """
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
 import pstats
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,8 +27,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import RESULTS, StepTimer, markdown_table, write_results
+from benchmarks.common import RESULTS, Context, Result, StepTimer, markdown_table
 from lightning_compress import GradualPruning
+
+TITLE = "Cost of one GradualPruning mask update against one training step (ResNet-18)"
 
 
 class BasicBlock(nn.Module):
@@ -150,7 +150,7 @@ def _top(profiler: cProfile.Profile, n: int = 8) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["own_s"])[:n]
 
 
-CONFIGS: list[dict[str, Any]] = [
+CASES: list[dict[str, Any]] = [
     {"mode": "unstructured", "criterion": "l1", "scope": "layer"},
     {"mode": "unstructured", "criterion": "l1", "scope": "global"},
     {"mode": "unstructured", "criterion": "random", "scope": "layer"},
@@ -162,7 +162,42 @@ CONFIGS: list[dict[str, Any]] = [
 ]
 
 
-def run(config: dict[str, Any], size: int, steps: int, batch: int) -> dict[str, Any]:
+def _label(config: dict[str, Any]) -> str:
+    return config["mode"] + ("" if config["mode"] == "2:4" else f" {config['criterion']} {config['scope']}")
+
+
+LABELS = tuple(_label(config) for config in CASES)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    size: int = 32  # input height and width
+    steps: int = 16  # optimizer steps per fit
+    batch: int = 32
+    threads: int = 2
+    configs: tuple[str, ...] = LABELS  # which modes/criteria/scopes to time
+    baseline: str | None = None  # a stored result of an earlier version to show beside this one
+
+    def __post_init__(self) -> None:
+        unknown = set(self.configs) - set(LABELS)
+        if unknown:
+            raise ValueError(f"`configs={self.configs}`: unknown {sorted(unknown)}; use some of {LABELS}.")
+        if self.steps < 14:
+            raise ValueError(f"`steps={self.steps}`: the updates run at steps 4 to 12; use 14 or more.")
+
+
+QUICK = {
+    "configs": ("unstructured l1 layer", "structured l1 layer"),
+    "baseline": None,
+    "steps": 14,
+    "batch": 8,
+    "threads": 1,
+}
+
+
+def measure(config: dict[str, Any], size: int, steps: int, batch: int) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     x = torch.randn(steps * batch, 3, size, size)
     y = torch.randint(0, 10, (steps * batch,))
@@ -201,9 +236,8 @@ def run(config: dict[str, Any], size: int, steps: int, batch: int) -> dict[str, 
     plain = [t for i, t in enumerate(timer.times) if i >= 2 and i not in clock.times]
     step = statistics.median(plain)
     update = statistics.median(clock.update_times)
-    label = config["mode"] + ("" if config["mode"] == "2:4" else f" {config['criterion']} {config['scope']}")
     return {
-        "config": label,
+        "config": _label(config),
         **config,
         "updates": len(clock.update_times),
         "step_ms": 1000 * step,
@@ -214,63 +248,39 @@ def run(config: dict[str, Any], size: int, steps: int, batch: int) -> dict[str, 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--name", default="pruning_update_cost", help="result file name in benchmarks/results/"
-    )
-    parser.add_argument("--size", type=int, default=32, help="input height and width")
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per fit")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default=None, help="run only the configurations whose label contains this")
-    args = parser.parse_args()
+def run(args: Settings, context: Context) -> Result:
     torch.set_num_threads(args.threads)
     rows = []
-    for config in CONFIGS:
-        label = config["mode"] + (
-            "" if config["mode"] == "2:4" else f" {config['criterion']} {config['scope']}"
-        )
-        if args.only and args.only not in label:
+    for config in CASES:
+        if _label(config) not in args.configs:
             continue
-        row = run(config, args.size, args.steps, args.batch)
+        row = measure(config, args.size, args.steps, args.batch)
         print(
             f"{row['config']}: step {row['step_ms']:.0f} ms, update {row['update_ms']:.0f} ms, ratio {row['ratio']:.2f}"
         )
         rows.append(row)
-    if args.only and (RESULTS / f"{args.name}.json").exists():
-        # A partial run replaces its configurations in the existing results and keeps the others.
-        done = {r["config"] for r in rows}
-        kept = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
-        order = [
-            c["mode"] + ("" if c["mode"] == "2:4" else f" {c['criterion']} {c['scope']}") for c in CONFIGS
-        ]
-        rows = sorted(
-            [r for r in kept if r["config"] not in done] + rows, key=lambda r: order.index(r["config"])
-        )
-    before_path = RESULTS / "pruning_update_cost_before.json"
     before = {}
-    if args.name != "pruning_update_cost_before" and before_path.exists():
-        before = {r["config"]: r for r in json.loads(before_path.read_text())["rows"]}
+    if args.baseline is not None:
+        before = {r["config"]: r for r in json.loads((RESULTS / f"{args.baseline}.json").read_text())["rows"]}
     for row in rows:
         if row["config"] in before:
             row["ratio_before"] = before[row["config"]]["ratio"]
             row["update_ms_before"] = before[row["config"]]["update_ms"]
-    command = f"python -m benchmarks.pruning_update_cost --name {args.name}"
     payload = {
-        "command": command,
         "model": f"ResNet-18 (torchvision layout), input 3x{args.size}x{args.size}, batch {args.batch}",
-        "threads": args.threads,
-        "steps": args.steps,
         "rows": rows,
     }
     columns = ["config", "updates", "step_ms", "update_ms", "ratio"]
     if before:
         columns = ["config", "updates", "step_ms", "update_ms_before", "ratio_before", "update_ms", "ratio"]
     table = markdown_table(rows, columns)
-    table += f"\n\n`ratio` = one mask update / one training step. Command: `{command}`\n"
-    write_results(args.name, payload, table)
-
-
-if __name__ == "__main__":
-    main()
+    table += (
+        f"\n\n`ratio` = one mask update / one training step (medians), in the same fit; ResNet-18 on "
+        f"3x{args.size}x{args.size} inputs, batch {args.batch}, {args.threads} torch thread(s)."
+    )
+    if before:
+        table += (
+            f" The `..._before` columns are the stored result `{args.baseline}` of an earlier version, measured in "
+            "another run: compare its ratio, not its milliseconds."
+        )
+    return Result(payload, table)

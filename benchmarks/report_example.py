@@ -9,18 +9,13 @@ Two fits of the demo network (small CNN on scikit-learn's digits, 8 epochs, seed
   model holds a converted int8 graph, so the monitor times both models compiled (``compile_for_cpu``), and the
   QAT callback's own measurement of the same two models is printed beside it.
 
-Run from the repository root (about 3 minutes on 2 cores)::
-
-    python -m benchmarks.report_example
-
-Writes ``benchmarks/results/report_example.{json,md}`` and the report files and figures under
-``benchmarks/results/report_example/``.
+Configuration ``report_example`` (``python -m benchmarks run report_example``): writes the result files and, under
+``benchmarks/results/report_example/``, each fit's CSV logs, report and figures.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +23,33 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from benchmarks.common import RESULTS, write_results
+from benchmarks.common import Context, Result, shown
 from examples.data import DigitsDataModule
 from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor, GradualPruning, QuantizationAwareTraining
 from lightning_compress.report import format_report
 
+TITLE = "CompressionMonitor reports of the digits demo (the examples of docs/monitor.md)"
+SCHEMES = ("pruning", "int8")
 
-def run(name: str, scheme: pl.Callback, epochs: int, out: Path) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Settings:
+    """The full run's settings."""
+
+    epochs: int = 8
+    schemes: tuple[str, ...] = SCHEMES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.schemes) - set(SCHEMES)
+        if unknown:
+            raise ValueError(f"`schemes={self.schemes}`: unknown {sorted(unknown)}; use some of {SCHEMES}.")
+
+
+QUICK = {"epochs": 1}
+
+
+def fit_with_monitor(name: str, scheme: pl.Callback, epochs: int, out: Path) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     monitor = CompressionMonitor(
         log_every_n_steps=5,
@@ -71,20 +85,17 @@ def run(name: str, scheme: pl.Callback, epochs: int, out: Path) -> dict[str, Any
     return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--only", choices=["pruning", "int8"], default=None)
-    args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+def run(args: Settings, context: Context) -> Result:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    out = RESULTS / "report_example"
+    out = context.files
     runs = {
         "pruning": lambda: GradualPruning(amount=0.5, mode="structured", start=0.1, end=0.6),
         "int8": lambda: QuantizationAwareTraining(scheme="int8", start=0.5, measure=True),
     }
     results = {
-        name: run(name, make(), args.epochs, out) for name, make in runs.items() if args.only in (None, name)
+        name: fit_with_monitor(name, make(), args.epochs, out)
+        for name, make in runs.items()
+        if name in args.schemes
     }
     sections = []
     for name, result in results.items():
@@ -96,13 +107,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"fp32 {m['latency_fp32_ms']:.3f} ms, int8 {m['latency_int8_ms']:.3f} ms, {m['speedup']:.2f}x"
             )
         sections.append(section)
-    write_results(
-        "report_example",
-        {name: {k: v for k, v in r.items() if k != "table"} for name, r in results.items()},
-        "\n\n".join(sections),
-    )
-    return results
-
-
-if __name__ == "__main__":
-    main()
+    sections.append(f"Logs, reports and figures of each fit: `{shown(out)}`.")
+    payload = {name: {k: v for k, v in r.items() if k != "table"} for name, r in results.items()}
+    return Result(payload, "\n\n".join(sections))
