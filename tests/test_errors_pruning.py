@@ -86,8 +86,15 @@ AT_CONSTRUCTION = [
     ({"amount": 0.5, "min_params": -1}, ValueError, r"`min_params=-1` must be a non-negative integer"),
     ({"amount": 0.5, "round_to": 0}, ValueError, r"`round_to=0` must be a positive integer"),
     ({"amount": 0.5, "round_to": True}, ValueError, r"`round_to=True` must be a positive integer"),
+    ({"amount": 0.5, "finalize": "yes"}, TypeError, r"`finalize='yes'` must be True or False"),
+    ({"amount": 0.5, "per_layer": 1}, TypeError, r"`per_layer=1` must be True or False"),
     ({"amount": 0.5, "materialize": "yes"}, TypeError, r"`materialize='yes'` must be True or False"),
     ({"amount": 0.5, "log_per_layer": 1}, TypeError, r"`log_per_layer=1` must be True or False"),
+    (
+        {"amount": 0.5, "materialize": True, "finalize": False},
+        ValueError,
+        r"got both `materialize=True` and `finalize=False`: give only `finalize`",
+    ),
     ({"amount": 0.5, "seed": "0"}, TypeError, r"`seed='0'` must be an integer"),
 ]
 

@@ -61,7 +61,7 @@ class AdamWClassifier(ImageClassifier):
 
 
 def test_under_adamw_pruned_weights_stay_zero_and_their_second_moments_stay_normal(tmp_path, digits):
-    pruning = GradualPruning(amount=0.8, start=0.0, end=0.3, frequency=2, materialize=False)
+    pruning = GradualPruning(amount=0.8, start=0.0, end=0.3, frequency=2, finalize=False)
     check = ZerosAfterEveryStep(pruning)
     model = AdamWClassifier("small_cnn")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=11), callbacks=[pruning, check])
@@ -274,7 +274,7 @@ def test_structured_masks_zero_whole_groups_during_training(tmp_path, digits):
             self.consumer_in = pl_module.net[3].weight[:, removed].abs().sum().item()
             self.n_removed = len(removed)
 
-    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, materialize=False)
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, finalize=False)
     inspect, check = Inspect(), ZerosAfterEveryStep(pruning)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, inspect, check])
     trainer.fit(SGDClassifier("small_cnn", weight_decay=1e-3), datamodule=digits)  # momentum and weight decay
@@ -435,8 +435,7 @@ def test_taylor_scores_are_averaged_over_processes_before_the_decision():
             return tensor * 2  # what another rank's scores would add
 
     pruning = GradualPruning(amount=0.5, mode="structured", criterion="taylor", start="step:1")
-    pruning._taylor = {"net.0.weight": torch.ones(3)}
-    reduced = pruning._reduced_taylor(SimpleNamespace(strategy=Strategy()))
+    reduced = pruning._reduced_taylor(SimpleNamespace(strategy=Strategy()), {"net.0.weight": torch.ones(3)})
     assert calls == ["mean"] and torch.equal(reduced["net.0.weight"], torch.full((3,), 2.0))
 
 
@@ -491,7 +490,7 @@ def test_tied_weights_are_pruned_once_with_one_mask(tmp_path, kwargs, modules):
     trainer.fit(model)
     assert model.dec.weight is model.emb.weight
     # One mask for the shared tensor, under the name `named_parameters()` gives it.
-    assert sorted(pruning._params) == ["emb.weight", "mid.weight"]
+    assert sorted(pruning._plan.params) == ["emb.weight", "mid.weight"]
     assert check.checked > 0 and check.violations == 0
     assert int((model.emb.weight == 0).sum()) == 32 * 16 * (0.5 if "mode" in kwargs else 0.75)
 
@@ -559,3 +558,37 @@ def test_a_pruned_checkpoint_names_the_loader_to_use(tmp_path, digits):
         RuntimeError, match=r"channels were removed by structured pruning.*load_pruned_checkpoint"
     ):
         again.fit(ImageClassifier("small_cnn"), datamodule=digits, ckpt_path=tmp_path / "final.ckpt")
+
+
+def test_deprecated_materialize_and_log_per_layer_still_work_and_warn(tmp_path, digits):
+    with pytest.warns(
+        DeprecationWarning, match=r"`GradualPruning\(materialize=...\)` is deprecated: use `finalize"
+    ):
+        pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5, materialize=False)
+    with pytest.warns(DeprecationWarning, match=r"`GradualPruning\(log_per_layer=...\)` is deprecated"):
+        assert GradualPruning(amount=0.5, log_per_layer=True).per_layer is True
+    model = ImageClassifier("small_cnn")
+    pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning]).fit(model, datamodule=digits)
+    # `materialize=False` is `finalize=False`: the channels are masked, not removed, and the masks are kept.
+    assert model.net[0].out_channels == 16 and not pruning.materialized
+    assert len(pruning.plan["net.0"]) == 8 and float((model.net[0].weight == 0).float().mean()) == 0.5
+    assert pruning.masks and pruning.finalize_at_end is False
+
+
+def test_gradual_pruning_alone_keeps_no_copy_of_the_model(tmp_path, digits):
+    from lightning_compress._lightning import _ORIGINALS
+
+    class CountCopies(Callback):
+        def __init__(self):
+            self.copies = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.copies.append(trainer in _ORIGINALS)
+
+    check = CountCopies()
+    pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=4), callbacks=[pruning, check])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert check.copies == [False] * 4
+    assert not pruning.needs_original and pruning.changes_structure and pruning.selects_layers
+    assert not GradualPruning(amount=0.5).changes_structure

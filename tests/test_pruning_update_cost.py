@@ -110,7 +110,7 @@ def test_structured_updates_reuse_the_dependency_graph_traced_in_setup(
     real_build = structured._build_graph
     monkeypatch.setattr(structured, "_build_graph", lambda *a, **k: traces.append(1) or real_build(*a, **k))
     pruning = GradualPruning(
-        amount=0.5, mode="structured", start=0.0, end=0.9, frequency=frequency, materialize=False
+        amount=0.5, mode="structured", start=0.0, end=0.9, frequency=frequency, finalize=False
     )
     counter = _CountUpdates(pruning)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[pruning, counter])

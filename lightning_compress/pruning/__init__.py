@@ -1,6 +1,15 @@
-"""Pruning: masks (unstructured, N:M), structured channel and head groups, and the GradualPruning callback."""
+"""Pruning: masks (unstructured, N:M), structured channel and head groups, the plain-torch core (``PruningConfig``,
+``PruningPlan``, ``prune_``) and the GradualPruning callback."""
 
-from lightning_compress.pruning.gradual import PRUNED_CHECKPOINT_KEY, GradualPruning, load_pruned_checkpoint
+from lightning_compress.pruning.core import (
+    PRUNED_CHECKPOINT_KEY,
+    PruningConfig,
+    PruningPlan,
+    load_pruned_checkpoint,
+    prune_,
+    pruning_schedule,
+)
+from lightning_compress.pruning.gradual import GradualPruning
 from lightning_compress.pruning.heads import HeadPruner, PrunedMultiheadAttention
 from lightning_compress.pruning.masks import (
     apply_masks,
@@ -22,6 +31,8 @@ __all__ = [
     "HeadPruner",
     "NoChannelGroupError",
     "PrunedMultiheadAttention",
+    "PruningConfig",
+    "PruningPlan",
     "StructuredPruner",
     "apply_masks",
     "is_two_four_sparse",
@@ -31,6 +42,8 @@ __all__ = [
     "nm_mask",
     "nm_masks",
     "pack_mask",
+    "prune_",
+    "pruning_schedule",
     "to_semi_structured",
     "unpack_mask",
     "unstructured_masks",

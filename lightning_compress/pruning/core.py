@@ -1,0 +1,878 @@
+"""Pruning on a plain ``nn.Module``, without a Trainer: what to prune, the masks and channel plan of one model, one verb.
+
+- :class:`PruningConfig` says *what*: the mode (unstructured, N:M, structured channels and attention heads),
+  the criterion, the scope, the layers;
+- :class:`PruningPlan` holds *where one model stands*: the selected weights (or channel groups), the masks
+  that prune them and, for structured pruning, the removed channels and heads. It computes masks for an
+  amount (masks only grow), applies them, keeps them exact through optimizer steps, measures the result and
+  finally makes the pruning permanent (:meth:`PruningPlan.finalize`: drop the masks, or remove the channels);
+- :func:`prune_` prunes a model in one shot.
+
+``GradualPruning`` is a schedule and a Trainer lifecycle around a :class:`PruningPlan`.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> plan = prune_(model, PruningConfig(amount=0.75))
+    >>> float((model[0].weight == 0).float().mean()), float((model[2].weight == 0).float().mean())
+    (0.75, 0.75)
+    >>> plan = prune_(model, PruningConfig(amount=0.5, mode="structured", round_to=1), example_input=torch.randn(1, 16))
+    >>> model[0].out_features, model[2].in_features, plan.max_abs_diff < 1e-6
+    (16, 16, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_compress import _checks
+from lightning_compress._inputs import call_module, to_device
+from lightning_compress.pruning.masks import (
+    CRITERIA,
+    apply_masks,
+    nm_masks,
+    pack_mask,
+    unpack_mask,
+    unstructured_masks,
+    validate_nm,
+)
+from lightning_compress.schedules import Point, Schedule, ScheduleFn
+from lightning_compress.selection import ModuleSelection, Selector
+from lightning_compress.stats import count_macs, count_macs_by_module
+
+MODES = ("unstructured", "structured", "N:M")
+# Optimizer state that optimizers take the square root of (Adam, AdamW, AMSGrad, RMSprop, Adagrad). For pruned
+# entries it is parked at 1.0 rather than 0.0: the update stays exactly zero (the first moment and the gradient
+# are zero), but the CPU's vectorized sqrt is about 20x slower on zeros than on normal floats, and a value that
+# decays toward zero turns denormal, slower still. Parking keeps the step of a 90% sparse model as fast as dense.
+_SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+# Saved in the `state_dict` of a checkpoint written after channels were removed. Loading such a checkpoint into a
+# freshly built (unpruned) model fails on the shapes, and Lightning's `load_from_checkpoint` cannot be changed to
+# rebuild them; strict loading lists unexpected keys first, so this key tells the user what to use instead.
+PRUNED_CHECKPOINT_KEY = (
+    "lightning_compress: channels were removed by GradualPruning(mode='structured'); load this checkpoint with "
+    "`lightning_compress.pruning.gradual.load_pruned_checkpoint(YourModule(...), path)`, not load_from_checkpoint"
+)
+# What every such hint key starts with (the same prefix for the hints of every callback of this package).
+HINT_PREFIX = "lightning_compress: "
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What to prune: checked when built, so a bad value fails before any model is touched.
+
+    Args:
+        amount: the fraction removed, in ``[0, 1)``: of the selected weights (unstructured), of the channels and
+            attention heads of the selected layers (structured). ``mode="N:M"`` fixes it at ``1 - N/M``: leave it
+            unset (``None``).
+        mode: ``"unstructured"``, ``"structured"`` or N:M numbers such as ``"2:4"``.
+        criterion: ``"l1"``, ``"l2"``, ``"random"``; structured also ``"bn_scale"`` and ``"taylor"`` (needs
+            gradients).
+        scope: ``"layer"`` (every layer loses ``amount``) or ``"global"`` (one ranking across layers).
+        max_layer_amount: unstructured ``scope="global"`` only: the most any one layer may lose, in
+            ``[amount, 1]`` (``None``: no limit).
+        modules: layers to prune (types and/or name patterns); structured: the layers whose output channels go.
+        exclude: layers to leave alone.
+        min_params: leave out layers with fewer parameters.
+        round_to: structured: keep channel counts a multiple of this (1 disables rounding).
+        seed: seed of the random criterion.
+
+    Example::
+
+        >>> PruningConfig(mode="2:4").amount, PruningConfig(mode="2:4").kind, PruningConfig(mode="2:4").nm
+        (0.5, 'N:M', (2, 4))
+        >>> PruningConfig(amount=0.5, mode="structured", criterion="taylor").changes_structure
+        True
+        >>> PruningConfig(amount=0.5, criterion="taylor")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `criterion='taylor'`. Use one of 'l1', 'l2', 'random'.
+    """
+
+    amount: float | None = None
+    mode: str = "unstructured"
+    criterion: str = "l1"
+    scope: str = "layer"
+    max_layer_amount: float | None = None
+    modules: Selector = (nn.Conv2d, nn.Linear)
+    exclude: Selector = None
+    min_params: int = 0
+    round_to: int = 8
+    seed: int = 0
+    kind: str = field(init=False, repr=False, compare=False)
+    nm: tuple[int, int] | None = field(init=False, repr=False, compare=False)
+    selection: ModuleSelection = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from lightning_compress.pruning.structured import IMPORTANCES
+
+        kind, amount, nm = _checks.check_pruning_mode(self.mode, self.amount)
+        criteria = IMPORTANCES if kind == "structured" else CRITERIA
+        _checks.check_pruning_method(self.mode, kind, self.criterion, self.scope, criteria)
+        for name, value in (("kind", kind), ("amount", amount), ("nm", nm)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(
+            self,
+            "max_layer_amount",
+            _checks.check_max_layer_amount(self.max_layer_amount, amount, kind, self.scope),
+        )
+        _checks.check_round_to(self.round_to)
+        _checks.check_int(self.seed, "seed", hint="the seed of the random criterion.")
+        object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
+
+    @property
+    def changes_structure(self) -> bool:
+        """Whether finalizing removes modules' channels (structured) rather than leaving zeros in place."""
+        return self.kind == "structured"
+
+
+class PruningPlan:
+    """What ``config`` prunes in ``model`` and how far it got: masks, and for structured pruning the plan.
+
+    Built once per model: it selects the layers (and, for structured pruning, traces the model once on
+    ``example_input`` with torch-pruning's dependency graph). Then :meth:`compute_masks` chooses what to prune
+    at an amount (what was pruned stays pruned), :meth:`apply` zeroes it, and :meth:`finalize` makes it permanent.
+    Masks are bool tensors (``True`` = keep) by parameter name; a weight shared by several layers (a tied
+    embedding and decoder) has one mask, under the name ``named_parameters()`` gives it.
+
+    Args:
+        model: the model to prune (its weights are not changed here).
+        config: what to prune.
+        example_input: one input batch; needed by structured pruning (tracing), optional otherwise (it gives
+            the MACs that skip zero weights, :meth:`statistics`). Default: ``model.example_input_array``.
+        caller: the name that warnings start with.
+        quiet: warn nothing (e.g. on every process but one, which all take the same decisions).
+
+    Attributes:
+        params: the parameters masks apply to, by name.
+        masks: the current masks, by parameter name (empty before :meth:`compute_masks` and after
+            :meth:`finalize`).
+        removed: structured: ``{channel group root or attention module: removed indices}``.
+        amount: the amount the current masks prune.
+        grads: summed gradients (:meth:`accumulate_gradients`) for ``criterion="taylor"``.
+        max_abs_diff: after a structured :meth:`finalize`, the largest output difference between the masked
+            model and the one with the channels removed.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> plan = PruningPlan(model, PruningConfig(amount=0.5, scope="global"))
+        >>> masks = plan.compute_masks(0.25)
+        >>> plan.apply()
+        >>> round(plan.statistics()["weight_sparsity"], 3)
+        0.25
+        >>> _ = plan.compute_masks(0.5)
+        >>> plan.apply()
+        >>> int((model[0].weight == 0).sum() + (model[2].weight == 0).sum()), plan.finalize(), plan.masks
+        (40, None, {})
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruningConfig,
+        example_input: Any = None,
+        *,
+        caller: str = "prune_",
+        quiet: bool = False,
+    ) -> None:
+        self.model, self.config, self.caller, self.quiet = model, config, caller, quiet
+        self.example = (
+            example_input if example_input is not None else getattr(model, "example_input_array", None)
+        )
+        self.structure: _Structure | None = None
+        self.params: dict[str, nn.Parameter] = {}
+        self.masks: dict[str, Tensor] = {}
+        self.removed: dict[str, list[int]] = {}
+        self.amount = 0.0
+        self.grads: dict[str, Tensor] = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.max_abs_diff: float | None = None
+        self.dense_macs = 0
+        self.layer_macs: dict[str, int] = {}
+        self._keep: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._emptied: set[str] = set()
+        self._cost: tuple[tuple, dict[str, float]] | None = None
+        selected = config.selection.select(model)
+        with self._warnings():
+            if config.kind == "structured":
+                self._plan_structure(model, selected)
+            else:
+                self._select_weights(model, selected)
+
+    @contextlib.contextmanager
+    def _warnings(self) -> Iterator[None]:
+        with warnings.catch_warnings():
+            if self.quiet:
+                warnings.simplefilter("ignore")
+            yield
+
+    def _select_weights(self, model: nn.Module, selected: list[tuple[str, nn.Module]]) -> None:
+        # A weight shared by several layers is pruned once, under the name `named_parameters()` gives it.
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        users: dict[str, list[str]] = {}
+        for name, module in selected:
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter):
+                key = canonical.get(id(weight), f"{name}.weight")
+                self.params[key] = weight
+                users.setdefault(key, []).append(name)
+        if not self.params:
+            raise ValueError(f"The selection {self.config.selection} has no `weight` parameter to prune.")
+        if self.config.nm is not None:
+            validate_nm(*self.config.nm, {k: p.shape for k, p in self.params.items()})
+        if self.example is None:
+            return
+        # Each weight of a Linear/Conv layer takes part in the same number of multiply-accumulates, so a layer's
+        # zeros remove that fraction of its MACs (for hardware or kernels that skip them).
+        try:
+            macs = count_macs_by_module(model, self.example)
+        except Exception as err:
+            raise ValueError(
+                f"The model could not run on its example input ({type(err).__name__}: {err}). Pass an "
+                "`example_input` (or set `example_input_array`) that `model(example_input)` accepts: a tuple is "
+                "unpacked into positional arguments, a dict into keyword arguments."
+            ) from err
+        self.dense_macs = macs[""]
+        self.layer_macs = {key: sum(macs.get(name, 0) for name in names) for key, names in users.items()}
+
+    def _plan_structure(self, model: nn.Module, selected: list[tuple[str, nn.Module]]) -> None:
+        from lightning_compress.pruning.structured import tied_weights_message
+
+        if self.example is None:
+            raise ValueError(
+                "Structured pruning traces the model and needs an example input: set `example_input_array` on "
+                "the LightningModule or pass `example_input`."
+            )
+        config = self.config
+        structure = self.structure = _Structure(
+            model,
+            self.example,
+            selected,
+            ignored=config.selection.excluded(model),
+            criterion=config.criterion,
+            scope=config.scope,
+            round_to=config.round_to,
+        )
+        inexact = [g.root for g in structure.channels.groups if not g.exact] if structure.channels else []
+        if inexact:
+            warnings.warn(
+                f"{self.caller}: the channel groups of {inexact} pass through a LayerNorm, which normalizes across "
+                "channels, so zeroing a channel is not the same as removing it: validation during training scores "
+                "the masked model, and the model with the channels removed will differ. Leave these layers out "
+                "(`exclude=`) for an exact match.",
+                stacklevel=3,
+            )
+        if structure.tied:
+            raise ValueError(tied_weights_message(structure.tied))
+        if config.amount:
+            removable = structure.removable(config.amount)
+            stuck = [name for name, count in removable.items() if count == 0]
+            why = (
+                f"at `amount={config.amount:g}` with `round_to={config.round_to}` (the kept channel count is "
+                "rounded to a multiple of `round_to`, and heads to whole heads, at least one kept)"
+            )
+            if stuck and len(stuck) == len(removable):
+                sizes = ", ".join(f"{name!r} ({structure.size(name)})" for name in stuck)
+                raise ValueError(
+                    f"Structured pruning would remove nothing from the selected layers: {sizes} {why}. Lower "
+                    "`round_to` (e.g. `round_to=1`) or raise `amount`."
+                )
+            if stuck:
+                warnings.warn(
+                    f"{self.caller} removes nothing from {stuck} {why}. Lower `round_to` or leave them out with "
+                    "`exclude=`.",
+                    stacklevel=3,
+                )
+        params = dict(model.named_parameters())
+        self.params = {name: params[name] for name in structure.params}
+
+    # -- masks -----------------------------------------------------------------------------------------------
+
+    def compute_masks(self, amount: float, grads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Choose what to prune at ``amount`` (what was pruned stays pruned) and hold it as the current masks.
+
+        ``grads`` (by parameter name) are the gradients ``criterion="taylor"`` ranks by (default: the sums of
+        :meth:`accumulate_gradients`, which this call then clears). The weights are not changed: see :meth:`apply`.
+        """
+        config = self.config
+        amount = _checks.validate_amount(amount, "amount")
+        weights = {name: param.detach() for name, param in self.params.items()}
+        removed = self.removed
+        if config.nm is not None:
+            masks = nm_masks(weights, *config.nm)
+        elif self.structure is None:
+            masks = unstructured_masks(
+                weights,
+                amount,
+                scope=config.scope,
+                criterion=config.criterion,
+                previous=self.masks or None,
+                generator=self.generator,
+                max_layer_amount=config.max_layer_amount,
+            )
+            with self._warnings():
+                self._warn_emptied(masks, amount)
+        else:
+            masks, removed = self.structure.compute_masks(
+                self.model,
+                amount,
+                grads=grads if grads is not None else self.grads or None,
+                previous=self.removed or None,
+                generator=self.generator,
+            )
+            self.grads = {}
+        self.set_masks(masks, removed, amount)
+        return self.masks
+
+    def set_masks(
+        self,
+        masks: Mapping[str, Tensor],
+        removed: Mapping[str, Sequence[int]] | None = None,
+        amount: float = 0.0,
+    ) -> None:
+        """Hold ``masks`` (and the structured plan ``removed``) as the current ones, pruning ``amount``: e.g. masks
+        taken by another process, or restored from a checkpoint."""
+        self.masks = {k: v.to(device=self.params[k].device, dtype=torch.bool) for k, v in masks.items()}
+        self.removed = {k: list(v) for k, v in (removed or {}).items()}
+        self.amount = float(amount)
+        self._refresh()
+
+    def bind(
+        self, params: Mapping[str, nn.Parameter], *, wrapper: str = "A wrapper", others: Sequence[str] = ()
+    ) -> None:
+        """Point the plan at ``params`` (by name), e.g. after ``wrapper`` (named in errors) replaced the parameter
+        objects. Refused: parameters gone (flattened), sharded, or reparametrized (``torch.nn.utils.parametrize``,
+        by one of ``others``, named in the error)."""
+        missing = [name for name in self.params if name not in params]
+        modules = dict(self.model.named_modules())
+        rewritten = [
+            n for n in missing if parametrize.is_parametrized(modules.get(n.rpartition(".")[0], nn.Module()))
+        ]
+        if rewritten:
+            raise ValueError(
+                f"{self.caller} and {' and '.join(others) or 'another callback'} cannot share a fit: the weights "
+                f"{rewritten[:3]} are reparametrized (torch.nn.utils.parametrize), so the model computes them from "
+                "other tensors and the weights pruning masks are not the ones it uses. Use one of them."
+            )
+        if missing:
+            raise ValueError(
+                f"After {wrapper} wrapped the model, parameters {missing[:3]} are gone (flattened). With FSDP pass "
+                "`use_orig_params=True`."
+            )
+        resharded = [name for name, p in self.params.items() if params[name].shape != p.shape]
+        if resharded:
+            raise ValueError(
+                f"{wrapper} shards parameters {resharded[:3]} across processes; pruning masks need whole "
+                "parameters. Use DDP, or FSDP on a single device."
+            )
+        self.params = {name: params[name] for name in self.params}
+        self.set_masks(self.masks, self.removed, self.amount)
+
+    def _refresh(self) -> None:
+        # What every step touches: (parameter, mask as 1.0/0.0 in its dtype). One fused multiply is about ten times
+        # faster on the CPU than masked_fill with a bool mask; kept values are unchanged and pruned ones stay exactly
+        # zero (a weight that was negative may read -0.0 until the next decision rewrites +0.0).
+        self._keep = (
+            [self.params[k] for k in self.masks],
+            [mask.to(self.params[k].dtype) for k, mask in self.masks.items()],
+        )
+
+    def apply(self, model: nn.Module | None = None) -> None:
+        """Zero the pruned weights (exact ``+0.0``) of ``model``'s parameters of the same names (default: the
+        parameters the plan holds)."""
+        if model is not None:
+            self.bind(dict(model.named_parameters()))
+        apply_masks(self.params, self.masks)
+
+    def mask_weights(self) -> None:
+        """Zero the pruned weights again (after an optimizer step): one fused multiply."""
+        if self._keep[0]:
+            with torch.no_grad():
+                torch._foreach_mul_(*self._keep)
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights (before an optimizer step), so weight decay alone moves them."""
+        pairs = [(p.grad, keep) for p, keep in zip(*self._keep, strict=True) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [keep for _, keep in pairs])
+
+    def park_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Set the optimizer state of pruned entries so that nothing revives them: first moments (momentum,
+        Adam's ``exp_avg``) zero, second moments 1.0 (zero would make Adam's step many times slower)."""
+        with torch.no_grad():
+            for optimizer in optimizers:
+                for param, mask in zip(self._keep[0], self.masks.values(), strict=True):
+                    for key, value in optimizer.state.get(param, {}).items():
+                        if isinstance(value, Tensor) and value.shape == param.shape:
+                            value.masked_fill_(~mask, 1.0 if key in _SECOND_MOMENTS else 0.0)
+
+    def accumulate_gradients(self) -> None:
+        """Add the current ``.grad`` of every pruned parameter to :attr:`grads` (Taylor importance)."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                if param.grad is not None:
+                    grad = param.grad.detach()
+                    self.grads[name] = self.grads[name] + grad if name in self.grads else grad.clone()
+
+    def _warn_emptied(self, masks: Mapping[str, Tensor], amount: float) -> None:
+        emptied = [name for name, mask in masks.items() if not bool(mask.any()) and name not in self._emptied]
+        if not emptied:
+            return
+        self._emptied.update(emptied)
+        config = self.config
+        hint = (
+            "cap what one layer may lose with `max_layer_amount` (in [amount, 1), e.g. "
+            f"{round(config.amount + (1 - config.amount) / 2, 4):g})"
+            if config.scope == "global"
+            else "lower `amount`"
+        )
+        warnings.warn(
+            f"{self.caller} pruned every weight of {emptied} at amount {amount:.4g} (scope={config.scope!r}): these "
+            f"layers' outputs no longer depend on their inputs. To keep some of them, {hint}, or leave them out "
+            "with `exclude=`.",
+            stacklevel=3,
+        )
+
+    # -- measures ------------------------------------------------------------------------------------------
+
+    def statistics(self, model: nn.Module | None = None) -> dict[str, float]:
+        """What the current masks prune: ``weight_sparsity`` (zeros of the selected weights), the target
+        (``target_weight_sparsity``, or structured ``target_removed_channel_fraction``), ``remaining_params``
+        (nonzero parameters of ``model``), unstructured/N:M ``nonzero_macs`` (with an example input), structured
+        ``removed_channels``/``removed_channel_fraction`` and ``removed_heads``/``removed_head_fraction``."""
+        model = model if model is not None else self.model
+        zeros = sum(int((p == 0).sum()) for p in self.params.values())
+        total = sum(p.numel() for p in self.params.values())
+        values = {
+            "weight_sparsity": zeros / total,
+            "remaining_params": float(sum(int((p != 0).sum()) for p in model.parameters())),
+        }
+        if self.structure is None:
+            values["target_weight_sparsity"] = self.amount
+            if self.layer_macs:
+                skipped = sum(
+                    macs * float((self.params[name] == 0).float().mean())
+                    for name, macs in self.layer_macs.items()
+                )
+                values["nonzero_macs"] = self.dense_macs - skipped
+            return values
+        # `amount` counts channels here: the reached fraction is compared with it, not weight sparsity (a
+        # channel's weights are a different share of the whole in every group).
+        values["target_removed_channel_fraction"] = self.amount
+        channels, heads = self.structure.split(self.removed)
+        if self.structure.channels is not None:
+            total_channels = sum(group.size for group in self.structure.channels.groups)
+            values["removed_channels"] = float(sum(len(v) for v in channels.values()))
+            values["removed_channel_fraction"] = values["removed_channels"] / max(total_channels, 1)
+        if self.structure.heads is not None:
+            total_heads = sum(group.num_heads for group in self.structure.heads.groups)
+            values["removed_heads"] = float(sum(len(v) for v in heads.values()))
+            values["removed_head_fraction"] = values["removed_heads"] / max(total_heads, 1)
+        return values
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """The fraction of zeros of every pruned weight matrix (or kernel), by parameter name."""
+        return {
+            name: float((param == 0).float().mean())
+            for name, param in self.params.items()
+            if name.endswith("weight") and param.dim() > 1
+        }
+
+    def cost_after_removal(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Structured: ``macs_after_removal`` and ``params_after_removal`` of ``model`` (default: the plan's)
+        once the removed channels are gone, measured on a copy (and kept until the plan changes)."""
+        if self.structure is None:
+            return {}
+        model = model if model is not None else self.model
+        key = tuple((root, len(idxs)) for root, idxs in self.removed.items())
+        if self._cost is None or self._cost[0] != key:
+            pruned = self.structure.materialize(copy.deepcopy(model), self.removed)
+            device = next(model.parameters()).device
+            self._cost = (
+                key,
+                {
+                    "macs_after_removal": float(count_macs(pruned, to_device(self.example, device))),
+                    "params_after_removal": float(sum(p.numel() for p in pruned.parameters())),
+                },
+            )
+        return dict(self._cost[1])
+
+    # -- permanence ----------------------------------------------------------------------------------------
+
+    def finalize(self, model: nn.Module | None = None, check_inputs: Iterable[Any] = ()) -> float | None:
+        """Make the pruning permanent in ``model`` (default: the plan's) and drop the masks.
+
+        Unstructured and N:M: the weights already hold the zeros, nothing else changes. Structured: the removed
+        channels and heads go for real (torch-pruning), ``model`` is left in eval mode, and the largest output
+        difference to the masked model on the example input and on ``check_inputs`` (inputs the model may
+        reject are skipped) is returned, also as :attr:`max_abs_diff`; a difference above 1e-4 is warned about.
+        """
+        model = model if model is not None else self.model
+        diff = None
+        if self.structure is not None and self.removed:
+            masked = copy.deepcopy(model).eval()
+            self.structure.materialize(model, self.removed)
+            model.eval()
+            with torch.no_grad():
+                diff = _max_abs_diff(masked, model, self.example)
+                for inputs in check_inputs:
+                    # A model that takes more than a batch's first element is checked on the example only.
+                    with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                        diff = max(diff, _max_abs_diff(masked, model, inputs))
+            if diff > 1e-4 and not self.quiet:
+                warnings.warn(
+                    f"Removing the pruned channels changed the outputs by up to {diff:.3g}: the masked and the "
+                    "materialized models differ. Please report the model architecture.",
+                    stacklevel=2,
+                )
+        self.max_abs_diff = diff
+        self.set_masks({}, self.removed, self.amount)  # what was removed stays known (checkpoints replay it)
+        return diff
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (bit-packed), the structured plan, the amount, Taylor sums and the random generator."""
+        return {
+            "masks": {name: pack_mask(mask) for name, mask in self.masks.items()},
+            "plan": {k: list(v) for k, v in self.removed.items()},
+            "current_amount": self.amount,
+            "taylor": {k: v.detach().cpu() for k, v in self.grads.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (the weights are not changed: see :meth:`apply`)."""
+        masks = {name: unpack_mask(packed) for name, packed in state.get("masks", {}).items()}
+        self.set_masks(masks, state.get("plan"), state.get("current_amount", 0.0))
+        self.grads = {k: v.to(self.params[k].device) for k, v in state.get("taylor", {}).items()}
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+def pruning_schedule(
+    config: PruningConfig,
+    start: int,
+    end: int,
+    steps: int | None = None,
+    initial: float = 0.0,
+    schedule: str | ScheduleFn = "agp",
+    frequency: int | None = None,
+    start_point: Point | None = None,
+) -> Schedule:
+    """The amount over optimizer steps: from ``initial`` at step ``start`` to ``config.amount`` at ``end``.
+
+    ``steps`` is the length of the fit (``None``: unknown): a ``start`` past its last step is an error (named by
+    ``start_point``, the value the user gave), and since masks are updated before a step runs, an ``end`` at or
+    past it moves onto the last step, so that the amount is reached. N:M applies its pattern whole at ``start``.
+    ``frequency`` (steps between updates) defaults to 20 updates over the ramp.
+
+    Example::
+
+        >>> s = pruning_schedule(PruningConfig(amount=0.8), 0, 100, steps=50, schedule="linear")
+        >>> s.end, s.frequency, s.value(49)
+        (49, 2, 0.8)
+    """
+    nm = config.kind == "N:M"
+    end = start if nm else end
+    if steps is not None:
+        if start > steps - 1:
+            raise ValueError(
+                f"`start={start_point if start_point is not None else start!r}` is optimizer step {start}, but this "
+                f"fit has {steps} steps (0 to {steps - 1}): pruning would never happen."
+            )
+        end = min(end, steps - 1)
+    frequency = 1 if nm else frequency or max(1, (end - start) // 20)
+    initial, schedule = (config.amount, "constant") if nm else (initial, schedule)
+    return Schedule(initial, config.amount, start, end, schedule, frequency)
+
+
+def prune_(
+    model: nn.Module,
+    config: PruningConfig,
+    amount: float | None = None,
+    *,
+    example_input: Any = None,
+    grads: Mapping[str, Tensor] | None = None,
+    finalize: bool = True,
+) -> PruningPlan:
+    """Prune ``model`` in place in one shot, as ``config`` says, and return its :class:`PruningPlan`.
+
+    Args:
+        model: the model to prune.
+        config: what to prune.
+        amount: the fraction removed (default: ``config.amount``).
+        example_input: one input batch; needed by structured pruning (default: ``model.example_input_array``).
+        grads: gradients by parameter name, for ``criterion="taylor"``.
+        finalize: make it permanent (structured: remove the channels); with ``False`` the plan keeps the masks.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> plan = prune_(model, PruningConfig(mode="2:4", modules=nn.Linear), finalize=False)
+        >>> [int((w.reshape(-1, 4) != 0).sum(1).max()) for w in (model[0].weight, model[2].weight)]
+        [2, 2]
+        >>> len(plan.masks)
+        2
+    """
+    plan = PruningPlan(model, config, example_input)
+    plan.compute_masks(config.amount if amount is None else amount, grads)
+    plan.apply()
+    if finalize:
+        plan.finalize()
+    return plan
+
+
+def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
+    example = to_device(example, next(b.parameters()).device)
+    out_a, out_b = call_module(a, example), call_module(b, example)
+    return float((out_a - out_b).abs().max()) if isinstance(out_a, Tensor) else 0.0
+
+
+# -- checkpoints of a model whose channels were removed ------------------------------------------------------
+
+
+def drop_hints(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+    """Remove the hint keys (:data:`HINT_PREFIX`) from ``state_dict`` (keys under ``prefix``); the keys removed."""
+    hints = [key for key in state_dict if key.startswith(prefix + HINT_PREFIX)]
+    for key in hints:
+        del state_dict[key]
+    return [key[len(prefix) :] for key in hints]
+
+
+def accept_pruned_checkpoints(module: nn.Module) -> Any:
+    """Let ``module.load_state_dict`` take checkpoints that carry :data:`PRUNED_CHECKPOINT_KEY`: the key is
+    dropped, and loading one into a module with the unpruned shapes explains how to rebuild it. Returns the
+    hook's handle (``handle.remove()`` removes it)."""
+    return module.register_load_state_dict_pre_hook(_drop_pruned_hint)
+
+
+def _drop_pruned_hint(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    if PRUNED_CHECKPOINT_KEY not in drop_hints(state_dict, prefix):
+        return
+    own = module.state_dict()
+    if any(k[len(prefix) :] in own and own[k[len(prefix) :]].shape != v.shape for k, v in state_dict.items()):
+        error_msgs.append(
+            f"This checkpoint holds a model whose channels were removed by structured pruning, and "
+            f"{type(module).__name__} has the unpruned shapes. Rebuild the pruned model with "
+            "`model = load_pruned_checkpoint(YourModule(...), path)` and fit it without `ckpt_path`."
+        )
+
+
+def load_pruned_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], example_input: Any = None
+) -> nn.Module:
+    """Load a checkpoint written by a run with ``GradualPruning`` into a freshly built model.
+
+    Works without the callback, for checkpoints written during pruning (full shapes, pruned weights zero) and
+    after it (channels removed): the pruning history (``plan``) stored with the callback's state is replayed
+    with torch-pruning, so the model gets the pruned structure and the trained weights. Unstructured and N:M
+    checkpoints need nothing special (``LightningModule.load_from_checkpoint`` works as is); for them this
+    function is a plain ``load_state_dict``.
+
+    Args:
+        model: a new instance of the model that was trained (e.g. ``MyModule(**hparams)``).
+        checkpoint: a path to a Lightning checkpoint, or the loaded checkpoint dict.
+        example_input: input to trace the model (default: ``model.example_input_array``).
+
+    Returns:
+        ``model``, pruned in place, with the checkpoint's weights.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> ckpt = {"state_dict": net.state_dict(), "callbacks": {}}
+        >>> load_pruned_checkpoint(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ckpt)[0]
+        Linear(in_features=4, out_features=8, bias=True)
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state_dict = dict(checkpoint["state_dict"])
+    drop_hints(state_dict)
+    plan: dict[str, list[int]] = {}
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("GradualPruning") and state.get("mode") == "structured":
+            plan.update({root: list(idxs) for root, idxs in state["plan"].items() if idxs})
+    if not plan:
+        model.load_state_dict(state_dict)
+        return model
+    example = example_input if example_input is not None else getattr(model, "example_input_array", None)
+    if example is None:
+        raise ValueError("Replaying structured pruning traces the model: pass `example_input`.")
+    named = dict(model.named_modules())
+    structure = _Structure(
+        model,
+        example,
+        [(name, named[name]) for name in plan],
+        ignored=[],
+        criterion="l1",
+        scope="layer",
+        round_to=1,
+    )
+    current = model.state_dict()
+    if all(current[k].shape == v.shape for k, v in state_dict.items() if k in current):
+        # Written while pruning: load the weights first, then remove the channels and heads.
+        model.load_state_dict(state_dict)
+        return structure.materialize(model, plan)
+    structure.materialize(model, plan)
+    model.load_state_dict(state_dict)
+    return model
+
+
+class _Structure:
+    """Channel groups (torch-pruning's dependency graph) and attention heads, planned and removed together.
+
+    Both kinds share one plan ``{module name: removed indices}``: channel roots and attention modules have
+    different names, so each entry is routed to the pruner that owns it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Any,
+        selected: list[tuple[str, nn.Module]],
+        *,
+        ignored: list[str],
+        criterion: str,
+        scope: str,
+        round_to: int,
+    ) -> None:
+        from lightning_compress.pruning.heads import HEAD_CRITERIA, HeadPruner
+        from lightning_compress.pruning.structured import NoChannelGroupError, StructuredPruner
+
+        self.scope, self.criterion = scope, criterion
+        attention = [n for n, m in selected if isinstance(m, nn.MultiheadAttention)]
+        inside = tuple(f"{n}." for n in attention)
+        others = [n for n, _ in selected if n not in attention and not n.startswith(inside)]
+        self.heads = HeadPruner(model, modules=attention) if attention else None
+        if self.heads is not None and criterion not in HEAD_CRITERIA:
+            raise ValueError(
+                f"`criterion={criterion!r}` cannot rank attention heads; use one of {HEAD_CRITERIA}."
+            )
+        self.channels: StructuredPruner | None = None
+        self.skipped: dict[str, str] = {}
+        self.tied: dict[str, str] = {}
+        if others:
+            try:
+                self.channels = StructuredPruner(
+                    model,
+                    example,
+                    modules=others,
+                    ignored=ignored,
+                    importance=criterion,
+                    scope=scope,
+                    round_to=round_to,
+                    strict=False,
+                )
+                self.skipped = dict(self.channels.skipped)
+                self.tied = dict(self.channels.tied)
+            except NoChannelGroupError:
+                # Attention heads alone are enough to prune; a model that cannot be traced is still an error.
+                if self.heads is None:
+                    raise
+        params: set[str] = set()
+        for groups in (
+            self.channels.groups if self.channels else [],
+            self.heads.groups if self.heads else [],
+        ):
+            params.update(p for group in groups for p in group.params)
+        self.params = sorted(params)
+
+    def removable(self, amount: float) -> dict[str, int]:
+        """The most channels (per channel group root) or heads (per attention module) ``amount`` removes."""
+        found = self.channels.removable(amount) if self.channels is not None else {}
+        if self.heads is not None:
+            groups = self.heads.groups
+            if self.scope == "layer":
+                found.update(
+                    {g.module: min(math.floor(amount * g.num_heads + 1e-9), g.num_heads - 1) for g in groups}
+                )
+            else:
+                total = math.floor(amount * sum(g.num_heads for g in groups) + 1e-9)
+                found.update({g.module: min(total, g.num_heads - 1) for g in groups})
+        return found
+
+    def size(self, name: str) -> str:
+        """What a group or attention module has to lose, in words (for messages)."""
+        for group in self.channels.groups if self.channels is not None else []:
+            if group.root == name:
+                return f"{group.size} channels"
+        for head_group in self.heads.groups if self.heads is not None else []:
+            if head_group.module == name:
+                return f"{head_group.num_heads} heads"
+        return "?"
+
+    def split(self, plan: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``plan`` divided into its channel groups and its attention modules."""
+        plan = plan or {}
+        heads = set(self.heads.modules) if self.heads else set()
+        return {k: v for k, v in plan.items() if k not in heads}, {
+            k: v for k, v in plan.items() if k in heads
+        }
+
+    def compute_masks(
+        self,
+        model: nn.Module,
+        amount: float,
+        *,
+        grads: Any,
+        previous: Mapping[str, Any] | None,
+        generator: Any,
+    ) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+        channel_prev, head_prev = self.split(previous)
+        masks: dict[str, Tensor] = {}
+        plan: dict[str, list[int]] = {}
+        if self.channels is not None:
+            m, p = self.channels.compute_masks(
+                model, amount, grads=grads, previous=channel_prev or None, generator=generator
+            )
+            masks.update(m)
+            plan.update(p)
+        if self.heads is not None:
+            m, p = self.heads.compute_masks(
+                model,
+                amount,
+                scope=self.scope,
+                criterion=self.criterion,
+                grads=grads,
+                previous=head_prev or None,
+                generator=generator,
+            )
+            masks.update(m)
+            plan.update(p)
+        return masks, plan
+
+    def materialize(self, model: nn.Module, plan: Mapping[str, Sequence[int]]) -> nn.Module:
+        channel_plan, head_plan = self.split(plan)
+        # Channels first: the graph is traced with the attention modules as they were built.
+        if self.channels is not None and channel_plan:
+            self.channels.materialize(model, channel_plan)
+        if self.heads is not None and head_plan:
+            self.heads.materialize(model, head_plan)
+        return model
