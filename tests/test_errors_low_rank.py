@@ -61,8 +61,20 @@ CONSTRUCTION = [
     ),
     ({"rank": 4, "calibration_input": "x"}, TypeError, r"`calibration_input='x'` must be a function"),
     ({"rank": 4, "damping": -0.1}, ValueError, r"`damping=-0.1` must be a non-negative number"),
+    (
+        {"rank": 4, "activation_exponent": float("nan")},
+        ValueError,
+        r"`activation_exponent=nan` must be a non-negative number",
+    ),
+    ({"rank": 4, "per_layer": "yes"}, TypeError, r"`per_layer='yes'` must be True or False"),
+    # The deprecated names of `activation_exponent` and `per_layer` are checked under their own names.
     ({"rank": 4, "alpha": float("nan")}, ValueError, r"`alpha=nan` must be a non-negative number"),
     ({"rank": 4, "log_per_layer": "yes"}, TypeError, r"`log_per_layer='yes'` must be True or False"),
+    (
+        {"rank": 4, "alpha": 0.3, "activation_exponent": 0.7},
+        ValueError,
+        r"got both `alpha=0.3` and `activation_exponent=0.7`: give only `activation_exponent`",
+    ),
     ({"rank": 4, "verbose": None}, TypeError, r"`verbose=None` must be True or False"),
     ({"rank": 4, "start": 1.5}, ValueError, r"`start=1.5` is outside \[0, 1\]"),
     ({"rank": 4, "start": "halfway"}, ValueError, r"`start='halfway'`"),
@@ -154,3 +166,21 @@ def test_every_public_argument_is_in_a_table():
     arguments = set(inspect.signature(LowRankReplacement).parameters)
     covered = {name for kwargs, _, _ in CONSTRUCTION + SETUP for name in kwargs} - {"callbacks", "model"}
     assert arguments <= covered, sorted(arguments - covered)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value", "attribute"),
+    [
+        ("alpha", "activation_exponent", 0.25, "activation_exponent"),
+        ("log_per_layer", "per_layer", False, "per_layer"),
+    ],
+)
+def test_deprecated_argument_names_still_work_and_warn(old, new, value, attribute):
+    with pytest.warns(
+        DeprecationWarning, match=rf"`LowRankReplacement\({old}=...\)` is deprecated: use `{new}=...`"
+    ):
+        lowrank = LowRankReplacement(rank=4, **{old: value})
+    assert getattr(lowrank, attribute) == value
+    assert (
+        getattr(LowRankReplacement(rank=4), attribute) != value
+    )  # the default differs: the value came through

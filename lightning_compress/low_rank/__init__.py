@@ -1,5 +1,15 @@
-"""Low-rank factorization: Linear and Conv2d layers as products of thinner ones, and the LowRankReplacement callback."""
+"""Low-rank factorization: Linear and Conv2d layers as products of thinner ones, the whole-model verb
+:func:`low_rank_`, and the LowRankReplacement callback."""
 
+from lightning_compress.low_rank.core import (
+    Collective,
+    LowRankConfig,
+    LowRankResult,
+    LowRankTargets,
+    find_targets,
+    low_rank_,
+    replace_targets,
+)
 from lightning_compress.low_rank.factorize import (
     Decomposition,
     InputStatistics,
@@ -13,20 +23,28 @@ from lightning_compress.low_rank.factorize import (
     rank_for_energy,
     skip_reason,
 )
-from lightning_compress.low_rank.replacement import LowRankReplacement, restore_low_rank
+from lightning_compress.low_rank.replacement import LowRankReplacement
+from lightning_compress.low_rank.restore import restore_low_rank
 
 __all__ = [
+    "Collective",
     "Decomposition",
     "InputStatistics",
+    "LowRankConfig",
     "LowRankConv2d",
     "LowRankLinear",
     "LowRankReplacement",
+    "LowRankResult",
+    "LowRankTargets",
     "TuckerConv2d",
     "allocate_budget",
     "decompose",
     "factorize",
+    "find_targets",
     "layer_features",
+    "low_rank_",
     "rank_for_energy",
+    "replace_targets",
     "restore_low_rank",
     "skip_reason",
 ]

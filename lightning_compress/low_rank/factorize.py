@@ -16,7 +16,7 @@ The factors come from the current weights, so at full rank the replacement compu
 - ``"whitened"`` (SVD-LLM style): the best approximation of the layer's *outputs* on calibration inputs. With the
   input Gram matrix ``XᵀX/n = L Lᵀ`` (Cholesky, damped by ``damping · mean(diag)``), the SVD is taken of ``W L``
   and the input factor is mapped back through ``L⁻¹``;
-- ``"asvd"`` (ASVD style): the cheap variant; the input columns are scaled by ``mean|x|^alpha`` instead of ``L``.
+- ``"asvd"`` (ASVD style): the cheap variant; the input columns are scaled by ``mean|x|^activation_exponent`` instead of ``L``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_compress._checks import UNSET, renamed
 
 METHODS = ("svd", "whitened", "asvd")
 CONV_DECOMPOSITIONS = ("tucker", "channel")
@@ -341,7 +343,7 @@ def _check_choice(value: str, choices: Sequence[str], name: str) -> str:
 
 
 def _input_transform(
-    stats: InputStatistics | None, method: str, features: int, damping: float, alpha: float
+    stats: InputStatistics | None, method: str, features: int, damping: float, exponent: float
 ) -> tuple[Tensor, Tensor] | None:
     """``(T, T⁻¹)`` for the input side: the SVD is taken of ``W T`` and the input factor mapped back by ``T⁻¹``."""
     if method == "svd":
@@ -354,7 +356,7 @@ def _input_transform(
     if method == "asvd":
         mean_abs = stats.mean_abs
         assert mean_abs is not None
-        scale = mean_abs.clamp_min(0.0) ** alpha
+        scale = mean_abs.clamp_min(0.0) ** exponent
         # Dead inputs would make the scale vanish and its inverse explode; `damping` sets the floor.
         floor = max(float(scale.mean()) * damping, torch.finfo(torch.float64).tiny)
         scale = scale.clamp_min(floor)
@@ -632,7 +634,8 @@ def decompose(
     stats: InputStatistics | None = None,
     method: str = "svd",
     damping: float = 0.01,
-    alpha: float = 0.5,
+    activation_exponent: float = 0.5,
+    alpha: float = UNSET,
 ) -> Decomposition:
     """Factorize a trained ``nn.Linear`` or ``nn.Conv2d`` at full rank; cut replacements with ``.build(rank)``.
 
@@ -644,7 +647,8 @@ def decompose(
         method: ``"svd"``, ``"whitened"`` or ``"asvd"`` (see the module docstring).
         damping: ``"whitened"``: ``damping · mean(diag(XᵀX/n))`` is added to the Gram matrix's diagonal before its
             Cholesky factorization; ``"asvd"``: floor of the column scales, relative to their mean.
-        alpha: ``"asvd"``: exponent of the mean absolute input.
+        activation_exponent: ``"asvd"``: exponent of the mean absolute input.
+        alpha: deprecated name of ``activation_exponent``.
 
     Example::
 
@@ -662,10 +666,11 @@ def decompose(
     """
     _check_choice(method, METHODS, "method")
     kind = layer_kind(layer, conv)
-    if damping < 0 or alpha < 0:
-        raise ValueError(f"`damping={damping}` and `alpha={alpha}` must be non-negative.")
+    exponent = renamed("decompose", "alpha", alpha, "activation_exponent", activation_exponent, 0.5)
+    if damping < 0 or exponent < 0:
+        raise ValueError(f"`damping={damping}` and `activation_exponent={exponent}` must be non-negative.")
     features = layer.weight.shape[1] if kind == "tucker" else layer.weight[0].numel()
-    transform = _input_transform(stats, method, features, damping, alpha)
+    transform = _input_transform(stats, method, features, damping, exponent)
     return Decomposition(layer, kind, transform, stats)
 
 
@@ -677,7 +682,8 @@ def factorize(
     stats: InputStatistics | None = None,
     method: str = "svd",
     damping: float = 0.01,
-    alpha: float = 0.5,
+    activation_exponent: float = 0.5,
+    alpha: float = UNSET,
 ) -> nn.Module:
     """Replace one trained layer by its low-rank factorization at ``rank`` (see :func:`decompose`).
 
@@ -689,7 +695,10 @@ def factorize(
         >>> bool(torch.allclose(tucker(x), conv(x), atol=1e-5)), type(factorize(conv, 4, conv="channel")).__name__
         (True, 'LowRankConv2d')
     """
-    decomposition = decompose(layer, conv=conv, stats=stats, method=method, damping=damping, alpha=alpha)
+    exponent = renamed("factorize", "alpha", alpha, "activation_exponent", activation_exponent, 0.5)
+    decomposition = decompose(
+        layer, conv=conv, stats=stats, method=method, damping=damping, activation_exponent=exponent
+    )
     return decomposition.build(rank)
 
 

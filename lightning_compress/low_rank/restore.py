@@ -1,0 +1,211 @@
+"""Rebuilding factorized layers from a state dict, in plain torch, so that a saved low-rank model loads.
+
+:func:`restore_low_rank` gives a freshly constructed model the factorized structure its state dict holds; the
+load hook of :class:`~lightning_compress.low_rank.LowRankReplacement` calls it before the weights are copied in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+from torch import nn
+
+from lightning_compress.low_rank.factorize import (
+    FACTORIZED,
+    LowRankConv2d,
+    LowRankLinear,
+    Rank,
+    TuckerConv2d,
+)
+
+# An extra entry of the checkpoints' `state_dict` that a strict `load_state_dict` of the plain model reports as an
+# unexpected key, so that its error says how to load the factorized layers. The callback's load hook and
+# `restore_low_rank` remove it again.
+CHECKPOINT_HINT = (
+    "lightning_compress: this checkpoint holds factorized layers (LowRankReplacement); call "
+    "lightning_compress.low_rank.restore_low_rank(model, checkpoint['state_dict']) before load_state_dict, "
+    "or load it through a Trainer that lists LowRankReplacement"
+)
+# What every checkpoint hint of this package starts with (the same prefix as the other callbacks' hints).
+_HINT_PREFIX = "lightning_compress: "
+
+
+def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Give ``model`` the factorized layers a state dict holds, so that ``model.load_state_dict`` fits it.
+
+    A layer is rebuilt where the state dict has ``<name>.first.weight`` but the model has a plain layer (or a
+    factorization of another rank) there; the shapes in the state dict give the ranks. Weights are left at zero for
+    ``load_state_dict`` to fill, and no random numbers are drawn; factors of a frozen layer are frozen. The entry
+    :data:`CHECKPOINT_HINT` that checkpoints of :class:`~lightning_compress.low_rank.LowRankReplacement` carry (and
+    any other hint of this package) is removed from ``state_dict`` (when it is mutable), so that a strict
+    ``load_state_dict`` follows.
+
+    Args:
+        model: the model, e.g. a freshly constructed LightningModule.
+        state_dict: the saved state (e.g. ``torch.load(ckpt)["state_dict"]``).
+        prefix: prefix of ``model``'s keys in ``state_dict``.
+
+    Returns:
+        The names of the rebuilt layers.
+
+    Example::
+
+        >>> from lightning_compress.low_rank import factorize
+        >>> trained = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> trained[0] = factorize(trained[0], rank=3)
+        >>> fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> restore_low_rank(fresh, trained.state_dict())
+        ['0']
+        >>> fresh.load_state_dict(trained.state_dict())
+        <All keys matched successfully>
+    """
+    if isinstance(state_dict, MutableMapping):
+        for key in [key for key in state_dict if key.startswith(prefix + _HINT_PREFIX)]:
+            del state_dict[key]
+    rebuilt = []
+    for name, module in list(model.named_modules()):
+        key = f"{prefix}{name}." if name else prefix
+        if key + "first.weight" not in state_dict:
+            continue
+        tucker = key + "core.weight" in state_dict
+        if isinstance(module, FACTORIZED):
+            if rank_of(module) == _saved_rank(state_dict, key, tucker):
+                continue
+        elif type(module) not in (nn.Linear, nn.Conv2d) or key + "weight" in state_dict:
+            continue
+        replacement = _empty_like(module, state_dict, key, tucker)
+        keep_trainability(module, replacement)
+        set_submodule(model, name, replacement)
+        rebuilt.append(name)
+    return rebuilt
+
+
+def load_hook(checkpoint_path: Callable[[], Any]) -> Callable[..., None]:
+    """A ``load_state_dict`` pre-hook that runs :func:`restore_low_rank` before the weights are copied in.
+
+    It refuses a state dict that holds dense weights where the module has factors (a checkpoint written without
+    the replacement), naming ``checkpoint_path()`` when it gives one, and the ways to factorize those weights.
+    """
+
+    def hook(module: nn.Module, state_dict: MutableMapping[str, Any], prefix: str, *args: Any) -> None:
+        dense = [
+            name
+            for name, layer in module.named_modules()
+            if isinstance(layer, FACTORIZED)
+            and f"{prefix}{name}.weight" in state_dict
+            and f"{prefix}{name}.first.weight" not in state_dict
+        ]
+        if dense:
+            path = checkpoint_path()
+            source = f"The checkpoint {str(path)!r}" if path else "The state dict being loaded"
+            raise ValueError(
+                f"{source} holds the dense layer(s) {', '.join(map(repr, dense))} where the model has "
+                "LowRankReplacement's factors: it was written without LowRankReplacement (or before its `start`), "
+                "so it has no factors to load. To factorize the trained weights, load them into the model "
+                "(`model.load_state_dict(torch.load(path)['state_dict'])`) and call `trainer.fit(model)` without "
+                "`ckpt_path`; or keep `ckpt_path` and give `LowRankReplacement(start='step:0', ...)`, which "
+                "factorizes the loaded weights at the first step."
+            )
+        restore_low_rank(module, state_dict, prefix)
+
+    return hook
+
+
+def rank_in_state(shapes: Mapping[str, tuple[int, ...]], name: str) -> Rank | None:
+    """The rank of the factorized layer ``name`` from state-dict shapes (``None``: not factorized).
+
+    Example::
+
+        >>> rank_in_state({"fc.first.weight": (3, 8), "fc.second.weight": (2, 3)}, "fc")
+        3
+    """
+    first = shapes.get(f"{name}.first.weight")
+    if first is None:
+        return None
+    core = shapes.get(f"{name}.core.weight")
+    return (first[0], core[0]) if core is not None else first[0]
+
+
+def check_recorded_ranks(
+    layers: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """The factorized layers recorded (``{name: {"rank": ...}}``) are in the state-dict ``shapes`` at that rank.
+
+    Example::
+
+        >>> check_recorded_ranks({"fc": {"rank": 4}}, {"fc.first.weight": (3, 8)})
+        Traceback (most recent call last):
+        ...
+        RuntimeError: LowRankReplacement recorded layer 'fc' at rank 4, but the model has rank 3. The checkpoint and the callback's state disagree.
+    """
+    for name, layer in layers.items():
+        rank = rank_in_state(shapes, name)
+        if rank != (tuple(layer["rank"]) if isinstance(layer["rank"], list) else layer["rank"]):
+            found = "no factorized layer there" if rank is None else f"rank {rank}"
+            raise RuntimeError(
+                f"LowRankReplacement recorded layer {name!r} at rank {layer['rank']}, but the model has {found}. "
+                "The checkpoint and the callback's state disagree."
+            )
+
+
+def rank_of(module: nn.Module) -> Rank | None:
+    """The rank of a factorized layer (``(rank_in, rank_out)`` for Tucker); ``None`` for any other module."""
+    if isinstance(module, TuckerConv2d):
+        return module.ranks
+    if isinstance(module, LowRankLinear | LowRankConv2d):
+        return module.rank
+    return None
+
+
+def keep_trainability(old: nn.Module, new: nn.Module) -> None:
+    """Factors of a frozen weight (bias) stay frozen: factorizing must not start training what was frozen."""
+    weight = any(p.requires_grad for n, p in old.named_parameters() if not n.endswith("bias"))
+    bias = any(p.requires_grad for n, p in old.named_parameters() if n.endswith("bias"))
+    for name, param in new.named_parameters():
+        param.requires_grad_(bias if name.endswith("bias") else weight)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in the place of ``model``'s submodule ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _saved_rank(state_dict: Mapping[str, Any], key: str, tucker: bool) -> Rank:
+    first = state_dict[key + "first.weight"]
+    if tucker:
+        return (int(first.shape[0]), int(state_dict[key + "core.weight"].shape[0]))
+    return int(first.shape[0])
+
+
+def _empty_like(module: nn.Module, state_dict: Mapping[str, Any], key: str, tucker: bool) -> nn.Module:
+    rank = _saved_rank(state_dict, key, tucker)
+    param = next(module.parameters())
+    like = {"device": param.device, "dtype": param.dtype}
+    bias = key + ("last.bias" if tucker else "second.bias") in state_dict
+    if isinstance(module, nn.Linear | LowRankLinear):
+        in_features = module.in_features if isinstance(module, nn.Linear) else module.first.in_features
+        out_features = module.out_features if isinstance(module, nn.Linear) else module.second.out_features
+        return LowRankLinear(in_features, out_features, rank, bias=bias, **like)  # type: ignore[arg-type]
+    # The k×k convolution carries the layer's geometry: the layer itself, the Tucker core, or the first factor.
+    spatial = (
+        module
+        if isinstance(module, nn.Conv2d)
+        else module.core
+        if isinstance(module, TuckerConv2d)
+        else module.first
+    )
+    in_channels = module.in_channels if isinstance(module, nn.Conv2d) else module.first.in_channels
+    out_channels = module.out_channels if isinstance(module, nn.Conv2d) else module[-1].out_channels
+    geometry = {
+        "stride": spatial.stride,
+        "padding": spatial.padding,
+        "dilation": spatial.dilation,
+        "bias": bias,
+        "padding_mode": spatial.padding_mode,
+        **like,
+    }
+    if tucker:
+        return TuckerConv2d(in_channels, out_channels, spatial.kernel_size, rank, **geometry)  # type: ignore[arg-type]
+    return LowRankConv2d(in_channels, out_channels, spatial.kernel_size, rank, **geometry)  # type: ignore[arg-type]
