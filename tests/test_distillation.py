@@ -1,10 +1,13 @@
+import copy
 import csv
 import inspect
 import math
+import os
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -13,11 +16,14 @@ from torch import nn
 from examples.models import ImageClassifier
 from lightning_compress._lightning import remember_original
 from lightning_compress.distillation import (
+    DistillationCapture,
+    DistillationConfig,
     FeatureAdapter,
     FeatureLoss,
     KnowledgeDistillation,
     attention_map,
     attention_transfer_loss,
+    distill,
     embedding_loss,
     hint_loss,
     hinton_loss,
@@ -159,6 +165,68 @@ def test_top1_agreement_counts_equal_argmax():
     s = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
     t = torch.tensor([[0.0, 5.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 9.0], [1.0, 0.0, 0.0]])
     assert float(top1_agreement(s, t)) == 0.5
+
+
+# -- the capture module: distillation on a plain nn.Module, without a Trainer -----------------------
+
+
+def _linear(weight, bias):
+    layer = nn.Linear(2, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+        layer.bias.copy_(torch.tensor(bias))
+    return layer
+
+
+def test_capture_loss_on_a_plain_module_is_the_hand_computed_mix():
+    student = _linear([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], [0.0, 0.0, 0.0])
+    teacher = _linear([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [0.0, 0.0, 0.0])
+    x, y = torch.tensor([[math.log(2.0), 0.0]]), torch.tensor([1])
+    capture = distill(student, teacher, DistillationConfig(alpha=0.25, temperature=2.0))
+    logits = student(x)  # (ln 2, 0, 0): p_s at T=2 = (√2, 1, 1) / (√2 + 2)
+    student(x + 1.0)  # a second call in the same step is not the one distilled
+    loss = capture.loss(F.cross_entropy(logits, y))
+    # teacher logits (2 ln 2, 0, 0): p_t at T=2 = (2, 1, 1) / 4
+    p_t = torch.tensor([0.5, 0.25, 0.25])
+    p_s = torch.tensor([math.sqrt(2.0), 1.0, 1.0]) / (math.sqrt(2.0) + 2.0)
+    kl = float((p_t * (p_t / p_s).log()).sum()) * 4.0
+    task = -math.log(1.0 / (2.0 + 2.0))  # softmax(ln 2, 0, 0)[1] = 1/4
+    assert float(loss.detach()) == pytest.approx(0.75 * task + 0.25 * kl, rel=1e-6)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None
+    with pytest.raises(RuntimeError, match="No call of the student's forward was recorded in this step"):
+        capture.loss(F.cross_entropy(logits, y))  # the recording was consumed
+    capture.remove()
+    student(x)
+    with pytest.raises(RuntimeError, match="No call of the student's forward"):
+        capture.loss(F.cross_entropy(logits, y))  # no hooks any more
+
+
+def test_capture_adapters_train_in_a_plain_loop_and_the_hint_term_falls():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    config = DistillationConfig(alpha=1.0, logits=False, features=[FeatureLoss("0", loss="hint")])
+    with pytest.raises(ValueError, match="pass `example_input`"):
+        distill(student, teacher, config)
+    with distill(student, teacher, config, example_input=torch.zeros(1, 4)) as capture:
+        assert isinstance(capture, DistillationCapture)
+        assert (capture.adapters["0"].in_features, capture.adapters["0"].out_features) == (8, 16)
+        optimizer = torch.optim.SGD([*student.parameters(), *capture.adapters.parameters()], lr=0.2)
+        x = torch.randn(64, 4)
+        hints = []
+        for _ in range(30):
+            student(x)
+            distilled = capture.distill()
+            hints.append(float(distilled.terms["hint/0"].detach()))
+            optimizer.zero_grad()
+            distilled.loss.backward()
+            optimizer.step()
+    assert set(distilled.terms) == {"hint/0"} and distilled.logits is None
+    assert hints[-1] < 0.5 * hints[0]
+    student(x)
+    assert not capture.captured  # the context manager removed the hooks
 
 
 # -- the callback -----------------------------------------------------------------------------------
@@ -416,6 +484,125 @@ def test_manual_optimization_needs_combine_and_works_with_it(tmp_path, digits):
     model.training_step = lambda batch, batch_idx: kd.combine(F.cross_entropy(model(batch[0]), batch[1]))
     with pytest.raises(RuntimeError, match="remove the call"):
         _fit(tmp_path / "c", digits, [kd], model=model, max_steps=1)
+
+
+def _plain_copies(teacher, student):
+    return copy.deepcopy(teacher), copy.deepcopy(student)
+
+
+def test_a_plain_loop_with_the_capture_gives_the_callbacks_loss_on_the_same_batch(tmp_path, digits):
+    features = [FeatureLoss("net.3"), FeatureLoss("net.4", loss="attention", weight=50.0)]
+    teacher, student = _narrow_teacher(), ImageClassifier("small_cnn")
+    plain_teacher, plain_student = _plain_copies(teacher, student)
+    kd = KnowledgeDistillation(teacher, alpha=0.3, temperature=2.0, features=features)
+    recorder = Recorder()
+    _fit(tmp_path, digits, [kd, recorder], model=student, limit_train_batches=1)
+
+    config = DistillationConfig(alpha=0.3, temperature=2.0, features=features)
+    capture = distill(plain_student, plain_teacher, config, example_input=plain_student.example_input_array)
+    plain_student.train()
+    x, y = next(iter(digits.train_dataloader()))
+    loss = capture.loss(F.cross_entropy(plain_student(x), y))
+    assert float(loss.detach()) == recorder.rows[0]["loss"]
+    assert float(F.cross_entropy(plain_student(x), y)) == recorder.rows[0]["distillation/task_loss"]
+
+
+class NoPatching(Callback):
+    """Records, at every training batch, which methods the LightningModule instance holds of its own."""
+
+    def __init__(self):
+        self.patched = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.patched |= set(vars(pl_module)) & {"forward", "training_step", "__call__"}
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16-grad-scaler"])
+def test_gradients_with_accumulation_equal_a_plain_loop_that_back_propagates_the_mixed_loss(
+    tmp_path, digits, fp16
+):
+    """The callback changes Lightning's loss in place (divided for accumulation, scaled by the fp16 grad scaler);
+    the parameters end exactly where back-propagating ``((1 - alpha) · task + alpha · distillation) / 2`` by hand
+    takes them."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    features = [FeatureLoss("net.3"), FeatureLoss("net.4", loss="attention", weight=50.0)]
+    teacher, student = _narrow_teacher(), SGDClassifier("small_cnn")
+    plain_teacher, plain_student = _plain_copies(teacher, student)
+    initial = student.net[3].weight.detach().clone()
+    kd = KnowledgeDistillation(teacher, alpha=0.3, temperature=2.0, features=features, keep_adapters=True)
+    no_patching = NoPatching()
+    plugins = [MixedPrecision("16-mixed", "cpu")] if fp16 else None
+    overrides = dict(limit_train_batches=6, accumulate_grad_batches=2, plugins=plugins)
+    _fit(tmp_path, digits, [kd, no_patching], model=student, **overrides)
+    assert no_patching.patched == set()
+
+    config = DistillationConfig(alpha=0.3, temperature=2.0, features=features)
+    capture = distill(plain_student, plain_teacher, config, example_input=plain_student.example_input_array)
+    initial_adapter = capture.adapters["0"].weight.detach().clone()
+    plain_student.distillation_adapters = capture.adapters
+    optimizer = plain_student.configure_optimizers()
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    plain_student.train()
+    for i, (x, y) in zip(range(6), digits.train_dataloader(), strict=False):
+        if i % 2 == 0:
+            optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            loss = capture.loss(F.cross_entropy(plain_student(x), y))
+        scaler.scale(loss / 2).backward()
+        if i % 2 == 1:
+            scaler.step(optimizer)
+            scaler.update()
+    trained, by_hand = student.state_dict(), plain_student.state_dict()
+    adapter = f"{ADAPTERS_ATTRIBUTE}.0.weight"
+    assert list(trained) == list(by_hand) and adapter in trained
+    for name, value in trained.items():
+        assert torch.equal(value, by_hand[name]), name
+    assert not torch.equal(trained["net.3.weight"], initial)
+    assert not torch.equal(trained[adapter], initial_adapter)
+
+
+def test_mixed_precision_mixes_the_loss_under_the_students_autocast(tmp_path, digits):
+    features = [FeatureLoss("net.3"), FeatureLoss("net.4", loss="attention", weight=50.0)]
+    kd = KnowledgeDistillation(_narrow_teacher(), alpha=0.3, temperature=2.0, features=features)
+    recorder = Recorder()
+    # The adapter's float32 weights meet the student's bfloat16 feature: only under the same autocast as the
+    # student's forward can the distillation loss be computed at all.
+    _fit(
+        tmp_path,
+        digits,
+        [kd, recorder],
+        limit_train_batches=4,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+    )
+    assert len(recorder.rows) == 4
+    for row in recorder.rows:
+        distill_loss = (
+            row["distillation/kl"]
+            + row["distillation/hint/net.3"]
+            + 50.0 * row["distillation/attention/net.4"]
+        )
+        assert row["distillation/loss"] == pytest.approx(distill_loss, rel=1e-5)
+        mixed = (0.7 * row["distillation/task_loss"] + 0.3 * row["distillation/loss"]) / 2
+        assert row["loss"] == pytest.approx(mixed, rel=1e-5)
+
+
+def test_adapters_under_ddp_looking_for_unused_parameters_fail_before_training(tmp_path, digits):
+    environ = dict(os.environ)
+    counter = RecordSteps()
+    kd = KnowledgeDistillation(_narrow_teacher(), features=[FeatureLoss("net.3")])
+    try:
+        with pytest.raises(
+            ValueError, match="DistributedDataParallel with `find_unused_parameters=True` does not"
+        ):
+            _fit(tmp_path, digits, [kd, counter], max_steps=2, strategy="ddp_find_unused_parameters_true")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert counter.steps == []
 
 
 def _resume_run(tmp_path, digits, ckpt_path=None, checkpoint=None, teacher_seed=11, steps=None, **kd_kwargs):

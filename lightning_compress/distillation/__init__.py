@@ -1,6 +1,12 @@
-"""Knowledge distillation: losses (plain torch) and the KnowledgeDistillation callback."""
+"""Knowledge distillation: losses and a capture module (plain torch), and the KnowledgeDistillation callback."""
 
 from lightning_compress.distillation.callback import FeatureLoss, KnowledgeDistillation
+from lightning_compress.distillation.core import (
+    DistillationCapture,
+    DistillationConfig,
+    Distilled,
+    distill,
+)
 from lightning_compress.distillation.losses import (
     FeatureAdapter,
     attention_map,
@@ -14,11 +20,15 @@ from lightning_compress.distillation.losses import (
 )
 
 __all__ = [
+    "DistillationCapture",
+    "DistillationConfig",
+    "Distilled",
     "FeatureAdapter",
     "FeatureLoss",
     "KnowledgeDistillation",
     "attention_map",
     "attention_transfer_loss",
+    "distill",
     "embedding_loss",
     "hint_loss",
     "hinton_loss",

@@ -8,51 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The argument checks, under the names this module has always exported.
+from lightning_compress._checks import check_alpha as validate_alpha
+from lightning_compress._checks import check_temperature as validate_temperature
+
 EMBEDDING_METRICS = ("cosine", "mse")
-
-
-def validate_temperature(temperature: float, name: str = "temperature") -> float:
-    """Check a softmax temperature: a finite number above 0.
-
-    Example::
-
-        >>> validate_temperature(4)
-        4.0
-        >>> validate_temperature(0.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: `temperature=0.0` must be a finite number > 0 (1 is the plain softmax; Hinton et al. used 2 to 20).
-    """
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise TypeError(f"`{name}={temperature!r}` must be a number > 0.")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(
-            f"`{name}={temperature!r}` must be a finite number > 0 "
-            "(1 is the plain softmax; Hinton et al. used 2 to 20)."
-        )
-    return float(temperature)
-
-
-def validate_alpha(alpha: float, name: str = "alpha") -> float:
-    """Check a mixing weight: a number in ``[0, 1]``.
-
-    Example::
-
-        >>> validate_alpha(0.5)
-        0.5
-        >>> validate_alpha(1.5)
-        Traceback (most recent call last):
-        ...
-        ValueError: `alpha=1.5` must be in [0, 1]: the weight of the distillation loss, the task loss gets 1 - alpha.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise TypeError(f"`{name}={alpha!r}` must be a number in [0, 1].")
-    if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(
-            f"`{name}={alpha!r}` must be in [0, 1]: the weight of the distillation loss, "
-            "the task loss gets 1 - alpha."
-        )
-    return float(alpha)
 
 
 def _flatten_classes(logits: Tensor) -> Tensor:
