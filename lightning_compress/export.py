@@ -293,8 +293,7 @@ def to_plain_torch(model: nn.Module) -> nn.Module:
                     continue
                 replaced[id(child)] = new
             parent._modules[name] = replaced[id(child)]
-    # Attributes outside the module tree that pointed at a replaced module or at one of its methods (e.g. an
-    # instance-level forward).
+    # Attributes outside the module tree that pointed at a replaced module or at one of its methods.
     for module in plain.modules():
         for key, value in list(vars(module).items()):
             owner = getattr(value, "__self__", None) if inspect.ismethod(value) else None
@@ -535,15 +534,8 @@ def export(
         reference = [_tensors(model(*a, **k)) for a, k in samples]
     args, kwargs = samples[0]
 
-    from lightning_compress.quantization.qat import whole_forward_graph
-
-    traced = plain
-    graph = whole_forward_graph(plain)
-    if format != "torch" and graph is not None:
-        # The module runs another module as its forward (a whole-forward int8 graph): that one is what runs.
-        traced = graph
     with atomic_write(target) as partial:
-        _WRITERS[format](traced, args, kwargs, partial)
+        _WRITERS[format](plain, args, kwargs, partial)
         loaded = _load(format, partial, config)
         with torch.no_grad():
             outputs = [_tensors(loaded(*a, **k)) for a, k in samples]

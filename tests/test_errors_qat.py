@@ -1,10 +1,12 @@
 """QuantizationAwareTraining: bad input fails before training, resuming and loading checkpoints, memory."""
 
+import copy
 import inspect
 import json
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 
 import lightning.pytorch as pl
 import pytest
@@ -36,6 +38,7 @@ AT_CONSTRUCTION = [
     ({"freeze_bn": "step:-1"}, ValueError, r"`freeze_bn='step:-1'`"),
     ({"scheme": "intx-weight-only", "freeze_observers": 0.8}, ValueError, r"apply to `scheme='int8'`"),
     ({"scheme": "int8-dynamic-intx", "freeze_bn": 0.5}, ValueError, r"apply to `scheme='int8'`"),
+    ({"finalize": "yes"}, TypeError, r"`finalize='yes'` must be True or False"),
     ({"convert": "yes"}, TypeError, r"`convert='yes'` must be True or False"),
     ({"bits": 4}, ValueError, r"`bits=4` is not available with `scheme='int8'`"),
     ({"bits": 8.0}, TypeError, r"`bits=8.0` must be an integer"),
@@ -251,12 +254,11 @@ def test_resuming_a_float_checkpoint_with_qat_quantizes_from_its_weights(tmp_pat
     assert "fake quantization from step 4 as planned" in caplog.text
     # Before the fix the float structure was put back, training went on in fp32 and nothing was converted.
     assert qat.converted and trainer.global_step == 8
-    host = model.net if module else model.quantized
-    assert isinstance(host, QuantizedGraphModule) and host.converted
+    # With `module=None` too the graph takes the place of `net`, the child the forward calls: same names.
+    assert isinstance(model.net, QuantizedGraphModule) and model.net.converted
     # Quantization-aware training started from the checkpoint's float weights.
-    prefix = "net." if module else "quantized.net."
     for name in ("0.weight", "3.weight", "8.weight", "10.weight"):
-        assert torch.equal(record.weights[prefix + name], saved["net." + name]), name
+        assert torch.equal(record.weights["net." + name], saved["net." + name]), name
     assert qat.parity["argmax_agreement"] >= 0.95
 
 
@@ -336,6 +338,52 @@ def test_a_qat_checkpoint_names_its_loader_and_the_loader_rebuilds_the_model(tmp
     )
     with pytest.raises(ValueError, match=r"holds a converted int8 model.*load_qat_checkpoint\(YourModule"):
         fresh.validate(ImageClassifier("small_cnn"), datamodule=digits, ckpt_path=path, verbose=False)
+
+
+def _as_written_by_earlier_versions(checkpoint, float_layers):
+    """A `module=None` checkpoint as earlier versions wrote it: the graph of the whole forward was the child
+    `quantized` (`quantized.net.0.weight`, `quantized.activation_post_process_0.scale`), its ranges keyed alike."""
+    state = OrderedDict()
+    for key, value in checkpoint["state_dict"].items():
+        rest = key.removeprefix("net.")
+        if rest != key:
+            key = "quantized." + (key if rest.split(".")[0] in float_layers else rest)
+        state[key] = value
+    state._metadata = checkpoint["state_dict"]._metadata
+    callbacks = copy.deepcopy(checkpoint["callbacks"])
+    for callback in callbacks.values():
+        if "ranges" in callback:
+            callback["ranges"] = {k.removeprefix("net."): v for k, v in callback["ranges"].items()}
+    return {**checkpoint, "state_dict": state, "callbacks": callbacks}
+
+
+def test_a_checkpoint_of_the_whole_forward_graph_written_by_earlier_versions_still_loads(tmp_path, digits):
+    model = ImageClassifier("small_cnn")
+    float_layers = set(model.net._modules)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True),
+        callbacks=[QuantizationAwareTraining(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        limit_train_batches=4,
+        limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=digits)
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    x = next(iter(digits.val_dataloader()))[0][:32]
+    for path in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "final.ckpt"):  # during training, converted
+        checkpoint = torch.load(path, weights_only=False)
+        legacy = _as_written_by_earlier_versions(checkpoint, float_layers)
+        graph_entries = [
+            k for k in legacy["state_dict"] if k.startswith("quantized.") and ".net." not in f".{k}"
+        ]
+        assert graph_entries and not any(k.startswith("net.") for k in legacy["state_dict"])
+        expected = load_qat_checkpoint(ImageClassifier("small_cnn"), checkpoint).eval()
+        loaded = load_qat_checkpoint(ImageClassifier("small_cnn"), legacy).eval()
+        assert isinstance(loaded.net, QuantizedGraphModule) and "quantized" not in loaded._modules
+        state, loaded_state = expected.state_dict(), loaded.state_dict()
+        assert state.keys() == loaded_state.keys()
+        assert all(torch.equal(v, loaded_state[k]) for k, v in state.items() if isinstance(v, torch.Tensor))
+        with torch.no_grad():
+            assert torch.equal(loaded(x), expected(x)), path.name
 
 
 def test_load_qat_checkpoint_refuses_a_checkpoint_written_without_qat():

@@ -20,6 +20,7 @@ from tests.conftest import trainer_kwargs
 
 # The module, not the function `lightning_compress.export` that shadows it as a package attribute.
 export_module = importlib.import_module("lightning_compress.export")
+qat_module = importlib.import_module("lightning_compress.quantization.qat")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,11 +34,11 @@ class FailingSave:
     def __init__(self, probe):
         self.probe, self.handed_over, self.outputs = probe, None, None
 
-    def __call__(self, converted, inputs, reference):
+    def __call__(self, reference, converted, inputs, export_path, measure):
         self.handed_over = converted
         with torch.no_grad():
             self.outputs = converted(self.probe)
-        raise OSError(28, "No space left on device")
+        return None, None, OSError(28, "No space left on device")
 
 
 def _fit(tmp, digits, callbacks, **overrides):
@@ -67,9 +68,10 @@ def compressed(tmp_path_factory, digits):
     models["low_rank"] = model
 
     qat = QuantizationAwareTraining(module="net", start=0.0, export_path=root / "int8" / "model.pt2")
-    save = qat._export = FailingSave(_images(32, 7))
+    save = FailingSave(_images(32, 7))
     model, trainer = _fit(root, digits, [qat])
-    with pytest.raises(RuntimeError) as failure:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError) as failure:
+        patch.setattr(qat_module, "ship_int8", save)
         trainer.fit(model, datamodule=digits)
     models["int8"] = model
     return {"models": models, "qat": qat, "save": save, "failure": failure.value, "root": root}
@@ -389,7 +391,8 @@ def test_hooks_registered_by_this_package_are_dropped_user_hooks_kept(tmp_path):
 
 
 def test_a_model_quantized_with_default_arguments_exports_in_every_format(tmp_path, digits):
-    # `QuantizationAwareTraining()` quantizes the whole forward: the graph runs as the LightningModule's forward.
+    # `QuantizationAwareTraining()` replaces the child the forward calls (`net`) by its graph: export traces the
+    # LightningModule's forward through it.
     model, trainer = _fit(tmp_path, digits, [QuantizationAwareTraining()])
     trainer.fit(model, datamodule=digits)
     x = _images(16, 3)

@@ -25,7 +25,8 @@ from lightning_compress.quantization.pt2e import (
     save_quantized,
     sync_observers,
 )
-from lightning_compress.quantization.qat import QuantizationAwareTraining
+from lightning_compress.quantization.qat import QuantizationAwareTraining, check_low_bit_supported
+from lightning_compress.quantization.qat_core import QuantizationConfig, convert_qat, prepare_qat
 from tests._ddp import run_worker
 from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
 
@@ -238,7 +239,160 @@ def test_compiled_int8_graph_matches_the_converted_graph_and_leaves_inductor_con
         assert float((out.argmax(1) == reference.argmax(1)).float().mean()) >= 0.95
 
 
+# -- the verbs on a plain nn.Module, without a Trainer ------------------------------------------------------
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 4))
+
+
+def test_prepare_and_convert_qat_int8_on_a_plain_module_without_a_trainer():
+    model = _conv_net()
+    prepared = prepare_qat(model, QuantizationConfig(), example_input=torch.randn(2, 1, 8, 8))
+    assert (
+        isinstance(prepared, QuantizedGraphModule)
+        and prepared.graph.get_parameter("0.weight") is model[0].weight
+    )
+    _train(prepared, steps=20)
+    converted = convert_qat(prepared, QuantizationConfig())
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        fake, real = prepared.eval()(x), converted(x)
+    assert converted.converted and (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.98
+    assert float((real - fake).norm() / fake.norm()) < 0.03
+    # The batch norm was folded into the convolution: the int8 graph holds no batch-norm op.
+    assert not any("batch_norm" in str(n.target) for n in converted.graph.graph.nodes)
+    assert sum(p.dtype == torch.int8 for p in converted.parameters()) == 2
+
+
+def test_prepare_qat_of_a_named_part_replaces_that_module_in_place():
+    model = nn.Sequential()
+    model.add_module("body", _conv_net())
+    model.add_module("scale", nn.Linear(4, 4))
+    config = QuantizationConfig(module="body")
+    float_body = model.body
+    assert prepare_qat(model, config, example_input=torch.randn(2, 1, 8, 8)) is model
+    assert isinstance(model.body, QuantizedGraphModule) and isinstance(model.scale, nn.Linear)
+    assert dict(model.body.named_parameters())["0.weight"] is float_body[0].weight
+    _train(model, steps=5)
+    convert_qat(model, config)
+    assert model.body.converted and tuple(model(torch.randn(3, 1, 8, 8)).shape) == (3, 4)
+
+
+def test_prepare_and_convert_qat_low_bit_on_a_plain_module_reproduce_the_fake_quantized_outputs():
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    config = QuantizationConfig(scheme="intx-weight-only", bits=3, group_size=8, exclude="2")
+    prepared = prepare_qat(model, config)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        fake = prepared(x)
+    convert_qat(prepared, config)
+    assert isinstance(model[0].weight, IntxUnpackedToInt8Tensor) and type(model[2]) is nn.Linear
+    assert model[0].weight.qdata.min() >= -4 and model[0].weight.qdata.max() <= 3
+    with torch.no_grad():
+        assert torch.allclose(model(x), fake, atol=1e-5)
+
+
+def test_quantization_config_checks_its_fields():
+    assert QuantizationConfig(scheme="int4-weight-only").weight_group_size == 128
+    with pytest.raises(ValueError, match=r"Unknown `scheme='int3'`"):
+        QuantizationConfig(scheme="int3")
+    with pytest.raises(ValueError, match=r"`modules` and `exclude` select the `nn.Linear` layers"):
+        QuantizationConfig(exclude="net.0")
+    with pytest.raises(ValueError, match=r"`module=''` must be a submodule name"):
+        QuantizationConfig(module="")
+
+
+# -- torchao's private functions: used only in the versions where they were checked ---------------------------
+
+
+@pytest.fixture
+def torchao_version(monkeypatch):
+    """Makes the installed torchao report another version; the warning is given again for the test."""
+    import torchao
+
+    from lightning_compress.quantization import _torchao_private
+
+    monkeypatch.setattr(_torchao_private, "_warned", False)
+
+    def set_version(version):
+        monkeypatch.setattr(torchao, "__version__", version)
+
+    return set_version
+
+
+@pytest.mark.parametrize(
+    ("version", "swapped"),
+    [("0.12.0", True), ("0.18.0+cpu", True), ("0.11.1", False), ("0.19.0.dev20260101", False)],
+)
+def test_private_swaps_apply_only_to_the_checked_torchao_versions_and_results_stay_the_same(
+    torchao_version, version, swapped
+):
+    import warnings
+
+    import torchao.quantization.pt2e.qat_utils as qat_utils
+    import torchao.quantization.pt2e.utils as pt2e_utils
+
+    from lightning_compress.quantization._torchao_private import cached_patterns
+
+    x = torch.randn(8, 1, 8, 8)
+
+    def quantize():  # prepare, observe, switch to eval and back (a graph rewrite), convert
+        torch.manual_seed(0)
+        prepared = prepare_int8_qat(_mlp(), (x,))
+        prepared(x)
+        prepared.eval()(x)
+        return convert_int8(prepared.train())(x)
+
+    reference = quantize()
+    torchao_version(version)
+    original = (pt2e_utils._get_aten_graph_module_for_pattern, qat_utils._fold_conv_bn_qat_helper)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with cached_patterns():
+            inside = (pt2e_utils._get_aten_graph_module_for_pattern, qat_utils._fold_conv_bn_qat_helper)
+        result = quantize()
+    assert (inside[0] is not original[0], inside[1] is not original[1]) == (swapped, swapped)
+    assert (pt2e_utils._get_aten_graph_module_for_pattern, qat_utils._fold_conv_bn_qat_helper) == original
+    private = [w for w in caught if "private torchao functions" in str(w.message)]
+    assert len(private) == (0 if swapped else 1)  # once per process, however many calls
+    assert torch.equal(result, reference)
+
+
+def test_module_caches_are_released_only_in_the_checked_torchao_versions(torchao_version):
+    from torchao.utils import _assert_and_get_unique_device
+
+    from lightning_compress.quantization._torchao_private import release_torchao_module_cache
+
+    for version, kept in (("0.19.0", 1), ("0.18.1", 0)):
+        torchao_version(version)
+        _assert_and_get_unique_device.cache_clear()
+        _assert_and_get_unique_device(nn.Linear(2, 2))
+        with pytest.warns(UserWarning) if kept else __import__("contextlib").nullcontext():
+            release_torchao_module_cache()
+        assert _assert_and_get_unique_device.cache_info().currsize == kept, version
+
+
 # -- the callback -----------------------------------------------------------------------------------------
+
+
+def test_convert_is_the_deprecated_name_of_finalize():
+    with pytest.warns(DeprecationWarning, match=r"`QuantizationAwareTraining\(convert=...\)` is deprecated"):
+        qat = QuantizationAwareTraining(convert=False)
+    assert qat.finalize_at_end is False and QuantizationAwareTraining(finalize=False).finalize_at_end is False
+    with pytest.raises(ValueError, match=r"got both `convert=True` and `finalize=False`"):
+        QuantizationAwareTraining(convert=True, finalize=False)
+
+
+def test_the_low_bit_machine_probe_leaves_the_random_state_as_it_was():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_low_bit_supported("intx-weight-only", 4, 32)
+    assert torch.equal(torch.rand(3), expected)
 
 
 class CaptureFakeQuantOutputs(Callback):
@@ -329,7 +483,7 @@ def test_measure_reports_sizes_and_compiled_latencies_and_logs_them(qat_fit):
 
 def test_pruned_zeros_stay_zero_through_fake_quant_and_conversion(qat_fit):
     qat, model = qat_fit["qat"], qat_fit["model"]
-    latent = dict(qat._float.named_parameters())  # the float module the graph was cut from
+    latent = dict(qat._stashed["net"].named_parameters())  # the float module the graph was cut from
     for name in ("8.weight", "10.weight"):
         pruned = latent[name] == 0
         assert pruned.float().mean().item() == pytest.approx(0.5, abs=1e-3)
@@ -448,14 +602,62 @@ def test_whole_forward_is_quantized_when_no_module_is_named(tmp_path, digits):
         **trainer_kwargs(tmp_path), callbacks=[capture, qat], limit_train_batches=10, limit_val_batches=1
     )
     trainer.fit(model, datamodule=digits)
-    assert isinstance(model.quantized, QuantizedGraphModule) and model.quantized.converted
-    assert "net" not in model._modules  # the float children live inside the quantized module
+    # The child the forward calls was replaced by its graph; no method of the model was touched.
+    assert isinstance(model.net, QuantizedGraphModule) and model.net.converted
+    assert list(model._modules) == ["net", "train_acc", "val_acc", "test_acc"] and "forward" not in vars(
+        model
+    )
+    assert type(qat._stashed["net"]) is nn.Sequential  # the float module it took the place of
     with torch.no_grad():
         real = model(capture.x)
     assert (real.argmax(1) == capture.logits.argmax(1)).float().mean() >= 0.98
     fake_accuracy = (capture.logits.argmax(1) == next(iter(digits.val_dataloader()))[1]).float().mean()
     validated = trainer.validate(model, datamodule=digits, verbose=False)[0]["val_acc"]
     assert validated == pytest.approx(float(fake_accuracy), abs=0.02)
+
+
+class TwoChildren(ImageClassifier):
+    """A forward that spreads the model over two children: the features, then a head."""
+
+    def __init__(self):
+        super().__init__("small_cnn")
+        self.features, self.head = self.net[:8], self.net[8:]
+        del self.net
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_without_module_each_child_the_forward_calls_becomes_its_own_graph(tmp_path, digits):
+    qat = QuantizationAwareTraining(start=0.0)
+    model = TwoChildren()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, limit_val_batches=1), callbacks=[qat])
+    trainer.fit(model, datamodule=digits)
+    assert isinstance(model.features, QuantizedGraphModule) and model.features.converted
+    assert isinstance(model.head, QuantizedGraphModule) and model.head.converted
+    # Every conv and linear weight is int8, in the graph of its own child.
+    int8 = {name.split(".")[0] for name, p in model.named_parameters() if p.dtype == torch.int8}
+    assert int8 == {"features", "head"}
+    assert sum(p.dtype == torch.int8 for p in model.parameters()) == 4
+    assert qat.parity["argmax_agreement"] >= 0.95
+
+
+class DataDependentClassifier(ImageClassifier):
+    """Python control flow on the data in the LightningModule's forward, around the child it calls."""
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.net(x)
+        return -self.net(x)
+
+
+def test_a_forward_torch_export_cannot_trace_quantizes_the_child_it_calls(tmp_path, digits):
+    qat = QuantizationAwareTraining(start=0.0)
+    model = DataDependentClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, limit_val_batches=1), callbacks=[qat])
+    trainer.fit(model, datamodule=digits)
+    assert isinstance(model.net, QuantizedGraphModule) and model.net.converted
+    assert qat.parity["argmax_agreement"] >= 0.95
 
 
 class WithFloatHead(ImageClassifier):
@@ -486,21 +688,33 @@ def test_bf16_mixed_runs_the_quantized_part_in_fp32(tmp_path, digits):
     assert trainer.callback_metrics["val_acc"] > 0.5
 
 
-class DataDependentClassifier(ImageClassifier):
+class DataDependentBlock(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.body = net
+
     def forward(self, x):
         if x.mean() > 0:
-            return self.net(x)
-        return -self.net(x)
+            return self.body(x)
+        return -self.body(x)
+
+
+class DataDependentChild(ImageClassifier):
+    """The child the forward calls has Python control flow on the data."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.net = DataDependentBlock(self.net)
 
 
 @pytest.mark.parametrize(
     ("model", "qat", "trainer_overrides", "match"),
     [
         (
-            DataDependentClassifier,
+            DataDependentChild,
             {},
             {},
-            r"DataDependentClassifier.forward.*if x.mean\(\) > 0.*module='net'",
+            r"DataDependentChild.net \(`module=None`\).*if x.mean\(\) > 0.*module='net.body'",
         ),
         (ImageClassifier, {"module": "nett"}, {}, "no such submodule.*Did you mean 'net'"),
         (ImageClassifier, {"module": "net"}, {"precision": "bf16-true"}, "precision='bf16-true'"),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
 import os
 import re
-import sys
 import zipfile
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -18,6 +16,11 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from lightning_compress.export import atomic_write
+from lightning_compress.quantization._torchao_private import (
+    CONV_OPS,
+    cached_patterns,
+    release_torchao_module_cache,
+)
 
 __all__ = [
     "QuantizedGraphModule",
@@ -29,6 +32,7 @@ __all__ = [
     "prepare_int8_qat",
     "quantize_int8_ptq",
     "quantized_weight_names",
+    "release_torchao_module_cache",
     "save_quantized",
     "slim_graph",
     "sync_observers",
@@ -36,105 +40,6 @@ __all__ = [
 
 # The tensors of the module a graph is cut from, kept when the graph is shared with a host module.
 _SHARED = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
-
-
-# torchao rewrites graphs by matching small pattern graphs, and exports every pattern again at every call:
-# converting one model exports ~100 patterns (tens of seconds on a small CPU), switching batch norm between
-# train and eval exports 6. The patterns depend only on the pattern code and the example shapes, so they are
-# exported once per process and copied out of this cache.
-_PATTERNS: dict[Hashable, GraphModule] = {}
-
-
-def _signature(value: Any) -> Hashable:
-    if isinstance(value, Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
-    if isinstance(value, list | tuple):
-        return tuple(_signature(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
-    return value
-
-
-_CONV_OPS = {
-    "conv1d": torch.ops.aten.conv1d,
-    "conv2d": torch.ops.aten.conv2d,
-    "conv_transpose1d": torch.ops.aten.conv_transpose1d,
-    "conv_transpose2d": torch.ops.aten.conv_transpose2d,
-}
-
-
-@contextlib.contextmanager
-def _cached_patterns() -> Iterator[None]:
-    import torchao.quantization.pt2e.qat_utils as qat_utils
-    import torchao.quantization.pt2e.utils as pt2e_utils
-
-    original = pt2e_utils._get_aten_graph_module_for_pattern
-    original_fold = qat_utils._fold_conv_bn_qat_helper
-
-    def cached(pattern: Callable, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any) -> GraphModule:
-        fn = getattr(pattern, "fn", pattern)  # torchao wraps some patterns in a fresh WrapperModule
-        cells = tuple(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))
-        key = (
-            getattr(fn, "__code__", fn),
-            _signature(cells),
-            _signature(example_inputs),
-            is_cuda,
-            _signature(kwargs),
-        )
-        try:
-            hit = _PATTERNS.get(key)
-        except TypeError:  # something unhashable in the closure: no caching
-            return original(pattern, example_inputs, is_cuda, **kwargs)
-        if hit is None:
-            hit = _PATTERNS[key] = original(pattern, example_inputs, is_cuda, **kwargs)
-        return copy.deepcopy(hit)
-
-    def fold(m: GraphModule, conv_fn: Callable, example_inputs: tuple, is_cuda: bool) -> GraphModule:
-        # Conversion tries the conv1d, conv2d and both transposed kinds; only the kinds present can match.
-        op = _CONV_OPS.get(getattr(conv_fn, "__name__", ""))
-        if op is not None and not any(getattr(n.target, "overloadpacket", None) is op for n in m.graph.nodes):
-            return m
-        return original_fold(m, conv_fn, example_inputs, is_cuda)
-
-    pt2e_utils._get_aten_graph_module_for_pattern = cached
-    qat_utils._get_aten_graph_module_for_pattern = cached
-    qat_utils._fold_conv_bn_qat_helper = fold
-    try:
-        yield
-    finally:
-        pt2e_utils._get_aten_graph_module_for_pattern = original
-        qat_utils._get_aten_graph_module_for_pattern = original
-        qat_utils._fold_conv_bn_qat_helper = original_fold
-        release_torchao_module_cache()
-
-
-def release_torchao_module_cache() -> None:
-    """Forget the modules torchao's PT2E passes have looked at.
-
-    torchao (and the torch.ao helpers it reuses) memoize the device of every module their passes see (``functools.cache`` keyed by the module), so
-    each prepared, converted or mode-switched graph — with its weights, and the model around it — stayed alive
-    for the life of the process, and a graph moved to another device afterwards got its old device back.
-
-    Example::
-
-        >>> from torchao.utils import _assert_and_get_unique_device
-        >>> _ = _assert_and_get_unique_device(nn.Linear(2, 2))
-        >>> release_torchao_module_cache()
-        >>> _assert_and_get_unique_device.cache_info().currsize
-        0
-    """
-    for module_name, function in _DEVICE_CACHES:
-        module = sys.modules.get(module_name)  # only those already imported hold anything
-        cache_clear = getattr(getattr(module, function, None), "cache_clear", None)
-        if cache_clear is not None:
-            cache_clear()
-
-
-# torchao's PT2E passes call both (the second through torch.ao helpers they reuse).
-_DEVICE_CACHES = (
-    ("torchao.utils", "_assert_and_get_unique_device"),
-    ("torch.ao.quantization.fx.utils", "assert_and_get_unique_device"),
-)
 
 
 def _x86_quantizer(is_qat: bool) -> Any:
@@ -205,11 +110,12 @@ def _failing_line(text: str) -> str | None:
     return f"{path}:{line} in {function}: `{code.strip()}`"
 
 
-def _export_error(what: str, module: nn.Module, err: Exception) -> ValueError:
+def _export_error(what: str, module: nn.Module, err: Exception, name: str = "") -> ValueError:
     text = str(err)
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     where = _failing_line(text)
-    children = [n for n, m in module.named_children() if any(True for _ in m.parameters())]
+    prefix = f"{name}." if name else ""
+    children = [prefix + n for n, m in module.named_children() if any(True for _ in m.parameters())]
     hint = (
         f"Quantize a submodule that torch.export can trace instead, e.g. `module={children[0]!r}` "
         f"(submodules with parameters: {', '.join(repr(c) for c in children[:8])})"
@@ -260,7 +166,7 @@ def separate_repeated_calls(graph: GraphModule) -> list[str]:
 
 
 def export_for_quantization(
-    module: nn.Module, args: tuple, kwargs: dict | None = None, *, what: str | None = None
+    module: nn.Module, args: tuple, kwargs: dict | None = None, *, what: str | None = None, name: str = ""
 ) -> GraphModule:
     """Export ``module`` with torch.export (batch dimension dynamic) into a graph the PT2E quantizers accept.
 
@@ -269,6 +175,7 @@ def export_for_quantization(
         args: positional example inputs (their values do not matter, their shapes and dtypes do).
         kwargs: keyword example inputs.
         what: how to name the module in errors.
+        name: the module's qualified name in the model, so that the submodules errors suggest are named in full.
 
     Raises:
         ValueError: when torch.export cannot trace the module; the message quotes the failing line of user
@@ -288,7 +195,7 @@ def export_for_quantization(
             module, args, kwargs, dynamic_shapes=_dynamic_shapes(module, args, kwargs)
         )
     except Exception as err:
-        raise _export_error(what, module, err) from err
+        raise _export_error(what, module, err, name) from err
     graph = exported.module()
     separate_repeated_calls(graph)
     return graph
@@ -336,7 +243,7 @@ def _set_graph_mode(graph: GraphModule, current: tuple[bool, bool], target: tupl
     """Switch dropout and batch norm of an exported graph between train and eval behaviour (a graph rewrite)."""
     from torchao.quantization.pt2e.export_utils import _replace_batchnorm, _replace_dropout
 
-    with _cached_patterns():
+    with cached_patterns():
         if current[0] != target[0]:
             _replace_dropout(graph, train_to_eval=not target[0])
         if current[1] != target[1]:
@@ -427,8 +334,12 @@ class QuantizedGraphModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.sync()
-        with torch.autocast(_device_type([*args, *kwargs.values()]), enabled=False):
-            return self.graph(*_as_float32(args), **_as_float32(kwargs))
+        args, kwargs = _as_float32(args), _as_float32(kwargs)
+        device = _device_type([*args, *kwargs.values()])
+        if not torch.is_autocast_enabled(device):  # e.g. while torch.export traces it: no autocast region
+            return self.graph(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return self.graph(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return "converted int8" if self.converted else "fake-quantized"
@@ -447,7 +358,7 @@ def _guard_zero_scales(graph: GraphModule) -> int:
     batch norm's with beta = 0). Returns the number of guarded divisions.
     """
     aten = torch.ops.aten
-    conv_ops = set(_CONV_OPS.values())
+    conv_ops = set(CONV_OPS.values())
     guarded = 0
     for node in list(graph.graph.nodes):
         if node.op != "call_function" or node.target is not aten.div.Tensor or len(node.args) != 2:
@@ -483,7 +394,7 @@ def _unguard_zero_scales(graph: GraphModule) -> None:
 
 
 def prepare_int8_qat(
-    module: nn.Module, args: tuple, kwargs: dict | None = None, *, what: str | None = None
+    module: nn.Module, args: tuple, kwargs: dict | None = None, *, what: str | None = None, name: str = ""
 ) -> QuantizedGraphModule:
     """Export ``module`` and insert int8 fake quantization for training (torchao PT2E, X86 inductor quantizer).
 
@@ -496,6 +407,7 @@ def prepare_int8_qat(
         args: positional example inputs.
         kwargs: keyword example inputs.
         what: how to name the module in errors.
+        name: the module's qualified name in the model (see :func:`export_for_quantization`).
 
     Example::
 
@@ -509,9 +421,9 @@ def prepare_int8_qat(
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     what = what or type(module).__name__
-    graph = export_for_quantization(module, args, kwargs, what=what)
+    graph = export_for_quantization(module, args, kwargs, what=what, name=name)
     try:
-        with _cached_patterns():
+        with cached_patterns():
             prepared = prepare_qat_pt2e(graph, _x86_quantizer(is_qat=True))
     except ValueError as err:
         if "more than one output node" not in str(err):
@@ -618,7 +530,7 @@ def convert_int8(prepared: QuantizedGraphModule) -> QuantizedGraphModule:
     finally:
         prepared.train(training)
     _unguard_zero_scales(graph)
-    with _cached_patterns():
+    with cached_patterns():
         converted = convert_pt2e(graph)
     return QuantizedGraphModule(slim_graph(converted), converted=True)
 
@@ -644,12 +556,12 @@ def quantize_int8_ptq(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     graph = export_for_quantization(module, args, kwargs)
-    with _cached_patterns():
+    with cached_patterns():
         prepared = prepare_pt2e(graph, _x86_quantizer(is_qat=False))
     with torch.no_grad():
         for batch in calibration:
             prepared(*batch) if isinstance(batch, tuple | list) else prepared(batch)
-    with _cached_patterns():
+    with cached_patterns():
         converted = convert_pt2e(prepared)
     return QuantizedGraphModule(slim_graph(converted), converted=True)
 
