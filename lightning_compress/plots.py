@@ -5,10 +5,18 @@ Needs matplotlib (``pip install 'lightning-compress[plots]'``); it is imported o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["layer_figure", "report_figures", "require_matplotlib", "size_figure", "steps_figure"]
+__all__ = [
+    "layer_figure",
+    "report_figures",
+    "require_matplotlib",
+    "size_figure",
+    "steps_figure",
+    "write_figures",
+]
 
 
 def require_matplotlib() -> Any:
@@ -177,3 +185,47 @@ def report_figures(report: Mapping[str, Any], history: Sequence[Mapping[str, Any
     figures["layers"] = layer_figure(report)
     figures["sizes"] = size_figure(report)
     return figures
+
+
+def write_figures(
+    report: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    path: Path | None,
+    loggers: Iterable[Any] = (),
+    tag: str = "compression/report/",
+    step: int = 0,
+) -> dict[str, Path]:
+    """Draw :func:`report_figures`, write each as ``<path stem>.<figure>.png`` beside ``path`` (atomically: an
+    interrupted write leaves the previous file), and send it to the loggers that take figures (TensorBoard's
+    ``add_figure``, MLflow's ``log_figure``) under ``<tag><figure>``.
+
+    Returns:
+        The files written, by figure name (none when ``path`` is ``None``).
+
+    Example::
+
+        >>> import tempfile
+        >>> stats = {"layer_sparsity": {"w": 0.0}, "layer_bits": {"w": 32}, "layer_bytes": {"w": 4}}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     files = write_figures({"before": stats, "after": stats}, [], Path(folder) / "report.json")
+        ...     sorted(file.name for file in files.values())
+        ['report.layers.png', 'report.sizes.png']
+    """
+    from lightning_compress.export import atomic_write
+
+    plt = _pyplot()
+    written = {}
+    for name, figure in report_figures(report, history).items():
+        if path is not None:
+            file = path.with_name(f"{path.stem}.{name}.png")
+            with atomic_write(file) as partial:
+                figure.savefig(partial, dpi=100, format="png")
+            written[name] = file
+        for logger in loggers:
+            experiment = logger.experiment
+            if hasattr(experiment, "add_figure"):  # TensorBoard
+                experiment.add_figure(f"{tag}{name}", figure, global_step=step, close=False)
+            elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
+                experiment.log_figure(logger.run_id, figure, f"{tag}{name}.png")
+        plt.close(figure)
+    return written

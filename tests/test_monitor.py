@@ -1,3 +1,4 @@
+import copy
 import csv
 import inspect
 import io
@@ -13,13 +14,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
+from lightning_compress.callback import CompressionCallback
 from lightning_compress.stats import TensorFormat, count_parameters
 from tests._ddp import run_worker
 from tests.conftest import RecordSteps, trainer_kwargs
 
 
-class ZeroHalfOfFirstLinear(Callback):
-    """Stands in for a pruning callback: zeroes half of a layer's weights at every batch end."""
+class ZeroHalfOfFirstLinear(CompressionCallback):
+    """Stands in for a pruning callback: zeroes half of a layer's weights at every batch end, and declares the
+    layer stored at 8 bits (the monitor reads the declarations of compression callbacks)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with torch.no_grad():
@@ -227,6 +230,37 @@ def _tiny_fit(tmp_path, monitor, model=None, extra=(), **overrides):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=[monitor, *extra])
     trainer.fit(model, train_dataloaders=_tiny_loader())
     return trainer, model
+
+
+def test_the_report_core_compares_two_plain_modules_without_a_trainer():
+    from lightning_compress.reporting import (
+        ModelMeter,
+        assemble_report,
+        final_values,
+        format_report,
+        measure_latency_pair,
+    )
+
+    original = TinyNet().net  # conv 1->2 (no bias, 18 weights), linear 18->3 (54 weights, 3 biases)
+    final = copy.deepcopy(original)
+    with torch.no_grad():
+        final[2].weight[:, :9] = 0.0  # 27 of the 54 linear weights
+    meter = ModelMeter(torch.zeros(1, 1, 5, 5))
+    before, after = meter.stats(original), meter.stats(final, {"2.weight": TensorFormat(bits=8)})
+    latency = measure_latency_pair(original, final, meter.example, batch_size=2, repeats=2)
+    report = assemble_report(before, after, {"val_acc": {"before": 0.5, "after": 0.75}}, latency)
+    assert before.macs == after.macs == 216
+    assert report["summary"]["compression_rate"] == pytest.approx(75 / 48)
+    # conv weight 18 fp32 = 72 bytes; linear weight at 8 bits with a bitmask: 27 * 8 + 54 bits = 34 bytes; bias 12
+    assert after.compressed_bytes == 72 + 34 + 12 and report["summary"]["size_ratio"] == pytest.approx(
+        300 / 118
+    )
+    assert [(row["batch_size"], row["mode"]) for row in latency] == [(1, "eager"), (2, "eager")]
+    values = final_values(report)
+    assert values["final/params_after"] == 48 and values["final/val_acc_after"] == 0.75
+    assert values["final/speedup_batch2"] == latency[1]["speedup"]
+    table = format_report(report)
+    assert "val_acc 0.5000 0.7500" in " ".join(table.split()) and "latency ms, batch 2 (eager)" in table
 
 
 @pytest.mark.parametrize("example_batch", [1, 2, 5])
