@@ -202,36 +202,21 @@ def log_step(trainer: pl.Trainer) -> int:
 
 # -- composition: one order of effects, names that survive a graph taking over the layers -----------------
 
-# The order in which the compression callbacks take effect, whatever order `Trainer(callbacks=...)` lists them
-# in: structure first (factorized layers, then pruning selects and masks the layers that exist), weight sharing
-# and binary weights on what pruning left, distillation's hooks next, quantization last, so that it exports the
-# final structure and converts at the very end.
-EFFECT_ORDER = {
-    "LowRankReplacement": 0,
-    "GradualPruning": 1,
-    "WeightSharing": 2,
-    "BinaryWeights": 2,
-    "KnowledgeDistillation": 3,
-    "QuantizationAwareTraining": 4,
-}
+# The compression callbacks take effect in the order of their declared `effect_order` (see
+# `lightning_compress.callback`), whatever order `Trainer(callbacks=...)` lists them in: structure first,
+# quantization last, so that it exports the final structure and converts at the very end.
 # Per Trainer: the compression callbacks whose `setup` ran in the current round, and those of them called early
 # by `set_up_in_order`, whose call from Lightning is then skipped.
 _SETUP_ROUND: weakref.WeakKeyDictionary[pl.Trainer, tuple[set[int], set[int]]] = weakref.WeakKeyDictionary()
 
 
 def _effect_order(callback: object) -> int | None:
-    declared = getattr(callback, "effect_order", None)
-    if declared is not None:
-        return declared
-    # By the class hierarchy, so that a user's subclass of a compression callback keeps its place.
-    for cls in type(callback).__mro__:
-        if cls.__name__ in EFFECT_ORDER:
-            return EFFECT_ORDER[cls.__name__]
-    return None
+    # Declared by the class (a user's subclass keeps its place), or by the instance.
+    return getattr(callback, "effect_order", None)
 
 
 def set_up_in_order(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
-    """Run the compression callbacks' ``setup`` in :data:`EFFECT_ORDER`; ``True``: this call already ran.
+    """Run the compression callbacks' ``setup`` in their declared ``effect_order``; ``True``: this call already ran.
 
     Lightning calls ``setup`` in list order. A compression callback called before one that takes effect earlier
     sets that one up first (its own call from Lightning is then skipped), and ``trainer.callbacks`` is reordered

@@ -14,7 +14,9 @@ A compression callback is a schedule and a lifecycle around a plain-torch core (
 
 Subclasses implement :meth:`prepare` (the fit's setup), optionally :meth:`finalize` (make the compression
 permanent at the end of training) and :meth:`release` (drop what the fit held), plus whichever Lightning hooks
-their schedule needs.
+their schedule needs. The constructor arguments ``finalize`` and ``example_input`` of the callbacks share their
+names with methods of the base: subclasses keep them under other attribute names (``finalize_at_end``, a config
+object) and call ``CompressionCallback.example_input(...)`` explicitly.
 """
 
 from __future__ import annotations
@@ -216,11 +218,14 @@ class CompressionCallback(Callback):
         ``<prefix>per_layer/<statistic>/<name>``.
         """
         for name, value in values.items():
-            pl_module.log(self.prefix + name, float(value), on_step=not epoch, on_epoch=epoch)
+            pl_module.log(self.prefix + name, _loggable(value), on_step=not epoch, on_epoch=epoch)
         for stat, layers in (per_layer or {}).items():
             for name, value in layers.items():
                 pl_module.log(
-                    f"{self.prefix}per_layer/{stat}/{name}", float(value), on_step=not epoch, on_epoch=epoch
+                    f"{self.prefix}per_layer/{stat}/{name}",
+                    _loggable(value),
+                    on_step=not epoch,
+                    on_epoch=epoch,
                 )
 
     def log_to_loggers(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
@@ -230,6 +235,11 @@ class CompressionCallback(Callback):
             metrics = {self.prefix + name: float(value) for name, value in values.items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=log_step(trainer))
+
+
+def _loggable(value: Any) -> Any:
+    # A tensor stays on its device (no host synchronization per value); Lightning reduces it.
+    return value.detach() if isinstance(value, torch.Tensor) else float(value)
 
 
 def training_loader(trainer: pl.Trainer) -> Iterable | None:

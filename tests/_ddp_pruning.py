@@ -33,7 +33,7 @@ class SaveDecisions(Callback):
 
 def run(out, **pruning_kwargs):
     pl.seed_everything(0, verbose=False)
-    pruning = GradualPruning(start=0.2, end=0.8, frequency=2, materialize=False, **pruning_kwargs)
+    pruning = GradualPruning(start=0.2, end=0.8, frequency=2, finalize=False, **pruning_kwargs)
     trainer = ddp_trainer([pruning, SaveDecisions(pruning, out)], limit_train_batches=8)
     trainer.fit(ImageClassifier("small_cnn"), datamodule=DigitsDataModule(batch_size=32))
 

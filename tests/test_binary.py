@@ -9,8 +9,22 @@ from torch.nn.utils import parametrize
 
 from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor
-from lightning_compress.quantization.binary import BinaryWeights, QuantizedWeight, binarize, ternarize
-from lightning_compress.stats import compressed_size_bytes, raw_size_bytes
+from lightning_compress.quantization.binary import (
+    BinaryConfig,
+    BinaryWeights,
+    QuantizedWeight,
+    binarize,
+    binarize_,
+    make_permanent_,
+    ternarize,
+)
+from lightning_compress.quantization.binary_core import (
+    latent_weight,
+    set_enabled,
+    storage_formats,
+    weight_error,
+)
+from lightning_compress.stats import TensorFormat, compressed_size_bytes, raw_size_bytes
 from tests.conftest import RecordSteps, TiedLM, fit_or_resume, trainer_kwargs
 
 MIDDLE = ["net.3", "net.8"]  # small_cnn's inner conv and linear layers; the first and last stay fp32
@@ -48,6 +62,32 @@ def test_straight_through_estimator_passes_the_gradient_to_the_latent_weight():
     layer(x).pow(2).sum().backward()
     assert torch.allclose(layer.parametrizations.weight.original.grad, quantized.grad)
     assert len(layer.weight[0].abs().unique()) == 1
+
+
+def test_the_verb_quantizes_a_plain_module_trains_its_latent_weights_and_ends_plain():
+    generator = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    config = BinaryConfig(mode="ternary", exclude="0")
+    layers = binarize_(model, config)
+    assert list(layers) == ["2"] and not parametrize.is_parametrized(model[0])
+    latent = latent_weight(model[2]).detach().clone()
+    assert torch.equal(model[2].weight, ternarize(latent))
+    x = torch.randn(5, 1, 6, 6, generator=generator)
+    model(x).sum().backward()
+    # Straight through: the latent weight gets the gradient of the ternary one, the summed input of each row.
+    features = model[1](model[0](x)).detach()
+    assert torch.allclose(latent_weight(model[2]).grad, features.sum(0).expand(3, -1), atol=1e-5)
+    expected = float((ternarize(latent) - latent).norm() / latent.norm())
+    assert weight_error(layers, "ternary") == pytest.approx(expected, rel=1e-6)
+    set_enabled(layers, False)
+    assert torch.equal(model[2].weight, latent)
+    assert storage_formats(layers, config.bits, permanent=False) == {
+        "2.parametrizations.weight.original": TensorFormat(bits=2, codebook_entries=3)
+    }
+    make_permanent_(layers)
+    assert sorted(model.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert torch.equal(model[2].weight, ternarize(latent))
+    assert all(len(row.abs().unique()) == 2 for row in model[2].weight.detach())  # 0 and one scale per row
 
 
 class CheckForwardWeights(Callback):
@@ -184,3 +224,18 @@ def test_tied_weights_are_binarized_once_and_stay_tied(tmp_path, mode):
     for row in model.emb.weight.detach():
         assert row.unique().numel() <= allowed
         assert torch.allclose(row.abs()[row != 0], row.abs()[row != 0][0].expand(int((row != 0).sum())))
+
+
+def test_a_fit_resumed_at_its_last_step_still_ends_with_plain_quantized_weights(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True)
+    first = pl.Trainer(**kwargs, callbacks=[BinaryWeights(modules="mid"), checkpoint])
+    first.fit(TiedLM())
+    assert "mid.parametrizations.weight.original" in torch.load(tmp_path / "last.ckpt")["state_dict"]
+    model, binary, steps = TiedLM(), BinaryWeights(modules="mid"), RecordSteps()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[binary, steps])
+    trainer.fit(model, ckpt_path=str(tmp_path / "last.ckpt"))
+    # Nothing left to train: the checkpoint was written at the last step.
+    assert steps.steps == [] and trainer.global_step == first.global_step == 8
+    assert binary.finalized and not parametrize.is_parametrized(model.mid)
+    assert all(len(row.abs().unique()) == 1 for row in model.mid.weight.detach())

@@ -50,7 +50,7 @@ def test_default_qat_with_low_rank_in_either_order(tmp_path, digits, qat_first):
     model, trainer = _fit(tmp_path, digits, [qat, lowrank] if qat_first else [lowrank, qat])
     assert _names(trainer) == ["LowRankReplacement", "QuantizationAwareTraining"]
     assert len(lowrank.layers) == 7  # the stem, four block convs, the projection shortcut and the head
-    assert qat.converted and model.quantized.converted
+    assert qat.converted and model.net.converted
     assert qat.parity["argmax_agreement"] >= 0.9
 
 
@@ -244,7 +244,7 @@ def test_all_four_in_one_fit_give_a_smaller_int8_model_that_stays_accurate(tmp_p
     assert _names(trainer) == EFFECT_ORDER
     accuracy = trainer.validate(model, data, verbose=False)[0]["val_acc"]
 
-    assert qat.converted and model.quantized.converted
+    assert qat.converted and model.net.converted
     assert qat.parity["argmax_agreement"] >= 0.9  # 0.965 measured
     assert pruning.materialized and pruning.materialize_max_abs_diff < 1e-4
     float_net = qat._stashed["net"]

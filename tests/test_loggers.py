@@ -81,13 +81,13 @@ def _prefix_clashes(names):
 
 # Every callback with its per-layer logging on, one short fit each, the monitor beside it.
 SCENARIOS = {
-    "unstructured": lambda: [GradualPruning(amount=0.5, end=0.5, frequency=1, log_per_layer=True)],
+    "unstructured": lambda: [GradualPruning(amount=0.5, end=0.5, frequency=1, per_layer=True)],
     "structured": lambda: [
-        GradualPruning(amount=0.5, mode="structured", end=0.5, frequency=1, round_to=1, log_per_layer=True)
+        GradualPruning(amount=0.5, mode="structured", end=0.5, frequency=1, round_to=1, per_layer=True)
     ],
-    "2:4": lambda: [GradualPruning(mode="2:4", exclude="net.0", log_per_layer=True)],
+    "2:4": lambda: [GradualPruning(mode="2:4", exclude="net.0", per_layer=True)],
     "qat_int8": lambda: [QuantizationAwareTraining(module="net", start=0.0, log_every_n_steps=1)],
-    "low_rank": lambda: [LowRankReplacement(rank=0.5, modules=nn.Linear, log_per_layer=True, verbose=False)],
+    "low_rank": lambda: [LowRankReplacement(rank=0.5, modules=nn.Linear, per_layer=True, verbose=False)],
     "weight_sharing": lambda: [WeightSharing(bits=3)],
     "binary": lambda: [BinaryWeights()],
     "distillation": lambda: [
@@ -190,8 +190,8 @@ def test_per_layer_metrics_reach_mlflow_and_tensorboard_and_read_back(tmp_path, 
     uri = f"file:{tmp_path / 'mlruns'}"
     mlflow_logger = MLFlowLogger(experiment_name="compress", tracking_uri=uri)
     tb_logger = TensorBoardLogger(tmp_path, name="tb")
-    pruning = GradualPruning(amount=0.6, end=0.5, frequency=1, modules=nn.Conv2d, log_per_layer=True)
-    lowrank = LowRankReplacement(rank=0.5, modules=nn.Linear, log_per_layer=True, verbose=False)
+    pruning = GradualPruning(amount=0.6, end=0.5, frequency=1, modules=nn.Conv2d, per_layer=True)
+    lowrank = LowRankReplacement(rank=0.5, modules=nn.Linear, per_layer=True, verbose=False)
     monitor = _monitor(log_every_n_steps=2)
     _, model = _fit(tmp_path, digits, [pruning, lowrank, monitor], [mlflow_logger, tb_logger], batches=4)
     conv = model.net[3].weight

@@ -12,6 +12,7 @@ from examples.models import ImageClassifier
 from lightning_compress import CompressionMonitor, GradualPruning
 from lightning_compress.quantization.weight_sharing import (
     WeightSharing,
+    WeightSharingConfig,
     huffman_code_lengths,
     huffman_decode,
     huffman_encode,
@@ -20,6 +21,7 @@ from lightning_compress.quantization.weight_sharing import (
     layer_storage,
     relative_positions,
     share_weights,
+    share_weights_,
     shared_tensor,
 )
 from tests.conftest import RecordSteps, SGDClassifier, fit_or_resume, trainer_kwargs
@@ -141,6 +143,47 @@ def test_indices_hold_every_cluster_up_to_16_bits(bits, dtype):
     # Each value lands on its own cluster's centroid, not on a wrapped-around negative index.
     assert float((shared - weight).abs().max()) < 2.0 / 2**bits
     assert torch.equal(shared.sort().values, shared)
+
+
+def test_the_verb_shares_the_weights_of_a_plain_module_and_keeps_them_shared_through_a_step():
+    generator = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    with torch.no_grad():
+        model[0].weight[model[0].weight.abs() < 0.05] = 0.0  # pruned entries
+    pruned = model[0].weight == 0
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    shared = share_weights_(model, WeightSharingConfig(bits=3, modules=nn.Linear))
+    params = {name: p for name, p in model.named_parameters() if name in shared.codebooks}
+    assert sorted(params) == ["0.weight", "2.weight"]
+    for name, param in params.items():
+        codebook, indices, kept = shared.codebooks[name], shared.indices[name], shared.kept[name]
+        assert torch.equal(param.detach(), shared_tensor(codebook, indices, kept))
+        assert len(param[kept].unique()) == 8 and codebook.numel() == 8
+    assert torch.equal(model[0].weight == 0, pruned) and int(pruned.sum()) > 10
+    assert torch.equal(model[0].bias, before["0.bias"])  # only the weights are shared
+    changed = sum(float((params[n].detach() - before[n]).norm() ** 2) for n in params)
+    norm = sum(float(before[n].norm() ** 2) for n in params)
+    assert shared.quantization_error == pytest.approx(math.sqrt(changed / norm), rel=1e-6)
+    # One SGD step by hand: each shared value moves by the learning rate times its members' summed gradient.
+    model(torch.randn(16, 20, generator=generator)).pow(2).sum().backward()
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    codebooks = {name: c.clone() for name, c in shared.codebooks.items()}
+    shared.sum_gradients_(params)
+    with torch.no_grad():
+        for param in params.values():
+            param -= 0.1 * param.grad
+    shared.snap_(params)
+    for name, param in params.items():
+        indices, kept = shared.indices[name].long(), shared.kept[name]
+        for k in range(8):
+            members = (indices == k) & kept
+            summed = float(grads[name][members].sum())
+            assert torch.allclose(param.grad[members], torch.full((int(members.sum()),), summed), atol=1e-6)
+            assert float(shared.codebooks[name][k]) == pytest.approx(
+                float(codebooks[name][k]) - 0.1 * summed, abs=1e-6
+            )
+        assert torch.equal(param.detach(), shared.spread(name, shared.codebooks[name]))
+    assert shared.storage_formats()["2.weight"].bits == 3
 
 
 # -- the callback -----------------------------------------------------------------------------------------
