@@ -73,3 +73,33 @@ def as_call(example: Any) -> tuple[tuple, dict]:
     if isinstance(example, tuple | list):
         return tuple(example), {}
     return (example,), {}
+
+
+def first_input(batch: Any) -> Any:
+    """The model input of a batch: the batch itself if a tensor, else its first element (``(x, y)``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch:
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "x", "input_ids", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(
+        f"Cannot tell the model input in a batch of type {type(batch).__name__}. "
+        "Set `example_input_array` on the LightningModule or pass `example_input`."
+    )
+
+
+def detach_input(example: Any, max_batch: int | None = None) -> Any:
+    """A detached CPU-independent copy of an example input, cut to ``max_batch`` samples when given."""
+    if isinstance(example, torch.Tensor):
+        out = example.detach()
+        if max_batch is not None and out.dim() > 0:
+            out = out[:max_batch]
+        return out.clone()
+    if isinstance(example, list | tuple):
+        return type(example)(detach_input(e, max_batch) for e in example)
+    if isinstance(example, dict):
+        return {k: detach_input(v, max_batch) for k, v in example.items()}
+    return example

@@ -14,7 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_compress._inputs import to_device  # noqa: F401  (re-exported for the callbacks)
+from lightning_compress._checkpoints import HINT_PREFIX, add_checkpoint_hint, drop_checkpoint_hints  # noqa: F401
+from lightning_compress._inputs import detach_input, first_input, to_device  # noqa: F401  (re-exported)
 from lightning_compress.schedules import Point, Schedule, ScheduleFn, resolve_point
 
 # One frozen copy of the model as it was before any callback changed it, per Trainer. Every callback that
@@ -101,36 +102,6 @@ def build_schedule(
         schedule=schedule,
         frequency=frequency,
     )
-
-
-def first_input(batch: Any) -> Any:
-    """The model input of a batch: the batch itself if a tensor, else its first element (``(x, y)``)."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, list | tuple) and batch:
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("input", "inputs", "x", "input_ids", "pixel_values"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(
-        f"Cannot tell the model input in a batch of type {type(batch).__name__}. "
-        "Set `example_input_array` on the LightningModule or pass `example_input`."
-    )
-
-
-def detach_input(example: Any, max_batch: int | None = None) -> Any:
-    """A detached CPU-independent copy of an example input, cut to ``max_batch`` samples when given."""
-    if isinstance(example, torch.Tensor):
-        out = example.detach()
-        if max_batch is not None and out.dim() > 0:
-            out = out[:max_batch]
-        return out.clone()
-    if isinstance(example, list | tuple):
-        return type(example)(detach_input(e, max_batch) for e in example)
-    if isinstance(example, dict):
-        return {k: detach_input(v, max_batch) for k, v in example.items()}
-    return example
 
 
 def replace_parameters(trainer: pl.Trainer, replaced: dict[nn.Parameter, list[nn.Parameter]]) -> None:
@@ -314,31 +285,3 @@ def float_view(pl_module: nn.Module) -> Iterator[None]:
         return
     with entry[1](pl_module):
         yield
-
-
-# -- hints in checkpoints of a model whose structure a callback changed ------------------------------------
-# Loading such a checkpoint into the freshly built class (Lightning's `load_from_checkpoint`, strict) fails, and
-# that call cannot be changed. Strict loading lists unexpected keys first, so an extra, empty entry whose key is
-# the instruction says what to use instead. Every loading path of this package drops all of them.
-HINT_PREFIX = "lightning_compress: "
-
-
-def add_checkpoint_hint(checkpoint: dict[str, Any], key: str) -> None:
-    """Add the hint ``key`` (which starts with :data:`HINT_PREFIX`) to a checkpoint's ``state_dict``."""
-    if "state_dict" in checkpoint:
-        checkpoint["state_dict"][key] = torch.zeros(0)
-
-
-def drop_checkpoint_hints(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
-    """Remove every hint from ``state_dict`` (keys under ``prefix``); returns the keys removed.
-
-    Example::
-
-        >>> state = {"weight": torch.ones(1), HINT_PREFIX + "use load_pruned_checkpoint": torch.zeros(0)}
-        >>> [k.split(": ")[1] for k in drop_checkpoint_hints(state)], list(state)
-        (['use load_pruned_checkpoint'], ['weight'])
-    """
-    hints = [key for key in state_dict if key.startswith(prefix + HINT_PREFIX)]
-    for key in hints:
-        del state_dict[key]
-    return [key[len(prefix) :] for key in hints]

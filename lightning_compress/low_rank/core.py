@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lightning_compress import _checks
-from lightning_compress._inputs import call_module, to_device
+from lightning_compress._inputs import call_module, first_input, to_device
 from lightning_compress.low_rank.factorize import (
     FACTORIZED,
     METHODS,
@@ -575,7 +575,7 @@ def model_input(batch: Any, calibration_input: Callable[[Any], Any] | None = Non
         tensor([1., 1.])
     """
     try:
-        return calibration_input(batch) if calibration_input is not None else _first_input(batch)
+        return calibration_input(batch) if calibration_input is not None else first_input(batch)
     except Exception as err:
         raise calibration_error(err, calibration_input is not None) from err
 
@@ -594,21 +594,6 @@ def calibration_error(err: Exception, given: bool) -> Exception:
         "input: a tensor, a tuple of positional arguments or a dict of keyword arguments, e.g. "
         "`calibration_input=lambda batch: (batch[0], batch[1])` or "
         "`calibration_input=lambda batch: {'x': batch['x'], 'mask': batch['mask']}`."
-    )
-
-
-def _first_input(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, list | tuple) and batch:
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("input", "inputs", "x", "input_ids", "pixel_values"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(
-        f"Cannot tell the model input in a batch of type {type(batch).__name__}. "
-        "Set `example_input_array` on the LightningModule or pass `example_input`."
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_compress._checkpoints import drop_checkpoint_hints
 from lightning_compress.low_rank.factorize import (
     FACTORIZED,
     LowRankConv2d,
@@ -27,8 +28,6 @@ CHECKPOINT_HINT = (
     "lightning_compress.low_rank.restore_low_rank(model, checkpoint['state_dict']) before load_state_dict, "
     "or load it through a Trainer that lists LowRankReplacement"
 )
-# What every checkpoint hint of this package starts with (the same prefix as the other callbacks' hints).
-_HINT_PREFIX = "lightning_compress: "
 
 
 def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -61,8 +60,7 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
         <All keys matched successfully>
     """
     if isinstance(state_dict, MutableMapping):
-        for key in [key for key in state_dict if key.startswith(prefix + _HINT_PREFIX)]:
-            del state_dict[key]
+        drop_checkpoint_hints(state_dict, prefix)
     rebuilt = []
     for name, module in list(model.named_modules()):
         key = f"{prefix}{name}." if name else prefix

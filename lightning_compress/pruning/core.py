@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress import _checks
+from lightning_compress._checkpoints import HINT_PREFIX, drop_checkpoint_hints  # noqa: F401  (HINT_PREFIX re-exported)
 from lightning_compress._inputs import call_module, to_device
 from lightning_compress.pruning.masks import (
     CRITERIA,
@@ -67,8 +68,6 @@ PRUNED_CHECKPOINT_KEY = (
     "lightning_compress: channels were removed by GradualPruning(mode='structured'); load this checkpoint with "
     "`lightning_compress.pruning.gradual.load_pruned_checkpoint(YourModule(...), path)`, not load_from_checkpoint"
 )
-# What every such hint key starts with (the same prefix for the hints of every callback of this package).
-HINT_PREFIX = "lightning_compress: "
 
 
 @dataclass(frozen=True)
@@ -649,14 +648,6 @@ def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
 # -- checkpoints of a model whose channels were removed ------------------------------------------------------
 
 
-def drop_hints(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
-    """Remove the hint keys (:data:`HINT_PREFIX`) from ``state_dict`` (keys under ``prefix``); the keys removed."""
-    hints = [key for key in state_dict if key.startswith(prefix + HINT_PREFIX)]
-    for key in hints:
-        del state_dict[key]
-    return [key[len(prefix) :] for key in hints]
-
-
 def accept_pruned_checkpoints(module: nn.Module) -> Any:
     """Let ``module.load_state_dict`` take checkpoints that carry :data:`PRUNED_CHECKPOINT_KEY`: the key is
     dropped, and loading one into a module with the unpruned shapes explains how to rebuild it. Returns the
@@ -674,7 +665,7 @@ def _drop_pruned_hint(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    if PRUNED_CHECKPOINT_KEY not in drop_hints(state_dict, prefix):
+    if PRUNED_CHECKPOINT_KEY not in drop_checkpoint_hints(state_dict, prefix):
         return
     own = module.state_dict()
     if any(k[len(prefix) :] in own and own[k[len(prefix) :]].shape != v.shape for k, v in state_dict.items()):
@@ -714,7 +705,7 @@ def load_pruned_checkpoint(
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = dict(checkpoint["state_dict"])
-    drop_hints(state_dict)
+    drop_checkpoint_hints(state_dict)
     plan: dict[str, list[int]] = {}
     for key, state in checkpoint.get("callbacks", {}).items():
         if key.startswith("GradualPruning") and state.get("mode") == "structured":
