@@ -72,6 +72,13 @@ class Result:
     markdown: str
 
 
+def check_known(values: Any, known: Any, argument: str) -> None:
+    """Every one of ``values`` (the ``argument`` of a benchmark's settings) is one of ``known``."""
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"`{argument}={values}`: unknown {sorted(unknown)}; use some of {list(known)}.")
+
+
 def shown(path: str | os.PathLike) -> str:
     """``path`` relative to the repository when it lies inside it (result files name no machine's folders)."""
     resolved = Path(path).resolve()

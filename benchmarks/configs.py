@@ -58,6 +58,13 @@ class Config:
         return self.module.Settings(**values)
 
 
+_MINILM = {
+    "sentences": 6000,
+    "held_out": 512,
+    "calibration_batches": 16,
+    "distill_steps": 1500,
+    "distill_lr": 2e-4,
+}
 _MINILM_LONG = {
     "sentences": 6000,
     "held_out": 512,
@@ -114,13 +121,7 @@ CONFIGS: dict[str, Config] = {
     "low_rank_fashion": Config("low_rank"),
     "low_rank_minilm": Config(
         "low_rank_minilm",
-        {
-            "sentences": 6000,
-            "held_out": 512,
-            "calibration_batches": 16,
-            "distill_steps": 1500,
-            "distill_lr": 2e-4,
-        },
+        _MINILM,
         notes=_LOOP,
         needs=("transformers",),
     ),
@@ -154,11 +155,7 @@ CONFIGS: dict[str, Config] = {
     "low_rank_minilm_layers": Config(
         "low_rank_minilm",
         {
-            "sentences": 6000,
-            "held_out": 512,
-            "calibration_batches": 16,
-            "distill_steps": 1500,
-            "distill_lr": 2e-4,
+            **_MINILM,
             "token_weight": 1.0,
             "all_layers": True,
             "methods": ("whitened",),

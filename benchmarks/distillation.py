@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from benchmarks.common import Context, CosineClassifier, Result, image_data
+from benchmarks.common import Context, CosineClassifier, Result, check_known, image_data
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning.gradual import GradualPruning
 
@@ -78,11 +78,7 @@ class Settings:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        unknown = set(self.students) - set(STUDENTS)
-        if unknown:
-            raise ValueError(
-                f"`students={self.students}`: unknown {sorted(unknown)}; use some of {list(STUDENTS)}."
-            )
+        check_known(self.students, STUDENTS, "students")
 
     def config(self) -> dict[str, Any]:
         """The nested description the measurement and the report read."""

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import Context, CosineClassifier, Result, image_data
+from benchmarks.common import Context, CosineClassifier, Result, check_known, image_data
 from lightning_compress.distillation import KnowledgeDistillation
 
 TITLE = "Distillation defaults: T x alpha against the student alone (Fashion-MNIST, few labels)"
@@ -73,11 +73,7 @@ class Settings:
     teacher_file: str | None = None  # keeps the trained teacher (reused when it exists)
 
     def __post_init__(self) -> None:
-        unknown = set(self.students) - set(STUDENTS)
-        if unknown:
-            raise ValueError(
-                f"`students={self.students}`: unknown {sorted(unknown)}; use some of {list(STUDENTS)}."
-            )
+        check_known(self.students, STUDENTS, "students")
 
     def config(self) -> dict[str, Any]:
         """The nested description the runs and the report read."""

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from benchmarks.common import Context, Result, Unavailable, markdown_table
+from benchmarks.common import Context, Result, Unavailable, check_known, markdown_table
 from examples.data import DigitsDataModule
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
@@ -189,11 +189,7 @@ class Settings:
     epochs: int = 2  # epochs of each fit on the digits (the 2:4 timing has none)
 
     def __post_init__(self) -> None:
-        unknown = set(self.checks) - set(CHECKS)
-        if unknown:
-            raise ValueError(
-                f"`checks={self.checks}`: unknown {sorted(unknown)}; use some of {list(CHECKS)}."
-            )
+        check_known(self.checks, CHECKS, "checks")
 
 
 QUICK = {"checks": ("unstructured_cuda", "structured_cuda", "two_four_speed"), "epochs": 1}

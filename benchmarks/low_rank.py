@@ -38,6 +38,7 @@ from benchmarks.common import (
     Context,
     CosineClassifier,
     Result,
+    check_known,
     fit,
     image_data,
     markdown_table,
@@ -78,9 +79,7 @@ class Settings:
     minilm: Mapping[str, Any] | None = None  # settings of the MiniLM part, None: no MiniLM part
 
     def __post_init__(self) -> None:
-        unknown = set(self.forms) - set(FORMS)
-        if unknown:
-            raise ValueError(f"`forms={self.forms}`: unknown {sorted(unknown)}; use some of {FORMS}.")
+        check_known(self.forms, FORMS, "forms")
         if self.minilm is not None:
             low_rank_minilm.Settings(**self.minilm)
 

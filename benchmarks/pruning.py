@@ -25,6 +25,7 @@ from benchmarks.common import (
     Context,
     CosineClassifier,
     Result,
+    check_known,
     fit,
     image_data,
     markdown_table,
@@ -55,9 +56,7 @@ class Settings:
     cnn_widths: tuple[int, ...] = (32, 64, 128)  # of the structured part's residual CNN
 
     def __post_init__(self) -> None:
-        unknown = set(self.parts) - set(PARTS)
-        if unknown:
-            raise ValueError(f"`parts={self.parts}`: unknown {sorted(unknown)}; use some of {PARTS}.")
+        check_known(self.parts, PARTS, "parts")
 
 
 QUICK = {

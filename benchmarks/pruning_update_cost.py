@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import RESULTS, Context, Result, StepTimer, markdown_table
+from benchmarks.common import RESULTS, Context, Result, StepTimer, check_known, markdown_table
 from lightning_compress import GradualPruning
 
 TITLE = "Cost of one GradualPruning mask update against one training step (ResNet-18)"
@@ -181,9 +181,7 @@ class Settings:
     baseline: str | None = None  # a stored result of an earlier version to show beside this one
 
     def __post_init__(self) -> None:
-        unknown = set(self.configs) - set(LABELS)
-        if unknown:
-            raise ValueError(f"`configs={self.configs}`: unknown {sorted(unknown)}; use some of {LABELS}.")
+        check_known(self.configs, LABELS, "configs")
         if self.steps < 14:
             raise ValueError(f"`steps={self.steps}`: the updates run at steps 4 to 12; use 14 or more.")
 

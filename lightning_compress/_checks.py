@@ -820,16 +820,17 @@ def check_low_rank_data(method: str, has_loader: bool, has_example: bool) -> Non
 
 
 def check_low_rank_first(me: Any, callbacks: Sequence[Any]) -> None:
-    """No callback that selects layers (by its ``selects_layers`` declaration) sets up before ``me``, except
-    another of ``me``'s class (the layers it factorized are not selected again)."""
+    """No callback that selects layers (by its ``selects_layers`` declaration) sets up before ``me`` (``callbacks``
+    in effect order), except another of ``me``'s class (the layers it factorized are not selected again)."""
     for callback in callbacks:
         if callback is me:
             return
         if getattr(callback, "selects_layers", False) and not isinstance(callback, type(me)):
             other = type(callback).__name__
             raise ValueError(
-                f"List LowRankReplacement before {other} in `Trainer(callbacks=...)`: it replaces layers that "
-                f"{other} selects, so it must set up first."
+                f"{other} declares `effect_order={callback.effect_order}`, which sets it up before "
+                f"LowRankReplacement (`effect_order={me.effect_order}`), but LowRankReplacement replaces layers "
+                f"that {other} selects. Give {other} a later `effect_order`."
             )
 
 

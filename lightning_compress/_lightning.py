@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -171,14 +173,21 @@ def log_step(trainer: pl.Trainer) -> int:
     return max(trainer.global_step - 1, 0)
 
 
-# -- composition: one order of effects, names that survive a graph taking over the layers -----------------
+# -- composition: one order of effects, the float layers behind a graph -------------------------------------
 
-# The compression callbacks take effect in the order of their declared `effect_order` (see
-# `lightning_compress.callback`), whatever order `Trainer(callbacks=...)` lists them in: structure first,
-# quantization last, so that it exports the final structure and converts at the very end.
-# Per Trainer: the compression callbacks whose `setup` ran in the current round, and those of them called early
-# by `set_up_in_order`, whose call from Lightning is then skipped.
-_SETUP_ROUND: weakref.WeakKeyDictionary[pl.Trainer, tuple[set[int], set[int]]] = weakref.WeakKeyDictionary()
+# Lightning calls each hook on the callbacks in list order. The compression callbacks' hooks are wrapped
+# (`in_effect_order`, applied by `CompressionCallback` to every hook a subclass defines): the first compression
+# callback in `trainer.callbacks` runs the hook of all of them, in their declared `effect_order` (structure first,
+# quantization last, the report after everything), and Lightning's calls to the others are skipped. Every hook
+# (setup, the per-step updates, finalize at the end) runs in the declared order, whatever order the user listed
+# the callbacks in, and `trainer.callbacks` stays the user's list. Inside such a run, and for a callback that is
+# not attached to the trainer it is called with, a hook is a plain method call.
+_RUNNING = threading.local()
+
+# The hooks Lightning calls on every callback in list order.
+LIGHTNING_HOOKS = frozenset(
+    name for name in vars(pl.Callback) if name.startswith("on_") or name in ("setup", "teardown")
+)
 
 
 def _effect_order(callback: object) -> int | None:
@@ -186,90 +195,47 @@ def _effect_order(callback: object) -> int | None:
     return getattr(callback, "effect_order", None)
 
 
-def set_up_in_order(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
-    """Run the compression callbacks' ``setup`` in their declared ``effect_order``; ``True``: this call already ran.
+def in_effect_order(hook: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``hook`` (the callback method Lightning calls as ``name``) run for every compression callback in effect
+    order by the first of them in the trainer's list."""
+    if getattr(hook, "_in_effect_order", False):
+        return hook
 
-    Lightning calls ``setup`` in list order. A compression callback called before one that takes effect earlier
-    sets that one up first (its own call from Lightning is then skipped), and ``trainer.callbacks`` is reordered
-    (a new list: Lightning is iterating the current one) so that every later hook — mask updates, conversion
-    at the end of training — runs in the same order. Other callbacks keep their places.
-    """
-    ran, early = _SETUP_ROUND.setdefault(trainer, (set(), set()))
-    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
-    participants = [c for c in callbacks if _effect_order(c) is not None]
-    if id(callback) in early:
-        early.discard(id(callback))
-        _end_round(trainer, participants)
-        return True
-    slots = [i for i, c in enumerate(callbacks) if _effect_order(c) is not None]
-    ordered = sorted(participants, key=lambda c: _effect_order(c))  # type: ignore[arg-type, return-value]
-    if participants != ordered:
-        for i, c in zip(slots, ordered, strict=True):
-            callbacks[i] = c
-        trainer.callbacks = callbacks  # type: ignore[attr-defined]
-    mine = _effect_order(callback)
-    assert mine is not None
-    try:
-        for other in ordered:
-            if _effect_order(other) < mine and id(other) not in ran:  # type: ignore[operator]
-                other.setup(trainer, pl_module, stage)
-                early.add(id(other))
-    except BaseException:
-        _SETUP_ROUND.pop(trainer, None)
-        raise
-    ran.add(id(callback))
-    _end_round(trainer, participants)
-    return False
+    @functools.wraps(hook)
+    def ordered(callback: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_RUNNING, "active", False) or _effect_order(callback) is None:
+            return hook(callback, trainer, *args, **kwargs)
+        listed = getattr(trainer, "callbacks", None)
+        participants = [c for c in listed if _effect_order(c) is not None] if isinstance(listed, list) else []
+        if not any(c is callback for c in participants):
+            return hook(callback, trainer, *args, **kwargs)
+        if participants[0] is not callback:
+            return None  # the first one in the list already ran it for every compression callback
+        _RUNNING.active = True
+        try:
+            for other in sorted(participants, key=_effect_order):  # type: ignore[arg-type]
+                getattr(other, name)(trainer, *args, **kwargs)
+        finally:
+            _RUNNING.active = False
+        return None
+
+    ordered._in_effect_order = True  # type: ignore[attr-defined]
+    return ordered
 
 
-def _end_round(trainer: pl.Trainer, participants: list[Any]) -> None:
-    ran, early = _SETUP_ROUND[trainer]
-    if not early and all(id(c) in ran for c in participants):
-        _SETUP_ROUND.pop(trainer, None)
-
-
-# A callback that runs the model through a graph of its own (QuantizationAwareTraining) may move the layers the
-# graph took over under a new name and hide the float modules. It registers here where they went and how to get
-# the float modules back for a while; the other callbacks look their recorded names up through it.
+# A callback that runs the model through a graph of its own (QuantizationAwareTraining) hides the float modules
+# the graph took over. It registers here how to get them back for a while; the others edit them through it.
 # The view takes the module as an argument: a value holding the key would keep it alive in the weak dictionary.
-_HOSTS: weakref.WeakKeyDictionary[
-    nn.Module, tuple[str, Callable[[nn.Module], AbstractContextManager[None]]]
-] = weakref.WeakKeyDictionary()
+_FLOAT_VIEWS: weakref.WeakKeyDictionary[nn.Module, Callable[[nn.Module], AbstractContextManager[None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def register_host(
-    pl_module: nn.Module, prefix: str, float_view: Callable[[nn.Module], AbstractContextManager[None]]
+def register_float_view(
+    pl_module: nn.Module, view: Callable[[nn.Module], AbstractContextManager[None]]
 ) -> None:
-    """Record that ``pl_module``'s layers now live under ``prefix`` and ``float_view(pl_module)`` shows the float
-    ones."""
-    _HOSTS[pl_module] = (prefix, float_view)
-
-
-def unregister_host(pl_module: nn.Module) -> None:
-    """The layers are back under their own names (the graph was removed)."""
-    _HOSTS.pop(pl_module, None)
-
-
-def host_prefix(pl_module: nn.Module) -> str:
-    """Where a graph moved the layers of ``pl_module`` (e.g. ``"quantized."``); ``""`` when they did not move."""
-    entry = _HOSTS.get(pl_module)
-    return entry[0] if entry else ""
-
-
-def original_name(pl_module: nn.Module, name: str) -> str:
-    """The qualified name a layer, parameter or state-dict key had before a graph moved it (see ``host_prefix``).
-
-    Example::
-
-        >>> original_name(nn.Linear(2, 2), "weight")
-        'weight'
-    """
-    return name.removeprefix(host_prefix(pl_module))
-
-
-def named_parameters_by_original_name(pl_module: nn.Module) -> dict[str, nn.Parameter]:
-    """``pl_module``'s parameters under the names they had before a graph moved the layers."""
-    return {original_name(pl_module, n): p for n, p in pl_module.named_parameters()}
+    """Record that ``view(pl_module)`` shows the float layers a graph runs (see :func:`float_view`)."""
+    _FLOAT_VIEWS[pl_module] = view
 
 
 @contextlib.contextmanager
@@ -279,9 +245,9 @@ def float_view(pl_module: nn.Module) -> Iterator[None]:
     Structural edits made inside (e.g. channels removed) are carried into the graph when it comes back.
     Without a registered graph this does nothing.
     """
-    entry = _HOSTS.get(pl_module)
-    if entry is None:
+    view = _FLOAT_VIEWS.get(pl_module)
+    if view is None:
         yield
         return
-    with entry[1](pl_module):
+    with view(pl_module):
         yield

@@ -3,8 +3,9 @@
 A compression callback is a schedule and a lifecycle around a plain-torch core (``prune``, ``low_rank_``,
 ``prepare``/``convert``...). Everything the callbacks would otherwise repeat lives here:
 
-- ordering: the callbacks take effect in the order of their ``effect_order`` (structure first, quantization
-  last) whatever order ``Trainer(callbacks=...)`` lists them in;
+- ordering: every Lightning hook of the compression callbacks runs in the order of their ``effect_order``
+  (structure first, quantization last) whatever order ``Trainer(callbacks=...)`` lists them in, without
+  reordering that list;
 - the frozen copy of the original model, taken only when a callback in the fit declares ``needs_original``;
 - turning ``start``/``end`` into optimizer steps (:meth:`step_of`);
 - the example input (:meth:`example_input`) and the training loader (:func:`training_loader`);
@@ -34,13 +35,14 @@ from torch import nn
 from lightning_compress._events import watch_loss
 from lightning_compress._inputs import to_device
 from lightning_compress._lightning import (
+    LIGHTNING_HOOKS,
     detach_input,
     first_input,
     forget_original,
+    in_effect_order,
     log_step,
     remember_original,
     resolve_step,
-    set_up_in_order,
 )
 from lightning_compress.schedules import Point
 
@@ -80,6 +82,12 @@ class CompressionCallback(Callback):
     changes_structure: ClassVar[bool] = False
     needs_original: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every Lightning hook a subclass defines runs in effect order (see `_lightning.in_effect_order`).
+        for name in LIGHTNING_HOOKS.intersection(vars(cls)):
+            setattr(cls, name, in_effect_order(vars(cls)[name], name))
+
     # -- declarations read by the other callbacks --------------------------------------------------------
 
     def storage_formats(self, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -112,8 +120,6 @@ class CompressionCallback(Callback):
     # -- the lifecycle ---------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.effect_order is not None and set_up_in_order(self, trainer, pl_module, stage):
-            return  # an earlier callback's setup already ran this one, in effect order
         if stage != "fit":
             self.prepare_evaluation(trainer, pl_module, stage)
             return
@@ -289,6 +295,12 @@ def preserved_rng() -> Iterator[None]:
     )
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+# Every hook, also those the base leaves to Lightning's no-op: the first compression callback in the list runs
+# the hook of the others even where it has none of its own.
+for _name in LIGHTNING_HOOKS:
+    setattr(CompressionCallback, _name, in_effect_order(getattr(CompressionCallback, _name), _name))
 
 
 def compression_callbacks(trainer: pl.Trainer) -> list[CompressionCallback]:

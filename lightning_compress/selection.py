@@ -206,3 +206,27 @@ def select_modules(
         ValueError: `modules`: no module named 'head' in Sequential. Names are qualified as in `model.named_modules()`.
     """
     return ModuleSelection(modules, exclude, min_params).select(model)
+
+
+def find_submodule(model: nn.Module, name: str, argument: str, owner: str = "", empty: str = "") -> nn.Module:
+    """The submodule ``name`` of ``model`` (``""``: ``model`` itself); an unknown name is an error that names
+    ``argument`` and suggests close matches. ``owner`` names the model in it, ``empty`` adds what the argument's
+    empty value means.
+
+    Example::
+
+        >>> find_submodule(nn.Sequential(nn.Linear(2, 2)), "0", "module")
+        Linear(in_features=2, out_features=2, bias=True)
+    """
+    if name == "":
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"`{argument}`: no such submodule in {owner or type(model).__name__}.{hint} "
+            f"Names are qualified as in `model.named_modules()`{'; ' + empty if empty else ''}."
+        ) from None

@@ -1,6 +1,8 @@
 """The shared lifecycle of `CompressionCallback`: ordering by declaration, the original copy on demand, finalize
 once, hooks removed, logging under the prefix, the example input."""
 
+import types
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -55,6 +57,9 @@ class Recorder(CompressionCallback):
     def finalize(self, trainer, pl_module):
         self.journal.append(("finalize", self.name))
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.journal.append(("batch", self.name, trainer.global_step))
+
 
 def fit(tmp_path, model, callbacks, **overrides):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **overrides))
@@ -66,14 +71,49 @@ def test_callbacks_set_up_and_finalize_in_effect_order_whatever_the_list_order(t
     journal = []
     late = Recorder("quantize", QUANTIZE, journal)
     early = Recorder("replace", REPLACE_LAYERS, journal)
-    trainer = fit(tmp_path, Tiny(), [late, early])
-    assert [e[:2] for e in journal] == [
-        ("prepare", "replace"),
-        ("prepare", "quantize"),
+    other = Callback()
+    trainer = fit(tmp_path, Tiny(), [late, other, early], max_steps=2)
+    batches = [("batch", name, step) for step in (1, 2) for name in ("replace", "quantize")]
+    assert journal == [
+        ("prepare", "replace", False),
+        ("prepare", "quantize", False),
+        *batches,
         ("finalize", "replace"),
         ("finalize", "quantize"),
     ]
     assert compression_callbacks(trainer) == [early, late]
+    # The order comes from the declarations: the user's list is left as it was.
+    assert [c for c in trainer.callbacks if c in (late, other, early)] == [late, other, early]
+
+
+def test_a_hook_called_outside_a_trainer_run_is_a_plain_call():
+    journal = []
+    late, early = Recorder("quantize", QUANTIZE, journal), Recorder("replace", REPLACE_LAYERS, journal)
+    elsewhere = types.SimpleNamespace(global_step=3, callbacks=[pl.Callback()])
+    late.on_train_batch_end(elsewhere, None, None, None, 0)  # not attached to that trainer: only itself
+    assert journal == [("batch", "quantize", 3)]
+    attached = types.SimpleNamespace(global_step=4, callbacks=[late, early])
+    late.on_train_batch_end(attached, None, None, None, 0)  # the first in the list runs both, in effect order
+    early.on_train_batch_end(attached, None, None, None, 0)  # already ran
+    assert journal[1:] == [("batch", "replace", 4), ("batch", "quantize", 4)]
+
+
+class Backward(CompressionCallback):
+    effect_order = QUANTIZE
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.calls += 1
+
+
+def test_a_hook_only_a_later_callback_defines_still_runs(tmp_path):
+    # The first compression callback in the list defines no `on_before_backward`: it runs the later one's.
+    journal = []
+    backward = Backward()
+    fit(tmp_path, Tiny(), [Recorder("replace", REPLACE_LAYERS, journal), backward], max_steps=3)
+    assert backward.calls == 3
 
 
 def test_the_original_copy_is_taken_only_when_a_callback_needs_it(tmp_path):

@@ -791,12 +791,15 @@ def _nan_teacher():
     ("make_kd", "match"),
     [
         (lambda: KnowledgeDistillation("self", features=[FeatureLoss("net.33")]), "Did you mean 'net.3'"),
-        (lambda: KnowledgeDistillation("self", module="nett"), "`module`: the student .* Did you mean 'net'"),
+        (
+            lambda: KnowledgeDistillation("self", module="nett"),
+            "`module='nett'`: no such submodule in the student .* Did you mean 'net'",
+        ),
         (
             lambda: KnowledgeDistillation(
                 _narrow_teacher(), features=[FeatureLoss("net.3", teacher="net.13")]
             ),
-            "`features\\[0\\].teacher`: the teacher .* no module named 'net.13'",
+            "`features\\[0\\].teacher='net.13'`: no such submodule in the teacher ",
         ),
         (
             lambda: KnowledgeDistillation(ImageClassifier("small_cnn", num_classes=5)),

@@ -11,6 +11,7 @@ from torch import nn
 
 from examples.models import ImageClassifier
 from lightning_compress import GradualPruning
+from lightning_compress.callback import compression_callbacks
 from lightning_compress.low_rank import (
     InputStatistics,
     LowRankConfig,
@@ -556,7 +557,8 @@ def test_selecting_callbacks_listed_first_set_up_after_it(tmp_path, digits):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[pruning, lowrank])
     model = ImageClassifier("small_cnn")
     trainer.fit(model, datamodule=digits)
-    assert trainer.callbacks.index(lowrank) < trainer.callbacks.index(pruning)
+    assert compression_callbacks(trainer) == [lowrank, pruning]
+    assert trainer.callbacks.index(pruning) < trainer.callbacks.index(lowrank)  # the user's list, as given
     assert isinstance(model.net[8], LowRankLinear)
     # The factors are what pruning selected: they reached its amount.
     for factor in (model.net[8].first, model.net[8].second):

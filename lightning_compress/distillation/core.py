@@ -8,7 +8,6 @@ methods are never replaced: keyword arguments and ``torch.compile`` keep working
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from lightning_compress.distillation.losses import (
     mix_losses,
     top1_agreement,
 )
+from lightning_compress.selection import find_submodule
 
 FEATURE_LOSSES = ("hint", "attention", "cosine", "mse")
 TEACHER_PRECISIONS = ("32-true", "64-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
@@ -206,19 +206,9 @@ def check_wrapper(model: nn.Module, adapters: nn.Module | None) -> None:
 
 
 def find_module(model: nn.Module, name: str, argument: str, side: str) -> nn.Module:
-    """The submodule ``name`` of ``model`` (``""``: itself); an unknown name suggests close matches."""
-    if name == "":
-        return model
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"`{argument}`: the {side} ({type(model).__name__}) has no module named {name!r}.{hint} "
-            "Names are qualified as in `model.named_modules()`; '' is the model itself."
-        ) from None
+    """The submodule ``name`` of the ``side`` (student or teacher) model (``""``: itself)."""
+    owner = f"the {side} ({type(model).__name__})"
+    return find_submodule(model, name, f"{argument}={name!r}", owner, "'' is the model itself")
 
 
 class DistillationCapture:

@@ -19,12 +19,17 @@ from lightning_compress import _checks
 from lightning_compress._events import record_event
 from lightning_compress._lightning import (
     add_checkpoint_hint,
-    original_name,
     per_layer_name,
     replace_parameters,
     training_steps,
 )
-from lightning_compress.callback import REPLACE_LAYERS, CompressionCallback, preserved_rng, training_loader
+from lightning_compress.callback import (
+    REPLACE_LAYERS,
+    CompressionCallback,
+    compression_callbacks,
+    preserved_rng,
+    training_loader,
+)
 from lightning_compress.low_rank import core
 from lightning_compress.low_rank.core import Collective, LowRankConfig, LowRankResult, LowRankTargets
 from lightning_compress.low_rank.factorize import FACTORIZED
@@ -148,9 +153,9 @@ class LowRankReplacement(CompressionCallback):
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prepare_evaluation(trainer, pl_module, "fit")
-        _checks.check_low_rank_first(self, trainer.callbacks)  # type: ignore[attr-defined]
+        _checks.check_low_rank_first(self, compression_callbacks(trainer))
         if self.start is not None:
-            _checks.check_low_rank_later(self, trainer.callbacks, trainer.world_size)  # type: ignore[attr-defined]
+            _checks.check_low_rank_later(self, compression_callbacks(trainer), trainer.world_size)
             total, per_epoch = training_steps(trainer)
             self._start_step = resolve_point(self.start, total, per_epoch)  # type: ignore[arg-type]
             _checks.check_low_rank_start_step(self.start, self._start_step, total)
@@ -172,7 +177,7 @@ class LowRankReplacement(CompressionCallback):
         # from the weights' names and shapes, which stay the same when a later callback wraps the layers.
         check_recorded_ranks(
             self.layers,
-            {original_name(pl_module, k): tuple(v.shape) for k, v in pl_module.state_dict().items()},
+            {k: tuple(v.shape) for k, v in pl_module.state_dict().items()},
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

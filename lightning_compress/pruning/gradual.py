@@ -169,10 +169,10 @@ class GradualPruning(CompressionCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plan = self._plan
         assert plan is not None
-        # Looked up again by name: the strategy may have replaced them (FSDP), a graph moved the layers (QAT).
+        # Looked up again by name: the strategy may have replaced them (FSDP).
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         others = [type(c).__name__ for c in callbacks if c is not self and getattr(c, "selects_layers", 0)]
-        named = _lightning.named_parameters_by_original_name(pl_module)
+        named = dict(pl_module.named_parameters())
         plan.bind(named, wrapper=type(trainer.strategy).__name__, others=others)
         self.on_optimizer_step(trainer, plan.mask_weights, plan.params.values())
         if self._restored is not None:

@@ -16,7 +16,13 @@ from lightning_compress import _checks, _lightning
 from lightning_compress import callback as _callback
 from lightning_compress._events import record_event
 from lightning_compress._lightning import first_input
-from lightning_compress.callback import QUANTIZE, SHARE_VALUES, CompressionCallback, preserved_rng
+from lightning_compress.callback import (
+    QUANTIZE,
+    SHARE_VALUES,
+    CompressionCallback,
+    compression_callbacks,
+    preserved_rng,
+)
 from lightning_compress.export import check_writable
 from lightning_compress.quantization import qat_core
 from lightning_compress.quantization.int8_qat import float_copy, ship_int8, whole_forward_graph
@@ -149,7 +155,7 @@ class QuantizationAwareTraining(CompressionCallback):
         _checks.check_qat_precision(trainer.precision)
         if self.scheme == "int8":
             parts = list(self._parts.candidates(pl_module))  # type: ignore[attr-defined]
-            _checks.check_qat_neighbours(trainer.callbacks, parts, self.module, SHARE_VALUES)  # type: ignore[attr-defined]
+            _checks.check_qat_neighbours(compression_callbacks(trainer), parts, self.module, SHARE_VALUES)
         else:
             check_low_bit_supported(self.scheme, self.bits, self.group_size)  # type: ignore[arg-type]
         self._parts.target(pl_module)
@@ -165,7 +171,7 @@ class QuantizationAwareTraining(CompressionCallback):
         # Other callbacks get the float layers back for a while (to remove pruned channels) through this view,
         # held weakly: the registry outlives the fit.
         view = weakref.WeakMethod(self._parts.float_view)
-        _lightning.register_host(pl_module, "", lambda m: (view() or (lambda _: nullcontext()))(m))  # type: ignore[misc]
+        _lightning.register_float_view(pl_module, lambda m: (view() or (lambda _: nullcontext()))(m))  # type: ignore[misc]
 
     def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rebuild the structure the checkpoint was saved with, just before its weights load."""

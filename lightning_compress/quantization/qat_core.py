@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from lightning_compress import _checks
 from lightning_compress._inputs import as_call
 from lightning_compress._inputs import to_device as _to_device
-from lightning_compress.selection import ModuleSelection, Selector
+from lightning_compress.selection import ModuleSelection, Selector, find_submodule
 
 SCHEMES = ("int8", "int8-dynamic-intx", "intx-weight-only", "int4-weight-only")
 LOW_BIT_SCHEMES = SCHEMES[1:]
@@ -289,17 +288,7 @@ class QATParts:
         name = self.config.module
         if name is None:
             return model
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            names = [n for n, _ in model.named_modules() if n]
-            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(
-                f"`module={name!r}`: no such submodule in {type(model).__name__}.{hint} "
-                "Names are qualified as in `model.named_modules()`; None quantizes the whole forward."
-            ) from None
-        return target
+        return find_submodule(model, name, f"module={name!r}", empty="None quantizes the whole forward")
 
     def describe(self, model: nn.Module) -> str:
         """The quantized part, as errors name it."""
