@@ -1,9 +1,12 @@
 """Compress neural networks while fine-tuning them with PyTorch Lightning."""
 
 from lightning_compress._events import CompressionEvent, LossJumpDetector
+from lightning_compress.budget import CompressionBudget
 from lightning_compress.callback import CompressionCallback
+from lightning_compress.depth import StochasticDepth, restore_depth
 from lightning_compress.distillation.callback import FeatureLoss, KnowledgeDistillation
 from lightning_compress.export import ExportResult, check_writable, export
+from lightning_compress.low_rank.compact import CompactConvReplacement
 from lightning_compress.low_rank.replacement import LowRankReplacement, restore_low_rank
 from lightning_compress.pruning.gradual import GradualPruning, load_pruned_checkpoint
 from lightning_compress.report import CompressionMonitor, format_report
@@ -34,6 +37,8 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BinaryWeights",
+    "CompactConvReplacement",
+    "CompressionBudget",
     "CompressionCallback",
     "CompressionEvent",
     "CompressionMonitor",
@@ -48,6 +53,7 @@ __all__ = [
     "ModuleSelection",
     "QuantizationAwareTraining",
     "Schedule",
+    "StochasticDepth",
     "TensorFormat",
     "WeightSharing",
     "__version__",
@@ -59,6 +65,7 @@ __all__ = [
     "format_report",
     "load_pruned_checkpoint",
     "load_qat_checkpoint",
+    "restore_depth",
     "restore_low_rank",
     "select_modules",
 ]

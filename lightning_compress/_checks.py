@@ -50,6 +50,24 @@ def renamed(owner: str, old: str, old_value: Any, new: str, new_value: Any, defa
     return old_value
 
 
+def renamed_flags(owner: str, flags: dict[str, tuple[Any, str, Any, Any]]) -> list[bool]:
+    """Boolean arguments renamed from the keys of ``flags`` (``{old: (old value or None, new, new value,
+    default)}``), checked under the name the user gave; see :func:`renamed`. The old names default to ``None``
+    (not given): LightningCLI checks every default against its type.
+
+    Example::
+
+        >>> renamed_flags("GradualPruning", {"materialize": (None, "finalize", False, True)})
+        [False]
+    """
+    values = []
+    for old, (old_value, new, new_value, default) in flags.items():
+        given = UNSET if old_value is None else old_value
+        value = renamed(owner, old, given, new, new_value, default)
+        values.append(check_bool(value, new if given is UNSET else old))
+    return values
+
+
 def check_bool(value: Any, name: str) -> bool:
     """``value`` must be ``True`` or ``False``.
 
@@ -141,6 +159,53 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"Unknown `{name}={value!r}`. Use one of {', '.join(map(repr, choices))}.")
     return value
+
+
+def check_layer_names(names: Any, selected: Sequence[str], argument: str, selection: Any) -> None:
+    """Every name in ``names`` (e.g. the keys of ``layer_amounts``) is one of the ``selected`` layer names; the
+    error lists close matches and how many layers ``selection`` picks.
+
+    Example::
+
+        >>> check_layer_names({"fc1": 0.5}, ["fc1", "fc2"], "layer_amounts", "(modules=[Linear])")
+        >>> check_layer_names({"fc3": 0.5}, ["fc1", "fc2"], "layer_amounts", "(modules=[Linear])")
+        Traceback (most recent call last):
+        ...
+        ValueError: `layer_amounts` names 'fc3' (did you mean 'fc2', 'fc1'?), which is not among the 2 layers the selection (modules=[Linear]) picks. Names are qualified as in `model.named_modules()`; leave out layers the selection does not pick, or widen `modules`.
+    """
+    import difflib
+
+    unknown = [name for name in names or {} if name not in selected]
+    if not unknown:
+        return
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(selected), n=3, cutoff=0.5)
+        shown.append(f"{name!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    which = "is not" if len(unknown) == 1 else "are not"
+    raise ValueError(
+        f"`{argument}` names {', '.join(shown)}, which {which} among the {len(selected)} layers the selection "
+        f"{selection} picks. Names are qualified as in `model.named_modules()`; leave out layers the selection "
+        "does not pick, or widen `modules`."
+    )
+
+
+def check_allocation(arguments: Any, key: str, owner: str) -> Any:
+    """The one argument ``key`` of the per-layer levels a budget hands to ``owner`` (``{key: {layer: level}}``).
+
+    Example::
+
+        >>> check_allocation({"layer_ranks": {"fc": 0.5}}, "layer_ranks", "LowRankReplacement")
+        {'fc': 0.5}
+        >>> check_allocation({"layer_amounts": {"fc": 0.5}}, "layer_ranks", "LowRankReplacement")
+        Traceback (most recent call last):
+        ...
+        TypeError: LowRankReplacement takes `{'layer_ranks': {layer: level}}` from a budget, got ['layer_amounts'].
+    """
+    if not isinstance(arguments, dict) or list(arguments) != [key]:
+        got = list(arguments) if isinstance(arguments, dict) else type(arguments).__name__
+        raise TypeError(f"{owner} takes `{{{key!r}: {{layer: level}}}}` from a budget, got {got}.")
+    return arguments[key]
 
 
 # -- weight sharing --
@@ -306,14 +371,15 @@ def check_pruning_mode(mode: Any, amount: Any) -> tuple[str, float, tuple[int, i
     """The kind of pruning ``mode`` asks for (``"unstructured"``, ``"structured"`` or ``"N:M"``), the amount it
     removes and, for N:M, the numbers ``(N, M)``; N:M fixes the amount at ``1 - N/M``.
 
+    Unstructured and structured pruning may leave ``amount`` unset here (``None``): per-layer amounts or a budget
+    give it later, and :func:`check_pruning_amount_given` checks that one did.
+
     Example::
 
         >>> check_pruning_mode("2:4", None)
         ('N:M', 0.5, (2, 4))
         >>> check_pruning_mode("structured", None)
-        Traceback (most recent call last):
-        ...
-        ValueError: `amount` is required for `mode='structured'`: the final fraction to prune, e.g. 0.9.
+        ('structured', None, None)
     """
     import re
 
@@ -333,9 +399,71 @@ def check_pruning_mode(mode: Any, amount: Any) -> tuple[str, float, tuple[int, i
         raise ValueError(
             f"Unknown `mode={mode!r}`. Use one of 'unstructured', 'structured', or N:M numbers such as '2:4'."
         )
-    if amount is None:
-        raise ValueError(f"`amount` is required for `mode={mode!r}`: the final fraction to prune, e.g. 0.9.")
-    return mode, validate_amount(amount, "amount"), None
+    return mode, None if amount is None else validate_amount(amount, "amount"), None
+
+
+def check_pruning_amount_given(mode: str, amount: Any, layer_amounts: Any, budget: bool = False) -> None:
+    """Unstructured and structured pruning need ``amount`` or ``layer_amounts`` by the time they set up
+    (``budget``: the message also names the budget callback that can give them).
+
+    Example::
+
+        >>> check_pruning_amount_given("structured", None, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: `amount` is required for `mode='structured'`: the final fraction to prune, e.g. 0.9, or per-layer fractions in `layer_amounts`.
+    """
+    if amount is not None or layer_amounts is not None:
+        return
+    also = (
+        " (or add a `CompressionBudget` callback, which chooses `layer_amounts` before this callback sets up)"
+        if budget
+        else ""
+    )
+    raise ValueError(
+        f"`amount` is required for `mode={mode!r}`: the final fraction to prune, e.g. 0.9, or per-layer fractions "
+        f"in `layer_amounts`{also}."
+    )
+
+
+def check_layer_amounts(value: Any, kind: str, mode: str, scope: str) -> dict[str, float] | None:
+    """Per-layer amounts: ``None`` or a mapping ``{layer name: fraction removed in [0, 1)}``, for unstructured
+    pruning with ``scope="layer"`` and for structured pruning.
+
+    Example::
+
+        >>> check_layer_amounts({"fc1": 0.5, "fc2": 0}, "unstructured", "unstructured", "layer")
+        {'fc1': 0.5, 'fc2': 0.0}
+        >>> check_layer_amounts({"fc1": 0.5}, "unstructured", "unstructured", "global")
+        Traceback (most recent call last):
+        ...
+        ValueError: `layer_amounts` and `scope='global'` do not go together: a global ranking chooses how much each layer loses. Use `scope='layer'` with `layer_amounts`, or leave `layer_amounts` unset.
+    """
+    from collections.abc import Mapping
+
+    if value is None:
+        return None
+    if kind == "N:M":
+        raise ValueError(
+            f"`layer_amounts` and `mode={mode!r}` do not go together: N:M keeps the same pattern in every layer. "
+            "Leave `layer_amounts` unset, or use `mode='unstructured'`/`'structured'`."
+        )
+    if scope != "layer":
+        raise ValueError(
+            f"`layer_amounts` and `scope={scope!r}` do not go together: a global ranking chooses how much each "
+            "layer loses. Use `scope='layer'` with `layer_amounts`, or leave `layer_amounts` unset."
+        )
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"`layer_amounts={value!r}` must be a mapping of layer names to fractions, e.g. "
+            "`{'encoder.fc1': 0.5, 'encoder.fc2': 0.8}`."
+        )
+    checked: dict[str, float] = {}
+    for name, amount in value.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`layer_amounts` has the key {name!r}; keys are layer names (str).")
+        checked[name] = validate_amount(amount, f"layer_amounts[{name!r}]")
+    return checked
 
 
 def check_pruning_method(mode: str, kind: str, criterion: Any, scope: Any, criteria: Sequence[str]) -> None:
@@ -365,7 +493,7 @@ def check_pruning_method(mode: str, kind: str, criterion: Any, scope: Any, crite
         )
 
 
-def check_max_layer_amount(value: Any, amount: float, kind: str, scope: str) -> float | None:
+def check_max_layer_amount(value: Any, amount: float | None, kind: str, scope: str) -> float | None:
     """The most one layer may lose under unstructured global pruning: ``None`` or a number in ``[amount, 1]``.
 
     Example::
@@ -385,16 +513,19 @@ def check_max_layer_amount(value: Any, amount: float, kind: str, scope: str) -> 
         )
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise TypeError(f"`max_layer_amount={value!r}` must be a number in (0, 1].")
-    if not amount <= value <= 1.0 or value == 0.0:
+    if not (amount or 0.0) <= value <= 1.0 or value == 0.0:
         raise ValueError(
-            f"`max_layer_amount={value!r}` must be in [amount, 1] = [{amount:g}, 1]: no layer may lose more than "
+            f"`max_layer_amount={value!r}` must be in [amount, 1] = [{amount or 0.0:g}, 1]: no layer may lose more than "
             "this fraction, so below `amount` the total could never reach `amount`."
         )
     return float(value)
 
 
-def check_initial_amount(value: Any, amount: float, kind: str, mode: str) -> float:
-    """The amount a pruning schedule starts from: in ``[0, amount]``; N:M applies its pattern whole (0).
+def check_initial_amount(
+    value: Any, amount: float | None, kind: str, mode: str, what: str = "`amount={:g}`"
+) -> float:
+    """The amount a pruning schedule starts from: in ``[0, amount]`` (``amount=None``: not known yet, checked
+    again when it is); N:M applies its pattern whole (0).
 
     Example::
 
@@ -404,8 +535,8 @@ def check_initial_amount(value: Any, amount: float, kind: str, mode: str) -> flo
         ValueError: `initial_amount=0.6` is above `amount=0.5`; pruning only grows.
     """
     initial = validate_amount(value, "initial_amount")
-    if initial > amount:
-        raise ValueError(f"`initial_amount={value}` is above `amount={amount}`; pruning only grows.")
+    if amount is not None and initial > amount:
+        raise ValueError(f"`initial_amount={value}` is above {what.format(amount)}; pruning only grows.")
     if kind == "N:M" and initial != 0.0:
         raise ValueError(
             f"`initial_amount={value!r}` does not apply to `mode={mode!r}`: the pattern is applied whole at "
@@ -458,6 +589,15 @@ def check_taylor_setup(criterion: str, start_step: int, automatic_optimization: 
         raise ValueError(
             "`criterion='taylor'` reads gradients before each optimizer step, which needs automatic "
             "optimization; choose 'l1' or 'l2' for a LightningModule with manual optimization."
+        )
+
+
+def check_taylor_gradients(grads: Any) -> None:
+    """``criterion="taylor"`` decides on gradients summed since the last decision: some must have been seen."""
+    if not grads:
+        raise ValueError(
+            "`criterion='taylor'` needs gradients before the first pruning step, but none were seen. "
+            "Start pruning after at least one optimizer step (e.g. `start='step:1'` or later)."
         )
 
 
@@ -689,6 +829,10 @@ def _low_rank_in(
     return above and below
 
 
+# The forms of a k×k convolution (`conv=`), with what each one is, for the errors.
+CONV_FORMS = {"tucker": "1x1 → k×k → 1x1", "channel": "k×k → 1x1", "depthwise": "depthwise k×k → 1x1"}
+
+
 def check_low_rank_choice(value: Any, name: str, options: dict[str, str]) -> str:
     """``value`` must be one of ``options`` (``{option: what it means}``, shown in the error).
 
@@ -709,13 +853,16 @@ def check_low_rank_choice(value: Any, name: str, options: dict[str, str]) -> str
 def check_low_rank_rule(
     rank: Any, energy: Any, budget: Any, budget_on: Any = "params", allocation: Any = "energy"
 ) -> str:
-    """Exactly one rank rule (``rank``, ``energy`` or ``budget``) in its range; ``budget_on`` and ``allocation``
-    known and given only with ``budget``. Returns the name of the rule given.
+    """At most one rank rule (``rank``, ``energy`` or ``budget``) in its range; ``budget_on`` and ``allocation``
+    known and given only with ``budget``. Returns the name of the rule given (``None``: none, which
+    ``layer_ranks`` or a budget must then make up for, see :func:`check_low_rank_rule_given`).
 
     Example::
 
         >>> check_low_rank_rule(None, 0.9, None)
         'energy'
+        >>> check_low_rank_rule(None, None, None) is None
+        True
         >>> check_low_rank_rule(4, None, None, budget_on="macs")
         Traceback (most recent call last):
         ...
@@ -724,11 +871,8 @@ def check_low_rank_rule(
     given = [
         name for name, value in (("rank", rank), ("energy", energy), ("budget", budget)) if value is not None
     ]
-    if len(given) != 1:
-        raise ValueError(
-            "Give exactly one of `rank` (e.g. 32 or 0.25), `energy` (e.g. 0.9) or `budget` (e.g. 0.5); "
-            f"got {', '.join(f'`{n}`' for n in given) or 'none'}."
-        )
+    if len(given) > 1:
+        raise ValueError(f"{_ONE_RULE}; got {', '.join(f'`{n}`' for n in given)}.")
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int | float):
             raise TypeError(f"`rank={rank!r}` must be an int (a fixed rank) or a float in (0, 1].")
@@ -749,11 +893,163 @@ def check_low_rank_rule(
     check_low_rank_choice(allocation, "allocation", {"energy": "joint", "uniform": "per layer"})
     for name, value, default in (("budget_on", budget_on, "params"), ("allocation", allocation, "energy")):
         if budget is None and value != default:
+            instead = f" instead of `{given[0]}`" if given else ""
             raise ValueError(
-                f"`{name}={value!r}` only applies with `budget`, which is not given: pass `budget=...` "
-                f"instead of `{given[0]}`, or leave `{name}` out."
+                f"`{name}={value!r}` only applies with `budget`, which is not given: pass `budget=...`{instead}, "
+                f"or leave `{name}` out."
             )
-    return given[0]
+    return given[0] if given else None
+
+
+_ONE_RULE = "Give exactly one of `rank` (e.g. 32 or 0.25), `energy` (e.g. 0.9) or `budget` (e.g. 0.5)"
+
+
+def check_low_rank_rule_given(
+    rule: str | None, layer_ranks: Any, unnamed: Sequence[str], budget: bool
+) -> None:
+    """Without a rank rule (``rule`` is ``None``), ``layer_ranks`` must name every layer to factorize (``unnamed``:
+    those it leaves out); ``budget``: the message also names the budget callback that can give them.
+
+    Example::
+
+        >>> check_low_rank_rule_given(None, {"fc1": 8}, ["fc2"], budget=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: Give exactly one of `rank` (e.g. 32 or 0.25), `energy` (e.g. 0.9) or `budget` (e.g. 0.5); got none, and `layer_ranks` does not name ['fc2']: give a rule for the layers it leaves out, or name them.
+    """
+    if rule is not None or (layer_ranks is not None and not unnamed):
+        return
+    if layer_ranks is not None:
+        raise ValueError(
+            f"{_ONE_RULE}; got none, and `layer_ranks` does not name {list(unnamed)}: give a rule for the layers it "
+            "leaves out, or name them."
+        )
+    also = (
+        ", or add a `CompressionBudget(scheme='low_rank')` callback, which chooses `layer_ranks` before this "
+        "callback sets up"
+        if budget
+        else ""
+    )
+    raise ValueError(f"{_ONE_RULE}; got none. Or give a rank per layer in `layer_ranks`{also}.")
+
+
+def check_layer_ranks(value: Any) -> dict[str, int | float] | None:
+    """Per-layer ranks: ``None`` or a mapping ``{layer name: rank}``, a rank being a positive ``int`` (fixed) or a
+    ``float`` in ``(0, 1]`` (a fraction of the layer's full rank).
+
+    Example::
+
+        >>> check_layer_ranks({"fc1": 8, "fc2": 0.25})
+        {'fc1': 8, 'fc2': 0.25}
+        >>> check_layer_ranks({"fc1": 1.5})
+        Traceback (most recent call last):
+        ...
+        ValueError: `layer_ranks['fc1']=1.5` must be a positive int (a fixed rank) or a float in (0, 1] (a fraction of the full rank).
+    """
+    from collections.abc import Mapping
+
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"`layer_ranks={value!r}` must be a mapping of layer names to ranks, e.g. `{{'fc1': 32, 'fc2': 0.25}}`."
+        )
+    checked: dict[str, int | float] = {}
+    for name, rank in value.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`layer_ranks` has the key {name!r}; keys are layer names (str).")
+        what = f"`layer_ranks[{name!r}]={rank!r}` must be a positive int (a fixed rank) or a float in (0, 1]"
+        if isinstance(rank, bool) or not isinstance(rank, int | float):
+            raise TypeError(f"{what}.")
+        if (isinstance(rank, int) and rank < 1) or (isinstance(rank, float) and not 0.0 < rank <= 1.0):
+            raise ValueError(f"{what} (a fraction of the full rank).")
+        checked[name] = rank
+    return checked
+
+
+def check_low_rank_refine(refine: Any, conv: Any) -> bool:
+    """``refine`` is a bool, and ``True`` only with ``conv="depthwise"`` (the form whose 1x1 weights it refits).
+
+    Example::
+
+        >>> check_low_rank_refine(True, "tucker")
+        Traceback (most recent call last):
+        ...
+        ValueError: `refine=True` refits the 1x1 weights of `conv='depthwise'` layers, but `conv='tucker'`: give `conv='depthwise'`, or leave `refine` out.
+    """
+    check_bool(refine, "refine")
+    if refine and conv != "depthwise":
+        raise ValueError(
+            f"`refine=True` refits the 1x1 weights of `conv='depthwise'` layers, but `conv={conv!r}`: give "
+            "`conv='depthwise'`, or leave `refine` out."
+        )
+    return refine
+
+
+def check_depth_multiplier(value: Any) -> int:
+    """The depth multiplier of the depthwise form: a positive integer.
+
+    Example::
+
+        >>> check_depth_multiplier(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `depth_multiplier=0` must be a positive integer: the number of k×k filters per input channel, e.g. 1 or 2 (per layer, `layer_ranks` also takes a fraction of min(out, k·k)).
+    """
+    hint = (
+        "the number of k×k filters per input channel, e.g. 1 or 2 (per layer, `layer_ranks` also takes a "
+        "fraction of min(out, k·k))."
+    )
+    return check_int(value, "depth_multiplier", 1, hint=hint)
+
+
+def check_compact_modules(modules: Any) -> Any:
+    """``modules`` of CompactConvReplacement narrowed to convolutions: layer types must be ``nn.Conv2d`` (or
+    subclasses of it), and name patterns alone select the ``nn.Conv2d`` layers they match (``nn.Conv2d`` is
+    added). Call it on a selection ``ModuleSelection`` has accepted.
+
+    Example::
+
+        >>> from torch import nn
+        >>> check_compact_modules("net.*")
+        [<class 'torch.nn.modules.conv.Conv2d'>, 'net.*']
+        >>> check_compact_modules([nn.Linear, "net.*"])
+        Traceback (most recent call last):
+        ...
+        ValueError: `modules` selects Linear layers, but CompactConvReplacement replaces k×k convolutions: select nn.Conv2d layers (by type and/or name), and leave Linear layers to LowRankReplacement.
+    """
+    from torch import nn
+
+    items = [] if modules is None else [modules] if isinstance(modules, type | str) else list(modules)
+    types = [item for item in items if isinstance(item, type)]
+    others = [t.__name__ for t in types if not issubclass(t, nn.Conv2d)]
+    if others:
+        raise ValueError(
+            f"`modules` selects {', '.join(others)} layers, but CompactConvReplacement replaces k×k convolutions: "
+            f"select nn.Conv2d layers (by type and/or name), and leave {', '.join(others)} layers to "
+            "LowRankReplacement."
+        )
+    return items if types else [nn.Conv2d, *items]
+
+
+def check_compact_named(reasons: dict[str, str]) -> None:
+    """Layers that ``modules`` names exactly (``{name: why it is not a k×k convolution}``) must be k×k convs.
+
+    Example::
+
+        >>> check_compact_named({"net.8": "Linear is not an nn.Conv2d"})
+        Traceback (most recent call last):
+        ...
+        ValueError: `modules` names 'net.8', which CompactConvReplacement cannot make depthwise-separable: Linear is not an nn.Conv2d. Name k×k nn.Conv2d layers (groups=1), or leave these out.
+    """
+    if reasons:
+        listing = "; ".join(
+            f"{name!r}, which CompactConvReplacement cannot make depthwise-separable: {why}"
+            for name, why in reasons.items()
+        )
+        raise ValueError(
+            f"`modules` names {listing}. Name k×k nn.Conv2d layers (groups=1), or leave these out."
+        )
 
 
 def check_low_rank_count(value: Any, name: str) -> int:
@@ -805,12 +1101,19 @@ def check_low_rank_deprecated(alpha: Any, log_per_layer: Any) -> tuple[Any, Any]
     )
 
 
-def check_low_rank_data(method: str, has_loader: bool, has_example: bool) -> None:
-    """A data-aware ``method`` needs a training loader; counting MACs needs an example input."""
+def check_low_rank_data(config: Any, has_loader: bool, has_example: bool) -> None:
+    """A data-aware ``config.method`` or ``config.refine`` needs a training loader; counting MACs needs an
+    example input."""
+    method, refine = config.method, config.refine
     if method in ("whitened", "asvd") and not has_loader:
         raise ValueError(
             f"`method={method!r}` needs calibration batches from the training loader, and this Trainer has none. "
             "Pass training data to `fit`, or use `method='svd'`."
+        )
+    if refine and not has_loader:
+        raise ValueError(
+            "`refine=True` needs calibration batches from the training loader, and this Trainer has none. "
+            "Pass training data to `fit`, or leave `refine` out."
         )
     if not has_example:
         raise ValueError(
@@ -821,15 +1124,17 @@ def check_low_rank_data(method: str, has_loader: bool, has_example: bool) -> Non
 
 def check_low_rank_first(me: Any, callbacks: Sequence[Any]) -> None:
     """No callback that selects layers (by its ``selects_layers`` declaration) sets up before ``me`` (``callbacks``
-    in effect order), except another of ``me``'s class (the layers it factorized are not selected again)."""
+    in effect order), except another low-rank replacement (``me``'s class, a subclass of it or its base: the layers
+    it factorized are not selected again)."""
     for callback in callbacks:
         if callback is me:
             return
-        if getattr(callback, "selects_layers", False) and not isinstance(callback, type(me)):
-            other = type(callback).__name__
+        related = isinstance(callback, type(me)) or isinstance(me, type(callback))
+        if getattr(callback, "selects_layers", False) and not related:
+            other, mine = type(callback).__name__, type(me).__name__
             raise ValueError(
                 f"{other} declares `effect_order={callback.effect_order}`, which sets it up before "
-                f"LowRankReplacement (`effect_order={me.effect_order}`), but LowRankReplacement replaces layers "
+                f"{mine} (`effect_order={me.effect_order}`), but {mine} replaces layers "
                 f"that {other} selects. Give {other} a later `effect_order`."
             )
 
@@ -846,7 +1151,7 @@ def check_low_rank_later(me: Any, callbacks: Sequence[Any], world_size: int) -> 
     others = [type(c).__name__ for c in callbacks if c is not me and getattr(c, "selects_layers", False)]
     if others:
         raise ValueError(
-            f"LowRankReplacement(start={start!r}) replaces layers during training, but {', '.join(others)} set "
+            f"{type(me).__name__}(start={start!r}) replaces layers during training, but {', '.join(others)} set "
             "up on the layers as they were and would keep using the old ones. Leave `start=None` to combine them."
         )
 

@@ -48,7 +48,16 @@ from lightning_compress.schedules import Point
 
 # The order in which the schemes take effect (``effect_order``): structure first (factorized layers, then
 # pruning selects and masks the layers that exist), weight values next, distillation's hooks, quantization last.
-REPLACE_LAYERS, REMOVE_WEIGHTS, SHARE_VALUES, DISTILL, QUANTIZE = 0, 1, 2, 3, 4
+# Before them all, whole blocks go (block removal), then a budget chooses per-layer levels on the layers left.
+REMOVE_BLOCKS, ALLOCATE, REPLACE_LAYERS, REMOVE_WEIGHTS, SHARE_VALUES, DISTILL, QUANTIZE = (
+    -2,
+    -1,
+    0,
+    1,
+    2,
+    3,
+    4,
+)
 
 
 class CompressionCallback(Callback):
@@ -93,6 +102,14 @@ class CompressionCallback(Callback):
     def storage_formats(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """How the parameters this callback compressed are stored (``{name: TensorFormat}``); empty: as they are."""
         return {}
+
+    # The scheme whose per-layer levels this callback takes from a `CompressionBudget` (see `accept_allocation`):
+    # "prune", "prune_structured", "low_rank" or "quantize"; None: it takes none.
+    budget_scheme: ClassVar[str | None] = None
+
+    def accept_allocation(self, arguments: dict[str, Any]) -> None:
+        """Take the per-layer levels a budget chose (e.g. ``{"layer_amounts": {...}}``), before :meth:`prepare`."""
+        raise NotImplementedError(f"{type(self).__name__} takes no per-layer levels from a budget.")
 
     def state_key_fields(self) -> dict[str, Any]:
         """The arguments that tell two instances of this class apart in a checkpoint (see ``state_key``)."""
@@ -268,12 +285,14 @@ def training_loader(trainer: pl.Trainer) -> Iterable | None:
 
 
 def evaluation_loader(trainer: pl.Trainer, stage: str) -> Any:
-    """The loader of a ``validate``/``test``/``predict`` run (``"fit"``: the training loader), or ``None``."""
+    """The loader of a ``validate``/``test``/``predict`` run (``"fit"``: the training loader; ``"validate"``
+    during a fit: its validation loader), or ``None``."""
     if stage == "fit":
         return training_loader(trainer)
-    loop = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}[
-        stage
-    ]
+    loops = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}
+    loop = loops[stage]
+    if stage == "validate" and trainer.state.fn == "fit":  # the validation data of the fit
+        loop = trainer.fit_loop.epoch_loop.val_loop
     source = getattr(loop, "_data_source", None)
     if source is None or not source.is_defined():
         return None

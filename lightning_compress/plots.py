@@ -13,6 +13,8 @@ __all__ = [
     "layer_figure",
     "report_figures",
     "require_matplotlib",
+    "send_figure",
+    "send_text",
     "size_figure",
     "steps_figure",
     "write_figures",
@@ -221,11 +223,29 @@ def write_figures(
             with atomic_write(file) as partial:
                 figure.savefig(partial, dpi=100, format="png")
             written[name] = file
-        for logger in loggers:
-            experiment = logger.experiment
-            if hasattr(experiment, "add_figure"):  # TensorBoard
-                experiment.add_figure(f"{tag}{name}", figure, global_step=step, close=False)
-            elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
-                experiment.log_figure(logger.run_id, figure, f"{tag}{name}.png")
+        send_figure(loggers, f"{tag}{name}", figure, step)
         plt.close(figure)
     return written
+
+
+def send_figure(loggers: Iterable[Any], tag: str, figure: Any, step: int = 0) -> None:
+    """Send ``figure`` to the loggers that take figures: TensorBoard's ``add_figure`` (under ``tag``), MLflow's
+    ``log_figure`` (as ``<tag>.png``); the others are skipped."""
+    for logger in loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_figure"):  # TensorBoard
+            experiment.add_figure(tag, figure, global_step=step, close=False)
+        elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
+            experiment.log_figure(logger.run_id, figure, f"{tag}.png")
+
+
+def send_text(loggers: Iterable[Any], tag: str, text: str, step: int = 0) -> None:
+    """Send ``text`` (a table) to the loggers that take text: TensorBoard's ``add_text`` (under ``tag``, as a
+    preformatted block), MLflow's ``log_text`` (as ``<tag>.txt``); the others are skipped."""
+    for logger in loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_text"):  # TensorBoard
+            block = "\n".join(f"    {line}" for line in text.splitlines())
+            experiment.add_text(tag, block, global_step=step)
+        elif hasattr(experiment, "log_text") and getattr(logger, "run_id", None):  # MLflow
+            experiment.log_text(logger.run_id, text, f"{tag}.txt")

@@ -10,14 +10,14 @@ import torch
 from _ddp import ddp_trainer
 
 from examples.data import DigitsDataModule
-from tests.test_contract import BATCHES, CASES, EPOCHS, tiny_model
+from tests.test_contract import BATCHES, CASES, EPOCHS, made, tiny_model
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    for case, make in CASES.items():
+    for case in CASES:
         pl.seed_everything(0, verbose=False)
-        model = tiny_model()
-        trainer = ddp_trainer([make()], max_epochs=EPOCHS, limit_train_batches=BATCHES)
+        model = tiny_model(case)
+        trainer = ddp_trainer(made(case), max_epochs=EPOCHS, limit_train_batches=BATCHES)
         try:
             trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
             result = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}}

@@ -31,11 +31,14 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lightning_compress import (
     BinaryWeights,
+    CompactConvReplacement,
+    CompressionBudget,
     CompressionMonitor,
     GradualPruning,
     KnowledgeDistillation,
     LowRankReplacement,
     QuantizationAwareTraining,
+    StochasticDepth,
     WeightSharing,
 )
 from tests.conftest import RecordSteps, SGDClassifier, trainer_kwargs
@@ -43,7 +46,8 @@ from tests.conftest import RecordSteps, SGDClassifier, trainer_kwargs
 EPOCHS = 2
 BATCHES = 2  # training batches per epoch: the resumed fit starts at step 2
 
-CASES: dict[str, Callable[[], Callback]] = {
+# A case is one callback, or a list whose first callback is the one under test and whose others it needs.
+CASES: dict[str, Callable[[], Callback | list[Callback]]] = {
     "pruning-unstructured": lambda: GradualPruning(amount=0.5, end=1.0, frequency=1),
     "pruning-structured": lambda: GradualPruning(amount=0.5, mode="structured", end=1.0, frequency=1),
     "low-rank": lambda: LowRankReplacement(rank=0.5, calibration_batches=2, verbose=False),
@@ -53,14 +57,46 @@ CASES: dict[str, Callable[[], Callback]] = {
     "weight-sharing": lambda: WeightSharing(bits=2, start=0.25),
     "binary": lambda: BinaryWeights(start=0.25),
     "monitor": lambda: CompressionMonitor(log_every_n_steps=1, measure_latency=False, verbose=False),
+    "compact-conv": lambda: CompactConvReplacement(refine=True, calibration_batches=2, verbose=False),
+    "depth": lambda: StochasticDepth(survival=0.5, remove=1, removal_batches=2, verbose=False),
+    "budget-pruning": lambda: [
+        CompressionBudget("prune", target=0.5, metric="params", batches=1, verbose=False, plots=False),
+        GradualPruning(end=1.0, frequency=1),
+    ],
 }
+
+
+def made(case: str) -> list[Callback]:
+    """The callbacks of ``case``, the one under test first."""
+    callbacks = CASES[case]()
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
 # The monitor only measures: it acts by logging under its prefix, every other case by changing the model.
 LOGS_ONLY = {"monitor": "compression/"}
 
 
-def tiny_model() -> pl.LightningModule:
-    """LeNet-300-100 on the 8x8 digits (about 50,000 weights), trained with SGD and momentum."""
-    return SGDClassifier("lenet_300_100")
+class _Residual(nn.Module):
+    """``x + fc2(relu(fc1(x)))``: a block whose skip keeps the shape (no batch norm: the DDP ranks compare every
+    buffer)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_model(case: str | None = None) -> pl.LightningModule:
+    """LeNet-300-100 on the 8x8 digits (about 50,000 weights), trained with SGD and momentum; for the depth case,
+    an MLP with two residual blocks; for the depthwise-separable case, a small CNN."""
+    model = SGDClassifier("small_cnn" if case == "compact-conv" else "lenet_300_100")
+    if case == "depth":
+        model.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), _Residual(64), _Residual(64), nn.Linear(64, 10)
+        )
+    return model
 
 
 # -- 1. bad arguments fail at construction, naming the argument -------------------------------------------
@@ -105,6 +141,17 @@ BAD_ARGUMENTS = [
     (CompressionMonitor, {"latency_repeats": 0}, ValueError, "`latency_repeats=0`"),
     (CompressionMonitor, {"latency_mode": "jit"}, ValueError, "`latency_mode='jit'`"),
     (CompressionMonitor, {"metrics": "val_acc"}, TypeError, "`metrics='val_acc'`"),
+    (StochasticDepth, {"survival": 1.5}, ValueError, "`survival=1.5`"),
+    (StochasticDepth, {"remove": 0}, ValueError, "`remove=0`"),
+    (StochasticDepth, {"remove": 1, "target_macs": 0.5}, ValueError, "give one of them"),
+    (StochasticDepth, {"mode": "layer"}, ValueError, "`mode='layer'`"),
+    (StochasticDepth, {"remove_at": 0.5}, ValueError, "neither `remove`"),
+    (CompactConvReplacement, {"depth_multiplier": 0}, ValueError, "`depth_multiplier=0`"),
+    (CompactConvReplacement, {"refine": "yes"}, TypeError, "`refine='yes'`"),
+    (CompressionBudget, {"target": 0.0}, ValueError, "`target=0.0`"),
+    (CompressionBudget, {"scheme": "prune", "metric": "latency"}, ValueError, "`metric='latency'`"),
+    (CompressionBudget, {"batches": 0}, ValueError, "`batches=0`"),
+    (CompressionBudget, {"max_drop": -1.0}, ValueError, "`max_drop=-1.0`"),
 ]
 
 
@@ -124,9 +171,9 @@ def test_bad_argument_fails_at_construction_naming_it(callback, kwargs, error, p
 
 
 def test_every_callback_has_bad_arguments_and_a_case():
-    classes = {type(make()) for make in CASES.values()}
+    classes = {type(made(case)[0]) for case in CASES}
     assert classes == {row[0] for row in BAD_ARGUMENTS}
-    assert len(classes) == 7
+    assert len(classes) == 10
 
 
 # -- the fits every other check reads ---------------------------------------------------------------------
@@ -195,6 +242,7 @@ class Fit:
 
     model: pl.LightningModule
     callback: Callback
+    companions: list[Callback]
     trainer: pl.Trainer
     steps: list[int]  # the global step at the start of every training batch
     before: dict[str, Any]  # `_attachments` of the model before the fit
@@ -206,8 +254,8 @@ def _fit(root: Path, digits, case: str | None, ckpt_path: Path | None = None) ->
     checkpoint at the end of every epoch, or resumed from ``ckpt_path`` with a fresh model, callback and
     Trainer."""
     pl.seed_everything(0, verbose=False)
-    model, steps, shadows = tiny_model(), RecordSteps(), RecordShadowedMethods()
-    callback = Callback() if case is None else CASES[case]()
+    model, steps, shadows = tiny_model(case), RecordSteps(), RecordShadowedMethods()
+    callback, *companions = [Callback()] if case is None else made(case)
     before = _attachments(model)
     checkpoints = (
         [] if ckpt_path else [ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)]
@@ -215,10 +263,10 @@ def _fit(root: Path, digits, case: str | None, ckpt_path: Path | None = None) ->
     settings = dict(max_epochs=EPOCHS, limit_train_batches=BATCHES, limit_val_batches=1)
     trainer = pl.Trainer(
         **trainer_kwargs(root, **settings, enable_checkpointing=not ckpt_path),
-        callbacks=[callback, steps, shadows, *checkpoints],
+        callbacks=[callback, *companions, steps, shadows, *checkpoints],
     )
     trainer.fit(model, datamodule=digits, ckpt_path=ckpt_path)
-    return Fit(model, callback, trainer, steps.steps, before, shadows.seen)
+    return Fit(model, callback, companions, trainer, steps.steps, before, shadows.seen)
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +340,8 @@ def test_resumed_fit_ends_bit_exactly_where_the_uninterrupted_fit_ends(fits, pla
     for key, value in state.items():
         assert _same(value, resumed_state[key]), key
     assert _state_diff(full.callback.state_dict(), resumed.callback.state_dict(), "state_dict()") is None
+    for mine, theirs in zip(full.companions, resumed.companions, strict=True):
+        assert _state_diff(mine.state_dict(), theirs.state_dict(), type(mine).__name__) is None
 
 
 # -- 3. DDP ranks take the same decisions -------------------------------------------------------------------
@@ -310,6 +360,9 @@ def ddp_results(tmp_path_factory):
     }
 
 
+BATCH_NORM_STATISTICS = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_ranks_end_with_identical_models(ddp_results, case):
     rank0, rank1 = ddp_results[case]
@@ -319,6 +372,8 @@ def test_ddp_ranks_end_with_identical_models(ddp_results, case):
     assert rank0["global_step"] == rank1["global_step"] == EPOCHS * BATCHES
     assert list(rank0["state"]) == list(rank1["state"])
     for key, value in rank0["state"].items():
+        if key.endswith(BATCH_NORM_STATISTICS):
+            continue  # each rank's own batches, by design of DDP without sync_batchnorm
         assert _same(value, rank1["state"][key]), key
 
 

@@ -28,7 +28,11 @@ CONSTRUCTION = [
     ({"energy": "0.9"}, ValueError, r"`energy='0.9'` must be in \(0, 1\]"),
     ({"budget": 0.0}, ValueError, r"`budget=0.0` must be in \(0, 1\)"),
     ({"budget": 1.0}, ValueError, r"`budget=1.0` must be in \(0, 1\)"),
-    ({}, ValueError, r"Give exactly one of `rank` \(e.g. 32 or 0.25\), `energy` \(e.g. 0.9\) or `budget`"),
+    (
+        {"rank": 4, "layer_ranks": {"net.8": 0}},
+        ValueError,
+        r"`layer_ranks\['net.8'\]=0` must be a positive int",
+    ),
     ({"rank": 4, "energy": 0.9}, ValueError, r"Give exactly one of .*; got `rank`, `energy`"),
     (
         {"budget": 0.5, "budget_on": "flops"},
@@ -94,6 +98,12 @@ class HeadOnlyOptimizer(ImageClassifier):
 
 
 SETUP = [
+    (
+        {},
+        ValueError,
+        r"Give exactly one of `rank` \(e.g. 32 or 0.25\), `energy` \(e.g. 0.9\) or `budget` \(e.g. 0.5\); got none",
+    ),
+    ({"layer_ranks": {"net.9": 4}}, ValueError, r"`layer_ranks` names 'net.9'"),
     (
         {"rank": 65, "modules": nn.Linear},
         ValueError,

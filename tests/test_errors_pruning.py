@@ -19,7 +19,11 @@ AT_CONSTRUCTION = [
     ({"amount": 1.0}, ValueError, r"`amount=1.0` must be in \[0, 1\)"),
     ({"amount": -0.1}, ValueError, r"`amount=-0.1` must be in \[0, 1\)"),
     ({"amount": "0.5"}, TypeError, r"`amount='0.5'` must be a number"),
-    ({}, ValueError, r"`amount` is required for `mode='unstructured'`"),
+    (
+        {"amount": 0.5, "layer_amounts": {"net.0": 1.0}},
+        ValueError,
+        r"`layer_amounts\['net.0'\]=1.0` must be in \[0, 1\)",
+    ),
     ({"amount": 0.5, "mode": "2:4"}, ValueError, r"`mode='2:4'` fixes the sparsity .* leave `amount` unset"),
     ({"amount": 0.5, "mode": "blocks"}, ValueError, r"Unknown `mode='blocks'`"),
     ({"mode": "3:2"}, ValueError, r"`mode='3:2'`: N:M needs 1 <= N <= M"),
@@ -129,6 +133,8 @@ class Conv1dNet(pl.LightningModule):
 
 # (arguments, model, trainer arguments, message fragment): each fails in `setup`, before the first step.
 AT_SETUP = [
+    ({}, "small_cnn", {}, r"`amount` is required for `mode='unstructured'`.*`CompressionBudget`"),
+    ({"layer_amounts": {"net.2": 0.5}}, "small_cnn", {}, r"`layer_amounts` names 'net.2'"),
     (
         {"amount": 0.5, "modules": "decoder.*"},
         "small_cnn",

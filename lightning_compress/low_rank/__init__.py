@@ -1,6 +1,7 @@
 """Low-rank factorization: Linear and Conv2d layers as products of thinner ones, the whole-model verb
-:func:`low_rank_`, and the LowRankReplacement callback."""
+:func:`low_rank_`, and the LowRankReplacement and CompactConvReplacement callbacks."""
 
+from lightning_compress.low_rank.compact import CompactConvReplacement
 from lightning_compress.low_rank.core import (
     Collective,
     LowRankConfig,
@@ -12,6 +13,7 @@ from lightning_compress.low_rank.core import (
 )
 from lightning_compress.low_rank.factorize import (
     Decomposition,
+    DepthwiseSeparableConv2d,
     InputStatistics,
     LowRankConv2d,
     LowRankLinear,
@@ -28,7 +30,9 @@ from lightning_compress.low_rank.restore import restore_low_rank
 
 __all__ = [
     "Collective",
+    "CompactConvReplacement",
     "Decomposition",
+    "DepthwiseSeparableConv2d",
     "InputStatistics",
     "LowRankConfig",
     "LowRankConv2d",

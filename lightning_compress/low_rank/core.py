@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,10 @@ class LowRankConfig:
       (``"macs"``) to keep; with ``allocation="energy"`` the ranks are chosen jointly, greedily by the relative
       energy each rank adds per unit of cost, with ``"uniform"`` every layer keeps that fraction of its own cost.
 
+    ``layer_ranks`` (``{layer name: rank}``, an ``int`` or a ``float`` fraction as for ``rank``) sets the rank of
+    the layers it names; the rule applies to the others (``budget``: shared among them), and may be left out when
+    ``layer_ranks`` names every layer to factorize.
+
     A layer is only replaced when its replacement has fewer parameters *and* fewer MACs.
 
     Args:
@@ -76,14 +80,21 @@ class LowRankConfig:
             ``budget`` of its own cost, at least rank 1).
         method: ``"auto"`` (``"whitened"`` with calibration batches, else ``"svd"``), ``"svd"``, ``"whitened"`` or
             ``"asvd"``.
-        conv: ``"tucker"`` (1x1 → k×k core → 1x1) or ``"channel"`` (k×k with r filters → 1x1) for k×k
-            convolutions; 1x1 convolutions are factorized like linear layers.
+        conv: ``"tucker"`` (1x1 → k×k core → 1x1), ``"channel"`` (k×k with r filters → 1x1) or
+            ``"depthwise"`` (depthwise k×k with r filters per input channel → 1x1; ``rank`` is the depth
+            multiplier, its full value ``min(out, k·k)``) for k×k convolutions; 1x1 convolutions are factorized
+            like linear layers (left as they are by ``"depthwise"``).
         modules: layers to factorize (types and/or name patterns).
         exclude: layers to leave alone.
         min_params: leave out layers with fewer parameters.
         calibration_batches: how many calibration batches the input statistics use (data-aware methods).
         damping: whitening: added to the Gram matrix's diagonal relative to its mean; asvd: floor of the scales.
         activation_exponent: asvd: exponent of the mean absolute input.
+        layer_ranks: ``{layer name: rank}`` (names as in ``model.named_modules()``, of selected layers): a fixed
+            ``int`` rank or a ``float`` fraction in ``(0, 1]`` of the layer's full rank, ``ceil(fraction * full)``
+            (``1`` is rank 1, ``1.0`` the full rank). A rank that makes the layer no smaller leaves it as it is.
+        refine: ``conv="depthwise"`` only: after the SVD, refit each depthwise layer's 1x1 weights by least squares
+            so that its outputs on the calibration inputs match the original layer's (needs calibration batches).
 
     Example::
 
@@ -108,27 +119,32 @@ class LowRankConfig:
     calibration_batches: int = 8
     damping: float = 0.01
     activation_exponent: float = 0.5
+    layer_ranks: Mapping[str, int | float] | None = None
+    refine: bool = False
     selection: ModuleSelection = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _checks.check_low_rank_rule(self.rank, self.energy, self.budget, self.budget_on, self.allocation)
+        object.__setattr__(self, "layer_ranks", _checks.check_layer_ranks(self.layer_ranks))
         _checks.check_choice(self.method, "method", ("auto", *METHODS))
-        _checks.check_low_rank_choice(
-            self.conv, "conv", {"tucker": "1x1 → k×k → 1x1", "channel": "k×k → 1x1"}
-        )
+        _checks.check_low_rank_choice(self.conv, "conv", _checks.CONV_FORMS)
+        _checks.check_low_rank_refine(self.refine, self.conv)
         _checks.check_low_rank_count(self.calibration_batches, "calibration_batches")
         for name in ("damping", "activation_exponent"):
             object.__setattr__(self, name, _checks.check_low_rank_non_negative(getattr(self, name), name))
         object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
 
     @property
+    def rule(self) -> str | None:
+        """The name of the rank rule given (``"rank"``, ``"energy"`` or ``"budget"``), ``None`` for none."""
+        rules = (("rank", self.rank), ("energy", self.energy), ("budget", self.budget))
+        return next((name for name, value in rules if value is not None), None)
+
+    @property
     def setting(self) -> str:
-        """The rank rule as given, e.g. ``"`rank=0.5`"``."""
-        return next(
-            f"`{name}={value!r}`"
-            for name, value in (("rank", self.rank), ("energy", self.energy), ("budget", self.budget))
-            if value is not None
-        )
+        """The rank rule as given, e.g. ``"`rank=0.5`"`` (``"`layer_ranks`"`` without one)."""
+        rule = self.rule
+        return "`layer_ranks`" if rule is None else f"`{rule}={getattr(self, rule)!r}`"
 
 
 def _same(value: Any) -> Any:
@@ -148,6 +164,17 @@ class Collective:
     world_size: int = 1
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = _same
     broadcast: Callable[[Any], Any] = _same
+
+    @classmethod
+    def of(cls, strategy: Any, rank: int, world_size: int) -> Collective:
+        """The processes of a Lightning strategy (``trainer.strategy``, ``.global_rank``, ``.world_size``): sums
+        with its ``reduce``, rank 0's values with its ``broadcast``."""
+        return cls(
+            rank,
+            world_size,
+            all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
+            broadcast=lambda value: strategy.broadcast(value, src=0),
+        )
 
 
 @dataclass
@@ -170,7 +197,8 @@ class LowRankTargets:
 class LowRankResult:
     """What :func:`low_rank_` did.
 
-    ``layers``: ``{name: {"kind", "rank"}}`` of the replaced layers (a Tucker rank as ``[rank_in, rank_out]``);
+    ``layers``: ``{name: {"kind", "rank"}}`` of the replaced layers (a Tucker rank as ``[rank_in, rank_out]``; the
+    depthwise form also has ``"in_channels"``, and its rank is the depth multiplier);
     ``records``: per replaced layer its rank, parameters and MACs before and after, and its relative weight and
     output errors; ``skipped``: ``{name: reason}`` of the selected layers left as they are; ``params_*`` and
     ``macs_*``: the whole model before and after (MACs of one sample); ``replaced``: ``{name: (old, new)}``.
@@ -292,7 +320,10 @@ def find_targets(
     ``collective``) about layers left as they are because their weight is shared.
     """
     collective = collective or Collective()
-    layers, skipped = candidate_layers(model, config.selection)
+    if config.layer_ranks is not None:
+        selected = [name for name, _ in config.selection.select(model)]
+        _checks.check_layer_names(config.layer_ranks, selected, "layer_ranks", config.selection)
+    layers, skipped = candidate_layers(model, config.selection, config.conv)
     tied = {name: reason for name, reason in skipped.items() if "tied weights" in reason}
     if tied and collective.rank == 0:
         warnings.warn(
@@ -316,6 +347,8 @@ def find_targets(
             + "; ".join(f"{n}: {r}" for n, r in skipped.items())
             + ". Select Linear or Conv2d layers with `modules`."
         )
+    unnamed = [name for name in layers if name not in (config.layer_ranks or {})]
+    _checks.check_low_rank_rule_given(config.rule, config.layer_ranks, unnamed, budget=False)
     method = config.method
     if method == "auto":
         method = "whitened" if calibration is not None else "svd"
@@ -323,7 +356,12 @@ def find_targets(
         raise ValueError(
             f"`method={method!r}` needs calibration batches (`calibration`); give some, or use `method='svd'`."
         )
-    if check_calibration and method != "svd":
+    if config.refine and calibration is None:
+        raise ValueError(
+            "`refine=True` fits the 1x1 weights to the layers' outputs on calibration batches (`calibration`); "
+            "give some, or leave `refine` out."
+        )
+    if check_calibration and (method != "svd" or config.refine):
         assert calibration is not None
         with torch.no_grad(), _eval_mode([model]):
             _call_on_batch(model, next(iter(calibration)), calibration_input, device)
@@ -346,7 +384,7 @@ def replace_targets(
     params_before, macs_before = sum(p.numel() for p in model.parameters()), count_macs(model, example)
     kinds = {name: layer_kind(module, config.conv) for name, module in targets.layers.items()}
     stats: dict[str, InputStatistics] = {}
-    if method != "svd":
+    if method != "svd" or config.refine:
         assert calibration is not None
         stats = _calibrate(
             model, targets.layers, kinds, method, calibration, config, calibration_input, collective
@@ -359,6 +397,7 @@ def replace_targets(
             method=method,
             damping=config.damping,
             activation_exponent=config.activation_exponent,
+            refine=config.refine and kinds[name] == "depthwise",
         )
         for name, module in targets.layers.items()
     }
@@ -380,6 +419,8 @@ def replace_targets(
         set_submodule(model, name, replacement)
         rank = list(decision) if isinstance(decision, tuple) else decision
         layers[name] = {"kind": decomposition.kind, "rank": rank}
+        if decomposition.kind == "depthwise":  # the checkpoint's shapes hold in_channels · rank
+            layers[name]["in_channels"] = old.in_channels
         records.append(
             {
                 "name": name,
@@ -416,9 +457,10 @@ def replace_targets(
 
 
 def candidate_layers(
-    model: nn.Module, selection: ModuleSelection
+    model: nn.Module, selection: ModuleSelection, conv: str = "tucker"
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The selected layers that can be factorized, and ``{name: reason}`` of those that cannot.
+    """The selected layers that can be factorized (in the form ``conv`` for k×k convolutions), and
+    ``{name: reason}`` of those that cannot.
 
     Layers already factorized (and the factors inside them) are not selected again; a layer whose weight another
     module holds is left out (tied weights).
@@ -434,7 +476,7 @@ def candidate_layers(
     for name, module in selected:
         if isinstance(module, FACTORIZED) or any(name.startswith(f"{f}.") for f in factorized):
             continue
-        reason = skip_reason(module)
+        reason = skip_reason(module, conv)
         shared = [other for other in users.get(id(module.weight), []) if other != name]
         if reason is None and shared:
             reason = f"its weight is shared with {', '.join(map(repr, shared))} (tied weights)"
@@ -445,22 +487,26 @@ def candidate_layers(
     return layers, skipped
 
 
-def layers_outside(model: nn.Module, selection: ModuleSelection, params: Iterable[torch.Tensor]) -> list[str]:
-    """The layers :func:`candidate_layers` selects that have a trainable parameter not among ``params``."""
+def layers_outside(model: nn.Module, config: LowRankConfig, params: Iterable[torch.Tensor]) -> list[str]:
+    """The layers :func:`candidate_layers` selects for ``config`` that have a trainable parameter not among
+    ``params``."""
     held = {id(p) for p in params}
     return [
         name
-        for name, module in candidate_layers(model, selection)[0].items()
+        for name, module in candidate_layers(model, config.selection, config.conv)[0].items()
         if any(p.requires_grad and id(p) not in held for p in module.parameters())
     ]
 
 
 def layer_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """The logged values of one replaced layer's record: ``rank`` (Tucker: ``rank_in``, ``rank_out``),
-    ``weight_error``, ``output_error`` (data-aware methods), ``params_ratio`` and ``macs_ratio``."""
+    """The logged values of one replaced layer's record: ``rank`` (Tucker: ``rank_in``, ``rank_out``; depthwise:
+    ``depth_multiplier``), ``weight_error``, ``output_error`` (with calibration data), ``params_ratio`` and
+    ``macs_ratio``."""
     values: dict[str, float] = {}
     if isinstance(record["rank"], list):
         values["rank_in"], values["rank_out"] = map(float, record["rank"])
+    elif record["kind"] == "depthwise":
+        values["depth_multiplier"] = float(record["rank"])
     else:
         values["rank"] = float(record["rank"])
     values["weight_error"] = record["weight_error"]
@@ -471,10 +517,27 @@ def layer_metrics(record: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+def _fixed_rank(decomposition: Decomposition, rank: int | float, name: str, argument: str) -> Rank:
+    """The rank an ``int`` (capped per mode for Tucker) or a ``float`` fraction gives layer ``name``; ``argument``
+    names the value in errors. A depth multiplier above the full one is kept, for :func:`plan_ranks` to leave the
+    layer as it is (a replacement that large is never smaller)."""
+    if isinstance(rank, float):
+        return decomposition.rank_for_fraction(rank)
+    if decomposition.kind == "depthwise":
+        return rank
+    try:
+        return decomposition.clamp_rank(rank)
+    except ValueError as err:
+        raise ValueError(
+            f"`{argument}={rank}` is too large for layer {name!r}: {err} Use a smaller rank, a fraction such as "
+            "0.5, or exclude the layer."
+        ) from None
+
+
 def plan_ranks(
     config: LowRankConfig, decompositions: dict[str, Decomposition], positions: dict[str, tuple[int, int]]
 ) -> dict[str, Rank | str]:
-    """Per layer the rank the rule of ``config`` gives, or the reason it stays as it is."""
+    """Per layer the rank ``config`` gives (``layer_ranks``, else its rule), or the reason it stays as it is."""
     plan: dict[str, Rank | str] = {}
 
     def saves(decomposition: Decomposition, rank: Rank, where: tuple[int, int]) -> bool:
@@ -482,6 +545,27 @@ def plan_ranks(
             where, rank
         ) < decomposition.macs(where)
 
+    def decide(name: str, rank: Rank) -> Rank | str:
+        decomposition, where = decompositions[name], positions[name]
+        if decomposition.kind == "depthwise" and rank > decomposition.full_rank:  # type: ignore[operator]
+            return (
+                f"depth multiplier {rank} is above {decomposition.full_rank} = min(out, k·k), the filters per "
+                "input channel that reproduce the layer exactly with more parameters than it has"
+            )
+        if saves(decomposition, rank, where):
+            return rank
+        return (
+            f"rank {rank} would keep {decomposition.params(rank):,} parameters and "
+            f"{decomposition.macs(where, rank):,} MACs, not fewer than the "
+            f"{decomposition.params():,} and {decomposition.macs(where):,} of the layer"
+        )
+
+    order, named = list(decompositions), config.layer_ranks or {}
+    for name in [n for n in order if n in named]:
+        plan[name] = decide(
+            name, _fixed_rank(decompositions[name], named[name], name, f"layer_ranks[{name!r}]")
+        )
+    decompositions = {name: d for name, d in decompositions.items() if name not in named}
     if config.budget is not None:
         options: dict[str, list[tuple[float, float]]] = {}
         dense: dict[str, float] = {}
@@ -510,32 +594,17 @@ def plan_ranks(
         elif options:
             for name, index in allocate_budget(options, dense, config.budget).items():
                 plan[name] = "the budget leaves it dense" if index is None else chains[name][index]
-        return {name: plan[name] for name in decompositions}
+        return {name: plan[name] for name in order}
 
+    _checks.check_low_rank_rule_given(config.rule, config.layer_ranks, list(decompositions), budget=False)
     for name, decomposition in decompositions.items():
-        if isinstance(config.rank, int):
-            try:
-                rank = decomposition.clamp_rank(config.rank)
-            except ValueError as err:
-                raise ValueError(
-                    f"`rank={config.rank}` is too large for layer {name!r}: {err} Use a smaller rank, a fraction "
-                    "such as 0.5, or exclude the layer."
-                ) from None
-        elif isinstance(config.rank, float):
-            rank = decomposition.rank_for_fraction(config.rank)
+        if config.rank is not None:
+            rank = _fixed_rank(decomposition, config.rank, name, "rank")
         else:
             assert config.energy is not None
             rank = decomposition.rank_for_energy(config.energy)
-        where = positions[name]
-        if saves(decomposition, rank, where):
-            plan[name] = rank
-        else:
-            plan[name] = (
-                f"rank {rank} would keep {decomposition.params(rank):,} parameters and "
-                f"{decomposition.macs(where, rank):,} MACs, not fewer than the "
-                f"{decomposition.params():,} and {decomposition.macs(where):,} of the layer"
-            )
-    return plan
+        plan[name] = decide(name, rank)
+    return {name: plan[name] for name in order}
 
 
 def summary_table(
@@ -624,17 +693,19 @@ def _calibrate(
     """Input statistics of every layer over the calibration batches, summed over the processes."""
     device = _device(model)
     stats: dict[str, InputStatistics] = {}
+    # The refit of the depthwise form needs the Gram matrix whatever the method.
+    grams = {name: method == "whitened" or (config.refine and kinds[name] == "depthwise") for name in layers}
     for name, module in layers.items():
         features = module.weight.shape[1] if kinds[name] == "tucker" else module.weight[0].numel()
         zeros = {"dtype": torch.float64, "device": device}
         stats[name] = InputStatistics(
-            gram=torch.zeros(features, features, **zeros) if method == "whitened" else None,
+            gram=torch.zeros(features, features, **zeros) if grams[name] else None,
             abs_sum=torch.zeros(features, **zeros),
         )
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple) -> None:
-            stats[name].update(layer_features(module, args[0], kinds[name]), gram=method == "whitened")
+            stats[name].update(layer_features(module, args[0], kinds[name]), gram=grams[name])
 
         return record
 

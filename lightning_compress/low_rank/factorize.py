@@ -8,6 +8,10 @@ A weight ``W`` is replaced by a product of thinner factors:
   k×k core to ``rank_out`` channels, a 1x1 conv back to the output channels.
 - ``nn.Conv2d`` → :class:`LowRankConv2d` (channel decomposition, Zhang et al. 2015): a k×k conv with ``rank``
   filters, then a 1x1 conv; the SVD of the weight reshaped to ``(out, in·k·k)``. 1x1 convs always take this form.
+- ``nn.Conv2d`` → :class:`DepthwiseSeparableConv2d` (MobileNet style): a depthwise k×k conv with ``rank`` filters
+  per input channel (the depth multiplier), then a 1x1 conv; per input channel ``i`` the truncated SVD of the slice
+  ``W[:, i]`` reshaped to ``(out, k·k)``, ``U S Vᵀ``: the filters are the rows of ``Vᵀ``, the 1x1 weights ``U S``.
+  1x1 and grouped convs are not split this way.
 
 The factors come from the current weights, so at full rank the replacement computes the same function.
 ``method`` chooses what the truncation keeps:
@@ -17,6 +21,9 @@ The factors come from the current weights, so at full rank the replacement compu
   input Gram matrix ``XᵀX/n = L Lᵀ`` (Cholesky, damped by ``damping · mean(diag)``), the SVD is taken of ``W L``
   and the input factor is mapped back through ``L⁻¹``;
 - ``"asvd"`` (ASVD style): the cheap variant; the input columns are scaled by ``mean|x|^activation_exponent`` instead of ``L``.
+
+The depthwise form whitens (or scales) each input channel's k×k patches on their own; with ``refine`` it then refits
+its 1x1 weights by least squares so that the layer's outputs on the calibration inputs match the original's.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from torch import Tensor, nn
 from lightning_compress._checks import UNSET, renamed
 
 METHODS = ("svd", "whitened", "asvd")
-CONV_DECOMPOSITIONS = ("tucker", "channel")
+CONV_DECOMPOSITIONS = ("tucker", "channel", "depthwise")
 Rank = int | tuple[int, int]
 
 # Alternating refinement of the two Tucker factors after the HOSVD start; each sweep can only lower the error.
@@ -206,18 +213,75 @@ class TuckerConv2d(nn.Sequential):
         )
 
 
-FACTORIZED = (LowRankLinear, LowRankConv2d, TuckerConv2d)
+class DepthwiseSeparableConv2d(nn.Sequential):
+    """A convolution as a depthwise k×k conv with ``rank`` filters per input channel, then a 1x1 conv.
+
+    ``depthwise`` (``groups=in_channels``, ``in_channels·rank`` outputs, channel ``i·rank + j`` being filter ``j`` of
+    input channel ``i``) keeps the original kernel size, stride, padding and dilation; ``pointwise`` carries the
+    bias. ``rank`` is the depth multiplier. Weights start at zero; :func:`factorize` fills them from a trained layer.
+
+    Example::
+
+        >>> conv = DepthwiseSeparableConv2d(4, 8, kernel_size=3, rank=2, padding=1)
+        >>> [tuple(p.shape) for p in conv.parameters()], conv.depthwise.groups
+        ([(8, 1, 3, 3), (8, 8, 1, 1), (8,)], 4)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        kw = {"device": device, "dtype": dtype}
+        depthwise = _empty(
+            nn.Conv2d,
+            in_channels,
+            in_channels * rank,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=in_channels,
+            bias=False,
+            padding_mode=padding_mode,
+            **kw,
+        )
+        pointwise = _empty(nn.Conv2d, in_channels * rank, out_channels, 1, bias=bias, **kw)
+        super().__init__(OrderedDict(depthwise=depthwise, pointwise=pointwise))
+        self.rank = rank
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in, kh, kw)`` weight this product computes."""
+        filters = self.depthwise.weight
+        in_channels = self.depthwise.in_channels
+        pointwise = self.pointwise.weight.reshape(-1, in_channels, self.rank)
+        return torch.einsum(
+            "oij,ijhw->oihw", pointwise, filters.reshape(in_channels, self.rank, *filters.shape[2:])
+        )
+
+
+FACTORIZED = (LowRankLinear, LowRankConv2d, TuckerConv2d, DepthwiseSeparableConv2d)
 
 
 # -- which layers, in which form ----------------------------------------------------------------------
 
 
-def skip_reason(layer: nn.Module) -> str | None:
-    """Why ``layer`` cannot be factorized, or ``None`` when it can.
+def skip_reason(layer: nn.Module, conv: str = "tucker") -> str | None:
+    """Why ``layer`` cannot be factorized (in the form ``conv`` for a convolution), or ``None`` when it can.
 
     Only plain ``nn.Linear`` and ``nn.Conv2d`` are factorized: subclasses may have users that read ``.weight``
     directly (``nn.MultiheadAttention`` does with its ``out_proj``), and a grouped or depthwise convolution is
-    already factorized along its channels.
+    already factorized along its channels. ``conv="depthwise"`` leaves 1x1 convolutions out: they have no k×k
+    kernel to split into per-channel filters.
 
     Example::
 
@@ -225,6 +289,8 @@ def skip_reason(layer: nn.Module) -> str | None:
         True
         >>> skip_reason(nn.Conv2d(8, 8, 3, groups=8))
         'grouped convolution (groups=8): its channels are already split, there is no full matrix to factorize'
+        >>> skip_reason(nn.Conv2d(8, 8, 1), conv="depthwise")
+        "1x1 convolution: `conv='depthwise'` splits k×k kernels into per-channel filters, a 1x1 kernel has none"
     """
     if type(layer) is nn.Linear:
         return None
@@ -234,6 +300,11 @@ def skip_reason(layer: nn.Module) -> str | None:
                 f"grouped convolution (groups={layer.groups}): its channels are already split, "
                 "there is no full matrix to factorize"
             )
+        if conv == "depthwise" and tuple(layer.kernel_size) == (1, 1):
+            return (
+                "1x1 convolution: `conv='depthwise'` splits k×k kernels into per-channel filters, a 1x1 kernel "
+                "has none"
+            )
         return None
     if isinstance(layer, nn.Linear | nn.Conv2d):
         base = "nn.Linear" if isinstance(layer, nn.Linear) else "nn.Conv2d"
@@ -242,7 +313,8 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 
 def layer_kind(layer: nn.Module, conv: str = "tucker") -> str:
-    """The form a layer takes: ``"linear"``, ``"tucker"`` or ``"channel"`` (1x1 convs are always ``"channel"``).
+    """The form a layer takes: ``"linear"``, ``"tucker"``, ``"channel"`` or ``"depthwise"`` (1x1 convs are
+    ``"channel"``, and refused by ``conv="depthwise"``).
 
     Example::
 
@@ -250,7 +322,7 @@ def layer_kind(layer: nn.Module, conv: str = "tucker") -> str:
         ('tucker', 'channel', 'channel')
     """
     _check_choice(conv, CONV_DECOMPOSITIONS, "conv")
-    reason = skip_reason(layer)
+    reason = skip_reason(layer, conv)
     if reason is not None:
         raise ValueError(f"Cannot factorize this layer: {reason}.")
     if isinstance(layer, nn.Linear):
@@ -263,8 +335,8 @@ def layer_kind(layer: nn.Module, conv: str = "tucker") -> str:
 def layer_features(layer: nn.Module, inputs: Tensor, kind: str) -> Tensor:
     """The rows a layer multiplies its weight with, shaped ``(rows, features)``, for input statistics.
 
-    ``"linear"``: the input's last dimension; ``"channel"``: the k×k patches the convolution sees
-    (``in·k·k`` features, ordered as the weight); ``"tucker"``: the input channels at every position.
+    ``"linear"``: the input's last dimension; ``"channel"`` and ``"depthwise"``: the k×k patches the convolution
+    sees (``in·k·k`` features, ordered as the weight); ``"tucker"``: the input channels at every position.
 
     Example::
 
@@ -383,6 +455,40 @@ def _input_transform(
     return factor, torch.linalg.solve_triangular(factor, eye, upper=False)
 
 
+def _blocks(matrix: Tensor, channels: int) -> Tensor:
+    """The diagonal blocks of a ``(channels·t, channels·t)`` matrix, shaped ``(channels, t, t)``."""
+    taps = matrix.shape[0] // channels
+    return matrix.reshape(channels, taps, channels, taps).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _channel_transforms(
+    stats: InputStatistics | None, method: str, channels: int, features: int, damping: float, exponent: float
+) -> tuple[Tensor, Tensor] | None:
+    """Per input channel ``(T_i, T_i⁻¹)`` over its k·k taps, shaped ``(channels, k·k, k·k)``: the depthwise form
+    whitens (or scales) the patches of each channel on their own, so that each channel's truncation is the best
+    for that channel's share of the output (correlations between channels are not seen)."""
+    if method == "svd":
+        return None
+    gram = None if stats is None else stats.mean_gram
+    if method == "asvd" or gram is None:  # a diagonal transform; without statistics this raises
+        scale, unscale = _input_transform(stats, method, features, damping, exponent)  # type: ignore[misc]
+        return _blocks(scale, channels), _blocks(unscale, channels)
+    if gram.shape != (features, features):
+        raise ValueError(
+            f"The input statistics have {gram.shape[0]} features, the layer expects {features}: "
+            "collect them with `layer_features` for the same kind of decomposition."
+        )
+    mean_diag = float(torch.diagonal(gram).mean())
+    if mean_diag <= 0.0:
+        return None
+    taps = features // channels
+    floor = max(damping * mean_diag, torch.finfo(torch.float64).tiny)
+    eye = torch.eye(taps, dtype=torch.float64, device=gram.device)
+    values, vectors = torch.linalg.eigh(_blocks(gram, channels) + damping * mean_diag * eye)
+    root = values.clamp_min(floor).sqrt()[:, None, :]
+    return vectors * root, (vectors / root).transpose(1, 2)
+
+
 def _top_left_vectors(matrix: Tensor, rank: int) -> Tensor:
     return torch.linalg.svd(matrix, full_matrices=False)[0][:, :rank]
 
@@ -392,7 +498,10 @@ class Decomposition:
 
     Built by :func:`decompose`. ``singular_values`` are those of the (whitened) weight for the ``"linear"`` and
     ``"channel"`` forms; for ``"tucker"`` there are two spectra, ``input_singular_values`` (over the input
-    channels) and ``output_singular_values``. A rank is an ``int``, or ``(rank_in, rank_out)`` for Tucker.
+    channels) and ``output_singular_values``. For ``"depthwise"``, ``channel_singular_values`` (``(in, q)``,
+    ``q = min(out, k·k)``) are those of every input channel's slice, and ``singular_values`` their root sum of
+    squares over the channels, ``sqrt(Σ_i σ_ij²)``: the energy a depth multiplier keeps, as for the other forms.
+    A rank is an ``int`` (the depth multiplier for ``"depthwise"``), or ``(rank_in, rank_out)`` for Tucker.
     """
 
     def __init__(
@@ -401,22 +510,32 @@ class Decomposition:
         kind: str,
         transform: tuple[Tensor, Tensor] | None,
         stats: InputStatistics | None,
+        refine: bool = False,
+        damping: float = 0.01,
     ) -> None:
         self.layer = layer
         self.kind = kind
         self.stats = stats
+        self.refine = refine
+        self.damping = damping
         weight = layer.weight.detach().to(torch.float64)
         self._weight = weight
         scale, unscale = transform if transform is not None else (None, None)
         self._unscale = unscale
-        if kind == "tucker":
+        if kind == "depthwise":
+            slices = weight.flatten(2).transpose(0, 1)  # (in, out, k·k)
+            m = slices if scale is None else slices @ scale
+            self._u, self.channel_singular_values, self._vh = torch.linalg.svd(m, full_matrices=False)
+            self.singular_values = self.channel_singular_values.square().sum(0).sqrt()
+            self.full_rank: Rank = min(slices.shape[1:])
+        elif kind == "tucker":
             m = weight if scale is None else torch.einsum("ocij,cd->odij", weight, scale)
             self._m = m
             self._u_out, self.output_singular_values = torch.linalg.svd(m.flatten(1), full_matrices=False)[:2]
             self._u_in, self.input_singular_values = torch.linalg.svd(
                 m.transpose(0, 1).flatten(1), full_matrices=False
             )[:2]
-            self.full_rank: Rank = (weight.shape[1], weight.shape[0])
+            self.full_rank = (weight.shape[1], weight.shape[0])
         else:
             matrix = weight.flatten(1)
             m = matrix if scale is None else matrix @ scale
@@ -505,6 +624,9 @@ class Decomposition:
             rank_in, rank_out = rank  # type: ignore[misc]
             taps = self._weight[0, 0].numel()
             return self._weight.shape[1] * rank_in + rank_in * rank_out * taps + rank_out * out_dim + bias
+        if self.kind == "depthwise":
+            taps = self._weight[0, 0].numel()
+            return self._weight.shape[1] * rank * (taps + out_dim) + bias  # type: ignore[operator]
         return rank * (in_dim + out_dim) + bias  # type: ignore[operator]
 
     def macs(self, positions: tuple[int, int], rank: Rank | None = None) -> int:
@@ -526,6 +648,9 @@ class Decomposition:
             return positions_in * self._weight.shape[1] * rank_in + positions_out * (
                 rank_in * rank_out * taps + rank_out * out_dim
             )
+        if self.kind == "depthwise":
+            channels = self._weight.shape[1] * rank  # type: ignore[operator]
+            return positions_out * channels * (self._weight[0, 0].numel() + out_dim)
         return positions_out * rank * (in_dim + out_dim)  # type: ignore[operator]
 
     # -- building ----------------------------------------------------------------------------------------
@@ -551,6 +676,24 @@ class Decomposition:
             )
             first, core, last = self._tucker_factors(*rank)  # type: ignore[misc]
             weights = {"first": first[:, :, None, None], "core": core, "last": last[:, :, None, None]}
+        elif self.kind == "depthwise":
+            module = DepthwiseSeparableConv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                rank,  # type: ignore[arg-type]
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                bias=bias,
+                padding_mode=layer.padding_mode,
+                **like,
+            )
+            filters, pointwise = self._depthwise_factors(rank)  # type: ignore[arg-type]
+            weights = {
+                "depthwise": filters.reshape(-1, 1, *layer.kernel_size),
+                "pointwise": pointwise[:, :, None, None],
+            }
         else:
             r = rank
             root = self.singular_values[:r].sqrt()  # type: ignore[misc]
@@ -581,10 +724,38 @@ class Decomposition:
         with torch.no_grad():
             for name, value in weights.items():
                 getattr(module, name).weight.copy_(value)
-            out = module.last if self.kind == "tucker" else module.second
+            out = getattr(module, {"tucker": "last", "depthwise": "pointwise"}.get(self.kind, "second"))
             if bias:
                 out.bias.copy_(layer.bias.detach())
         return module
+
+    def _depthwise_factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """The ``(in·rank, k·k)`` depthwise filters and the ``(out, in·rank)`` 1x1 weights at a depth multiplier."""
+        filters = self._vh[
+            :, :rank
+        ]  # (in, rank, k·k): the top right singular vectors of every channel's slice
+        if self._unscale is not None:
+            filters = filters @ self._unscale
+        pointwise = (self._u[:, :, :rank] * self.channel_singular_values[:, None, :rank]).transpose(0, 1)
+        pointwise = pointwise.reshape(self._weight.shape[0], -1)
+        if self.refine:
+            pointwise = self._refit(filters, pointwise)
+        return filters.reshape(-1, filters.shape[-1]), pointwise
+
+    def _refit(self, filters: Tensor, pointwise: Tensor) -> Tensor:
+        """The 1x1 weights ``P`` that best map the depthwise outputs ``z = D x`` to the layer's ``W x`` over the
+        calibration inputs, held near their SVD values ``P₀``: ``P = (W G Dᵀ + λ P₀)(D G Dᵀ + λ I)⁻¹``, with ``G``
+        the inputs' Gram matrix and ``λ = damping · mean(diag(D G Dᵀ))``. At the full multiplier both are ``W D⁻¹``."""
+        gram = self.stats.mean_gram if self.stats is not None else None
+        assert gram is not None  # checked by `decompose`
+        d = torch.block_diag(*filters)  # (in·rank, in·k·k): channel i's filters act on channel i's patch
+        cross = d @ gram
+        a = cross @ d.T
+        ridge = self.damping * float(torch.diagonal(a).mean())
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return (self._weight.flatten(1) @ cross.T + ridge * pointwise) @ torch.linalg.pinv(
+            a + ridge * eye, hermitian=True
+        )
 
     def _tucker_factors(self, rank_in: int, rank_out: int) -> tuple[Tensor, Tensor, Tensor]:
         m = self._m
@@ -601,8 +772,8 @@ class Decomposition:
         """``(weight error, output error)`` of a replacement, both relative (Frobenius norms).
 
         The weight error is ``‖W − W'‖ / ‖W‖``. The output error is ``‖(W − W')x‖ / ‖Wx‖`` over the calibration
-        inputs (from their Gram matrix; bias excluded) — exact for ``"linear"`` and ``"channel"``, an estimate that
-        ignores correlations between positions for ``"tucker"``; ``None`` without a Gram matrix.
+        inputs (from their Gram matrix; bias excluded) — exact for ``"linear"``, ``"channel"`` and ``"depthwise"``,
+        an estimate that ignores correlations between positions for ``"tucker"``; ``None`` without a Gram matrix.
         """
         approx = module.dense_weight().detach().to(torch.float64)  # type: ignore[operator]
         delta = self._weight - approx
@@ -636,19 +807,24 @@ def decompose(
     damping: float = 0.01,
     activation_exponent: float = 0.5,
     alpha: float = UNSET,
+    refine: bool = False,
 ) -> Decomposition:
     """Factorize a trained ``nn.Linear`` or ``nn.Conv2d`` at full rank; cut replacements with ``.build(rank)``.
 
     Args:
         layer: the layer.
-        conv: ``"tucker"`` or ``"channel"`` for a k×k convolution (1x1 convs are always ``"channel"``).
+        conv: ``"tucker"``, ``"channel"`` or ``"depthwise"`` for a k×k convolution (1x1 convs are ``"channel"``,
+            and cannot be ``"depthwise"``).
         stats: statistics of the layer's inputs, from :func:`layer_features` rows of the same kind
-            (needed by ``"whitened"`` and ``"asvd"``).
+            (needed by ``"whitened"`` and ``"asvd"``, and with its Gram matrix by ``refine``).
         method: ``"svd"``, ``"whitened"`` or ``"asvd"`` (see the module docstring).
         damping: ``"whitened"``: ``damping · mean(diag(XᵀX/n))`` is added to the Gram matrix's diagonal before its
-            Cholesky factorization; ``"asvd"``: floor of the column scales, relative to their mean.
+            Cholesky factorization; ``"asvd"``: floor of the column scales, relative to their mean; ``refine``:
+            how strongly the refitted 1x1 weights are held near their SVD values (relative, see ``refine``).
         activation_exponent: ``"asvd"``: exponent of the mean absolute input.
         alpha: deprecated name of ``activation_exponent``.
+        refine: ``"depthwise"`` only: refit the 1x1 weights by least squares so that the replacement's outputs on
+            the inputs of ``stats`` match the layer's (the depthwise filters fixed).
 
     Example::
 
@@ -670,8 +846,20 @@ def decompose(
     if damping < 0 or exponent < 0:
         raise ValueError(f"`damping={damping}` and `activation_exponent={exponent}` must be non-negative.")
     features = layer.weight.shape[1] if kind == "tucker" else layer.weight[0].numel()
-    transform = _input_transform(stats, method, features, damping, exponent)
-    return Decomposition(layer, kind, transform, stats)
+    if refine and kind != "depthwise":
+        raise ValueError(
+            f"`refine=True` refits the 1x1 weights of the depthwise form, not of a {kind!r} one."
+        )
+    if refine and (stats is None or stats.mean_gram is None or stats.mean_gram.shape != (features, features)):
+        raise ValueError(
+            "`refine=True` needs the Gram matrix of the layer's k×k input patches (`stats` from "
+            "`layer_features(layer, x, 'depthwise')` with `gram=True`)."
+        )
+    if kind == "depthwise":
+        transform = _channel_transforms(stats, method, layer.weight.shape[1], features, damping, exponent)
+    else:
+        transform = _input_transform(stats, method, features, damping, exponent)
+    return Decomposition(layer, kind, transform, stats, refine=refine, damping=damping)
 
 
 def factorize(
@@ -684,6 +872,7 @@ def factorize(
     damping: float = 0.01,
     activation_exponent: float = 0.5,
     alpha: float = UNSET,
+    refine: bool = False,
 ) -> nn.Module:
     """Replace one trained layer by its low-rank factorization at ``rank`` (see :func:`decompose`).
 
@@ -694,10 +883,19 @@ def factorize(
         >>> x = torch.randn(2, 8, 5, 5)
         >>> bool(torch.allclose(tucker(x), conv(x), atol=1e-5)), type(factorize(conv, 4, conv="channel")).__name__
         (True, 'LowRankConv2d')
+        >>> separable = factorize(conv, 9, conv="depthwise")  # min(out, k·k) filters per channel: exact
+        >>> bool(torch.allclose(separable(x), conv(x), atol=1e-5)), type(separable).__name__
+        (True, 'DepthwiseSeparableConv2d')
     """
     exponent = renamed("factorize", "alpha", alpha, "activation_exponent", activation_exponent, 0.5)
     decomposition = decompose(
-        layer, conv=conv, stats=stats, method=method, damping=damping, activation_exponent=exponent
+        layer,
+        conv=conv,
+        stats=stats,
+        method=method,
+        damping=damping,
+        activation_exponent=exponent,
+        refine=refine,
     )
     return decomposition.build(rank)
 

@@ -7,6 +7,7 @@ batches, logs, and keeps the structure in checkpoints.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -62,8 +63,9 @@ class LowRankReplacement(CompressionCallback):
 
     Args:
         rank, energy, budget, budget_on, allocation, method, conv, modules, exclude, min_params,
-            calibration_batches, damping, activation_exponent: see :class:`~lightning_compress.low_rank.LowRankConfig`
-            (give exactly one of ``rank``, ``energy``, ``budget``).
+            calibration_batches, damping, activation_exponent, layer_ranks: see
+            :class:`~lightning_compress.low_rank.LowRankConfig` (give at most one of ``rank``, ``energy``,
+            ``budget``; none when ``layer_ranks`` names every layer, or a ``CompressionBudget`` gives them).
         calibration_input: maps a training batch to the model's input (a tensor, a tuple of positional arguments or
             a dict of keyword arguments); default: the batch's first element.
         example_input: input of one sample, to count MACs per layer; default ``example_input_array``, else the
@@ -92,6 +94,7 @@ class LowRankReplacement(CompressionCallback):
     effect_order = REPLACE_LAYERS
     selects_layers = True
     changes_structure = True
+    budget_scheme = "low_rank"
 
     def __init__(
         self,
@@ -115,14 +118,16 @@ class LowRankReplacement(CompressionCallback):
         start: Point | None = None,
         alpha: float | None = None,
         log_per_layer: bool | None = None,
+        layer_ranks: dict[str, int | float] | None = None,
     ) -> None:
         old_a, old_p = _checks.check_low_rank_deprecated(alpha, log_per_layer)
         exponent = _checks.renamed(_NAME, "alpha", old_a, "activation_exponent", activation_exponent, 0.5)
         per_layer = _checks.renamed(_NAME, "log_per_layer", old_p, "per_layer", per_layer, True)
         self.config = LowRankConfig(
             rank, energy, budget, budget_on, allocation, method, conv, modules, exclude, min_params,
-            calibration_batches, damping, exponent,
+            calibration_batches, damping, exponent, layer_ranks,
         )  # fmt: skip
+        self._given_ranks = self.config.layer_ranks  # the checkpoint key holds the user's, not a budget's
         self.calibration_input = _checks.check_low_rank_calibration_input(calibration_input)
         self.per_layer = _checks.check_bool(per_layer, "per_layer")
         self.verbose = _checks.check_bool(verbose, "verbose")
@@ -140,9 +145,14 @@ class LowRankReplacement(CompressionCallback):
 
     def state_key_fields(self) -> dict[str, Any]:
         # Several LowRankReplacement callbacks (e.g. other layers at other ranks) keep separate states.
-        c = self.config
+        c, ranks = self.config, self._given_ranks
         return dict(rank=c.rank, energy=c.energy, budget=c.budget, budget_on=c.budget_on, conv=c.conv,
-                    selection=str(c.selection))  # fmt: skip
+                    selection=str(c.selection)) | ({} if ranks is None else {"layer_ranks": ranks})  # fmt: skip
+
+    def accept_allocation(self, arguments: dict[str, Any]) -> None:
+        """Take ``{"layer_ranks": {layer: rank}}`` (from a budget, before setup) as if given as the argument."""
+        ranks = _checks.check_allocation(arguments, "layer_ranks", _NAME)
+        self.config = dataclasses.replace(self.config, layer_ranks=ranks)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -153,6 +163,7 @@ class LowRankReplacement(CompressionCallback):
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prepare_evaluation(trainer, pl_module, "fit")
+        _checks.check_low_rank_rule_given(self.config.rule, self.config.layer_ranks, [], budget=True)
         _checks.check_low_rank_first(self, compression_callbacks(trainer))
         if self.start is not None:
             _checks.check_low_rank_later(self, compression_callbacks(trainer), trainer.world_size)
@@ -170,9 +181,7 @@ class LowRankReplacement(CompressionCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._targets is not None and not self.layers:
             held = [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
-            _checks.check_low_rank_optimized(
-                self.start, core.layers_outside(pl_module, self.config.selection, held)
-            )
+            _checks.check_low_rank_optimized(self.start, core.layers_outside(pl_module, self.config, held))
         # A resumed run rebuilds the structure from the checkpoint's keys; it must be the one recorded here. Read
         # from the weights' names and shapes, which stay the same when a later callback wraps the layers.
         check_recorded_ranks(
@@ -216,7 +225,7 @@ class LowRankReplacement(CompressionCallback):
         loader = training_loader(trainer)
         with preserved_rng():
             example = self.example_input(trainer, pl_module, self._example_input, 1, self._model_input)
-            _checks.check_low_rank_data(self.config.method, loader is not None, example is not None)
+            _checks.check_low_rank_data(self.config, loader is not None, example is not None)
             source = (
                 "`example_input`"
                 if self._example_input is not None
@@ -282,10 +291,4 @@ class LowRankReplacement(CompressionCallback):
 
 
 def _collective(trainer: pl.Trainer) -> Collective:
-    strategy = trainer.strategy
-    return Collective(
-        rank=trainer.global_rank,
-        world_size=trainer.world_size,
-        all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
-        broadcast=lambda value: strategy.broadcast(value, src=0),
-    )
+    return Collective.of(trainer.strategy, trainer.global_rank, trainer.world_size)

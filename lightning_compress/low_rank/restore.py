@@ -14,6 +14,7 @@ from torch import nn
 from lightning_compress._checkpoints import drop_checkpoint_hints
 from lightning_compress.low_rank.factorize import (
     FACTORIZED,
+    DepthwiseSeparableConv2d,
     LowRankConv2d,
     LowRankLinear,
     Rank,
@@ -33,8 +34,9 @@ CHECKPOINT_HINT = (
 def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Give ``model`` the factorized layers a state dict holds, so that ``model.load_state_dict`` fits it.
 
-    A layer is rebuilt where the state dict has ``<name>.first.weight`` but the model has a plain layer (or a
-    factorization of another rank) there; the shapes in the state dict give the ranks. Weights are left at zero for
+    A layer is rebuilt where the state dict has ``<name>.first.weight`` (``<name>.depthwise.weight`` for the
+    depthwise form) but the model has a plain layer (or a factorization of another form or rank) there; the shapes
+    in the state dict give the ranks. Weights are left at zero for
     ``load_state_dict`` to fill, and no random numbers are drawn; factors of a frozen layer are frozen. The entry
     :data:`CHECKPOINT_HINT` that checkpoints of :class:`~lightning_compress.low_rank.LowRankReplacement` carry (and
     any other hint of this package) is removed from ``state_dict`` (when it is mutable), so that a strict
@@ -64,15 +66,17 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
     rebuilt = []
     for name, module in list(model.named_modules()):
         key = f"{prefix}{name}." if name else prefix
-        if key + "first.weight" not in state_dict:
+        form = _saved_form(state_dict, key)
+        if form is None:
             continue
-        tucker = key + "core.weight" in state_dict
+        if form == "depthwise" and isinstance(module, nn.Linear | LowRankLinear):
+            continue  # a state dict of another model: load_state_dict reports the mismatch
         if isinstance(module, FACTORIZED):
-            if rank_of(module) == _saved_rank(state_dict, key, tucker):
+            if _form_of(module) == form and rank_of(module) == _saved_rank(state_dict, key, form, module):
                 continue
         elif type(module) not in (nn.Linear, nn.Conv2d) or key + "weight" in state_dict:
             continue
-        replacement = _empty_like(module, state_dict, key, tucker)
+        replacement = _empty_like(module, state_dict, key, form)
         keep_trainability(module, replacement)
         set_submodule(model, name, replacement)
         rebuilt.append(name)
@@ -92,7 +96,7 @@ def load_hook(checkpoint_path: Callable[[], Any]) -> Callable[..., None]:
             for name, layer in module.named_modules()
             if isinstance(layer, FACTORIZED)
             and f"{prefix}{name}.weight" in state_dict
-            and f"{prefix}{name}.first.weight" not in state_dict
+            and _saved_form(state_dict, f"{prefix}{name}.") is None
         ]
         if dense:
             path = checkpoint_path()
@@ -110,14 +114,22 @@ def load_hook(checkpoint_path: Callable[[], Any]) -> Callable[..., None]:
     return hook
 
 
-def rank_in_state(shapes: Mapping[str, tuple[int, ...]], name: str) -> Rank | None:
-    """The rank of the factorized layer ``name`` from state-dict shapes (``None``: not factorized).
+def rank_in_state(
+    shapes: Mapping[str, tuple[int, ...]], name: str, in_channels: int | None = None
+) -> Rank | None:
+    """The rank of the factorized layer ``name`` from state-dict shapes (``None``: not factorized); the depth
+    multiplier of the depthwise form needs the layer's ``in_channels`` (``None`` without them).
 
     Example::
 
         >>> rank_in_state({"fc.first.weight": (3, 8), "fc.second.weight": (2, 3)}, "fc")
         3
+        >>> rank_in_state({"conv.depthwise.weight": (16, 1, 3, 3)}, "conv", in_channels=8)
+        2
     """
+    depthwise = shapes.get(f"{name}.depthwise.weight")
+    if depthwise is not None:
+        return None if not in_channels else depthwise[0] // in_channels
     first = shapes.get(f"{name}.first.weight")
     if first is None:
         return None
@@ -128,22 +140,23 @@ def rank_in_state(shapes: Mapping[str, tuple[int, ...]], name: str) -> Rank | No
 def check_recorded_ranks(
     layers: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]]
 ) -> None:
-    """The factorized layers recorded (``{name: {"rank": ...}}``) are in the state-dict ``shapes`` at that rank.
+    """The factorized layers recorded (``{name: {"rank": ...}}``, with ``"in_channels"`` for the depthwise form)
+    are in the state-dict ``shapes`` at that rank.
 
     Example::
 
         >>> check_recorded_ranks({"fc": {"rank": 4}}, {"fc.first.weight": (3, 8)})
         Traceback (most recent call last):
         ...
-        RuntimeError: LowRankReplacement recorded layer 'fc' at rank 4, but the model has rank 3. The checkpoint and the callback's state disagree.
+        RuntimeError: The low-rank replacement recorded layer 'fc' at rank 4, but the model has rank 3. The checkpoint and the callback's state disagree.
     """
     for name, layer in layers.items():
-        rank = rank_in_state(shapes, name)
+        rank = rank_in_state(shapes, name, layer.get("in_channels"))
         if rank != (tuple(layer["rank"]) if isinstance(layer["rank"], list) else layer["rank"]):
             found = "no factorized layer there" if rank is None else f"rank {rank}"
             raise RuntimeError(
-                f"LowRankReplacement recorded layer {name!r} at rank {layer['rank']}, but the model has {found}. "
-                "The checkpoint and the callback's state disagree."
+                f"The low-rank replacement recorded layer {name!r} at rank {layer['rank']}, but the model has "
+                f"{found}. The checkpoint and the callback's state disagree."
             )
 
 
@@ -151,7 +164,7 @@ def rank_of(module: nn.Module) -> Rank | None:
     """The rank of a factorized layer (``(rank_in, rank_out)`` for Tucker); ``None`` for any other module."""
     if isinstance(module, TuckerConv2d):
         return module.ranks
-    if isinstance(module, LowRankLinear | LowRankConv2d):
+    if isinstance(module, LowRankLinear | LowRankConv2d | DepthwiseSeparableConv2d):
         return module.rank
     return None
 
@@ -170,31 +183,57 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _saved_rank(state_dict: Mapping[str, Any], key: str, tucker: bool) -> Rank:
+def _saved_form(state_dict: Mapping[str, Any], key: str) -> str | None:
+    """``"depthwise"``, ``"tucker"`` or ``"matrix"`` (linear and channel forms) of the factors under ``key``."""
+    if key + "depthwise.weight" in state_dict:
+        return "depthwise"
+    if key + "first.weight" not in state_dict:
+        return None
+    return "tucker" if key + "core.weight" in state_dict else "matrix"
+
+
+def _form_of(module: nn.Module) -> str:
+    if isinstance(module, DepthwiseSeparableConv2d | TuckerConv2d):
+        return "depthwise" if isinstance(module, DepthwiseSeparableConv2d) else "tucker"
+    return "matrix"
+
+
+def _in_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    return module[0].in_channels  # type: ignore[index]
+
+
+def _saved_rank(state_dict: Mapping[str, Any], key: str, form: str, module: nn.Module) -> Rank:
+    if form == "depthwise":
+        return int(state_dict[key + "depthwise.weight"].shape[0]) // _in_channels(module)
     first = state_dict[key + "first.weight"]
-    if tucker:
+    if form == "tucker":
         return (int(first.shape[0]), int(state_dict[key + "core.weight"].shape[0]))
     return int(first.shape[0])
 
 
-def _empty_like(module: nn.Module, state_dict: Mapping[str, Any], key: str, tucker: bool) -> nn.Module:
-    rank = _saved_rank(state_dict, key, tucker)
+def _empty_like(module: nn.Module, state_dict: Mapping[str, Any], key: str, form: str) -> nn.Module:
+    rank = _saved_rank(state_dict, key, form, module)
+    tucker = form == "tucker"
     param = next(module.parameters())
     like = {"device": param.device, "dtype": param.dtype}
-    bias = key + ("last.bias" if tucker else "second.bias") in state_dict
+    last = {"tucker": "last", "depthwise": "pointwise"}.get(form, "second")
+    bias = f"{key}{last}.bias" in state_dict
     if isinstance(module, nn.Linear | LowRankLinear):
         in_features = module.in_features if isinstance(module, nn.Linear) else module.first.in_features
         out_features = module.out_features if isinstance(module, nn.Linear) else module.second.out_features
         return LowRankLinear(in_features, out_features, rank, bias=bias, **like)  # type: ignore[arg-type]
-    # The k×k convolution carries the layer's geometry: the layer itself, the Tucker core, or the first factor.
+    # The k×k convolution carries the layer's geometry: the layer itself, the Tucker core, or the first factor
+    # (the depthwise one).
     spatial = (
         module
         if isinstance(module, nn.Conv2d)
         else module.core
         if isinstance(module, TuckerConv2d)
-        else module.first
+        else module[0]
     )
-    in_channels = module.in_channels if isinstance(module, nn.Conv2d) else module.first.in_channels
+    in_channels = _in_channels(module)
     out_channels = module.out_channels if isinstance(module, nn.Conv2d) else module[-1].out_channels
     geometry = {
         "stride": spatial.stride,
@@ -206,4 +245,7 @@ def _empty_like(module: nn.Module, state_dict: Mapping[str, Any], key: str, tuck
     }
     if tucker:
         return TuckerConv2d(in_channels, out_channels, spatial.kernel_size, rank, **geometry)  # type: ignore[arg-type]
+    if form == "depthwise":
+        size = spatial.kernel_size
+        return DepthwiseSeparableConv2d(in_channels, out_channels, size, rank, **geometry)  # type: ignore[arg-type]
     return LowRankConv2d(in_channels, out_channels, spatial.kernel_size, rank, **geometry)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -89,11 +90,19 @@ class PruningConfig:
         min_params: leave out layers with fewer parameters.
         round_to: structured: keep channel counts a multiple of this (1 disables rounding).
         seed: seed of the random criterion.
+        layer_amounts: ``{layer name: amount}`` (names as in ``model.named_modules()``, of selected layers): the
+            fraction each named layer loses, instead of ``amount`` (which the layers not named keep; ``amount``
+            may be left unset when every selected layer is named). Unstructured ``scope="layer"``: of the layer's
+            weight, ``round(amount * numel)`` entries; structured: of the layer's output channels,
+            ``floor(amount * channels)``, then rounded by ``round_to`` (layers coupled by a residual add share
+            their channels and lose the smallest of their amounts). Not with ``scope="global"`` nor N:M.
 
     Example::
 
         >>> PruningConfig(mode="2:4").amount, PruningConfig(mode="2:4").kind, PruningConfig(mode="2:4").nm
         (0.5, 'N:M', (2, 4))
+        >>> PruningConfig(layer_amounts={"0": 0.5, "2": 0.9}).layer_amounts
+        {'0': 0.5, '2': 0.9}
         >>> PruningConfig(amount=0.5, mode="structured", criterion="taylor").changes_structure
         True
         >>> PruningConfig(amount=0.5, criterion="taylor")
@@ -112,6 +121,7 @@ class PruningConfig:
     min_params: int = 0
     round_to: int = 8
     seed: int = 0
+    layer_amounts: Mapping[str, float] | None = None
     kind: str = field(init=False, repr=False, compare=False)
     nm: tuple[int, int] | None = field(init=False, repr=False, compare=False)
     selection: ModuleSelection = field(init=False, repr=False, compare=False)
@@ -131,7 +141,28 @@ class PruningConfig:
         )
         _checks.check_round_to(self.round_to)
         _checks.check_int(self.seed, "seed", hint="the seed of the random criterion.")
+        layer_amounts = _checks.check_layer_amounts(self.layer_amounts, kind, self.mode, self.scope)
+        object.__setattr__(self, "layer_amounts", layer_amounts)
         object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
+
+    def with_layer_amounts(self, layer_amounts: Mapping[str, float] | None) -> PruningConfig:
+        """This config with other ``layer_amounts`` (e.g. the ones a budget chose), checked.
+
+        Example::
+
+            >>> PruningConfig(mode="structured").with_layer_amounts({"0": 0.5}).layer_amounts
+            {'0': 0.5}
+        """
+        amount = None if self.kind == "N:M" else self.amount  # N:M fixes it: it was not given
+        return dataclasses.replace(self, amount=amount, layer_amounts=layer_amounts)
+
+    @property
+    def budget_scheme(self) -> str | None:
+        """The budget scheme whose per-layer levels can be this config's ``layer_amounts``: ``"prune"``
+        (unstructured, ``scope="layer"``), ``"prune_structured"``, or ``None`` (global scope, N:M)."""
+        if self.kind == "structured":
+            return "prune_structured"
+        return "prune" if self.kind == "unstructured" and self.scope == "layer" else None
 
     @property
     def changes_structure(self) -> bool:
@@ -162,6 +193,14 @@ class PruningPlan:
             :meth:`finalize`).
         removed: structured: ``{channel group root or attention module: removed indices}``.
         amount: the amount the current masks prune.
+        final_amount: the amount a schedule ends at: ``config.amount``; with ``layer_amounts`` and no (or a zero)
+            ``amount``, the mean of every pruned layer's final amount weighted by what ``amount`` counts (weights
+            for unstructured, channels and heads for structured), so that it is the sparsity (the fraction of
+            channels) the model reaches.
+        final_amounts: with ``layer_amounts``: the final amount of every pruned weight (unstructured, by
+            parameter name) or channel group and attention module (structured, by root). At an amount ``v`` each is
+            at ``final * v / final_amount``: every layer ramps in proportion and reaches its own at
+            ``final_amount``. Empty without ``layer_amounts``.
         grads: summed gradients (:meth:`accumulate_gradients`) for ``criterion="taylor"``.
         max_abs_diff: after a structured :meth:`finalize`, the largest output difference between the masked
             model and the one with the channels removed.
@@ -204,10 +243,15 @@ class PruningPlan:
         self.max_abs_diff: float | None = None
         self.dense_macs = 0
         self.layer_macs: dict[str, int] = {}
+        self.final_amount: float = config.amount or 0.0
+        self.final_amounts: dict[str, float] = {}
         self._keep: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._emptied: set[str] = set()
         self._cost: tuple[tuple, dict[str, float]] | None = None
+        _checks.check_pruning_amount_given(config.mode, config.amount, config.layer_amounts)
         selected = config.selection.select(model)
+        names = [name for name, _ in selected]
+        _checks.check_layer_names(config.layer_amounts, names, "layer_amounts", config.selection)
         with self._warnings():
             if config.kind == "structured":
                 self._plan_structure(model, selected)
@@ -233,6 +277,7 @@ class PruningPlan:
                 users.setdefault(key, []).append(name)
         if not self.params:
             raise ValueError(f"The selection {self.config.selection} has no `weight` parameter to prune.")
+        self._resolve_amounts({key: (names, self.params[key].numel()) for key, names in users.items()})
         if self.config.nm is not None:
             validate_nm(*self.config.nm, {k: p.shape for k, p in self.params.items()})
         if self.example is None:
@@ -279,14 +324,21 @@ class PruningPlan:
             )
         if structure.tied:
             raise ValueError(tied_weights_message(structure.tied))
-        if config.amount:
-            removable = structure.removable(config.amount)
-            stuck = [name for name, count in removable.items() if count == 0]
+        chosen = set(dict(selected))
+        units = {g.root: ([p for p in g.producers if p in chosen], g.size) for g in structure.channel_groups}
+        units.update({g.module: ([g.module], g.num_heads) for g in structure.head_groups})
+        self._resolve_amounts(units)
+        targets = self.final_amounts or {name: config.amount or 0.0 for name in units}
+        if any(targets.values()):
+            removable = structure.removable(config.amount or 0.0, self.final_amounts or None)
+            wanted = [name for name, count in removable.items() if targets[name] > 0]
+            stuck = [name for name in wanted if removable[name] == 0]
+            at = "at their `layer_amounts`" if self.final_amounts else f"at `amount={config.amount:g}`"
             why = (
-                f"at `amount={config.amount:g}` with `round_to={config.round_to}` (the kept channel count is "
-                "rounded to a multiple of `round_to`, and heads to whole heads, at least one kept)"
+                f"{at} with `round_to={config.round_to}` (the kept channel count is rounded to a multiple of "
+                "`round_to`, and heads to whole heads, at least one kept)"
             )
-            if stuck and len(stuck) == len(removable):
+            if stuck and len(stuck) == len(wanted):
                 sizes = ", ".join(f"{name!r} ({structure.size(name)})" for name in stuck)
                 raise ValueError(
                     f"Structured pruning would remove nothing from the selected layers: {sizes} {why}. Lower "
@@ -301,10 +353,61 @@ class PruningPlan:
         params = dict(model.named_parameters())
         self.params = {name: params[name] for name in structure.params}
 
+    def _resolve_amounts(self, units: Mapping[str, tuple[list[str], int]]) -> None:
+        """Set :attr:`final_amounts` and :attr:`final_amount` from ``config.layer_amounts``; ``units``: every pruned
+        weight or channel group, with the selected layers it belongs to and its size (weights, channels, heads)."""
+        given, amount = self.config.layer_amounts, self.config.amount
+        if given is None:
+            return
+        unnamed, shared = [], []
+        for key, (layers, _) in units.items():
+            named = {layer: given[layer] for layer in layers if layer in given}
+            if not named and amount is None:
+                unnamed.extend(layers or [key])
+            self.final_amounts[key] = min(named.values()) if named else amount or 0.0
+            if len(set(named.values())) > 1:
+                shared.append(f"{key!r} {named}")
+        kind = self.config.kind
+        if unnamed:
+            raise ValueError(
+                f"`amount` is required for `mode={self.config.mode!r}` by the layers `layer_amounts` does not name "
+                f"({', '.join(map(repr, unnamed))}): give `amount` (what the others lose), or name them in "
+                "`layer_amounts`."
+            )
+        used = {layer for layers, _ in units.values() for layer in layers}
+        idle = [name for name, value in given.items() if value > 0 and name not in used]
+        if shared and not self.quiet:
+            what = "weight" if kind == "unstructured" else "output channels (coupled, e.g. by a residual add)"
+            warnings.warn(
+                f"{self.caller}: layers that share their {what} got different `layer_amounts`; they lose the "
+                f"smallest: {'; '.join(shared)}.",
+                stacklevel=4,
+            )
+        if idle and not self.quiet:
+            warnings.warn(
+                f"{self.caller}: `layer_amounts` names {idle}, but pruning leaves them as they are (structured: "
+                "their channels cannot be removed; the reasons are in the plan's `structure.skipped`).",
+                stacklevel=4,
+            )
+        if not amount:
+            total = sum(size for _, size in units.values())
+            weighted = sum(self.final_amounts[key] * size for key, (_, size) in units.items())
+            self.final_amount = weighted / total if total else 0.0
+
+    def _scaled(self, amount: float) -> dict[str, float] | None:
+        """The amount of every unit of :attr:`final_amounts` at ``amount`` (``None`` without ``layer_amounts``)."""
+        if not self.final_amounts:
+            return None
+        scale = amount / self.final_amount if self.final_amount else 0.0
+        return {key: final * scale for key, final in self.final_amounts.items()}
+
     # -- masks -----------------------------------------------------------------------------------------------
 
     def compute_masks(self, amount: float, grads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Choose what to prune at ``amount`` (what was pruned stays pruned) and hold it as the current masks.
+
+        With ``layer_amounts`` every layer is at its final amount times ``amount / final_amount`` (see
+        :attr:`final_amounts`).
 
         ``grads`` (by parameter name) are the gradients ``criterion="taylor"`` ranks by (default: the sums of
         :meth:`accumulate_gradients`, which this call then clears). The weights are not changed: see :meth:`apply`.
@@ -324,6 +427,7 @@ class PruningPlan:
                 previous=self.masks or None,
                 generator=self.generator,
                 max_layer_amount=config.max_layer_amount,
+                amounts=self._scaled(amount),
             )
             with self._warnings():
                 self._warn_emptied(masks, amount)
@@ -334,6 +438,7 @@ class PruningPlan:
                 grads=grads if grads is not None else self.grads or None,
                 previous=self.removed or None,
                 generator=self.generator,
+                amounts=self._scaled(amount),
             )
             self.grads = {}
         self.set_masks(masks, removed, amount)
@@ -485,6 +590,16 @@ class PruningPlan:
             values["removed_head_fraction"] = values["removed_heads"] / max(total_heads, 1)
         return values
 
+    def metrics(self, model: nn.Module | None = None, per_layer: bool = False) -> tuple[dict, dict]:
+        """What a callback logs: :meth:`statistics`, and with ``per_layer`` ``{"weight_sparsity":``
+        :meth:`layer_sparsity` ``}``."""
+        return self.statistics(model), {"weight_sparsity": self.layer_sparsity()} if per_layer else {}
+
+    def skipped_reasons(self) -> str:
+        """Structured: the selected layers whose channels stay, with the reason (``""``: none)."""
+        skipped = self.structure.skipped if self.structure is not None else {}
+        return "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+
     def layer_sparsity(self) -> dict[str, float]:
         """The fraction of zeros of every pruned weight matrix (or kernel), by parameter name."""
         return {
@@ -569,17 +684,20 @@ def pruning_schedule(
     config: PruningConfig,
     start: int,
     end: int,
-    steps: int | None = None,
+    steps: float | None = None,
     initial: float = 0.0,
     schedule: str | ScheduleFn = "agp",
     frequency: int | None = None,
     start_point: Point | None = None,
+    final: float | None = None,
 ) -> Schedule:
-    """The amount over optimizer steps: from ``initial`` at step ``start`` to ``config.amount`` at ``end``.
+    """The amount over optimizer steps: from ``initial`` at step ``start`` to ``final`` (default ``config.amount``;
+    with ``layer_amounts``, :attr:`PruningPlan.final_amount`) at ``end``.
 
-    ``steps`` is the length of the fit (``None``: unknown): a ``start`` past its last step is an error (named by
-    ``start_point``, the value the user gave), and since masks are updated before a step runs, an ``end`` at or
-    past it moves onto the last step, so that the amount is reached. N:M applies its pattern whole at ``start``.
+    ``steps`` is the length of the fit (``None``, or not finite: unknown): a ``start`` past its last step is an
+    error (named by ``start_point``, the value the user gave), and since masks are updated before a step runs, an
+    ``end`` at or past it moves onto the last step, so that the amount is reached. N:M applies its pattern whole
+    at ``start``.
     ``frequency`` (steps between updates) defaults to 20 updates over the ramp.
 
     Example::
@@ -590,6 +708,7 @@ def pruning_schedule(
     """
     nm = config.kind == "N:M"
     end = start if nm else end
+    steps = int(steps) if steps is not None and math.isfinite(steps) and steps >= 0 else None
     if steps is not None:
         if start > steps - 1:
             raise ValueError(
@@ -598,8 +717,16 @@ def pruning_schedule(
             )
         end = min(end, steps - 1)
     frequency = 1 if nm else frequency or max(1, (end - start) // 20)
-    initial, schedule = (config.amount, "constant") if nm else (initial, schedule)
-    return Schedule(initial, config.amount, start, end, schedule, frequency)
+    final = config.amount if final is None else final
+    if final is None:
+        raise ValueError(
+            "The schedule needs a final amount: give `amount`, or `final` (a plan's `final_amount`)."
+        )
+    if config.amount is None:  # `final` is the mean of `layer_amounts`: `initial` is checked against it now
+        mean = "the mean of `layer_amounts`, {:g}"
+        _checks.check_initial_amount(initial, final, config.kind, config.mode, mean)
+    initial, schedule = (final, "constant") if nm else (initial, schedule)
+    return Schedule(initial, final, start, end, schedule, frequency)
 
 
 def prune_(
@@ -616,7 +743,7 @@ def prune_(
     Args:
         model: the model to prune.
         config: what to prune.
-        amount: the fraction removed (default: ``config.amount``).
+        amount: the fraction removed (default: ``config.amount``; with ``layer_amounts``, every layer its own).
         example_input: one input batch; needed by structured pruning (default: ``model.example_input_array``).
         grads: gradients by parameter name, for ``criterion="taylor"``.
         finalize: make it permanent (structured: remove the channels); with ``False`` the plan keeps the masks.
@@ -632,7 +759,7 @@ def prune_(
         2
     """
     plan = PruningPlan(model, config, example_input)
-    plan.compute_masks(config.amount if amount is None else amount, grads)
+    plan.compute_masks(plan.final_amount if amount is None else amount, grads)
     plan.apply()
     if finalize:
         plan.finalize()
@@ -795,14 +922,29 @@ class _Structure:
             params.update(p for group in groups for p in group.params)
         self.params = sorted(params)
 
-    def removable(self, amount: float) -> dict[str, int]:
-        """The most channels (per channel group root) or heads (per attention module) ``amount`` removes."""
-        found = self.channels.removable(amount) if self.channels is not None else {}
+    @property
+    def channel_groups(self) -> list[Any]:
+        return self.channels.groups if self.channels is not None else []
+
+    @property
+    def head_groups(self) -> list[Any]:
+        return self.heads.groups if self.heads is not None else []
+
+    def removable(self, amount: float, amounts: Mapping[str, float] | None = None) -> dict[str, int]:
+        """The most channels (per channel group root) or heads (per attention module) ``amount`` (or the unit's own
+        in ``amounts``) removes."""
+        channels, heads = self.split(amounts)
+        found = self.channels.removable(amount, channels or None) if self.channels is not None else {}
         if self.heads is not None:
             groups = self.heads.groups
             if self.scope == "layer":
                 found.update(
-                    {g.module: min(math.floor(amount * g.num_heads + 1e-9), g.num_heads - 1) for g in groups}
+                    {
+                        g.module: min(
+                            math.floor(heads.get(g.module, amount) * g.num_heads + 1e-9), g.num_heads - 1
+                        )
+                        for g in groups
+                    }
                 )
             else:
                 total = math.floor(amount * sum(g.num_heads for g in groups) + 1e-9)
@@ -835,28 +977,40 @@ class _Structure:
         grads: Any,
         previous: Mapping[str, Any] | None,
         generator: Any,
+        amounts: Mapping[str, float] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
         channel_prev, head_prev = self.split(previous)
+        channel_amounts, head_amounts = self.split(amounts)
         masks: dict[str, Tensor] = {}
         plan: dict[str, list[int]] = {}
         if self.channels is not None:
             m, p = self.channels.compute_masks(
-                model, amount, grads=grads, previous=channel_prev or None, generator=generator
+                model,
+                amount,
+                grads=grads,
+                previous=channel_prev or None,
+                generator=generator,
+                amounts=channel_amounts or None,
             )
             masks.update(m)
             plan.update(p)
         if self.heads is not None:
-            m, p = self.heads.compute_masks(
-                model,
-                amount,
-                scope=self.scope,
-                criterion=self.criterion,
-                grads=grads,
-                previous=head_prev or None,
-                generator=generator,
-            )
-            masks.update(m)
-            plan.update(p)
+            # `scope="layer"` decides every module on its own: one call per amount, each module's plan kept.
+            by_amount: dict[float, list[str]] = {}
+            for g in self.heads.groups:
+                by_amount.setdefault(head_amounts.get(g.module, amount), []).append(g.module)
+            for value, modules in by_amount.items():
+                _, p = self.heads.compute_masks(
+                    model,
+                    value,
+                    scope=self.scope,
+                    criterion=self.criterion,
+                    grads=grads,
+                    previous=head_prev or None,
+                    generator=generator,
+                )
+                plan.update({module: p[module] for module in modules})
+            masks.update(self.heads.masks_from_plan(model, {k: plan[k] for k in self.heads.modules}))
         return masks, plan
 
     def materialize(self, model: nn.Module, plan: Mapping[str, Sequence[int]]) -> nn.Module:

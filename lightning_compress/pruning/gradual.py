@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_compress import _checks, _lightning
-from lightning_compress._checks import UNSET
 from lightning_compress._events import record_event
 from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback
 from lightning_compress.pruning import core
@@ -37,7 +35,7 @@ class GradualPruning(CompressionCallback):
     and attention heads for real. Modes, criteria, metrics and checkpoints: ``docs/pruning.md``.
 
     Args:
-        amount: final fraction pruned, in ``[0, 1)`` (weights for unstructured, channels for structured).
+        amount: final fraction pruned, in ``[0, 1)`` (of weights; structured: of channels); see ``layer_amounts``.
         mode: ``"unstructured"``, ``"structured"`` or ``"N:M"`` (e.g. ``"2:4"``, which fixes ``amount``).
         criterion: ``"l1"``, ``"l2"``, ``"random"``; structured also ``"bn_scale"`` and ``"taylor"``.
         scope: ``"layer"`` (every layer reaches ``amount``) or ``"global"`` (one ranking across layers).
@@ -56,6 +54,8 @@ class GradualPruning(CompressionCallback):
         finalize: make the pruning permanent at the end of training (``materialize`` is its deprecated name).
         per_layer: also log the sparsity of every pruned weight (``log_per_layer`` is its deprecated name).
         seed: seed of the random criterion.
+        layer_amounts: ``{layer name: amount}``: the final fraction of each named layer (the others keep
+            ``amount``); every layer ramps in proportion, see :class:`~lightning_compress.pruning.PruningConfig`.
 
     Example::
 
@@ -94,23 +94,25 @@ class GradualPruning(CompressionCallback):
         seed: int = 0,
         materialize: bool | None = None,
         log_per_layer: bool | None = None,
+        layer_amounts: dict[str, float] | None = None,
     ) -> None:
         self.config = config = core.PruningConfig(
-            amount, mode, criterion, scope, max_layer_amount, modules, exclude, min_params, round_to, seed
-        )
+            amount, mode, criterion, scope, max_layer_amount, modules, exclude, min_params, round_to, seed,
+            layer_amounts,
+        )  # fmt: skip
         self.amount, self.mode, self.criterion, self.scope = config.amount, config.kind, criterion, scope
-        self.selection, self.seed = config.selection, seed
+        self.selection, self.seed, self.layer_amounts = config.selection, seed, config.layer_amounts
+        # The checkpoint key holds the user's arguments (a budget's `accept_allocation` does not change it).
+        self._key = {"mode": self.mode, "amount": self.amount, "selection": str(self.selection)}
+        self._key |= {} if layer_amounts is None else {"layer_amounts": self.layer_amounts}
         self.initial_amount = _checks.check_initial_amount(initial_amount, config.amount, config.kind, mode)
         ramp = _checks.check_pruning_ramp(schedule, start, end, frequency)
         self.schedule, self.start, self.end, self.frequency = ramp
         self._example_input = example_input
-        # The deprecated names default to None (not given): LightningCLI checks every default against its type.
-        materialize, log_per_layer = (UNSET if old is None else old for old in (materialize, log_per_layer))
         # `finalize()` is the end-of-training step of every compression callback: the argument is `finalize_at_end`.
-        fin = _checks.renamed("GradualPruning", "materialize", materialize, "finalize", finalize, True)
-        self.finalize_at_end = _checks.check_bool(fin, "finalize" if materialize is UNSET else "materialize")
-        log = _checks.renamed("GradualPruning", "log_per_layer", log_per_layer, "per_layer", per_layer, False)
-        self.per_layer = _checks.check_bool(log, "per_layer" if log_per_layer is UNSET else "log_per_layer")
+        flags = {"materialize": (materialize, "finalize", finalize, True)}
+        flags["log_per_layer"] = (log_per_layer, "per_layer", per_layer, False)
+        self.finalize_at_end, self.per_layer = _checks.renamed_flags("GradualPruning", flags)
         self._plan: core.PruningPlan | None = None
         self._reset()
 
@@ -126,6 +128,16 @@ class GradualPruning(CompressionCallback):
         return self.mode == "structured"
 
     @property
+    def budget_scheme(self) -> str | None:  # type: ignore[override]
+        return self.config.budget_scheme
+
+    def accept_allocation(self, arguments: dict[str, Any]) -> None:
+        """Take ``{"layer_amounts": {layer: amount}}`` (from a budget, before setup) as if given as the argument."""
+        amounts = _checks.check_allocation(arguments, "layer_amounts", "GradualPruning")
+        self.config = self.config.with_layer_amounts(amounts)
+        self.layer_amounts = self.config.layer_amounts
+
+    @property
     def masks(self) -> dict[str, Tensor]:  # by parameter name, True = keep
         return self._plan.masks if self._plan is not None else {}
 
@@ -138,7 +150,7 @@ class GradualPruning(CompressionCallback):
         return self._plan.amount if self._plan is not None else 0.0
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {"mode": self.mode, "amount": self.amount, "selection": str(self.selection)}
+        return dict(self._key)
 
     def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # `Trainer.test(ckpt_path=...)` loads a checkpoint that may carry the hint for `load_from_checkpoint` users.
@@ -149,31 +161,28 @@ class GradualPruning(CompressionCallback):
         self._plan = None
         self._reset()
         self.track_hook(core.accept_pruned_checkpoints(pl_module))
+        _checks.check_pruning_amount_given(self.mode, self.config.amount, self.layer_amounts, budget=True)
         start = self.step_of(trainer, self.start, "start")
         end = start if self.mode == "N:M" else self.step_of(trainer, self.end, "end")
-        total = trainer.estimated_stepping_batches  # a fit of unknown length may give `"step:N"` points
-        steps = int(total) if math.isfinite(total) and total >= 0 else None
-        ramp = (self.initial_amount, self.schedule, self.frequency, self.start)
-        self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp)
         _checks.check_taylor_setup(self.criterion, start, pl_module.automatic_optimization)
         _checks.check_pruning_precision(self.mode, str(getattr(trainer, "precision", "32-true")))
         structured = self.mode == "structured"  # traces the model: an example from the data if none is given
         example = self.example_input(trainer if structured else None, pl_module, self._example_input)
         quiet = not trainer.is_global_zero  # every rank takes the same decisions: one warns
         self._plan = core.PruningPlan(pl_module, self.config, example, caller="GradualPruning", quiet=quiet)
-        skipped = self._plan.structure.skipped if self._plan.structure is not None else {}
-        if skipped:
-            reasons = "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+        ramp = (self.initial_amount, self.schedule, self.frequency, self.start, self._plan.final_amount)
+        steps = trainer.estimated_stepping_batches  # inf for a fit of unknown length
+        self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp)
+        if reasons := self._plan.skipped_reasons():
             rank_zero_info(f"GradualPruning leaves these layers' channels alone: {reasons}.")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plan = self._plan
         assert plan is not None
-        # Looked up again by name: the strategy may have replaced them (FSDP).
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         others = [type(c).__name__ for c in callbacks if c is not self and getattr(c, "selects_layers", 0)]
-        named = dict(pl_module.named_parameters())
-        plan.bind(named, wrapper=type(trainer.strategy).__name__, others=others)
+        # Looked up again by name: the strategy may have replaced them (FSDP).
+        plan.bind(dict(pl_module.named_parameters()), wrapper=type(trainer.strategy).__name__, others=others)
         self.on_optimizer_step(trainer, plan.mask_weights, plan.params.values())
         if self._restored is not None:
             plan.load_state_dict(self._restored)
@@ -182,7 +191,7 @@ class GradualPruning(CompressionCallback):
             # Resumed: exact zeros from the first step on, and the restored state logged until the next update.
             plan.apply()
             plan.park_optimizer_state(trainer.optimizers)
-            self._measure(pl_module)
+            self._metrics = plan.metrics(pl_module, self.per_layer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -213,20 +222,11 @@ class GradualPruning(CompressionCallback):
         plan.set_masks(masks, removed, target)
         plan.apply()
         plan.park_optimizer_state(trainer.optimizers)
-        self._measure(pl_module)
+        self._metrics = plan.metrics(pl_module, self.per_layer)
 
     def _reduced_taylor(self, trainer: pl.Trainer, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not grads:
-            raise ValueError(
-                "`criterion='taylor'` needs gradients before the first pruning step, but none were seen. "
-                "Start pruning after at least one optimizer step (e.g. `start='step:1'` or later)."
-            )
+        _checks.check_taylor_gradients(grads)
         return {name: trainer.strategy.reduce(score, reduce_op="mean") for name, score in grads.items()}
-
-    def _measure(self, pl_module: pl.LightningModule) -> None:
-        plan: core.PruningPlan = self._plan  # type: ignore[assignment]
-        per_layer = {"weight_sparsity": plan.layer_sparsity()} if self.per_layer else {}
-        self._metrics = plan.statistics(pl_module), per_layer
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -247,8 +247,7 @@ class GradualPruning(CompressionCallback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "structured" and self.plan:
-            # What the model will cost once the channels are removed: measured on a pruned copy, once per epoch
-            # (tracing and pruning a copy at every mask update would cost more than the training steps).
+            # The cost once the channels are removed, measured on a pruned copy once per epoch (per update: slow).
             with _lightning.float_view(pl_module):
                 cost = self._plan.cost_after_removal(pl_module)  # type: ignore[union-attr]
             self.log_values(pl_module, cost, epoch=True)

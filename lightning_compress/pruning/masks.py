@@ -96,6 +96,7 @@ def unstructured_masks(
     previous: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
     max_layer_amount: float | None = None,
+    amounts: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """Unstructured masks pruning the fraction ``amount`` of the lowest-scored entries.
 
@@ -114,6 +115,7 @@ def unstructured_masks(
         max_layer_amount: ``scope="global"`` only: no tensor loses more than ``floor(max_layer_amount * numel)``
             entries; the ranking passes over a tensor at that limit and prunes the next-lowest entries of the
             others instead, so the total is still reached. In ``[amount, 1]``; ``None``: no limit.
+        amounts: ``scope="layer"`` only: the amount of some tensors, by name (the others lose ``amount``).
 
     Returns:
         Bool masks (``True`` = keep) with the shapes and devices of ``weights``.
@@ -130,10 +132,19 @@ def unstructured_masks(
         tensor([False, False])
         >>> unstructured_masks(small, 0.5, scope="global", max_layer_amount=0.5)
         {'a': tensor([ True, False, False,  True]), 'b': tensor([False,  True])}
+        >>> unstructured_masks(w, 0.5, amounts={"a": 0.75})["a"]
+        tensor([ True, False, False, False])
     """
     amount = validate_amount(amount)
     check_choice(scope, SCOPES, "scope")
     check_choice(criterion, CRITERIA, "criterion")
+    if amounts:
+        if scope != "layer":
+            raise ValueError("Per-tensor `amounts` apply to `scope='layer'`; 'global' ranks across tensors.")
+        unknown = [name for name in amounts if name not in weights]
+        if unknown:
+            raise KeyError(f"`amounts` names {unknown}, which are not in `weights` ({sorted(weights)}).")
+        amounts = {name: validate_amount(value, f"amounts[{name!r}]") for name, value in amounts.items()}
     if max_layer_amount is not None:
         if scope != "global":
             raise ValueError(
@@ -165,7 +176,7 @@ def unstructured_masks(
     if scope == "layer":
         masks = {}
         for name, weight in weights.items():
-            k = round(amount * weight.numel())
+            k = round((amounts or {}).get(name, amount) * weight.numel())
             if prev_pruned.get(name, -1) >= k:
                 masks[name] = prev_masks[name].clone()
             else:

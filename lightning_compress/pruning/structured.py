@@ -638,9 +638,32 @@ class StructuredPruner:
             keep = max(keep, self.round_to)
         return max(1, min(keep, size, size - n_forced))
 
-    def removable(self, amount: float) -> dict[str, int]:
-        """The most channels each group can lose at ``amount`` after rounding to ``round_to`` (exact for
-        ``scope="layer"``, an upper bound for ``"global"``); ``0`` marks a group that pruning leaves whole.
+    def group_amounts(self, amount: float, amounts: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The amount of every group: ``amounts[root]`` where given (``scope="layer"`` only), else ``amount``.
+
+        Example::
+
+            >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+            >>> StructuredPruner(model, torch.randn(1, 2), round_to=1).group_amounts(0.5, {"2": 0.25})
+            {'0': 0.5, '2': 0.25}
+        """
+        amount = validate_amount(amount)
+        if not amounts:
+            return {g.root: amount for g in self.groups}
+        if self.scope != "layer":
+            raise ValueError(
+                "Per-group `amounts` apply to `scope='layer'`; a global ranking chooses what each group loses."
+            )
+        for root in amounts:
+            self._group(root, "amounts")
+        return {
+            g.root: validate_amount(amounts.get(g.root, amount), f"amounts[{g.root!r}]") for g in self.groups
+        }
+
+    def removable(self, amount: float, amounts: Mapping[str, float] | None = None) -> dict[str, int]:
+        """The most channels each group can lose at ``amount`` (or its own in ``amounts``, by root) after rounding
+        to ``round_to`` (exact for ``scope="layer"``, an upper bound for ``"global"``); ``0`` marks a group that
+        pruning leaves whole.
 
         Example::
 
@@ -649,13 +672,16 @@ class StructuredPruner:
             {'0': 0}
             >>> StructuredPruner(model, torch.randn(1, 2), round_to=1).removable(0.5)
             {'0': 4}
+            >>> StructuredPruner(model, torch.randn(1, 2), round_to=1).removable(0.5, {"0": 0.75})
+            {'0': 6}
         """
-        amount = validate_amount(amount)
+        per_group = self.group_amounts(amount, amounts)
         if self.scope == "layer":
             return {
-                g.root: g.size - self._kept(g.size, math.floor(amount * g.size + 1e-9), 0)
+                g.root: g.size - self._kept(g.size, math.floor(per_group[g.root] * g.size + 1e-9), 0)
                 for g in self.groups
             }
+        amount = validate_amount(amount)
         if math.floor(amount * sum(g.size for g in self.groups) + 1e-9) == 0:
             return {g.root: 0 for g in self.groups}
         return {g.root: g.size - self._kept(g.size, g.size, 0) for g in self.groups}
@@ -668,11 +694,13 @@ class StructuredPruner:
         grads: Mapping[str, Tensor] | None = None,
         previous: Mapping[str, Sequence[int]] | None = None,
         generator: torch.Generator | None = None,
+        amounts: Mapping[str, float] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
         """Choose the channels to remove and return ``(masks, plan)``.
 
         ``amount`` is the absolute fraction of channels removed, ``floor(amount * size)`` per group
-        (``scope="layer"``) or over all groups (``scope="global"``); the kept count of each group is then
+        (``scope="layer"``; a group in ``amounts``, by root, uses its own) or over all groups
+        (``scope="global"``); the kept count of each group is then
         rounded to the nearest multiple of ``round_to`` (at least ``round_to`` kept, and never all removed;
         groups smaller than ``round_to`` keep at least one channel). Channels removed in ``previous`` stay
         removed, even if that leaves a kept count off the ``round_to`` grid.
@@ -683,6 +711,7 @@ class StructuredPruner:
             grads: gradients by parameter name, for ``importance="taylor"``.
             previous: an earlier plan; its channels stay removed, so plans only grow.
             generator: random source for ``importance="random"``.
+            amounts: ``scope="layer"``: the amount of some groups, by root (the others use ``amount``).
 
         Returns:
             ``masks``: ``{parameter name: bool tensor of its shape, True = keep}`` for every parameter the
@@ -701,14 +730,14 @@ class StructuredPruner:
             >>> set(plan["0"]) <= set(later["0"]), len(later["0"])
             (True, 16)
         """
-        amount = validate_amount(amount)
+        per_group = self.group_amounts(amount, amounts)
         forced = self._removed_channels(previous or {}, "previous")
         scores = self.importance_scores(model, grads=grads, generator=generator)
         counts: dict[str, int] = {}
         if self.scope == "layer":
             for g in self.groups:
                 n_forced = int(forced[g.root].sum())
-                want = max(math.floor(amount * g.size + 1e-9), n_forced)
+                want = max(math.floor(per_group[g.root] * g.size + 1e-9), n_forced)
                 counts[g.root] = g.size - self._kept(g.size, want, n_forced)
         else:
             counts = self._global_counts(amount, scores, forced)

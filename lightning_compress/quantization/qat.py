@@ -126,6 +126,14 @@ class QuantizationAwareTraining(CompressionCallback):
         return {"scheme": self.scheme, "module": self.module}
 
     @property
+    def budget_scheme(self) -> str | None:  # type: ignore[override]  # a low-bit scheme's layers may stay float
+        return None if self.scheme == "int8" else "quantize"
+
+    def accept_allocation(self, arguments: dict[str, Any]) -> None:
+        self.config = qat_core.allocate_bits(self.config, arguments["layer_bits"])
+        self._parts = qat_core.qat_parts(self.config)
+
+    @property
     def _stashed(self) -> dict[str, nn.Module]:
         """The float modules the int8 graphs took the place of, by name (kept after conversion)."""
         return getattr(self._parts, "floats", {})
@@ -274,16 +282,7 @@ class QuantizationAwareTraining(CompressionCallback):
             )
         self.log_to_loggers(trainer, {**metrics, **(self.measurements or {})})
         if failure is not None:
-            what = (
-                f"saving it to `export_path={os.fspath(self.export_path)!r}`"
-                if self.export_path
-                else "measuring it"
-            )
-            raise RuntimeError(
-                f"QuantizationAwareTraining converted the model, but {what} failed ({type(failure).__name__}: "
-                f"{failure}). The converted model is installed in the LightningModule and usable; save it with "
-                "`lightning_compress.export(model, path)` once the cause is fixed."
-            ) from failure
+            raise qat_core.shipping_failed(failure, self.export_path) from failure
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit" and self.finalize_at_end and self._parts.state(pl_module) == "prepared":

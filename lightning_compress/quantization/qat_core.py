@@ -20,7 +20,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +84,45 @@ class QuantizationConfig:
     def weight_group_size(self) -> int | None:
         """The group size the weights are quantized with (torchao's default 128 for ``"int4-weight-only"``)."""
         return 128 if self.scheme == "int4-weight-only" and self.group_size is None else self.group_size
+
+
+def allocate_bits(config: QuantizationConfig, layer_bits: Mapping[str, float]) -> QuantizationConfig:
+    """``config`` with the layers a budget left at 32 bits kept in float (added to ``exclude``).
+
+    A low-bit scheme quantizes every selected layer to ``config.bits``: the only other level a layer can have is
+    float (32).
+
+    Example::
+
+        >>> config = QuantizationConfig("intx-weight-only", bits=4)
+        >>> allocate_bits(config, {"fc1": 4, "fc2": 32}).selection.exclude
+        ['fc2']
+        >>> allocate_bits(config, {"fc1": 8})
+        Traceback (most recent call last):
+        ...
+        ValueError: QuantizationAwareTraining(bits=4) quantizes a layer to 4 bits or leaves it in float (32); the budget chose [8.0] bits. Give CompressionBudget `levels=(32, 4)`, its default next to this callback.
+    """
+    other = sorted({float(b) for b in layer_bits.values()} - {32.0, float(config.bits or 0)})
+    if other:
+        raise ValueError(
+            f"QuantizationAwareTraining(bits={config.bits}) quantizes a layer to {config.bits} bits or leaves it in "
+            f"float (32); the budget chose {other} bits. Give CompressionBudget `levels=(32, {config.bits})`, its "
+            "default next to this callback."
+        )
+    given = config.exclude
+    exclude = [] if given is None else [given] if isinstance(given, type | str) else list(given)
+    exclude += [name for name, bits in layer_bits.items() if float(bits) == 32.0 and name not in exclude]
+    return dataclasses.replace(config, exclude=exclude or None)
+
+
+def shipping_failed(failure: BaseException, export_path: Any) -> RuntimeError:
+    """The error when the int8 model was converted but saving it to ``export_path`` (or measuring it) failed."""
+    what = f"saving it to `export_path={os.fspath(export_path)!r}`" if export_path else "measuring it"
+    return RuntimeError(
+        f"QuantizationAwareTraining converted the model, but {what} failed ({type(failure).__name__}: "
+        f"{failure}). The converted model is installed in the LightningModule and usable; save it with "
+        "`lightning_compress.export(model, path)` once the cause is fixed."
+    )
 
 
 # -- helpers both cores use --------------------------------------------------------------------------------
