@@ -87,6 +87,7 @@ _TOKEN = (
 
 CONFIGS: dict[str, Config] = {
     "binary": Config("binary"),
+    "compact": Config("compact"),
     "deep_compression": Config("deep_compression"),
     "distillation": Config("distillation", {"threads": 1}),
     "distillation_transfer": Config(
@@ -241,6 +242,7 @@ BENCH: tuple[str, ...] = (
     "deep_compression",
     "low_rank_fashion",
     "low_rank_minilm_nodropout_long",
+    "compact",
     "distillation",
     "distillation_defaults",
     "pipeline",
