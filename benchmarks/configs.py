@@ -87,6 +87,7 @@ _TOKEN = (
 
 CONFIGS: dict[str, Config] = {
     "binary": Config("binary"),
+    "budget": Config("budget"),
     "compact": Config("compact"),
     "deep_compression": Config("deep_compression"),
     "distillation": Config("distillation", {"threads": 1}),
@@ -246,6 +247,7 @@ BENCH: tuple[str, ...] = (
     "distillation",
     "distillation_defaults",
     "pipeline",
+    "budget",
     "overhead",
     "report_example",
     "gpu_check",
