@@ -39,6 +39,17 @@ def _as_list(spec: Selector, argument: str = "modules") -> list[SelectorItem]:
     return list(spec)
 
 
+def selector_items(spec: Selector) -> list[SelectorItem]:
+    """A ``modules``/``exclude`` value as a list of its items (``None``: none), to add items to it.
+
+    Example::
+
+        >>> selector_items("head"), selector_items(None), selector_items([nn.Linear, "fc*"])
+        (['head'], [], [<class 'torch.nn.modules.linear.Linear'>, 'fc*'])
+    """
+    return _as_list(spec)
+
+
 def _check_items(items: list[SelectorItem], argument: str) -> tuple[list[type], list[str]]:
     types: list[type] = []
     patterns: list[str] = []

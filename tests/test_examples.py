@@ -92,3 +92,16 @@ def test_main_job_compresses_with_four_schemes_reports_accuracy_and_writes_a_dep
     x = torch.rand(16, 1, 8, 8)
     assert loaded(x).shape == (16, 10)
     assert exported.argmax_agreement == 1.0
+
+
+def test_budget_example_meets_its_macs_target_with_one_block_removed(tmp_path):
+    from examples import budget_digits
+
+    result = budget_digits.main(
+        ["--dense-epochs", "1", "--max-epochs", "1", "--remove-blocks", "1", "--output", str(tmp_path)]
+    )
+    assert "net.3.conv1" not in result["levels"]  # the removed block: the budget sees the shallower model
+    assert result["allocation"].fraction <= 0.5 + 1e-6
+    # Removing channels also removes the next layers' inputs: at most the target of the dense model's MACs.
+    assert result["after"]["macs"] <= 0.5 * result["before"]["macs"]
+    assert 0.0 < result["after"]["test_acc"] <= 1.0

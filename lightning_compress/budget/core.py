@@ -39,7 +39,7 @@ from lightning_compress.budget.sensitivity import (
     compressed_weight,
     measure_sensitivity,
 )
-from lightning_compress.selection import Selector
+from lightning_compress.selection import Selector, selector_items
 from lightning_compress.stats import _eval_mode
 
 __all__ = [
@@ -156,9 +156,7 @@ def plan_budget(
         # A layer whose outputs are the model's (the classifier) keeps its channels: structured pruning leaves it.
         kept = output_layers(model, example_input)
         if kept:
-            given = config.exclude
-            exclude = [] if given is None else [given] if isinstance(given, type | str) else list(given)
-            config = dataclasses.replace(config, exclude=[*exclude, *kept])
+            config = dataclasses.replace(config, exclude=[*selector_items(config.exclude), *kept])
     sensitivity = measure_sensitivity(model, batches, config.sensitivity, loss_fn, progress, cache)
     costs = layer_costs(
         model,
@@ -266,5 +264,4 @@ def output_layers(model: nn.Module, example_input: Any) -> list[str]:
 def _cheapest(plan: BudgetPlan) -> float:
     """The smallest fraction of the cost the levels reach (every layer at its cheapest level), rounded up."""
     costs = plan.costs
-    cheapest = costs.fixed + sum(min(values) for values in costs.cost.values())
-    return min(1.0, cheapest / costs.full() * 1.001) if costs.full() else 1.0
+    return min(1.0, costs.cheapest() / costs.full() * 1.001) if costs.full() else 1.0

@@ -102,6 +102,10 @@ class CostTable:
         """The whole model's cost uncompressed."""
         return self.fixed + sum(costs[0] for costs in self.cost.values())
 
+    def cheapest(self) -> float:
+        """The whole model's cost with every layer at its cheapest level."""
+        return self.fixed + sum(min(costs) for costs in self.cost.values())
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable contents (:meth:`from_dict` reads them back)."""
         return {

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_compress import _checks
 from lightning_compress._inputs import as_call
 from lightning_compress._inputs import to_device as _to_device
-from lightning_compress.selection import ModuleSelection, Selector, find_submodule
+from lightning_compress.selection import ModuleSelection, Selector, find_submodule, selector_items
 
 SCHEMES = ("int8", "int8-dynamic-intx", "intx-weight-only", "int4-weight-only")
 LOW_BIT_SCHEMES = SCHEMES[1:]
@@ -109,8 +109,7 @@ def allocate_bits(config: QuantizationConfig, layer_bits: Mapping[str, float]) -
             f"float (32); the budget chose {other} bits. Give CompressionBudget `levels=(32, {config.bits})`, its "
             "default next to this callback."
         )
-    given = config.exclude
-    exclude = [] if given is None else [given] if isinstance(given, type | str) else list(given)
+    exclude = selector_items(config.exclude)
     exclude += [name for name, bits in layer_bits.items() if float(bits) == 32.0 and name not in exclude]
     return dataclasses.replace(config, exclude=exclude or None)
 
