@@ -476,21 +476,57 @@ def check_pruning_method(mode: str, kind: str, criterion: Any, scope: Any, crite
         ...
         ValueError: `scope='global'` does not apply to `mode='2:4'`: every group of M weights keeps N, so there is nothing to rank globally. Leave `scope` at 'layer'.
     """
+    calibrated = ("wanda", "sparsegpt")  # decide from the layers' inputs on calibration batches
+    if kind == "structured" and criterion in calibrated:
+        raise ValueError(
+            f"`criterion={criterion!r}` does not apply to `mode='structured'`: it scores single weights from the "
+            "inputs they multiply, for `mode='unstructured'` and N:M modes such as '2:4'. Use `mode='unstructured'` "
+            f"or '2:4' with it, or a structured criterion: {', '.join(map(repr, criteria))}."
+        )
     check_choice(criterion, "criterion", criteria)
     check_choice(scope, "scope", ("layer", "global"))
+    if criterion in calibrated and scope != "layer":
+        why = (
+            "its scores are compared within each output row of a layer (the input norms of different layers are "
+            "on different scales)"
+            if criterion == "wanda"
+            else "it reconstructs each layer's outputs on their own"
+        )
+        raise ValueError(
+            f"`criterion={criterion!r}` does not apply to `scope={scope!r}`: {why}. Leave `scope` at 'layer' (and "
+            "give per-layer amounts with `layer_amounts`), or use `criterion='l1'` for a global ranking."
+        )
     if kind != "N:M":
         return
-    # The N:M pattern is one magnitude decision per group of M weights.
-    if criterion not in ("l1", "l2"):
+    # The N:M pattern is one decision per group of M weights: by magnitude, or from the layers' inputs.
+    if criterion not in ("l1", "l2", *calibrated):
         raise ValueError(
             f"`criterion={criterion!r}` does not apply to `mode={mode!r}`: N:M keeps the largest magnitudes in "
-            "every group. Leave `criterion` at 'l1'."
+            "every group ('l1'), or the most important weights from the layers' inputs ('wanda', 'sparsegpt'). "
+            "Leave `criterion` at 'l1'."
         )
     if scope != "layer":
         raise ValueError(
             f"`scope={scope!r}` does not apply to `mode={mode!r}`: every group of M weights keeps N, so there is "
             "nothing to rank globally. Leave `scope` at 'layer'."
         )
+
+
+def check_calibration_batches(value: Any) -> int:
+    """How many batches activation-aware criteria (``"wanda"``, ``"sparsegpt"``) run the model on per decision.
+
+    Example::
+
+        >>> check_calibration_batches(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `calibration_batches=0` must be a positive integer: the training batches the model runs on before each mask update of `criterion='wanda'` or 'sparsegpt', e.g. 8.
+    """
+    hint = (
+        "the training batches the model runs on before each mask update of `criterion='wanda'` or 'sparsegpt', "
+        "e.g. 8."
+    )
+    return check_int(value, "calibration_batches", 1, hint=hint)
 
 
 def check_max_layer_amount(value: Any, amount: float | None, kind: str, scope: str) -> float | None:
@@ -619,6 +655,22 @@ def check_pruning_precision(kind: str, precision: str) -> None:
             "the end of training by tracing the model on a float32 example input, which a model whose weights "
             "are converted to another dtype rejects. Use `precision='bf16-mixed'` (or '16-mixed'): the weights "
             "stay float32 and the forward still runs in low precision; or use `mode='unstructured'`."
+        )
+
+
+def check_pruning_checkpoint_mode(state: Any, mode: str) -> None:
+    """A GradualPruning checkpoint state written with another ``mode`` cannot be resumed.
+
+    Example::
+
+        >>> check_pruning_checkpoint_mode({"mode": "structured"}, "unstructured")
+        Traceback (most recent call last):
+        ...
+        ValueError: The checkpoint was written by GradualPruning(mode='structured'); this has 'unstructured'.
+    """
+    if (written := state.get("mode", mode)) != mode:
+        raise ValueError(
+            f"The checkpoint was written by GradualPruning(mode={written!r}); this has {mode!r}."
         )
 
 

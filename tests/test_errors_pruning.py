@@ -16,6 +16,11 @@ from tests.conftest import RecordSteps, TiedLM, trainer_kwargs
 
 # (arguments, exception, message fragment): each fails in the constructor.
 AT_CONSTRUCTION = [
+    (
+        {"amount": 0.5, "criterion": "wanda", "calibration_batches": 0},
+        ValueError,
+        r"`calibration_batches=0` must be a positive integer",
+    ),
     ({"amount": 1.0}, ValueError, r"`amount=1.0` must be in \[0, 1\)"),
     ({"amount": -0.1}, ValueError, r"`amount=-0.1` must be in \[0, 1\)"),
     ({"amount": "0.5"}, TypeError, r"`amount='0.5'` must be a number"),

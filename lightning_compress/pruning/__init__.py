@@ -1,6 +1,14 @@
-"""Pruning: masks (unstructured, N:M), structured channel and head groups, the plain-torch core (``PruningConfig``,
-``PruningPlan``, ``prune_``) and the GradualPruning callback."""
+"""Pruning: masks (unstructured, N:M), activation-aware criteria (Wanda, SparseGPT), structured channel and head
+groups, the plain-torch core (``PruningConfig``, ``PruningPlan``, ``prune_``) and the GradualPruning callback."""
 
+from lightning_compress.pruning.calibration import (
+    ColumnStatistics,
+    collect_statistics,
+    layer_columns,
+    sparsegpt_prune,
+    wanda_mask,
+    wanda_scores,
+)
 from lightning_compress.pruning.core import (
     PRUNED_CHECKPOINT_KEY,
     PruningConfig,
@@ -15,6 +23,7 @@ from lightning_compress.pruning.masks import (
     apply_masks,
     magnitude_scores,
     mask_sparsity,
+    nm_keep,
     nm_mask,
     nm_masks,
     pack_mask,
@@ -27,6 +36,7 @@ from lightning_compress.pruning.structured import ChannelGroup, NoChannelGroupEr
 __all__ = [
     "PRUNED_CHECKPOINT_KEY",
     "ChannelGroup",
+    "ColumnStatistics",
     "GradualPruning",
     "HeadPruner",
     "NoChannelGroupError",
@@ -35,16 +45,22 @@ __all__ = [
     "PruningPlan",
     "StructuredPruner",
     "apply_masks",
+    "collect_statistics",
     "is_two_four_sparse",
+    "layer_columns",
     "load_pruned_checkpoint",
     "magnitude_scores",
     "mask_sparsity",
+    "nm_keep",
     "nm_mask",
     "nm_masks",
     "pack_mask",
     "prune_",
     "pruning_schedule",
+    "sparsegpt_prune",
     "to_semi_structured",
     "unpack_mask",
     "unstructured_masks",
+    "wanda_mask",
+    "wanda_scores",
 ]

@@ -6,7 +6,8 @@
   that prune them and, for structured pruning, the removed channels and heads. It computes masks for an
   amount (masks only grow), applies them, keeps them exact through optimizer steps, measures the result and
   finally makes the pruning permanent (:meth:`PruningPlan.finalize`: drop the masks, or remove the channels);
-- :func:`prune_` prunes a model in one shot.
+- :func:`prune_` prunes a model in one shot (``criterion="wanda"``/``"sparsegpt"``: from the layers' inputs on
+  ``calibration`` inputs, see :mod:`lightning_compress.pruning.calibration`).
 
 ``GradualPruning`` is a schedule and a Trainer lifecycle around a :class:`PruningPlan`.
 
@@ -32,7 +33,7 @@ import dataclasses
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,15 @@ from torch.nn.utils import parametrize
 
 from lightning_compress import _checks
 from lightning_compress._checkpoints import HINT_PREFIX, drop_checkpoint_hints  # noqa: F401  (HINT_PREFIX re-exported)
-from lightning_compress._inputs import call_module, to_device
+from lightning_compress._inputs import call_module, detach_input, to_device
+from lightning_compress.pruning.calibration import (
+    CALIBRATED_CRITERIA,
+    LAYER_TYPES,
+    ColumnStatistics,
+    collect_statistics,
+    sparsegpt_prune,
+    wanda_mask,
+)
 from lightning_compress.pruning.masks import (
     CRITERIA,
     apply_masks,
@@ -62,6 +71,11 @@ MODES = ("unstructured", "structured", "N:M")
 # are zero), but the CPU's vectorized sqrt is about 20x slower on zeros than on normal floats, and a value that
 # decays toward zero turns denormal, slower still. Parking keeps the step of a 90% sparse model as fast as dense.
 _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+# Parked second moments decay by the optimizer's beta2 per step; refreshed this often (optimizer steps) they stay
+# normal for beta2 >= 0.5 (see `PruningPlan.park_optimizer_state`).
+PARK_EVERY = 100
+# Samples of the last training batch on which removing the pruned channels is checked (besides the example input).
+CHECK_SAMPLES = 4
 # Saved in the `state_dict` of a checkpoint written after channels were removed. Loading such a checkpoint into a
 # freshly built (unpruned) model fails on the shapes, and Lightning's `load_from_checkpoint` cannot be changed to
 # rebuild them; strict loading lists unexpected keys first, so this key tells the user what to use instead.
@@ -80,9 +94,12 @@ class PruningConfig:
             attention heads of the selected layers (structured). ``mode="N:M"`` fixes it at ``1 - N/M``: leave it
             unset (``None``).
         mode: ``"unstructured"``, ``"structured"`` or N:M numbers such as ``"2:4"``.
-        criterion: ``"l1"``, ``"l2"``, ``"random"``; structured also ``"bn_scale"`` and ``"taylor"`` (needs
-            gradients).
-        scope: ``"layer"`` (every layer loses ``amount``) or ``"global"`` (one ranking across layers).
+        criterion: ``"l1"``, ``"l2"``, ``"random"``; unstructured and N:M also ``"wanda"`` (``|w| · ‖x‖``, ranked
+            within each output row) and ``"sparsegpt"`` (prunes so that each layer's outputs change least, and
+            updates the kept weights), which need calibration inputs (:meth:`PruningPlan.calibrate`); structured
+            also ``"bn_scale"`` and ``"taylor"`` (needs gradients).
+        scope: ``"layer"`` (every layer loses ``amount``) or ``"global"`` (one ranking across layers; not with
+            ``"wanda"``/``"sparsegpt"``).
         max_layer_amount: unstructured ``scope="global"`` only: the most any one layer may lose, in
             ``[amount, 1]`` (``None``: no limit).
         modules: layers to prune (types and/or name patterns); structured: the layers whose output channels go.
@@ -96,6 +113,8 @@ class PruningConfig:
             weight, ``round(amount * numel)`` entries; structured: of the layer's output channels,
             ``floor(amount * channels)``, then rounded by ``round_to`` (layers coupled by a residual add share
             their channels and lose the smallest of their amounts). Not with ``scope="global"`` nor N:M.
+        calibration_batches: ``"wanda"``/``"sparsegpt"``: how many calibration inputs each decision runs the
+            model on.
 
     Example::
 
@@ -108,7 +127,9 @@ class PruningConfig:
         >>> PruningConfig(amount=0.5, criterion="taylor")
         Traceback (most recent call last):
         ...
-        ValueError: Unknown `criterion='taylor'`. Use one of 'l1', 'l2', 'random'.
+        ValueError: Unknown `criterion='taylor'`. Use one of 'l1', 'l2', 'random', 'wanda', 'sparsegpt'.
+        >>> PruningConfig(mode="2:4", criterion="sparsegpt").calibrated
+        True
     """
 
     amount: float | None = None
@@ -122,6 +143,7 @@ class PruningConfig:
     round_to: int = 8
     seed: int = 0
     layer_amounts: Mapping[str, float] | None = None
+    calibration_batches: int = 8
     kind: str = field(init=False, repr=False, compare=False)
     nm: tuple[int, int] | None = field(init=False, repr=False, compare=False)
     selection: ModuleSelection = field(init=False, repr=False, compare=False)
@@ -130,7 +152,7 @@ class PruningConfig:
         from lightning_compress.pruning.structured import IMPORTANCES
 
         kind, amount, nm = _checks.check_pruning_mode(self.mode, self.amount)
-        criteria = IMPORTANCES if kind == "structured" else CRITERIA
+        criteria = IMPORTANCES if kind == "structured" else CRITERIA + CALIBRATED_CRITERIA
         _checks.check_pruning_method(self.mode, kind, self.criterion, self.scope, criteria)
         for name, value in (("kind", kind), ("amount", amount), ("nm", nm)):
             object.__setattr__(self, name, value)
@@ -141,6 +163,7 @@ class PruningConfig:
         )
         _checks.check_round_to(self.round_to)
         _checks.check_int(self.seed, "seed", hint="the seed of the random criterion.")
+        _checks.check_calibration_batches(self.calibration_batches)
         layer_amounts = _checks.check_layer_amounts(self.layer_amounts, kind, self.mode, self.scope)
         object.__setattr__(self, "layer_amounts", layer_amounts)
         object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
@@ -168,6 +191,11 @@ class PruningConfig:
     def changes_structure(self) -> bool:
         """Whether finalizing removes modules' channels (structured) rather than leaving zeros in place."""
         return self.kind == "structured"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the criterion decides from the layers' inputs (``"wanda"``, ``"sparsegpt"``)."""
+        return self.criterion in CALIBRATED_CRITERIA
 
 
 class PruningPlan:
@@ -202,6 +230,10 @@ class PruningPlan:
             at ``final * v / final_amount``: every layer ramps in proportion and reaches its own at
             ``final_amount``. Empty without ``layer_amounts``.
         grads: summed gradients (:meth:`accumulate_gradients`) for ``criterion="taylor"``.
+        input_statistics: ``"wanda"``/``"sparsegpt"``: the input statistics of every pruned weight's layers, by
+            parameter name, from :meth:`calibrate` until the next :meth:`compute_masks` uses them.
+        new_weights: ``"sparsegpt"``: the weights the last :meth:`compute_masks` chose (the kept ones updated), by
+            parameter name, until :meth:`apply` writes them.
         max_abs_diff: after a structured :meth:`finalize`, the largest output difference between the masked
             model and the one with the channels removed.
 
@@ -239,6 +271,10 @@ class PruningPlan:
         self.removed: dict[str, list[int]] = {}
         self.amount = 0.0
         self.grads: dict[str, Tensor] = {}
+        self.input_statistics: dict[str, ColumnStatistics] = {}
+        self.new_weights: dict[str, Tensor] = {}
+        self._layer_names: dict[str, list[str]] = {}
+        self._idle: set[str] = set()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.max_abs_diff: float | None = None
         self.dense_macs = 0
@@ -277,6 +313,21 @@ class PruningPlan:
                 users.setdefault(key, []).append(name)
         if not self.params:
             raise ValueError(f"The selection {self.config.selection} has no `weight` parameter to prune.")
+        if self.config.calibrated:
+            layers = dict(selected)
+            wrong = [
+                name
+                for names in users.values()
+                for name in names
+                if not isinstance(layers[name], LAYER_TYPES)
+            ]
+            if wrong:
+                raise ValueError(
+                    f"`criterion={self.config.criterion!r}` collects the inputs of nn.Linear and nn.Conv2d layers, and "
+                    f"the selection also picks {', '.join(f'{n!r} ({type(layers[n]).__name__})' for n in wrong)}: "
+                    f"leave them out with `exclude={wrong!r}`, or use `criterion='l1'`."
+                )
+            self._layer_names = users
         self._resolve_amounts({key: (names, self.params[key].numel()) for key, names in users.items()})
         if self.config.nm is not None:
             validate_nm(*self.config.nm, {k: p.shape for k, p in self.params.items()})
@@ -403,6 +454,68 @@ class PruningPlan:
 
     # -- masks -----------------------------------------------------------------------------------------------
 
+    def calibrate(
+        self, inputs: Iterable[Any], reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, ColumnStatistics]:
+        """``"wanda"``/``"sparsegpt"``: run the model on the first ``config.calibration_batches`` of ``inputs`` and
+        hold its layers' input statistics (:attr:`input_statistics`) for the next :meth:`compute_masks`.
+
+        Args:
+            inputs: model inputs (a tensor, a tuple of positional arguments or a dict of keyword arguments).
+            reduce: sums a tensor over processes, for processes that ran different inputs (see
+                :func:`~lightning_compress.pruning.calibration.collect_statistics`).
+        """
+        config = self.config
+        if not config.calibrated:
+            raise ValueError(
+                f"`criterion={config.criterion!r}` does not use calibration inputs; 'wanda' and 'sparsegpt' do."
+            )
+        named = dict(self.model.named_modules())
+        layers = {key: [named[name] for name in names] for key, names in self._layer_names.items()}
+        self.input_statistics = collect_statistics(
+            self.model,
+            layers,
+            inputs,
+            gram=config.criterion == "sparsegpt",
+            batches=config.calibration_batches,
+            reduce=reduce,
+        )
+        idle = [
+            name
+            for name, stats in self.input_statistics.items()
+            if stats.count == 0 and name not in self._idle
+        ]
+        self._idle.update(idle)
+        if idle and not self.quiet:
+            warnings.warn(
+                f"{self.caller}: the layers of {idle} did not run (their `forward`) on the calibration inputs, so "
+                f"`criterion={config.criterion!r}` prunes them by magnitude. Leave them out with `exclude=` if "
+                "another module uses their weights directly.",
+                stacklevel=2,
+            )
+        return self.input_statistics
+
+    def _calibrated_masks(self, amount: float, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        config = self.config
+        if not self.input_statistics:
+            raise ValueError(
+                f"`criterion={config.criterion!r}` decides from the layers' inputs: call `calibrate(inputs)` before "
+                "each `compute_masks`."
+            )
+        nm, amounts = config.nm, self._scaled(amount) or {}
+        masks: dict[str, Tensor] = {}
+        self.new_weights = {}
+        for name, weight in weights.items():
+            stats, previous = self.input_statistics[name], self.masks.get(name)
+            target = None if nm is not None else amounts.get(name, amount)
+            if config.criterion == "wanda":
+                masks[name] = wanda_mask(weight, stats.norms, target, nm=nm, previous=previous)
+            else:
+                new, masks[name] = sparsegpt_prune(weight, stats.hessian, target, nm=nm, previous=previous)
+                self.new_weights[name] = new
+        self.input_statistics = {}  # one decision's worth: the Gram matrices are large
+        return masks
+
     def compute_masks(self, amount: float, grads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Choose what to prune at ``amount`` (what was pruned stays pruned) and hold it as the current masks.
 
@@ -410,13 +523,20 @@ class PruningPlan:
         :attr:`final_amounts`).
 
         ``grads`` (by parameter name) are the gradients ``criterion="taylor"`` ranks by (default: the sums of
-        :meth:`accumulate_gradients`, which this call then clears). The weights are not changed: see :meth:`apply`.
+        :meth:`accumulate_gradients`, which this call then clears). ``"wanda"`` and ``"sparsegpt"`` use the
+        statistics of the last :meth:`calibrate`. The weights are not changed: see :meth:`apply` (which also
+        writes ``"sparsegpt"``'s :attr:`new_weights`).
         """
         config = self.config
         amount = _checks.validate_amount(amount, "amount")
         weights = {name: param.detach() for name, param in self.params.items()}
         removed = self.removed
-        if config.nm is not None:
+        if config.calibrated:
+            masks = self._calibrated_masks(amount, weights)
+            if config.nm is None:
+                with self._warnings():
+                    self._warn_emptied(masks, amount)
+        elif config.nm is not None:
             masks = nm_masks(weights, *config.nm)
         elif self.structure is None:
             masks = unstructured_masks(
@@ -449,13 +569,25 @@ class PruningPlan:
         masks: Mapping[str, Tensor],
         removed: Mapping[str, Sequence[int]] | None = None,
         amount: float = 0.0,
+        new_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         """Hold ``masks`` (and the structured plan ``removed``) as the current ones, pruning ``amount``: e.g. masks
-        taken by another process, or restored from a checkpoint."""
+        taken by another process, or restored from a checkpoint; ``new_weights`` (``"sparsegpt"``'s, e.g. another
+        process's) replace :attr:`new_weights`."""
+        if new_weights is not None:
+            self.new_weights = dict(new_weights)
         self.masks = {k: v.to(device=self.params[k].device, dtype=torch.bool) for k, v in masks.items()}
         self.removed = {k: list(v) for k, v in (removed or {}).items()}
         self.amount = float(amount)
         self._refresh()
+
+    def share(self, broadcast: Callable[[Any], Any]) -> None:
+        """Hold what ``broadcast`` returns for the current masks, structured plan and :attr:`new_weights` (sent on
+        the CPU): e.g. one process's decision, sent to every process (``lambda v: strategy.broadcast(v, src=0)``)."""
+        removed = broadcast(self.removed) if self.structure is not None else {}
+        masks = broadcast({k: v.cpu() for k, v in self.masks.items()})
+        new = {k: v.cpu() for k, v in self.new_weights.items()}
+        self.set_masks(masks, removed, self.amount, broadcast(new) if new else None)
 
     def bind(
         self, params: Mapping[str, nn.Parameter], *, wrapper: str = "A wrapper", others: Sequence[str] = ()
@@ -499,9 +631,13 @@ class PruningPlan:
 
     def apply(self, model: nn.Module | None = None) -> None:
         """Zero the pruned weights (exact ``+0.0``) of ``model``'s parameters of the same names (default: the
-        parameters the plan holds)."""
+        parameters the plan holds), after writing :attr:`new_weights` into them."""
         if model is not None:
             self.bind(dict(model.named_parameters()))
+        with torch.no_grad():
+            for name, value in self.new_weights.items():
+                self.params[name].copy_(value)
+        self.new_weights = {}
         apply_masks(self.params, self.masks)
 
     def mask_weights(self) -> None:
@@ -736,6 +872,7 @@ def prune_(
     *,
     example_input: Any = None,
     grads: Mapping[str, Tensor] | None = None,
+    calibration: Iterable[Any] | None = None,
     finalize: bool = True,
 ) -> PruningPlan:
     """Prune ``model`` in place in one shot, as ``config`` says, and return its :class:`PruningPlan`.
@@ -746,6 +883,8 @@ def prune_(
         amount: the fraction removed (default: ``config.amount``; with ``layer_amounts``, every layer its own).
         example_input: one input batch; needed by structured pruning (default: ``model.example_input_array``).
         grads: gradients by parameter name, for ``criterion="taylor"``.
+        calibration: model inputs (tensors, tuples of positional arguments or dicts of keyword arguments), for
+            ``criterion="wanda"``/``"sparsegpt"``: the first ``config.calibration_batches`` are run.
         finalize: make it permanent (structured: remove the channels); with ``False`` the plan keeps the masks.
 
     Example::
@@ -757,13 +896,36 @@ def prune_(
         [2, 2]
         >>> len(plan.masks)
         2
+        >>> batches = [torch.randn(32, 8) for _ in range(4)]
+        >>> plan = prune_(model, PruningConfig(amount=0.75, criterion="sparsegpt"), calibration=batches)
+        >>> [float((layer.weight == 0).float().mean()) for layer in (model[0], model[2])]
+        [0.75, 0.75]
     """
     plan = PruningPlan(model, config, example_input)
+    if config.calibrated:
+        if calibration is None:
+            raise ValueError(
+                f"`criterion={config.criterion!r}` decides from the layers' inputs: pass `calibration`, model inputs "
+                "to run (e.g. `[x for x, _ in loader]`)."
+            )
+        plan.calibrate(calibration)
     plan.compute_masks(plan.final_amount if amount is None else amount, grads)
     plan.apply()
     if finalize:
         plan.finalize()
     return plan
+
+
+def check_samples(batch: Any, device: Any) -> Any:
+    """A detached copy of the first :data:`CHECK_SAMPLES` samples of ``batch`` on ``device``: inputs to check the
+    removal of channels on (:meth:`PruningPlan.finalize`).
+
+    Example::
+
+        >>> check_samples((torch.ones(10, 2),), "cpu")[0].shape
+        torch.Size([4, 2])
+    """
+    return to_device(detach_input(batch, CHECK_SAMPLES), device)
 
 
 def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,19 +13,13 @@ from torch import Tensor, nn
 
 from lightning_compress import _checks, _lightning
 from lightning_compress._events import record_event
-from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback
+from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback, preserved_rng, training_loader
 from lightning_compress.pruning import core
 from lightning_compress.pruning.core import PRUNED_CHECKPOINT_KEY, load_pruned_checkpoint
 from lightning_compress.schedules import Point, Schedule, ScheduleFn
 from lightning_compress.selection import Selector
 
 __all__ = ["PRUNED_CHECKPOINT_KEY", "GradualPruning", "load_pruned_checkpoint"]
-
-# Parked second moments decay by the optimizer's beta2 per step; refreshed this often they stay normal for
-# beta2 >= 0.5 (see `PruningPlan.park_optimizer_state`).
-_PARK_EVERY = 100
-# Samples of the last training batch on which removing the pruned channels is checked (besides the example input).
-_CHECK_SAMPLES = 4
 
 
 class GradualPruning(CompressionCallback):
@@ -37,7 +32,8 @@ class GradualPruning(CompressionCallback):
     Args:
         amount: final fraction pruned, in ``[0, 1)`` (of weights; structured: of channels); see ``layer_amounts``.
         mode: ``"unstructured"``, ``"structured"`` or ``"N:M"`` (e.g. ``"2:4"``, which fixes ``amount``).
-        criterion: ``"l1"``, ``"l2"``, ``"random"``; structured also ``"bn_scale"`` and ``"taylor"``.
+        criterion: ``"l1"``, ``"l2"``, ``"random"``; unstructured and N:M also ``"wanda"``, ``"sparsegpt"`` (from
+            the layers' inputs); structured also ``"bn_scale"`` and ``"taylor"``.
         scope: ``"layer"`` (every layer reaches ``amount``) or ``"global"`` (one ranking across layers).
         max_layer_amount: unstructured ``scope="global"``: the most one layer may lose, in ``[amount, 1]``.
         schedule: schedule name or callable, see :mod:`lightning_compress.schedules`.
@@ -56,6 +52,7 @@ class GradualPruning(CompressionCallback):
         seed: seed of the random criterion.
         layer_amounts: ``{layer name: amount}``: the final fraction of each named layer (the others keep
             ``amount``); every layer ramps in proportion, see :class:`~lightning_compress.pruning.PruningConfig`.
+        calibration_batches: ``"wanda"``/``"sparsegpt"``: training batches the model runs on before each update.
 
     Example::
 
@@ -95,10 +92,11 @@ class GradualPruning(CompressionCallback):
         materialize: bool | None = None,
         log_per_layer: bool | None = None,
         layer_amounts: dict[str, float] | None = None,
+        calibration_batches: int = 8,
     ) -> None:
         self.config = config = core.PruningConfig(
             amount, mode, criterion, scope, max_layer_amount, modules, exclude, min_params, round_to, seed,
-            layer_amounts,
+            layer_amounts, calibration_batches,
         )  # fmt: skip
         self.amount, self.mode, self.criterion, self.scope = config.amount, config.kind, criterion, scope
         self.selection, self.seed, self.layer_amounts = config.selection, seed, config.layer_amounts
@@ -215,14 +213,24 @@ class GradualPruning(CompressionCallback):
         grads = self._reduced_taylor(trainer, plan.grads) if self.criterion == "taylor" else None
         # The float layers under the names recorded at setup, also when a graph runs them.
         with _lightning.float_view(pl_module):
-            masks = plan.compute_masks(target, grads)
-        # Every rank must hold the same masks; rank zero decides.
-        removed = trainer.strategy.broadcast(plan.removed, src=0) if self.mode == "structured" else {}
-        masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
-        plan.set_masks(masks, removed, target)
+            if self.config.calibrated:
+                self._calibrate(trainer, plan)
+            plan.compute_masks(target, grads)
+        # Every rank must hold the same masks (and sparsegpt's weights): rank zero's.
+        plan.share(lambda value: trainer.strategy.broadcast(value, src=0))
         plan.apply()
         plan.park_optimizer_state(trainer.optimizers)
         self._metrics = plan.metrics(pl_module, self.per_layer)
+
+    def _calibrate(self, trainer: pl.Trainer, plan: core.PruningPlan) -> None:
+        # Each rank runs its share of the first training batches (the loader as given: the same on every rank), the
+        # sums added over the ranks, without moving the training's random state.
+        share = (trainer.global_rank, self.config.calibration_batches, trainer.world_size)
+        precision = trainer.strategy.precision_plugin
+        with preserved_rng(), precision.forward_context():
+            batches = itertools.islice(training_loader(trainer) or (), *share)
+            inputs = (precision.convert_input(_lightning.first_input(batch)) for batch in batches)
+            plan.calibrate(inputs, reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
 
     def _reduced_taylor(self, trainer: pl.Trainer, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         _checks.check_taylor_gradients(grads)
@@ -238,7 +246,7 @@ class GradualPruning(CompressionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.masks and trainer.global_step % _PARK_EVERY == 0:
+        if self.masks and trainer.global_step % core.PARK_EVERY == 0:
             self._plan.park_optimizer_state(trainer.optimizers)  # type: ignore[union-attr]
         # `log` costs tens of microseconds per call: only call it on the steps the loggers will write.
         connector = getattr(trainer, "_logger_connector", None)
@@ -255,7 +263,7 @@ class GradualPruning(CompressionCallback):
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.finalize_at_end or self.materialized or self._plan is None:
             return
-        inputs = [] if self._last_input is None else [_samples(self._last_input, pl_module.device)]
+        inputs = [] if self._last_input is None else [core.check_samples(self._last_input, pl_module.device)]
         # Channels are removed from the float layers (a graph running the model follows the change).
         with _lightning.float_view(pl_module):
             diff = self._plan.finalize(pl_module, inputs)
@@ -278,20 +286,12 @@ class GradualPruning(CompressionCallback):
     def state_dict(self) -> dict[str, Any]:
         state = self._plan.state_dict() if self._plan is not None else dict(self._restored or {})
         state.update(last_update_step=self.last_update_step, materialized=self.materialized, mode=self.mode)
-        state["check_input"] = _samples(self._last_input, "cpu")
+        state["check_input"] = core.check_samples(self._last_input, "cpu")
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if (written := state_dict.get("mode", self.mode)) != self.mode:
-            raise ValueError(
-                f"The checkpoint was written by GradualPruning(mode={written!r}); this has {self.mode!r}."
-            )
+        _checks.check_pruning_checkpoint_mode(state_dict, self.mode)
         self._restored = dict(state_dict)
         self.last_update_step = state_dict["last_update_step"]
         self.materialized = state_dict["materialized"]
         self._last_input = state_dict.get("check_input")
-
-
-def _samples(batch: Any, device: Any) -> Any:
-    """A detached copy of the first samples of ``batch`` on ``device``."""
-    return _lightning.to_device(_lightning.detach_input(batch, _CHECK_SAMPLES), device)

@@ -295,11 +295,23 @@ def nm_mask(weight: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
     if not -weight.dim() <= dim < weight.dim():
         raise ValueError(f"`dim={dim}` is out of range for a weight of shape {tuple(weight.shape)}.")
     _check_group_size(weight.shape[dim], n, m, f"dim {dim} (shape {tuple(weight.shape)})")
-    scores = magnitude_scores(weight).movedim(dim, -1)
-    grouped = scores.reshape(*scores.shape[:-1], -1, m)
+    return nm_keep(magnitude_scores(weight), n, m, dim)
+
+
+def nm_keep(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
+    """The N:M mask of any ``scores``: in every ``m`` consecutive entries along ``dim``, the ``n`` highest kept
+    (ties: the earlier entry). ``m`` must divide ``scores.shape[dim]`` (see :func:`validate_nm`).
+
+    Example::
+
+        >>> nm_keep(torch.tensor([[0.1, 0.9, 0.5, 0.5]]), 2, 4)
+        tensor([[False,  True,  True, False]])
+    """
+    moved = scores.movedim(dim, -1)
+    grouped = moved.reshape(*moved.shape[:-1], -1, m)
     keep_idx = torch.sort(grouped, dim=-1, descending=True, stable=True).indices[..., :n]
     keep = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, keep_idx, True)
-    return keep.reshape(scores.shape).movedim(-1, dim)
+    return keep.reshape(moved.shape).movedim(-1, dim)
 
 
 def nm_masks(weights: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
