@@ -6,12 +6,12 @@ each the same number of epochs with the same data order and schedule:
 - *budget*: ``CompressionBudget(scheme, target, metric)`` measures each layer's sensitivity on training
   batches in ``setup`` and hands its per-layer levels to the callback that applies the scheme
   (``GradualPruning`` or ``LowRankReplacement``, given no amount or rank);
-- *uniform*: the same callback with one amount (or rank fraction) for every layer, the least compressed one
-  whose cost in the budget's cost model (``CostTable.total``) is at most the allocation's: searched on a fine
-  grid of levels for counted metrics, on the budget's own measured table for latency;
-- *uniform_achieved* (structured pruning only): one amount for every layer whose pruned model costs at most
-  what the budget run's model measurably costs (MACs counted, latency timed side by side). The cost model
-  counts each layer's own output channels only, so the first two runs can reach very different costs.
+- *uniform*: the same callback with one amount (or rank fraction) for every layer, at the cost the budget run
+  reached. Unstructured pruning and low rank: the least compressed level whose cost in the budget's cost model
+  (``CostTable.total``, which is what these models reach) is at most the allocation's, searched on a fine grid.
+  Structured pruning: the least compressed amount whose pruned model costs at most what the budget run's
+  fine-tuned model measurably costs (MACs counted, or latency timed side by side), so that both arms are
+  compared at equal *achieved* cost.
 
 Cases: the residual CNN of the pruning benchmark with ``prune_structured`` at half the MACs and at half the
 measured CPU latency; LeNet-300-100 with unstructured ``prune`` at a quarter of the stored size and with
@@ -120,8 +120,9 @@ class Settings:
     rank_levels: tuple[float, ...] = grid(0.05, 1.0, 0.025)
     latency_batch: int = 64  # the input of the budget's latency table and of the side-by-side timing
     repeats: int = 20  # timed calls per model and round (3 rounds)
-    match_achieved: bool = True  # structured: a third run, uniform at the budget run's measured cost
-    achieved_steps: int = 64  # ... its amount searched among i / achieved_steps, up to 15/16
+    achieved_steps: int = (
+        64  # structured: the uniform amount is searched among i / achieved_steps, up to 15/16
+    )
     threads: int = 1
     seed: int = 0
 
@@ -141,10 +142,9 @@ QUICK = {
     "repeats": 3,
     "achieved_steps": 16,
 }
-# The levels the uniform run's single level is searched on (by counted cost; latency: the budget's own grid).
+# The levels the uniform run's single level is searched on, by counted cost (structured: by measured cost).
 UNIFORM_GRID: dict[str, tuple[float, ...]] = {
     "prune": tuple(i / 400 for i in range(1, 400)),
-    "prune_structured": tuple(i / 128 for i in range(1, 128)),
     "low_rank": tuple(i / 400 for i in range(1, 401)),
 }
 
@@ -260,10 +260,14 @@ def uniform_level(table: CostTable, cost: float) -> float | None:
     return None
 
 
-def _allocation_rows(name: str, plan: BudgetPlan, table: CostTable, level: float) -> list[dict[str, Any]]:
-    """One row per layer: its weights, the budget's level, loss increase and cost, and the uniform run's
-    level and cost (in ``table``)."""
+def _allocation_rows(
+    name: str, plan: BudgetPlan, table: CostTable | None, level: float
+) -> list[dict[str, Any]]:
+    """One row per layer (structured: per channel group): its weights, the budget's level, loss increase and
+    cost, and the uniform run's level and cost (in ``table``; ``None``: not counted). A cost shared by two
+    groups (a layer between them) counts half for each."""
     allocation, rows = plan.allocation, []
+    uniform = dict.fromkeys(allocation.levels, level)
     for layer, chosen in allocation.levels.items():
         row = {
             "case": name,
@@ -272,9 +276,9 @@ def _allocation_rows(name: str, plan: BudgetPlan, table: CostTable, level: float
             "budget_level": chosen,
             "budget_loss_increase": allocation.deltas[layer],
             "budget_layer_cost": allocation.layer_costs[layer],
-            "dense_layer_cost": plan.costs.cost[layer][0],
+            "dense_layer_cost": plan.costs.layer_cost(layer, {}),
             "uniform_level": level,
-            "uniform_layer_cost": table.cost[layer][table.level_index(level)],
+            "uniform_layer_cost": None if table is None else table.layer_cost(layer, uniform),
         }
         rows.append(row)
     return rows
@@ -378,34 +382,41 @@ def run_case(
         return [], []
     plan, allocation = budget.plan, budget.allocation
     assert plan is not None and allocation is not None
-    # The uniform run costs at most what the allocation costs, in the plan's cost model: counted on a fine
-    # grid of levels, or (latency) read from the plan's own measured table. Measured latencies are not
-    # monotone in the level, so a mix of levels can beat every single one: then the most compressed level is
-    # the closest.
-    layers = list(allocation.levels)
-    table = plan.costs
-    if case.metric != "latency":
-        table = layer_costs(dense, timing_input, case.scheme, UNIFORM_GRID[case.scheme], case.metric, layers)
-    level = uniform_level(table, allocation.cost)
-    if level is None:
-        level = table.levels[-1]
+    if allocation.measured_fraction is not None:
         context.note(
-            f"`{name}`: no single level costs at most what the allocation costs in the cost model, so the "
-            f"uniform run takes the most compressed level, {level:g} (predicted "
-            f"{table.total(dict.fromkeys(layers, level)) / table.full():.3g} against the allocation's "
-            f"{allocation.fraction:.3g})."
+            f"`{name}`: the budget's latency table priced its levels at {allocation.fraction:.3g} of the dense "
+            f"latency; the pruned copy it timed at setup measured {allocation.measured_fraction:.3g} (the "
+            "table's budget is bisected on that measurement)."
         )
+    layers = list(allocation.levels)
+    table: CostTable | None
+    if case.scheme == "prune_structured":
+        # One amount for all at the cost the budget run's model reached, measured.
+        level = achieved_uniform_amount(dense, models["budget"], case.metric, exclude, timing_input, args)
+        if level is None:
+            level = args.achieved_steps * 15 // 16 / args.achieved_steps
+            context.note(f"`{name}`: no single amount costs as little as the budget's model; took {level:g}.")
+        table = None
+        if case.metric != "latency":
+            table = layer_costs(dense, timing_input, case.scheme, [level], case.metric, layers)
+    else:
+        # Counted costs: the cost model counts what these models reach; a fine grid of levels.
+        table = layer_costs(dense, timing_input, case.scheme, UNIFORM_GRID[case.scheme], case.metric, layers)
+        level = uniform_level(table, allocation.cost)
+        if level is None:
+            level = table.levels[-1]
+            context.note(
+                f"`{name}`: no single level costs at most what the allocation costs in the cost model, so the "
+                f"uniform run takes the most compressed level, {level:g}."
+            )
     predicted: dict[str, tuple[float | None, str]] = {
         "budget": (allocation.fraction, level_text(allocation.levels)),
-        "uniform": (table.total(dict.fromkeys(layers, level)) / table.full(), f"all {level:g}"),
+        "uniform": (
+            None if table is None else table.total(dict.fromkeys(layers, level)) / table.full(),
+            f"all {level:g}",
+        ),
     }
     models["uniform"] = _fine_tune(arch, weights, dm, [_applying(case, args, exclude, level)], args)
-    if case.scheme == "prune_structured" and args.match_achieved:
-        amount = achieved_uniform_amount(dense, models["budget"], case.metric, exclude, timing_input, args)
-        if amount is not None:
-            callbacks = [_applying(case, args, exclude, amount)]
-            models["uniform_achieved"] = _fine_tune(arch, weights, dm, callbacks, args)
-            predicted["uniform_achieved"] = (None, f"all {amount:g}")
     latency = compare_latency(
         {"dense": dense, **models}, timing_input, repeats=args.repeats, rounds=3, threads=args.threads
     )
@@ -521,18 +532,21 @@ def report(results: dict[str, Any], settings: Settings) -> str:
                 "accuracy_drop_points",
                 "predicted_fraction",
                 "achieved_fraction",
+                "params_fraction",
+                "macs_fraction",
+                "latency_ratio",
                 "params",
-                "nonzero_params",
                 "macs",
                 "size_kb",
-                "latency_ratio",
                 "levels",
             ],
         )
         + "\n\n`predicted_fraction`: what the levels cost in the budget's cost model, as a fraction of the "
-        "dense model's cost on the case's metric; `achieved_fraction`: the same metric measured on the "
-        "fine-tuned model (params: non-zero parameters for unstructured pruning; size: each tensor "
-        "stored in the cheapest of dense, bitmask and coordinate layouts; latency: the measured ratio). "
+        "dense model's cost on the case's metric (empty: not predicted; the structured uniform run's amount is "
+        "chosen by measurement); `achieved_fraction`: the same metric measured on the fine-tuned model "
+        "(params: non-zero parameters for unstructured pruning; size: each tensor stored in the cheapest of "
+        "dense, bitmask and coordinate layouts; latency: the measured ratio). `params_fraction`, "
+        "`macs_fraction`: parameters and MACs per sample of the fine-tuned model over the dense model's. "
         f"`latency_ratio`: median latency over the dense model's at batch {settings.latency_batch}, timed "
         "side by side. `accuracy_drop_points`: dense test accuracy minus this one, in points. `macs`: "
         "per sample.",
@@ -553,10 +567,12 @@ def report(results: dict[str, Any], settings: Settings) -> str:
                 "uniform_layer_cost",
             ],
         )
-        + "\n\nLevels: the amount removed for pruning (of the weights, or of the output channels for "
-        "`prune_structured`), the fraction of the full rank kept for `low_rank`. `budget_loss_increase`: "
-        "the training loss with that layer alone compressed at its level, minus the dense model's, on the "
-        "budget's batches. Layer costs in the case's metric (MACs per sample, bytes, ms or parameters).",
+        + "\n\nLevels: the amount removed for pruning (of the weights, or of a channel group's channels for "
+        "`prune_structured`, where a row is a group named by its root layer), the fraction of the full rank "
+        "kept for `low_rank`. `budget_loss_increase`: the training loss with that layer (group) alone "
+        "compressed at its level, minus the dense model's, on the budget's batches. Layer costs in the case's "
+        "metric (MACs per sample, bytes, ms or parameters); a group's cost includes the inputs its consumers "
+        "lose, a cost shared by two groups counts half for each.",
         f"Settings: dense models trained {_epochs(settings.dense_epochs)} (Adam lr {settings.lr:g}, cosine "
         f"to zero, batch {settings.batch_size}), then each run of a case fine-tuned "
         f"{_epochs(settings.finetune_epochs)} from the same dense weights (Adam lr "
@@ -565,17 +581,14 @@ def report(results: dict[str, Any], settings: Settings) -> str:
         f"`CompressionBudget(scheme, target, metric, levels=..., batches={settings.budget_batches})` with "
         f"`GradualPruning(mode=..., start=0, end={settings.prune_end:g}, round_to={settings.round_to})` or "
         "`LowRankReplacement()`, given no amount or rank; the classifier is left out of structured "
-        f"pruning. Budget levels: structured amounts {_span(settings.structured_levels)}, unstructured "
-        f"amounts {_span(settings.prune_levels)}, rank fractions {_span(settings.rank_levels)}. Uniform "
-        "run: the same callback with one level for every layer, the least compressed one whose cost, "
-        "counted as the budget's cost table counts it (`CostTable.total`), is at most the allocation's: "
-        f"searched on a fine grid ({uniform}) for counted metrics; for latency, on the budget's own "
-        "measured table (its levels; when no single level is that cheap, the most compressed one). "
-        "Structured cases also run `uniform_achieved`: one amount for every layer whose pruned model costs "
-        "at most what the budget run's model measurably costs (MACs counted, or latency timed side by "
-        f"side; bisection over the amounts i/{settings.achieved_steps}), since the cost model counts only "
-        "each layer's own output channels (not the inputs the next layer loses, nor the coupling of layers "
-        "joined by a residual add, which GradualPruning prunes at the smallest amount of the group). The "
+        f"pruning. Budget levels: structured amounts {_span(settings.structured_levels)} per channel group, "
+        f"unstructured amounts {_span(settings.prune_levels)}, rank fractions {_span(settings.rank_levels)}. "
+        "Uniform run: the same callback with one level for every layer at the cost the budget run reached: "
+        "unstructured and low rank, the least compressed level whose cost in the budget's cost table "
+        f"(`CostTable.total`, what these models reach) is at most the allocation's, on a fine grid ({uniform}); "
+        "structured, the least compressed amount whose pruned model costs at most what the budget run's "
+        "model measurably costs (MACs counted, or latency timed side by side; bisection over the amounts "
+        f"i/{settings.achieved_steps}). The "
         f"budget's latency table and the side-by-side timing use batch {settings.latency_batch} and "
         f"{results['latency_threads']} torch thread(s); timing: eval mode, inference_mode, 3 interleaved "
         f"rounds x {settings.repeats} calls after warm-up, medians.",

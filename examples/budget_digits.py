@@ -3,7 +3,7 @@
     python -m examples.budget_digits [--target 0.5] [--remove-blocks 1]
 
 Trains the CNN dense, then fine-tunes it with ``CompressionBudget("prune_structured", target, metric="macs")``
-handing each convolution its own amount of channels to ``GradualPruning(mode="structured")``; with
+handing each channel group its own amount of channels to ``GradualPruning(mode="structured")``; with
 ``--remove-blocks`` a ``StochasticDepth`` first removes that many residual blocks. Prints the sensitivity table,
 the allocation, and the MACs and accuracy before and after.
 """

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.budget.allocation import Allocation, allocate, uniform
@@ -248,17 +251,15 @@ def test_a_layer_no_scheme_handles_and_batches_without_labels_are_clear_errors()
 
 def test_params_and_size_of_known_layers_by_hand():
     model = mlp()
-    levels = {"prune": 0.5, "prune_structured": 0.5, "low_rank": 0.5, "quantize": 4}
+    levels = {"prune": 0.5, "low_rank": 0.5, "quantize": 4}
     n, out, row = 64 * 30, 30, 64  # the first layer: 30 x 64 weights and 30 biases
     expected_params = {
         "prune": n / 2 + out,
-        "prune_structured": 15 * row + 15,
         "low_rank": 15 * (out + row) + out,  # rank 15 of 30
         "quantize": n + out,
     }
     expected_size = {
         "prune": 4 * n / 2 + n / 8 + 4 * out,  # kept values + 1-bit mask + float bias
-        "prune_structured": 4 * (15 * row + 15),
         "low_rank": 4 * (15 * (out + row) + out),
         "quantize": n * 4 / 8 + 4 * out + 4 * out,  # 4-bit codes + a float scale per row + float bias
     }
@@ -276,7 +277,6 @@ def test_macs_of_known_layers_by_hand():
     conv = 4 * 4 * 8 * (8 * 3 * 3)  # 4x4 output positions x 8 outputs x 72 inputs each, per sample
     expected = {
         "prune": [conv, conv * (1 - round(0.75 * 576) / 576)],
-        "prune_structured": [conv, conv * 2 / 8],  # 6 of 8 channels removed
         "low_rank": [conv, 4 * 4 * 2 * (8 + 72)],  # rank ceil(0.25 * 8) = 2
         "quantize": [conv, conv],
     }
@@ -292,13 +292,17 @@ def test_macs_of_known_layers_by_hand():
 def test_latency_table_has_a_positive_time_per_layer_and_level():
     model, x = ConvNet(), torch.randn(8, 1, 8, 8)
     rng = torch.get_rng_state()
-    for scheme, levels in (("prune_structured", [0.5]), ("low_rank", [0.5, 0.25])):
-        table = layer_costs(
-            model, x, scheme, levels, "latency", ["stem", "block.conv1", "head"], repeats=3, threads=1
-        )
-        assert list(table.cost) == ["stem", "block.conv1", "head"]
+    for scheme, levels, layers in (
+        ("prune_structured", [0.5], ["stem", "block.conv1"]),  # channel groups: the head's outputs stay
+        ("low_rank", [0.5, 0.25], ["stem", "block.conv1", "head"]),
+    ):
+        table = layer_costs(model, x, scheme, levels, "latency", layers, repeats=3, threads=1)
+        assert list(table.cost) == layers
         assert all(len(values) == len(levels) + 1 for values in table.cost.values())
-        assert all(0 < v < math.inf for values in table.cost.values() for v in values)
+        # Structured: a layer whose outputs and inputs follow two groups is a shared term; each row with the
+        # others uncompressed holds all of a group's layers.
+        alone = table.linearized({}).cost
+        assert all(0 < v < math.inf for values in alone.values() for v in values)
         assert 0 <= table.fixed < math.inf
     assert torch.equal(torch.get_rng_state(), rng)
     for scheme in ("prune", "quantize"):
@@ -410,3 +414,189 @@ def test_allocation_feeds_the_callbacks_per_layer_arguments():
     assert result.fraction == pytest.approx(520 / 800)
     assert isinstance(result, Allocation) and json.loads(json.dumps(result.to_dict()))["method"] == "optimal"
     assert result.format_table().splitlines()[-1].startswith("optimal quantize allocation: size 520 of 800")
+
+
+# -- structured budgets: channel groups --------------------------------------------------------------------------
+
+
+def small_residual_cnn() -> nn.Module:
+    from examples.models import residual_cnn
+
+    torch.manual_seed(0)
+    return residual_cnn(widths=(8, 16, 32))
+
+
+def pruned_cost(model: nn.Module, levels: dict[str, float], example: torch.Tensor) -> tuple[int, int, int]:
+    """Parameters, MACs per sample and stored bytes of a copy of ``model`` with the channels removed."""
+    from lightning_compress.pruning import PruningConfig, prune_
+
+    pruned = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = PruningConfig(mode="structured", round_to=1, layer_amounts=levels)
+        prune_(pruned, config, example_input=example)
+    # One name per channel group: no coupled layers with different amounts, no named layer left alone.
+    assert not [w for w in caught if "layer_amounts" in str(w.message)], [str(w.message) for w in caught]
+    return count_parameters(pruned), count_macs_per_sample(pruned, example), raw_size_bytes(pruned)
+
+
+def group_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The channel groups of every Conv/Linear layer of ``model``, by name."""
+    from lightning_compress.budget.groups import channel_units
+
+    layers = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d | nn.Linear)]
+    return [unit.name for unit in channel_units(model, example, layers)[1]]
+
+
+def test_structured_costs_count_the_inputs_the_next_layer_loses_by_hand():
+    model, x = mlp(), torch.zeros(1, 64)  # 64 -> 30 -> 10 -> 10
+    table = layer_costs(model, x, "prune_structured", [0.5], "params", ["0", "2"])
+    # Half of the 30 hidden units: their rows of layer 0 and their columns of layer 2 go.
+    assert table.total({"0": 0.5}) == 15 * 64 + 15 + 10 * 15 + 10 + 10 * 10 + 10
+    # Both groups at half: layer 2 keeps 5 x 15 weights, the classifier 10 x 5.
+    assert table.total({"0": 0.5, "2": 0.5}) == 15 * 64 + 15 + 5 * 15 + 5 + 10 * 5 + 10
+    assert table.full() == count_parameters(model)
+    assert [(weight, sorted(factors)) for weight, factors in table.cross] == [(300.0, ["0", "2"])]
+    macs = layer_costs(model, x, "prune_structured", [0.5], "macs", ["0", "2"])
+    assert macs.total({"0": 0.5, "2": 0.5}) == 15 * 64 + 5 * 15 + 10 * 5
+    # A table is keyed by channel group: two layers coupled by the residual add are one group.
+    with pytest.raises(ValueError, match=r"share one channel group.*name it once, as 'stem'"):
+        layer_costs(
+            ConvNet(), torch.zeros(1, 1, 8, 8), "prune_structured", None, "macs", ["stem", "block.conv2"]
+        )
+    with pytest.raises(ValueError, match=r"Layers \['head'\] have no channel group.*outputs of the model"):
+        layer_costs(ConvNet(), torch.zeros(1, 1, 8, 8), "prune_structured", None, "macs", ["stem", "head"])
+
+
+@pytest.mark.parametrize("make", [mlp, small_residual_cnn])
+def test_structured_cost_tables_predict_the_pruned_model_exactly(make):
+    model = make()
+    x = torch.zeros(1, 64) if make is mlp else torch.zeros(1, 1, 8, 8)
+    levels = [i / 8 for i in range(1, 8)]
+    batches = [(x, torch.zeros(1, dtype=torch.long))]
+    names = list(
+        measure_sensitivity(model, batches, SensitivityConfig("prune_structured", levels=levels)).loss
+    )
+    tables = {
+        metric: layer_costs(model, x, "prune_structured", levels, metric, names)
+        for metric in ("params", "macs", "size")
+    }
+    assert tables["params"].cross  # some layer's outputs and inputs belong to two groups
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        chosen = {name: float(rng.choice(levels)) for name in names}
+        params, macs, size = pruned_cost(model, chosen, x)
+        assert tables["params"].total(chosen) == params
+        assert tables["macs"].total(chosen) == macs
+        assert tables["size"].total(chosen) == size
+
+
+def test_shared_cost_terms_are_allocated_as_well_as_brute_force_and_never_exceed_the_budget():
+    levels, kept = (0.0, 0.25, 0.5, 0.75), [1.0, 0.75, 0.5, 0.25]
+    names = ["a", "b", "c"]
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        own = {
+            name: [float(w) * k for k in kept] for name, w in zip(names, rng.uniform(10, 100, 3), strict=True)
+        }
+        # A chain of groups: the layer between two groups shrinks with both (weight x kept_a x kept_b).
+        cross = [
+            (float(w), {a: kept, b: kept})
+            for w, a, b in zip(rng.uniform(20, 200, 2), "ab", "bc", strict=True)
+        ]
+        table = CostTable("params", levels, own, 5.0, "prune_structured", cross)
+        deltas = np.cumsum(rng.uniform(0, 0.3, (3, 4)), axis=1)
+        deltas[:, 0] = 0.0
+        sens = Sensitivity(
+            "prune_structured", levels, 1.0, {n: list(1 + deltas[i]) for i, n in enumerate(names)}
+        )
+        for budget in (0.3, 0.5, 0.7):
+            target = budget * table.full()
+            feasible = [
+                sum(deltas[i, k] for i, k in enumerate(combo))
+                for combo in itertools.product(range(4), repeat=3)
+                if table.total_at(dict(zip(names, combo, strict=True))) <= target
+            ]
+            result = allocate(sens, table, budget)
+            assert result.cost == table.total(result.levels) <= target
+            assert result.cost == pytest.approx(table.fixed + sum(result.layer_costs.values()))
+            assert result.predicted_loss - 1.0 == pytest.approx(min(feasible), abs=1e-12)
+
+
+def wide_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+@pytest.mark.parametrize("make", [wide_mlp, small_residual_cnn])
+def test_a_structured_allocation_pruned_for_real_meets_its_target(make):
+    # Enough channels per group that the levels can come within 5% of a target.
+    model = make()
+    x = torch.zeros(1, 64) if make is wide_mlp else torch.zeros(1, 1, 8, 8)
+    levels = tuple(i / 32 for i in range(32))
+    names = group_names(model, x)
+    # A sensitivity that rises with the amount, more steeply for some groups than for others.
+    weights = np.linspace(1.0, 3.0, len(names))
+    sens = Sensitivity(
+        "prune_structured",
+        levels,
+        1.0,
+        {n: [1.0 + w * lv**2 for lv in levels] for n, w in zip(names, weights, strict=True)},
+    )
+    for metric, column in (("params", 0), ("macs", 1)):
+        table = layer_costs(model, x, "prune_structured", levels, metric, names)
+        for target in (0.35, 0.6):
+            allocation = allocate(sens, table, target)
+            achieved = pruned_cost(model, allocation.levels, x)[column] / table.full()
+            assert achieved == pytest.approx(allocation.fraction, abs=1e-12)
+            assert 0.95 * target <= achieved <= target, (metric, target, allocation.levels)
+            assert allocation.predicted_loss <= uniform(sens, table, target).predicted_loss
+
+
+def test_group_sensitivity_is_the_loss_of_the_model_with_the_channels_removed():
+    from lightning_compress.budget.core import apply_allocation
+    from lightning_compress.pruning import PruningConfig, prune_
+
+    model = small_residual_cnn().eval()
+    inputs = torch.randn(64, 1, 8, 8)
+    batches = self_labelled(model, inputs)
+    sens = measure_sensitivity(
+        model, batches, SensitivityConfig("prune_structured", levels=(0.5,), batches=2)
+    )
+    # The stem and the first block's second conv add up (one group); the classifier's outputs stay.
+    assert list(sens.loss) == ["0", "3.conv1", "4.conv1", "4.conv2", "5.conv1", "5.conv2"]
+    assert sens.params["0"] == 72 + 576  # stem and block conv2 weights
+    for name in sens.loss:
+        pruned = copy.deepcopy(model)
+        prune_(
+            pruned,
+            PruningConfig(mode="structured", round_to=1, layer_amounts={name: 0.5}, amount=0.0),
+            example_input=inputs[:1],
+        )
+        masked = apply_allocation(copy.deepcopy(model), {name: 0.5}, "prune_structured", inputs[:1])
+        with torch.no_grad():
+            losses = [
+                sum(float(F.cross_entropy(m(x), y)) for x, y in batches) / len(batches)
+                for m in (pruned.eval(), masked)
+            ]
+        assert sens.loss[name][1] == pytest.approx(losses[0], abs=1e-5)
+        assert sens.loss[name][1] == pytest.approx(losses[1], abs=1e-5)
+        assert abs(sens.loss[name][1] - sens.base_loss) > 1e-4  # half the channels change the outputs
+
+
+def test_a_structured_latency_plan_times_the_pruned_model_it_allocates():
+    from lightning_compress.budget.core import BudgetConfig, plan_budget
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    inputs = torch.randn(256, 128)
+    config = BudgetConfig(
+        "prune_structured", target=0.8, metric="latency", levels=(0.5, 0.75), batches=1, latency_repeats=3
+    )
+    plan = plan_budget(model, self_labelled(model, inputs, batch=256), config, example_input=inputs)
+    allocation = plan.allocation
+    # The pruned copy was timed against the model; the table's own price is kept beside it.
+    assert allocation.measured_fraction is not None and 0.0 < allocation.measured_fraction < math.inf
+    assert allocation.budget == 0.8 and set(allocation.levels) == {"0", "2"}
+    assert any(level > 0 for level in allocation.levels.values())
+    assert f"measured {allocation.measured_fraction:.3g}, budget 0.8)" in allocation.format_table()

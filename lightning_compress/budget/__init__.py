@@ -1,6 +1,7 @@
 """Budget-driven compression: per-layer sensitivity, per-layer costs, and the allocation that meets a target.
 
-- :func:`measure_sensitivity`: the loss with each selected layer alone compressed at each level;
+- :func:`measure_sensitivity`: the loss with each selected layer alone compressed at each level
+  (``prune_structured``: each channel group, see :mod:`~lightning_compress.budget.groups`);
 - :func:`layer_costs`: each layer's parameters, MACs, stored size or measured latency at each level;
 - :func:`allocate`: per-layer levels that meet a global target with the least predicted loss (:func:`uniform`:
   one level for all, the baseline);

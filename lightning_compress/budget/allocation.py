@@ -62,6 +62,8 @@ class Allocation:
         deltas: layer name -> loss increase at its level.
         layer_costs: layer name -> cost at its level.
         method: ``"optimal"`` (:func:`allocate`) or ``"uniform"`` (:func:`uniform`).
+        measured_fraction: the cost measured on the compressed model as a fraction of the uncompressed
+            model's, where it was measured (a structured latency budget times the pruned model), else ``None``.
 
     Example::
 
@@ -80,6 +82,7 @@ class Allocation:
     deltas: dict[str, float] = field(default_factory=dict)
     layer_costs: dict[str, float] = field(default_factory=dict)
     method: str = "optimal"
+    measured_fraction: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -117,9 +120,10 @@ class Allocation:
                 f"{name:<{width}} {level_label(self.scheme, level):>8} {self.deltas.get(name, math.nan):>+15.4g} "
                 f"{self.layer_costs.get(name, math.nan):>11.4g}"
             )
+        measured = "" if self.measured_fraction is None else f", measured {self.measured_fraction:.3g}"
         lines.append(
             f"{self.method} {self.scheme} allocation: {self.metric} {self.cost:.4g} of {self.full_cost:.4g} "
-            f"({self.fraction:.3g}, budget {self.budget:.3g}), predicted loss {self.predicted_loss:.4g}"
+            f"({self.fraction:.3g}{measured}, budget {self.budget:.3g}), predicted loss {self.predicted_loss:.4g}"
         )
         return "\n".join(lines)
 
@@ -161,13 +165,13 @@ def _result(
 ) -> Allocation:
     levels = {name: sensitivity.levels[index] for name, index in choice.items()}
     deltas = {name: sensitivity.delta(name)[index] for name, index in choice.items()}
-    layer_costs = {name: costs.cost[name][index] for name, index in choice.items()}
+    layer_costs = {name: costs.layer_cost(name, levels) for name in choice}
     return Allocation(
         scheme=sensitivity.scheme,
         metric=costs.metric,
         levels=levels,
         predicted_loss=sensitivity.base_loss + sum(deltas.values()),
-        cost=costs.fixed + sum(layer_costs.values()),
+        cost=costs.total_at(choice),
         budget=budget,
         full_cost=costs.full(),
         deltas=deltas,
@@ -181,13 +185,20 @@ def allocate(
 ) -> Allocation:
     """One level per layer minimizing the sum of loss increases with the model's cost within ``budget``.
 
-    Subject to ``costs.fixed + sum(layer costs) <= budget * costs.full()``: a multiple-choice knapsack, solved by
-    dynamic programming with what each layer costs beyond its cheapest level rounded *up* to a step of
-    ``1 / resolution`` of what the budget leaves for that, so the result never exceeds the budget; the solution is
-    exact for the rounded costs (an allocation within ``len(layers)`` steps of the budget can be missed). When
-    the whole uncompressed model meets the budget, it is chosen unless some allocation is predicted better.
-    A negative loss increase (a layer measured better compressed) is allowed and makes its level attractive; a
-    level whose loss is not finite is never chosen.
+    Subject to ``costs.total(levels) <= budget * costs.full()``: a multiple-choice knapsack, solved by dynamic
+    programming with what each layer costs beyond its cheapest level rounded *up* to a step of ``1 / resolution``
+    of what the budget leaves for that, so the result never exceeds the budget; the solution is exact for the
+    rounded costs (an allocation within ``len(layers)`` steps of the budget can be missed). When the whole
+    uncompressed model meets the budget, it is chosen unless some allocation is predicted better. A negative loss
+    increase (a layer measured better compressed) is allowed and makes its level attractive; a level whose loss
+    is not finite is never chosen.
+
+    A table with ``cross`` terms (``prune_structured``: a layer's cost depends on its own group's level and on
+    its input group's) is not a plain knapsack. It is solved on the table linearized at an anchor allocation
+    (:meth:`CostTable.linearized`, exact where one group of each shared term moves), with the dynamic program's
+    budget bisected so that the *exact* cost of its answer meets the target; the anchor then moves to the best
+    answer and the search repeats until the answer stays the same. The result never exceeds the budget; it is
+    the best answer found, not proven optimal.
 
     Args:
         sensitivity: the loss increase of each layer at each level.
@@ -203,12 +214,33 @@ def allocate(
     names = list(sensitivity.loss)
     target = budget * costs.full()
     deltas = np.array([sensitivity.delta(name) for name in names], dtype=np.float64)
-    table = np.array([costs.cost[name] for name in names], dtype=np.float64)
+    if costs.cross:
+        choice = _allocate_shared(names, deltas, costs, target, budget, sensitivity, resolution)
+    else:
+        table = np.array([costs.cost[name] for name in names], dtype=np.float64)
+        picked = _knapsack(deltas, table, costs.fixed, target, resolution)
+        if picked is None:
+            _infeasible(sensitivity, costs, budget, costs.fixed + float(_cheapest(deltas, table).sum()))
+        choice = dict(zip(names, picked[0], strict=True))
+        if costs.full() <= target * (1 + _TOLERANCE) and picked[1] >= 0.0:
+            choice = dict.fromkeys(names, 0)
+    return _result(sensitivity, costs, budget, choice, "optimal")
+
+
+def _cheapest(deltas: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(deltas), table, np.inf).min(axis=1)
+
+
+def _knapsack(
+    deltas: np.ndarray, table: np.ndarray, fixed: float, target: float, resolution: int
+) -> tuple[list[int], float] | None:
+    """The level index of each row with the least summed ``deltas`` and ``fixed`` plus the chosen ``table``
+    costs at most ``target`` (costs rounded up to steps), and that sum; ``None`` when nothing fits."""
     usable = np.isfinite(deltas)
-    cheapest = np.where(usable, table, np.inf).min(axis=1)
-    lowest = costs.fixed + float(cheapest.sum())
+    cheapest = _cheapest(deltas, table)
+    lowest = fixed + float(cheapest.sum())
     if not lowest <= target * (1 + _TOLERANCE):
-        _infeasible(sensitivity, costs, budget, lowest)
+        return None
     room = target - lowest
     extra = table - cheapest[:, None]
     if room > 0:
@@ -221,10 +253,10 @@ def allocate(
     # wins ties (levels are tried in order and only a strictly better one replaces it).
     best = np.zeros(resolution + 1)
     picks = []
-    for layer in range(len(names)):
+    for layer in range(len(table)):
         new = np.full(resolution + 1, np.inf)
         pick = np.full(resolution + 1, -1, dtype=np.int64)
-        for level in range(len(sensitivity.levels)):
+        for level in range(table.shape[1]):
             w = int(steps[layer, level])
             if w > resolution:
                 continue
@@ -235,16 +267,75 @@ def allocate(
             pick[better] = level
         best = new
         picks.append(pick)
-    choice: dict[str, int] = {}
+    choice = [0] * len(table)
     room_left = resolution
-    for layer in reversed(range(len(names))):
+    for layer in reversed(range(len(table))):
         level = int(picks[layer][room_left])
-        choice[names[layer]] = level
+        choice[layer] = level
         room_left -= int(steps[layer, level])
-    choice = {name: choice[name] for name in names}
-    if costs.full() <= target * (1 + _TOLERANCE) and float(best[resolution]) >= 0.0:
-        choice = dict.fromkeys(names, 0)
-    return _result(sensitivity, costs, budget, choice, "optimal")
+    return choice, float(best[resolution])
+
+
+# How often the anchor of a table with shared terms moves, and the bisection steps of the inner budget.
+_ANCHORS = 8
+_BISECTIONS = 24
+
+
+def _allocate_shared(
+    names: list[str],
+    deltas: np.ndarray,
+    costs: CostTable,
+    target: float,
+    budget: float,
+    sensitivity: Sensitivity,
+    resolution: int,
+) -> dict[str, int]:
+    usable = np.isfinite(deltas)
+    own = np.array([costs.cost[name] for name in names], dtype=np.float64)
+    # The most compressed usable level of each layer: the cheapest when costs fall with the level (measured
+    # latencies need not).
+    last = [max(i for i in range(own.shape[1]) if usable[k, i]) for k in range(len(names))]
+    cheapest = dict(zip(names, last, strict=True))
+    lowest = costs.total_at(cheapest)
+
+    def loss(choice: Mapping[str, int]) -> float:
+        return float(sum(deltas[k, choice[name]] for k, name in enumerate(names)))
+
+    best: dict[str, int] | None = None
+    if costs.full() <= target * (1 + _TOLERANCE):
+        best = dict.fromkeys(names, 0)
+    elif lowest <= target * (1 + _TOLERANCE):
+        best = cheapest
+    seen: set[tuple[int, ...]] = set()
+    anchor: dict[str, int] = dict.fromkeys(names, 0)
+    for _ in range(_ANCHORS):
+        flat = costs.linearized(anchor)
+        table = np.array([flat.cost[name] for name in names], dtype=np.float64)
+        low = flat.fixed + float(_cheapest(deltas, table).sum())
+        high = flat.fixed + float(np.where(usable, table, -np.inf).max(axis=1).sum())
+        for _ in range(_BISECTIONS):
+            middle = (low + high) / 2
+            picked = _knapsack(deltas, table, flat.fixed, middle, resolution)
+            if picked is None:
+                low = middle
+                continue
+            choice = dict(zip(names, picked[0], strict=True))
+            if costs.total_at(choice) <= target * (1 + _TOLERANCE):
+                low = middle
+                key = (loss(choice), -costs.total_at(choice))
+                if best is None or key < (loss(best), -costs.total_at(best)):
+                    best = choice
+            else:
+                high = middle
+        if best is None:
+            _infeasible(sensitivity, costs, budget, lowest)
+        state = tuple(best[name] for name in names)
+        if state in seen:
+            break
+        seen.add(state)
+        anchor = dict(best)
+    assert best is not None  # the first round found one, or raised
+    return best
 
 
 def _infeasible(sensitivity: Sensitivity, costs: CostTable, budget: float, lowest: float) -> None:

@@ -45,12 +45,17 @@ class CompressionBudget(CompressionCallback):
     In ``setup``, before the other compression callbacks set up, it evaluates the model on ``batches`` batches
     of the training data with each selected layer alone compressed at each level (the sensitivity), counts or
     measures what each layer costs at each level, and chooses one level per layer that meets ``target`` (a
-    multiple-choice knapsack on those tables). The callback of the fit that applies ``scheme`` then uses these
+    multiple-choice knapsack on those tables). For ``prune_structured`` the unit is the channel group (layers
+    joined by a residual add lose the same channels; the next layers lose those inputs): one level per group,
+    under the name of its root layer, and the cost counts what the whole model loses. The callback of the fit that applies ``scheme`` then uses these
     levels instead of one amount for all: ``GradualPruning`` (``layer_amounts``), ``LowRankReplacement``
     (``layer_ranks``), a low-bit ``QuantizationAwareTraining`` (``layer_bits``: its ``bits`` or float, by default
     the two levels measured). With ``max_drop``, it first searches for the most compression whose compressed and briefly
     fine-tuned model stays within ``max_drop`` of the uncompressed model's validation accuracy (or of
     ``evaluate``), and allocates that.
+
+    A structured latency target is checked by measurement: the table's budget is bisected until a copy of the
+    model with the channels removed, timed against the model, meets ``target`` (``measured_fraction``).
 
     Logged under ``budget/`` at step 0: ``target``, ``cost_fraction``, ``base_loss``, ``predicted_loss``,
     ``uniform_predicted_loss`` (one level for all at the same target, when one meets it) and
@@ -240,6 +245,8 @@ class CompressionBudget(CompressionCallback):
             "base_loss": plan.sensitivity.base_loss,
             "predicted_loss": allocation.predicted_loss,
         }
+        if allocation.measured_fraction is not None:
+            values["measured_fraction"] = allocation.measured_fraction
         if plan.uniform is not None:
             values["uniform_predicted_loss"] = plan.uniform.predicted_loss
         values.update({f"per_layer/level/{name}": float(v) for name, v in allocation.levels.items()})

@@ -20,7 +20,9 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ from lightning_compress import _checks
 from lightning_compress._inputs import call_module, first_input
 from lightning_compress.budget.allocation import Allocation, allocate, uniform
 from lightning_compress.budget.costs import METRICS, CostTable, layer_costs
+from lightning_compress.budget.groups import channel_units, unit_masks
 from lightning_compress.budget.search import SearchConfig, SearchResult, accuracy_aware_search
 from lightning_compress.budget.sensitivity import (
     Sensitivity,
@@ -40,7 +43,7 @@ from lightning_compress.budget.sensitivity import (
     measure_sensitivity,
 )
 from lightning_compress.selection import Selector, selector_items
-from lightning_compress.stats import _eval_mode
+from lightning_compress.stats import _eval_mode, compare_latency
 
 __all__ = [
     "BudgetConfig",
@@ -109,13 +112,15 @@ class BudgetPlan:
     """What :func:`plan_budget` measured and chose.
 
     ``allocation`` meets the target with the least predicted loss; ``uniform`` is the same level everywhere that
-    meets it (``None`` when no single measured level does), for comparison.
+    meets it (``None`` when no single measured level does), for comparison; ``example_input`` is the input the
+    costs were counted on (``prune_structured``: the channel groups traced).
     """
 
     sensitivity: Sensitivity
     costs: CostTable
     allocation: Allocation
     uniform: Allocation | None
+    example_input: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,7 +162,9 @@ def plan_budget(
         kept = output_layers(model, example_input)
         if kept:
             config = dataclasses.replace(config, exclude=[*selector_items(config.exclude), *kept])
-    sensitivity = measure_sensitivity(model, batches, config.sensitivity, loss_fn, progress, cache)
+    sensitivity = measure_sensitivity(
+        model, batches, config.sensitivity, loss_fn, progress, cache, example_input=example_input
+    )
     costs = layer_costs(
         model,
         example_input,
@@ -172,16 +179,86 @@ def plan_budget(
         baseline = uniform(sensitivity, costs, budget)
     except ValueError:
         baseline = None
-    return BudgetPlan(sensitivity, costs, allocate(sensitivity, costs, budget), baseline)
+    if config.scheme == "prune_structured" and config.metric == "latency":
+        allocation = _measured_latency(model, example_input, config, sensitivity, costs, budget)
+    else:
+        allocation = allocate(sensitivity, costs, budget)
+    return BudgetPlan(sensitivity, costs, allocation, baseline, example_input)
+
+
+def _measured_latency(
+    model: nn.Module,
+    example_input: Any,
+    config: BudgetConfig,
+    sensitivity: Sensitivity,
+    costs: CostTable,
+    budget: float,
+) -> Allocation:
+    """A structured latency allocation whose pruned model *measures* within ``budget`` of the dense latency.
+
+    Convolution kernels are not separable in their input and output widths (they run in blocks of channels),
+    so the latency table is a guide to which groups to shrink rather than an exact price: the budget the table
+    is allocated at is bisected until a copy of the model with the channels removed, timed side by side with
+    the model, meets ``budget``. The allocation keeps the table's cost and holds the measured fraction.
+    """
+    from lightning_compress.pruning.core import PruningConfig, prune_
+
+    def measure(allocation: Allocation) -> float:
+        pruned = copy.deepcopy(model)
+        selection = {"modules": config.modules, "exclude": config.exclude, "min_params": config.min_params}
+        levels = dict(allocation.levels)
+        pruning = PruningConfig(0.0, "structured", round_to=1, layer_amounts=levels, **selection)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prune_(pruned, pruning, example_input=example_input)
+        timed = compare_latency(
+            {"model": model, "pruned": pruned}, example_input, repeats=config.latency_repeats, rounds=3
+        )
+        return timed["pruned"].median_ms / timed["model"].median_ms
+
+    low, high = 0.0, 1.0
+    best: Allocation | None = None
+    cheapest: Allocation | None = None
+    timed = 0
+    for _ in range(4 * _LATENCY_PROBES):
+        if timed == _LATENCY_PROBES:
+            break
+        middle = (low + high) / 2
+        try:
+            allocation = allocate(sensitivity, costs, middle)
+        except ValueError:  # below what the levels reach in the table: nothing to time
+            low = middle
+            continue
+        timed += 1
+        allocation.measured_fraction = measure(allocation)
+        if allocation.measured_fraction <= budget:
+            low = middle
+            if best is None or allocation.measured_fraction > best.measured_fraction:  # type: ignore[operator]
+                best = allocation
+        else:
+            high = middle
+            cheapest = allocation
+    found = best or cheapest
+    if found is None:
+        raise ValueError(
+            f"`target={budget:g}` with metric='latency': the measured latency table does not let any level "
+            "allocation run faster than the model itself (it is timed mostly in call overhead). Use a larger "
+            "`example_input` batch, more aggressive `levels`, or metric='macs'."
+        )
+    found.budget = budget
+    return found
 
 
 @torch.no_grad()
-def apply_allocation(model: nn.Module, levels: Mapping[str, float], scheme: str) -> nn.Module:
+def apply_allocation(
+    model: nn.Module, levels: Mapping[str, float], scheme: str, example_input: Any = None
+) -> nn.Module:
     """Compress each named layer of ``model`` at its level, in place and at once (no fine-tuning).
 
-    The weights take the values the sensitivity measured: zeros for pruning (whole rows for
-    ``prune_structured``), the truncated SVD product for ``low_rank``, fake-quantized values for ``quantize``;
-    the structure is unchanged (the callbacks make it smaller).
+    The weights take the values the sensitivity measured: zeros for pruning, the truncated SVD product for
+    ``low_rank``, fake-quantized values for ``quantize``; ``prune_structured`` zeroes the channels of each named
+    channel group in every layer they reach (traced on ``example_input``, default ``model.example_input_array``).
+    The structure is unchanged (the callbacks make it smaller).
 
     Example::
 
@@ -190,6 +267,24 @@ def apply_allocation(model: nn.Module, levels: Mapping[str, float], scheme: str)
         >>> int((net[0].weight == 0).sum())
         8
     """
+    if scheme == "prune_structured":
+        example = example_input if example_input is not None else getattr(model, "example_input_array", None)
+        pruner, units = channel_units(model, example, list(levels))
+        unknown = sorted(set(levels) - {unit.name for unit in units})
+        if unknown:
+            raise ValueError(
+                f"`levels` names {unknown}, which name no channel group here (a group is named by its root "
+                f"layer, or its first selected producer): use the names of `plan.allocation.levels`."
+            )
+        scores = pruner.importance_scores(model)
+        masks: dict[str, Tensor] = {}
+        for unit in units:
+            for param, mask in unit_masks(pruner, model, unit, levels[unit.name], scores).items():
+                masks[param] = masks[param] & mask if param in masks else mask
+        params = dict(model.named_parameters())
+        for param, mask in masks.items():
+            params[param].mul_(mask.to(params[param].dtype))
+        return model
     for name, level in levels.items():
         module = model.get_submodule(name)
         weight, bias = compressed_weight(module, scheme, level)
@@ -227,7 +322,8 @@ def accuracy_aware_budget(
     scheme = plan.sensitivity.scheme
 
     def compress(copy_: nn.Module, target: float) -> None:
-        apply_allocation(copy_, allocate(plan.sensitivity, plan.costs, target).levels, scheme)
+        levels = allocate(plan.sensitivity, plan.costs, target).levels
+        apply_allocation(copy_, levels, scheme, plan.example_input)
 
     config = SearchConfig(
         max_drop=max_drop, low=low, high=1.0, mode=mode, relative=relative, more="low", probes=probes
@@ -263,5 +359,12 @@ def output_layers(model: nn.Module, example_input: Any) -> list[str]:
 
 def _cheapest(plan: BudgetPlan) -> float:
     """The smallest fraction of the cost the levels reach (every layer at its cheapest level), rounded up."""
-    costs = plan.costs
+    return _cheapest_fraction(plan.costs)
+
+
+def _cheapest_fraction(costs: CostTable) -> float:
     return min(1.0, costs.cheapest() / costs.full() * 1.001) if costs.full() else 1.0
+
+
+# Allocations timed by a structured latency budget, the budget bisected between them.
+_LATENCY_PROBES = 7

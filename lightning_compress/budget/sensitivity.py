@@ -3,10 +3,10 @@
 Four schemes share one vocabulary with the callbacks; a *level* says how far a layer is compressed:
 
 - ``"prune"``: unstructured magnitude (L1) pruning of the weight; level = ``amount``, the fraction removed;
-- ``"prune_structured"``: output channels (Conv) / output features (Linear) with the smallest L1 norm of their
-  weight rows removed; level = ``amount`` of channels removed (at least one is kept). Zeroing those rows and
-  their bias entries gives exactly the layer output of removing them, which is what is measured (a BatchNorm
-  after the layer then passes its constant shift on for those channels, where removing them removes that too);
+- ``"prune_structured"``: output channels (Conv) / output features (Linear) with the smallest L1 norm removed;
+  level = ``amount`` of channels removed (at least one is kept). :func:`compress_layer` zeroes one layer's
+  rows and bias entries; :func:`measure_sensitivity` measures whole channel groups (every layer the channels
+  reach, see :mod:`~lightning_compress.budget.groups`), exactly as removing them would change the model;
 - ``"low_rank"``: truncated SVD of the weight (a Conv weight reshaped to ``out x (in*k*k)``); level = the
   fraction of the full rank ``min(out, in*k*k)`` kept, rank ``max(1, ceil(fraction * full))``;
 - ``"quantize"``: symmetric per-output-channel fake quantization of the weight; level = bits (32: float).
@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -536,12 +537,45 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
 
 
 def _cache_key(config: SensitivityConfig, layers: list[tuple[str, nn.Module]]) -> dict[str, Any]:
-    return {
+    key = {
         "scheme": config.scheme,
         "levels": list(config.levels),  # type: ignore[arg-type]
         "layers": [[name, list(module.weight.shape)] for name, module in layers],
         "batches": config.batches,
     }
+    if config.scheme == "prune_structured":
+        key["units"] = "channel groups"
+    return key
+
+
+Probe = Callable[[float], contextlib.AbstractContextManager[Any]]
+
+
+def _layer_probe(module: nn.Module, scheme: str) -> Probe:
+    compressor = _LayerCompressor(module, scheme)
+    return lambda level: _swapped(module, *compressor(level))
+
+
+def _group_probes(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any, excluded: list[str]
+) -> list[tuple[str, int, Callable[[], Probe]]]:
+    """One probe per channel group of the selected layers: its channels removed in every layer they reach."""
+    from lightning_compress.budget.groups import channel_units, masked, unit_masks
+
+    pruner, units = channel_units(model, example_input, [name for name, _ in layers], excluded)
+    scores = pruner.importance_scores(model)
+    named = dict(model.named_modules())
+    probes: list[tuple[str, int, Callable[[], Probe]]] = []
+    for unit in units:
+        weights = sum(
+            named[n].weight.numel() for n in unit.group.producers if isinstance(named.get(n), LAYER_TYPES)
+        )
+
+        def probe(unit: Any = unit) -> Probe:
+            return lambda level: masked(model, unit_masks(pruner, model, unit, level, scores))
+
+        probes.append((unit.name, weights, probe))
+    return probes
 
 
 def _read_cache(path: Path, key: dict[str, Any]) -> Sensitivity | None:
@@ -575,8 +609,16 @@ def measure_sensitivity(
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     progress: Callable[[str], Any] | None = None,
     cache: str | os.PathLike | None = None,
+    example_input: Any = None,
 ) -> Sensitivity:
     """Measure the loss with each selected layer alone compressed at each of ``config.levels``.
+
+    For ``prune_structured`` the unit is the channel group (see :mod:`~lightning_compress.budget.groups`): each
+    probe removes a level of one group's channels from every layer they reach (the output rows of its
+    producers, coupled across residual adds, the BatchNorm entries and the consumers' input columns), and the
+    table is keyed by the group's name (its root layer, or its first selected producer), the name
+    ``GradualPruning(layer_amounts=...)`` takes for the whole group. Layers whose channels structured pruning
+    leaves (the model's outputs) get no row.
 
     The model runs in eval mode without gradients on the first ``config.batches`` of ``batches`` (moved to the
     model's device): once as it is, then once per layer and compressed level. Every probe evaluates the same
@@ -594,6 +636,8 @@ def measure_sensitivity(
         cache: a JSON file. When it exists and was written for the same scheme, levels, layer names and shapes
             and number of batches, it is read instead of measuring; otherwise the result is written there. It
             cannot tell changed weights, data or ``loss_fn``: delete it after changing those.
+        example_input: ``prune_structured``: the input the channel groups are traced on (default: the first
+            input of ``batches``).
 
     Returns:
         The :class:`Sensitivity` table; each loss is the mean of ``loss_fn`` over the batches.
@@ -635,14 +679,22 @@ def measure_sensitivity(
                 raise ValueError(
                     f"The uncompressed model's loss is {base}: check the model and `loss_fn` before measuring."
                 )
+            if config.scheme == "prune_structured":
+                example = example_input if example_input is not None else first_input(data[0])
+                probes = _group_probes(model, layers, example, config.selection.excluded(model))
+            else:
+                probes = [
+                    (name, module.weight.numel(), functools.partial(_layer_probe, module, config.scheme))
+                    for name, module in layers
+                ]
             losses: dict[str, list[float]] = {}
-            for index, (name, module) in enumerate(layers, 1):
+            for index, (name, _, make) in enumerate(probes, 1):
                 if progress is not None:
-                    progress(f"sensitivity {index}/{len(layers)}: {name}")
-                compressor = _LayerCompressor(module, config.scheme)
+                    progress(f"sensitivity {index}/{len(probes)}: {name}")
+                compress = make()
                 values = [base]
                 for level in config.levels[1:]:  # type: ignore[index]
-                    with _swapped(module, *compressor(level)):
+                    with compress(level):
                         values.append(evaluate())
                 losses[name] = values
     result = Sensitivity(
@@ -650,7 +702,7 @@ def measure_sensitivity(
         levels=tuple(config.levels),  # type: ignore[arg-type]
         base_loss=base,
         loss=losses,
-        params={name: module.weight.numel() for name, module in layers},
+        params={name: weights for name, weights, _ in probes},
         batches=len(data),
     )
     if cache_path is not None:
