@@ -204,7 +204,8 @@ def test_bad_combinations_fail_at_construction(kwargs, error, match):
 def test_a_layer_whose_inputs_are_not_collected_is_refused_when_the_plan_is_built():
     model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(
-        ValueError, match=r"nn.Linear and nn.Conv2d layers.*'0' \(Conv1d\).*`exclude=\['0'\]`"
+        ValueError,
+        match=r"nn.Linear, nn.Conv2d and nn.MultiheadAttention layers.*'0' \(Conv1d\).*`exclude=\['0'\]`",
     ):
         PruningPlan(model, PruningConfig(amount=0.5, criterion="sparsegpt", modules=[nn.Conv1d, nn.Linear]))
     plan = PruningPlan(model, PruningConfig(amount=0.5, criterion="sparsegpt", modules=nn.Linear))

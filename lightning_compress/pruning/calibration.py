@@ -30,7 +30,9 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,19 +46,23 @@ from lightning_compress.pruning.masks import _kept_after_pruning, nm_keep
 from lightning_compress.stats import _eval_mode
 
 CALIBRATED_CRITERIA = ("wanda", "sparsegpt")
-LAYER_TYPES = (nn.Linear, nn.Conv2d)
+LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+# The arguments of nn.MultiheadAttention.forward whose rows the thirds of its packed `in_proj_weight` multiply.
+ATTENTION_INPUTS = ("query", "key", "value")
 
 
 @dataclass
 class ColumnStatistics:
     """Sums over calibration rows of the inputs that multiply each column of a layer's weight.
 
-    A grouped convolution has one set per group (its groups see different input channels).
+    A grouped convolution has one set per group (its groups see different input channels), and so has the packed
+    input projection of an ``nn.MultiheadAttention`` (``in_proj_weight``, ``(3·embed_dim, embed_dim)``): its query,
+    key and value thirds multiply the ``query``, ``key`` and ``value`` arguments, which differ in cross-attention.
 
     Attributes:
         sq_sum: ``Σ x_j²`` per column, shape ``(groups, columns)``, float32.
         gram: ``Σ x xᵀ``, shape ``(groups, columns, columns)``, float32; ``None`` when not collected.
-        count: rows summed (Linear: inputs; Conv2d: inputs times output positions).
+        count: rows summed (Linear: inputs; Conv2d: inputs times output positions; attention: query rows).
 
     Example::
 
@@ -74,22 +80,46 @@ class ColumnStatistics:
 
     @classmethod
     def empty(cls, layer: nn.Module, gram: bool = False, device: Any = None) -> ColumnStatistics:
-        """Zeros for ``layer`` (an ``nn.Linear`` or ``nn.Conv2d``), on ``device`` (default: the weight's)."""
+        """Zeros for ``layer`` (an ``nn.Linear``, ``nn.Conv2d`` or ``nn.MultiheadAttention``), on ``device``
+        (default: the weight's)."""
         groups, columns = layer_shape(layer)
-        zeros = {"dtype": torch.float32, "device": device if device is not None else layer.weight.device}
+        weight = layer.in_proj_weight if isinstance(layer, nn.MultiheadAttention) else layer.weight
+        zeros = {"dtype": torch.float32, "device": device if device is not None else weight.device}
         return cls(
             torch.zeros(groups, columns, **zeros),
             torch.zeros(groups, columns, columns, **zeros) if gram else None,
         )
 
-    def update(self, columns: Tensor) -> None:
-        """Add rows shaped ``(rows, groups, columns)`` (see :func:`layer_columns`)."""
+    def update(self, columns: Tensor, group: int | None = None) -> None:
+        """Add rows shaped ``(rows, groups, columns)`` (see :func:`layer_columns`); or, with ``group``, rows
+        ``(rows, columns)`` to that group alone (rows are counted for group 0)."""
         x = columns.detach().to(self.sq_sum.dtype)
+        if group is not None:
+            self.sq_sum[group] += (x * x).sum(0)
+            if self.gram is not None:
+                self.gram[group] += x.T @ x
+            self.count += x.shape[0] if group == 0 else 0
+            return
         self.sq_sum += (x * x).sum(0)
         if self.gram is not None:
             grouped = x.transpose(0, 1)  # (groups, rows, columns)
             self.gram += grouped.transpose(1, 2) @ grouped
         self.count += x.shape[0]
+
+    def update_attention(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        """Add the inputs of an ``nn.MultiheadAttention``'s packed input projection: each third of its rows (the
+        query, key and value projections) sees its own argument."""
+        columns = self.sq_sum.shape[-1]
+        parts = [t.reshape(-1, columns) for t in (query, key, value)]
+        if query is key and key is value:  # self-attention: one tensor, its sums shared by the three thirds
+            x = parts[0].detach().to(self.sq_sum.dtype)
+            self.sq_sum += (x * x).sum(0)
+            if self.gram is not None:
+                self.gram += x.T @ x
+            self.count += x.shape[0]
+            return
+        for group, part in enumerate(parts):
+            self.update(part, group)
 
     @property
     def norms(self) -> Tensor:
@@ -116,14 +146,39 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
 
         >>> layer_shape(nn.Linear(4, 2)), layer_shape(nn.Conv2d(8, 8, 3, groups=2))
         ((1, 4), (2, 36))
+        >>> layer_shape(nn.MultiheadAttention(8, 2))  # the packed input projection: query, key, value thirds
+        (3, 8)
     """
     if isinstance(layer, nn.Linear):
         return 1, layer.in_features
     if isinstance(layer, nn.Conv2d):
         return layer.groups, layer.weight[0].numel()
+    if isinstance(layer, nn.MultiheadAttention):
+        if layer.in_proj_weight is None:
+            raise TypeError(
+                "Input statistics of nn.MultiheadAttention are collected for its packed `in_proj_weight`; this one "
+                "has separate q/k/v projections (`kdim`/`vdim` differ from `embed_dim`)."
+            )
+        return 3, layer.embed_dim
     raise TypeError(
-        f"Input statistics are collected for nn.Linear and nn.Conv2d, not {type(layer).__name__}."
+        f"Input statistics are collected for nn.Linear, nn.Conv2d and nn.MultiheadAttention, not "
+        f"{type(layer).__name__}."
     )
+
+
+def attention_inputs(args: tuple, kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``query``, ``key`` and ``value`` of a call of ``nn.MultiheadAttention``, given positionally or by
+    keyword (as a forward pre-hook with kwargs sees them).
+
+    Example::
+
+        >>> q, k = torch.zeros(1), torch.ones(1)
+        >>> attention_inputs((q,), {"key": k, "value": k})[1] is k
+        True
+    """
+    given = dict(zip(ATTENTION_INPUTS, args, strict=False))
+    given.update({name: kwargs[name] for name in ATTENTION_INPUTS if name in kwargs})
+    return given["query"], given["key"], given["value"]
 
 
 def layer_columns(layer: nn.Module, inputs: Tensor) -> Tensor:
@@ -164,6 +219,39 @@ def layer_columns(layer: nn.Module, inputs: Tensor) -> Tensor:
     return patches.transpose(1, 2).reshape(-1, groups, columns)
 
 
+def attention_heads_output(module: nn.MultiheadAttention, args: tuple, kwargs: Mapping[str, Any]) -> Tensor:
+    """The input of ``module.out_proj`` in the call ``module(*args, **kwargs)``: the heads' outputs, concatenated.
+
+    Computed by a copy of the module (sharing its parameters, without its hooks) whose output projection is the
+    identity; the module itself is not changed.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> attn = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> x = torch.randn(2, 3, 8)
+        >>> heads = attention_heads_output(attn, (x, x, x), {})
+        >>> torch.allclose(attn.out_proj(heads), attn(x, x, x)[0], atol=1e-6)
+        True
+    """
+    probe = copy.copy(module)
+    for hooks in (
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+    ):
+        setattr(probe, hooks, OrderedDict())
+    weight = module.out_proj.weight
+    identity = nn.Linear(weight.shape[1], weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device))
+        identity.bias.zero_()
+    probe._modules = {**module._modules, "out_proj": identity}
+    return probe(*args, **{**kwargs, "need_weights": False})[0]
+
+
 def collect_statistics(
     model: nn.Module,
     layers: Mapping[str, Sequence[nn.Module]],
@@ -181,7 +269,8 @@ def collect_statistics(
     Args:
         model: the model to run.
         layers: ``{name: modules}``: the ``nn.Linear``/``nn.Conv2d`` layers whose inputs are summed under one name
-            (several modules sharing one weight sum into one entry).
+            (several modules sharing one weight sum into one entry), or ``nn.MultiheadAttention`` modules, whose
+            packed input projection is summed per third from the ``query``, ``key`` and ``value`` arguments.
         inputs: model inputs (a tensor, a tuple of positional arguments or a dict of keyword arguments), moved to
             the model's device.
         gram: also sum the Gram matrix ``Σ x xᵀ`` (SparseGPT; ``columns²`` floats per layer).
@@ -208,13 +297,35 @@ def collect_statistics(
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            target = stats[name].sq_sum.device
+            if isinstance(module, nn.MultiheadAttention):
+                # `.to` returns the tensor itself when it is already there: self-attention stays recognizable.
+                stats[name].update_attention(*(t.to(target) for t in attention_inputs(args, kwargs)))
+                return
             x = args[0] if args else next(iter(kwargs.values()))
-            stats[name].update(layer_columns(module, x.to(stats[name].sq_sum.device)))
+            stats[name].update(layer_columns(module, x.to(target)))
+
+        return hook
+
+    # An nn.MultiheadAttention multiplies its `out_proj` weight without calling `out_proj`: the inputs of that
+    # Linear (the heads' outputs, concatenated) are recomputed from the attention module's own call.
+    owners = {
+        id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m is not model
+    }
+    if isinstance(model, nn.MultiheadAttention):
+        owners[id(model.out_proj)] = model
+
+    def record_output_projection(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            heads = attention_heads_output(module, args, kwargs)
+            stats[name].update(heads.reshape(-1, 1, heads.shape[-1]).to(stats[name].sq_sum.device))
 
         return hook
 
     handles = [
-        module.register_forward_pre_hook(record(name), with_kwargs=True)
+        owners[id(module)].register_forward_hook(record_output_projection(name), with_kwargs=True)
+        if id(module) in owners
+        else module.register_forward_pre_hook(record(name), with_kwargs=True)
         for name, modules in layers.items()
         for module in modules
     ]

@@ -48,6 +48,7 @@ from lightning_compress.pruning.calibration import (
     CALIBRATED_CRITERIA,
     LAYER_TYPES,
     ColumnStatistics,
+    attention_inputs,
     collect_statistics,
     sparsegpt_prune,
     wanda_mask,
@@ -274,6 +275,7 @@ class PruningPlan:
         self.input_statistics: dict[str, ColumnStatistics] = {}
         self.new_weights: dict[str, Tensor] = {}
         self._layer_names: dict[str, list[str]] = {}
+        self._implied: dict[str, str] = {}  # attention modules selected through their `out_proj`: its name
         self._idle: set[str] = set()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.max_abs_diff: float | None = None
@@ -286,6 +288,8 @@ class PruningPlan:
         self._cost: tuple[tuple, dict[str, float]] | None = None
         _checks.check_pruning_amount_given(config.mode, config.amount, config.layer_amounts)
         selected = config.selection.select(model)
+        if config.kind != "structured":
+            selected = self._with_attention(model, selected)
         names = [name for name, _ in selected]
         _checks.check_layer_names(config.layer_amounts, names, "layer_amounts", config.selection)
         with self._warnings():
@@ -301,20 +305,65 @@ class PruningPlan:
                 warnings.simplefilter("ignore")
             yield
 
+    def _with_attention(
+        self, model: nn.Module, selected: list[tuple[str, nn.Module]]
+    ) -> list[tuple[str, nn.Module]]:
+        """``selected`` with the attention modules whose weights unstructured and N:M pruning reach: an
+        ``nn.MultiheadAttention`` whose ``out_proj`` is selected joins it (its input projection is pruned under the
+        attention module's name, and without an amount of its own in ``layer_amounts`` it takes ``out_proj``'s),
+        unless ``exclude`` names it; a selected one brings its ``out_proj`` along."""
+        named = dict(model.named_modules())
+        excluded = set(self.config.selection.excluded(model))
+        result: dict[str, nn.Module] = {}
+        chosen = {name for name, _ in selected}
+
+        def add(name: str, module: nn.Module) -> None:
+            if name not in excluded:
+                result.setdefault(name, module)
+
+        for name, module in selected:
+            parent_name = name.rpartition(".")[0]
+            parent = named.get(parent_name)
+            if (
+                isinstance(parent, nn.MultiheadAttention)
+                and parent.out_proj is module
+                and parent_name
+                and parent_name not in excluded
+            ):
+                if parent_name not in chosen:
+                    self._implied[parent_name] = name
+                add(parent_name, parent)
+            add(name, module)
+            if isinstance(module, nn.MultiheadAttention):
+                add(f"{name}.out_proj" if name else "out_proj", module.out_proj)
+        return list(result.items())
+
     def _select_weights(self, model: nn.Module, selected: list[tuple[str, nn.Module]]) -> None:
         # A weight shared by several layers is pruned once, under the name `named_parameters()` gives it.
         canonical = {id(p): n for n, p in model.named_parameters()}
         users: dict[str, list[str]] = {}
         for name, module in selected:
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, nn.Parameter):
-                key = canonical.get(id(weight), f"{name}.weight")
+            for attribute in _weight_names(module):
+                weight = getattr(module, attribute)
+                key = canonical.get(id(weight), f"{name}.{attribute}")
                 self.params[key] = weight
                 users.setdefault(key, []).append(name)
         if not self.params:
             raise ValueError(f"The selection {self.config.selection} has no `weight` parameter to prune.")
         if self.config.calibrated:
             layers = dict(selected)
+            unpacked = [
+                name
+                for name, module in selected
+                if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None
+            ]
+            if unpacked:
+                raise ValueError(
+                    f"`criterion={self.config.criterion!r}` collects the inputs of an nn.MultiheadAttention's packed "
+                    f"input projection (`in_proj_weight`), and {unpacked} have separate q/k/v projections (their "
+                    f"`kdim`/`vdim` differ from `embed_dim`): leave them out with `exclude={unpacked!r}`, or use "
+                    "`criterion='l1'`."
+                )
             wrong = [
                 name
                 for names in users.values()
@@ -323,8 +372,9 @@ class PruningPlan:
             ]
             if wrong:
                 raise ValueError(
-                    f"`criterion={self.config.criterion!r}` collects the inputs of nn.Linear and nn.Conv2d layers, and "
-                    f"the selection also picks {', '.join(f'{n!r} ({type(layers[n]).__name__})' for n in wrong)}: "
+                    f"`criterion={self.config.criterion!r}` collects the inputs of nn.Linear, nn.Conv2d and "
+                    "nn.MultiheadAttention layers, and the selection also picks "
+                    f"{', '.join(f'{n!r} ({type(layers[n]).__name__})' for n in wrong)}: "
                     f"leave them out with `exclude={wrong!r}`, or use `criterion='l1'`."
                 )
             self._layer_names = users
@@ -335,8 +385,10 @@ class PruningPlan:
             return
         # Each weight of a Linear/Conv layer takes part in the same number of multiply-accumulates, so a layer's
         # zeros remove that fraction of its MACs (for hardware or kernels that skip them).
+        rows: dict[str, tuple[int, int, int]] = {}
         try:
-            macs = count_macs_by_module(model, self.example)
+            with _attention_rows(model, rows):
+                macs = count_macs_by_module(model, self.example)
         except Exception as err:
             raise ValueError(
                 f"The model could not run on its example input ({type(err).__name__}: {err}). Pass an "
@@ -344,7 +396,11 @@ class PruningPlan:
                 "unpacked into positional arguments, a dict into keyword arguments."
             ) from err
         self.dense_macs = macs[""]
-        self.layer_macs = {key: sum(macs.get(name, 0) for name in names) for key, names in users.items()}
+        layers = dict(selected)
+        self.layer_macs = {
+            key: sum(_weight_macs(key, name, layers[name], macs, rows) for name in names)
+            for key, names in users.items()
+        }
 
     def _plan_structure(self, model: nn.Module, selected: list[tuple[str, nn.Module]]) -> None:
         from lightning_compress.pruning.structured import tied_weights_message
@@ -410,6 +466,10 @@ class PruningPlan:
         given, amount = self.config.layer_amounts, self.config.amount
         if given is None:
             return
+        implied = {
+            mha: given[proj] for mha, proj in self._implied.items() if mha not in given and proj in given
+        }
+        given = {**given, **implied}
         unnamed, shared = [], []
         for key, (layers, _) in units.items():
             named = {layer: given[layer] for layer in layers if layer in given}
@@ -914,6 +974,63 @@ def prune_(
     if finalize:
         plan.finalize()
     return plan
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """The attributes of ``module`` that unstructured and N:M pruning mask: ``weight``; for an
+    ``nn.MultiheadAttention`` its input projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim``/
+    ``vdim`` differ from ``embed_dim``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            return ["in_proj_weight"]
+        return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return ["weight"] if isinstance(getattr(module, "weight", None), nn.Parameter) else []
+
+
+@contextlib.contextmanager
+def _attention_rows(model: nn.Module, rows: dict[str, tuple[int, int, int]]) -> Iterator[None]:
+    """Record, by module name, the rows of ``query``, ``key`` and ``value`` each ``nn.MultiheadAttention`` of
+    ``model`` is called on (the inputs of its projections, whose MACs the FLOP counter books on the module)."""
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            q, k, v = attention_inputs(args, kwargs)
+            rows[name] = (q.numel() // q.shape[-1], k.numel() // k.shape[-1], v.numel() // v.shape[-1])
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(record(name), with_kwargs=True)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _weight_macs(
+    key: str, name: str, layer: nn.Module, macs: Mapping[str, int], rows: Mapping[str, tuple[int, int, int]]
+) -> int:
+    """Multiply-accumulates of the weight ``key`` in layer ``name``: the layer's own, but an attention module's
+    projections (whose products the counter books on the attention module) from the rows they multiply."""
+    if isinstance(layer, nn.MultiheadAttention):
+        q, k, v = rows.get(name, (0, 0, 0))
+        weight = getattr(layer, key.rpartition(".")[2], None)
+        if layer.in_proj_weight is not None:
+            return layer.in_proj_weight.numel() // 3 * (q + k + v)
+        per_row = {"q_proj_weight": q, "k_proj_weight": k, "v_proj_weight": v}
+        return sum(
+            getattr(layer, attr).numel() * count
+            for attr, count in per_row.items()
+            if getattr(layer, attr) is weight or weight is None
+        )
+    parent = name.rpartition(".")[0]
+    if parent in rows and name.endswith("out_proj"):
+        return layer.weight.numel() * rows[parent][0]
+    return macs.get(name, 0)
 
 
 def check_samples(batch: Any, device: Any) -> Any:
