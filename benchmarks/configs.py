@@ -89,6 +89,7 @@ CONFIGS: dict[str, Config] = {
     "binary": Config("binary"),
     "budget": Config("budget"),
     "compact": Config("compact"),
+    "language_model": Config("language_model"),
     "deep_compression": Config("deep_compression"),
     "distillation": Config("distillation", {"threads": 1}),
     "distillation_transfer": Config(
@@ -248,6 +249,7 @@ BENCH: tuple[str, ...] = (
     "distillation_defaults",
     "pipeline",
     "budget",
+    "language_model",
     "overhead",
     "report_example",
     "gpu_check",

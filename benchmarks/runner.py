@@ -129,9 +129,18 @@ def write(outcome: Outcome, config: Config, settings: Any, started: dict[str, An
     (folder / f"{outcome.name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     title = config.module.TITLE + (" (quick run)" if outcome.quick else "")
     text = f"# {title}\n\n{describe(started, outcome)}\n\n" + "".join(f"{n}\n\n" for n in outcome.notes)
+    if not outcome.quick:  # a published result says how to regenerate it
+        text += outcome.result.markdown.strip() + "\n\n" + regenerates(outcome.name)
+    else:
+        text += outcome.result.markdown.strip()
     path = folder / f"{outcome.name}.md"
-    path.write_text(text + outcome.result.markdown.strip() + "\n")
+    path.write_text(text + "\n")
     return path
+
+
+def regenerates(name: str) -> str:
+    """The line that closes a published result: its configuration and the command that writes it again."""
+    return f"Configuration `{name}` (`benchmarks/configs.py`): `python -m benchmarks run {name}` regenerates this file."
 
 
 def describe(started: dict[str, Any], outcome: Outcome) -> str:

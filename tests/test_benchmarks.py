@@ -214,3 +214,16 @@ def test_minilm_per_token_term_is_one_feature_per_layer_sharing_its_weight():
     assert [f.student for f in every.features[1:]] == [f"student.encoder.encoder.layer.{i}" for i in range(6)]
     assert sum(f.weight for f in every.features[1:]) == pytest.approx(0.6)
     assert (every.alpha, every.logits, every.teacher) == (1.0, False, "self")
+
+
+def test_a_full_run_writes_the_line_that_names_its_configuration_and_command(tmp_path):
+    config = CONFIGS["budget"]
+    settings = config.build(quick=True)
+    started = {**common.machine(), "load_average": (0.5, 0.5, 0.5)}
+    texts = {}
+    for quick in (False, True):
+        outcome = runner.Outcome("budget", quick, "cmd", 1.0, common.Result({"x": 1}, "| a |\n|---|\n| 1 |"))
+        texts[quick] = runner.write(outcome, config, settings, started, tmp_path / str(quick)).read_text()
+    line = "Configuration `budget` (`benchmarks/configs.py`): `python -m benchmarks run budget` regenerates this file."
+    assert texts[False].endswith("| 1 |\n\n" + line + "\n")
+    assert line not in texts[True] and texts[True].endswith("| 1 |\n")

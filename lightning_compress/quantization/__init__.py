@@ -2,6 +2,7 @@
 
 from lightning_compress.quantization.binary import BinaryWeights, binarize, ternarize
 from lightning_compress.quantization.binary_core import BinaryConfig, binarize_, make_permanent_
+from lightning_compress.quantization.low_bit import degradation_recovered, quantize_low_bit
 from lightning_compress.quantization.pt2e import (
     QuantizedGraphModule,
     compile_for_cpu,
@@ -40,6 +41,7 @@ __all__ = [
     "compile_for_cpu",
     "convert_int8",
     "convert_qat",
+    "degradation_recovered",
     "huffman_encode",
     "kmeans_1d",
     "layer_storage",
@@ -49,6 +51,7 @@ __all__ = [
     "prepare_int8_qat",
     "prepare_qat",
     "quantize_int8_ptq",
+    "quantize_low_bit",
     "save_quantized",
     "share_weights",
     "share_weights_",

@@ -6,6 +6,8 @@ converted with ``QATConfig(base_config, step="convert")``, which reproduces the 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +20,7 @@ from lightning_compress.quantization.qat_core import (
     QuantizationConfig,
     layer_types,
 )
-from lightning_compress.selection import ModuleSelection
+from lightning_compress.selection import ModuleSelection, Selector
 
 
 def low_bit_config(scheme: str, bits: int, group_size: int | None) -> Any:
@@ -102,9 +104,34 @@ def selected_linears(
         if "matches no module" not in str(err):
             raise  # e.g. a name pattern that matches nothing: that message names the pattern
         raise ValueError(problem) from err
+    inside = attention_projections(target)
+    left = sorted(name for name in chosen if name in inside)
+    if left:
+        warnings.warn(
+            f"`scheme={scheme!r}` leaves {', '.join(left)} in float: nn.MultiheadAttention reads its output "
+            "projection's weight directly, so a swapped layer would not be quantized while training. Pass "
+            "`exclude=['*.out_proj']` to silence this.",
+            stacklevel=3,
+        )
+        chosen = {name: m for name, m in chosen.items() if name not in inside}
     if not chosen:
         raise ValueError(problem)
     return chosen
+
+
+def attention_projections(target: nn.Module) -> set[str]:
+    """Names of the ``out_proj`` layers of the ``nn.MultiheadAttention`` modules in ``target``.
+
+    Example::
+
+        >>> attention_projections(nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8)))
+        {'0.out_proj'}
+    """
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in target.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
 
 
 def check_group_size(linears: dict[str, nn.Module], group_size: int | None, prefix: str = "") -> None:
@@ -221,3 +248,89 @@ class LowBitParts(QATParts):
             if value is not None:
                 self.ensure(model, "converted" if is_traceable_wrapper_subclass(value) else "prepared")
                 return
+
+
+def quantize_low_bit(
+    model: nn.Module,
+    scheme: str = "int8-dynamic-intx",
+    bits: int = 4,
+    group_size: int | None = 32,
+    modules: Selector = nn.Linear,
+    exclude: Selector = None,
+) -> nn.Module:
+    """Post-training quantization of the selected ``nn.Linear`` layers of a float ``model``, in place.
+
+    The layers are converted with the torchao config that quantization-aware training with the same arguments
+    converts to (:func:`low_bit_config`), so a post-training and a quantization-aware model end in the same
+    weight format and kernels; the weights are rounded as they are (no calibration, no training). The layer
+    selection and its checks are those of :class:`QuantizationConfig` (``group_size`` must divide every selected
+    layer's input size; the output projections of ``nn.MultiheadAttention`` are left in float).
+
+    Args:
+        model: a float model.
+        scheme: ``"int8-dynamic-intx"``, ``"intx-weight-only"`` or ``"int4-weight-only"``.
+        bits: weight bits, 2 to 8.
+        group_size: weights per scale along the input (``None``: one scale per output channel).
+        modules: the layers to quantize (types and/or name patterns).
+        exclude: layers to leave in float.
+
+    Returns:
+        ``model``, its selected layers' weights now quantized tensors.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x = torch.randn(8, 64)
+        >>> reference = model(x)
+        >>> _ = quantize_low_bit(model, "intx-weight-only", bits=4, group_size=32)
+        >>> type(model[0].weight).__name__
+        'IntxUnpackedToInt8Tensor'
+        >>> 0 < float((model(x) - reference).abs().max()) < 0.1
+        True
+    """
+    from torchao.quantization import quantize_
+
+    if scheme == "int8":
+        raise ValueError(
+            "`scheme='int8'` (static int8) needs calibration: use `quantize_int8_ptq`; this function takes the "
+            "low-bit weight schemes 'int8-dynamic-intx', 'intx-weight-only' and 'int4-weight-only'."
+        )
+    config = QuantizationConfig(
+        scheme=scheme, bits=bits, group_size=group_size, modules=modules, exclude=exclude
+    )
+    linears = selected_linears(model, config.selection, scheme, f"the {type(model).__name__}")
+    check_group_size(linears, config.weight_group_size)
+    names = set(linears)
+    with torch.no_grad():
+        quantize_(
+            model,
+            low_bit_config(scheme, config.bits, group_size),  # type: ignore[arg-type]
+            filter_fn=lambda m, fqn: fqn in names,
+        )
+    return model
+
+
+def degradation_recovered(float_value: float, ptq_value: float, qat_value: float) -> float:
+    """The fraction of the post-training quantization degradation that quantization-aware training recovers.
+
+    ``(ptq - qat) / (ptq - float)`` for a lower-is-better metric such as perplexity or loss (for accuracy, the
+    same ratio of the drops): 1 when QAT matches the float model, 0 when it is no better than PTQ, negative when
+    worse, above 1 when it beats the float model. ``nan`` when PTQ lost nothing (nothing to recover).
+
+    Args:
+        float_value: the metric of the float model (the reference that PTQ quantizes).
+        ptq_value: the metric after post-training quantization of that model.
+        qat_value: the metric after quantization-aware training.
+
+    Example::
+
+        >>> degradation_recovered(float_value=10.0, ptq_value=13.0, qat_value=11.0)  # 2 of 3 points recovered
+        0.6666666666666666
+        >>> degradation_recovered(0.90, 0.80, 0.88)  # accuracy: 0.08 of the 0.10 drop
+        0.7999999999999998
+    """
+    lost = ptq_value - float_value
+    if lost == 0:
+        return math.nan
+    return (ptq_value - qat_value) / lost
