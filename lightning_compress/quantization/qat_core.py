@@ -452,6 +452,7 @@ def prepare_qat(
 
     Example::
 
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
         >>> x = torch.randn(16, 1, 8, 8)
         >>> prepared = prepare_qat(model, QuantizationConfig(), example_input=x)
