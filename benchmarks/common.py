@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from examples.data import FASHION_MNIST_DIR, DigitsDataModule, FashionMNISTDataModule
 from examples.models import ImageClassifier
@@ -240,16 +240,24 @@ class CosineClassifier(ImageClassifier):
 
 def fit(
     model: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    epochs: int,
+    datamodule: pl.LightningDataModule | None,
+    epochs: int | None,
     callbacks: list[Callback] | None = None,
     seed: int = 0,
+    *,
+    max_steps: int = -1,
+    loader: DataLoader | None = None,
 ) -> tuple[pl.Trainer, StepTimer]:
-    """Train quietly on the CPU with a step timer; returns the trainer and the timer."""
+    """Train quietly on the CPU with a step timer; returns the trainer and the timer.
+
+    ``datamodule`` for ``epochs``, or a training ``loader`` alone (no validation) for ``max_steps`` steps.
+    """
     pl.seed_everything(seed, verbose=False)
     timer = StepTimer()
     trainer = pl.Trainer(
         max_epochs=epochs,
+        max_steps=max_steps,
+        limit_val_batches=None if loader is None else 0,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -259,7 +267,7 @@ def fit(
         num_sanity_val_steps=0,
         callbacks=[timer, *(callbacks or [])],
     )
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, train_dataloaders=loader, datamodule=datamodule)
     return trainer, timer
 
 

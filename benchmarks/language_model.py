@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks.common import Context, Result, StepTimer, check_known, machine, markdown_table, shown
+from benchmarks.common import fit as common_fit
 from examples.language import LanguageModel, TokenWindows, load_corpus, perplexity
 from lightning_compress import GradualPruning, KnowledgeDistillation, QuantizationAwareTraining
 from lightning_compress.pruning import PruningConfig, prune_
@@ -162,22 +163,7 @@ def fit(
     model: pl.LightningModule, loader: DataLoader, steps: int, callbacks: list[Callback], seed: int
 ) -> StepTimer:
     """``steps`` optimizer steps on the CPU, quietly, with a step timer; returns the timer."""
-    pl.seed_everything(seed, verbose=False)
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer, *callbacks],
-    )
-    trainer.fit(model, train_dataloaders=loader)
-    return timer
+    return common_fit(model, None, None, callbacks, seed, max_steps=steps, loader=loader)[1]
 
 
 def pretrained(
