@@ -175,11 +175,21 @@ class QuantizationAwareTraining(CompressionCallback):
                 given = None if batch is None else first_input(batch)
                 example = None if given is None else self.example_input(None, pl_module, given, 2)
             self._parts.example = example
+            if example is not None:
+                qat_core.check_example_runs(pl_module, example, self._example_source(pl_module))
         self.track_hook(pl_module.register_load_state_dict_pre_hook(self._before_load))
         # Other callbacks get the float layers back for a while (to remove pruned channels) through this view,
         # held weakly: the registry outlives the fit.
         view = weakref.WeakMethod(self._parts.float_view)
         _lightning.register_float_view(pl_module, lambda m: (view() or (lambda _: nullcontext()))(m))  # type: ignore[misc]
+
+    def _example_source(self, pl_module: pl.LightningModule) -> str:
+        """Where the example input came from, as errors name it."""
+        if self._example_arg is not None:
+            return "`example_input`"
+        if getattr(pl_module, "example_input_array", None) is not None:
+            return "`example_input_array`"
+        return "the first batch's model input (no `example_input` nor `example_input_array` was given)"
 
     def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rebuild the structure the checkpoint was saved with, just before its weights load."""
@@ -254,7 +264,11 @@ class QuantizationAwareTraining(CompressionCallback):
         loader = trainer.val_dataloaders
         with preserved_rng():
             batch = next(iter(loader[0] if isinstance(loader, list | tuple) else loader or ()), None)
-        inputs = self._parts.target_inputs(pl_module, None if batch is None else first_input(batch))
+        # A validation batch gives the parity more samples, where the model input is taken from batches anyway;
+        # an input the user named (and the setup check ran) is used as it is.
+        named = self._example_arg is not None or getattr(pl_module, "example_input_array", None) is not None
+        given = None if batch is None or named else first_input(batch)
+        inputs = self._parts.target_inputs(pl_module, given)
         target = lambda: self._parts.target(pl_module)  # noqa: E731  (a graph replaces it)
         broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
         self._parts.synchronize(pl_module, lambda t: trainer.strategy.reduce(t, reduce_op="mean"), broadcast)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress import _checks
-from lightning_compress._inputs import as_call
+from lightning_compress._inputs import as_call, input_shapes
 from lightning_compress._inputs import to_device as _to_device
 from lightning_compress.selection import ModuleSelection, Selector, find_submodule, selector_items
 
@@ -154,6 +154,31 @@ def run(module: nn.Module, inputs: tuple[tuple, dict]) -> Any:
     """``module``'s output on ``inputs`` (positional and keyword arguments) in eval mode, without gradients."""
     with train_mode(module, False), torch.no_grad():
         return module(*inputs[0], **inputs[1])
+
+
+def check_example_runs(model: nn.Module, example: Any, source: str) -> None:
+    """Run ``model`` once on ``example`` (eval mode, no gradients) before training, so that an input the model
+    rejects fails now, named by ``source``, rather than at the conversion after the last step.
+
+    Example::
+
+        >>> model = nn.Linear(4, 2)
+        >>> check_example_runs(model, torch.zeros(1, 4), "`example_input`")
+        >>> check_example_runs(model, torch.zeros(1, 3), "`example_input`")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: QuantizationAwareTraining runs the model on `example_input` ...
+    """
+    try:
+        run(model, as_call(example))
+    except Exception as err:
+        raise ValueError(
+            f"QuantizationAwareTraining runs the model on {source} (shapes {input_shapes(example)}) to convert "
+            f"it at the end, and the model rejected it: {type(err).__name__}: {err}. Pass "
+            "`QuantizationAwareTraining(example_input=...)` (or set `example_input_array` on the LightningModule) "
+            "with one input the forward accepts: a tensor, a tuple of positional inputs or a dict of keyword "
+            "inputs, e.g. `{'input_ids': ..., 'attention_mask': ...}`."
+        ) from err
 
 
 class _Captured(Exception):
