@@ -27,7 +27,7 @@ from lightning_compress.pruning import (
     wanda_mask,
 )
 from tests._ddp import run_worker
-from tests.conftest import fit_or_resume, trainer_kwargs
+from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
 
 # -- the math, on synthetic layers ----------------------------------------------------------------------
 
@@ -192,13 +192,15 @@ def test_prune_runs_the_calibration_in_eval_mode_and_leaves_no_hook():
         ({"mode": "2:4", "criterion": "random"}, ValueError, r"`criterion='random'` does not apply to `mode='2:4'`.*'wanda', 'sparsegpt'"),
         ({"amount": 0.5, "criterion": "wanda", "calibration_batches": 0}, ValueError, r"`calibration_batches=0` must be a positive integer"),
         ({"amount": 0.5, "criterion": "wanda", "calibration_batches": "8"}, TypeError, r"`calibration_batches='8'` must be a positive integer"),
+        ({"amount": 0.5, "criterion": "wanda", "calibration_input": "input_ids"}, TypeError, r"`calibration_input='input_ids'` must be a function from a training batch"),
     ],
 )  # fmt: skip
 def test_bad_combinations_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradualPruning(**kwargs)
-    with pytest.raises(error, match=match):
-        PruningConfig(**kwargs)
+    if "calibration_input" not in kwargs:  # a callback argument: the core takes the inputs themselves
+        with pytest.raises(error, match=match):
+            PruningConfig(**kwargs)
 
 
 def test_a_layer_whose_inputs_are_not_collected_is_refused_when_the_plan_is_built():
@@ -244,6 +246,83 @@ class OutlierNet(pl.LightningModule):
 
 
 LAYERS = ("fc1.weight", "conv.weight", "fc2.weight")
+
+
+class MaskedEncoder(pl.LightningModule):
+    """A transformers-style module: ``forward(input_ids, attention_mask)``, dict batches with labels; padded
+    positions are zeroed before the layers (the attention mask changes what the layers see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 32)
+        self.proj, self.head = nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = torch.relu(self.proj(self.embed(input_ids) * attention_mask.unsqueeze(-1)))
+        return self.head(hidden.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _dict_batches(n=48):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (n, 6), generator=generator)
+    mask = (torch.arange(6) < torch.randint(1, 7, (n, 1), generator=generator)).long()
+    items = [
+        {"input_ids": i, "attention_mask": m, "labels": i[0] % 4} for i, m in zip(ids, mask, strict=True)
+    ]
+    return torch.utils.data.DataLoader(items, batch_size=8)
+
+
+def _keyword_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def test_a_batch_the_model_cannot_take_as_it_is_fails_at_setup_naming_calibration_input(tmp_path):
+    # The default model input of a dict batch is its `input_ids`; this forward also needs `attention_mask`.
+    record = RecordSteps()
+    pruning = GradualPruning(mode="2:4", criterion="wanda", start=0.5, end=0.5, modules=nn.Linear)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[pruning, record])
+    with pytest.raises(
+        ValueError, match=r"`criterion='wanda'` runs the model.*attention_mask.*Pass `calibration_input`"
+    ):
+        trainer.fit(MaskedEncoder(), _dict_batches())
+    assert record.steps == []
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_calibration_input_maps_the_batches_and_decides_as_the_core_does(tmp_path, criterion):
+    torch.manual_seed(0)
+    model = MaskedEncoder()
+    dense = copy.deepcopy(model)
+    pruning = GradualPruning(
+        mode="2:4",
+        criterion=criterion,
+        modules=nn.Linear,
+        start=0.0,
+        end=0.0,
+        calibration_batches=3,
+        calibration_input=_keyword_inputs,
+        finalize=False,
+    )
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[pruning])
+    trainer.fit(model, _dict_batches())
+    # The masks are decided before the first step: the core on the same three mapped batches decides the same.
+    inputs = [_keyword_inputs(b) for b in itertools.islice(_dict_batches(), 3)]
+    config = PruningConfig(mode="2:4", criterion=criterion, modules=nn.Linear, calibration_batches=3)
+    prune_(dense, config, calibration=inputs, finalize=False)
+    for name in ("proj.weight", "head.weight"):
+        assert torch.equal(pruning.masks[name], dict(dense.named_parameters())[name] != 0), name
+    # With the attention mask left out (every position counted), Wanda decides otherwise on this data.
+    ones = [{**i, "attention_mask": torch.ones_like(i["attention_mask"])} for i in inputs]
+    torch.manual_seed(0)
+    other = MaskedEncoder()  # the same initial weights as `model`
+    prune_(other, config, calibration=ones, finalize=False)
+    assert not torch.equal(other.proj.weight != 0, dense.proj.weight != 0)
 
 
 @pytest.mark.parametrize(

@@ -220,7 +220,9 @@ class MaskedEncoder(pl.LightningModule):
         return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"]))
+        self.log(
+            "val_loss", F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -230,7 +232,9 @@ def _dict_loader(n=32):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 16, (n, 6), generator=generator)
     mask = (torch.arange(6) < torch.randint(2, 7, (n, 1), generator=generator)).long()
-    items = [{"input_ids": i, "attention_mask": m, "labels": i[0] % 4} for i, m in zip(ids, mask, strict=True)]
+    items = [
+        {"input_ids": i, "attention_mask": m, "labels": i[0] % 4} for i, m in zip(ids, mask, strict=True)
+    ]
     return DataLoader(items, batch_size=8)
 
 
@@ -241,7 +245,9 @@ def test_a_model_input_the_forward_rejects_fails_before_training_not_at_conversi
     counter = RecordSteps()
     qat = QuantizationAwareTraining(scheme="intx-weight-only", bits=4, group_size=16)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[qat, counter])
-    with pytest.raises(ValueError, match=r"first batch's model input.*rejected it: TypeError.*example_input=") as info:
+    with pytest.raises(
+        ValueError, match=r"first batch's model input.*rejected it: TypeError.*example_input="
+    ) as info:
         trainer.fit(MaskedEncoder(), _dict_loader())
     assert "attention_mask" in str(info.value)
     assert counter.steps == []
