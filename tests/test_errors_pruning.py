@@ -21,6 +21,11 @@ AT_CONSTRUCTION = [
         ValueError,
         r"`calibration_batches=0` must be a positive integer",
     ),
+    (
+        {"amount": 0.5, "criterion": "wanda", "calibration_input": "x"},
+        TypeError,
+        r"`calibration_input='x'` must be a function from a training batch to the model's input",
+    ),
     ({"amount": 1.0}, ValueError, r"`amount=1.0` must be in \[0, 1\)"),
     ({"amount": -0.1}, ValueError, r"`amount=-0.1` must be in \[0, 1\)"),
     ({"amount": "0.5"}, TypeError, r"`amount='0.5'` must be a number"),
@@ -153,6 +158,13 @@ AT_SETUP = [
         r"`exclude`: no module named 'head' in ImageClassifier",
     ),
     ({"amount": 0.5, "min_params": 10**6}, "small_cnn", {}, r"min_params=1000000\) matches no module"),
+    (
+        {"amount": 0.5, "criterion": "sparsegpt", "calibration_input": lambda batch: batch[0].flatten(1)},
+        "small_cnn",
+        {},
+        r"`criterion='sparsegpt'` runs the model on training batches to calibrate, and the model rejected the input "
+        r"taken from the first one \(`calibration_input\(batch\)`\): RuntimeError.*Pass `calibration_input`",
+    ),
     ({"mode": "2:3", "modules": nn.Linear}, "small_cnn", {}, r"`m=3` does not divide the size 512"),
     ({"amount": 0.5, "start": "epoch:3", "end": "epoch:4"}, "small_cnn", {}, r"is optimizer step 60"),
     (
