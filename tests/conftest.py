@@ -87,6 +87,45 @@ def fit_or_resume(tmp_path, digits, model, callbacks, ckpt_path=None, checkpoint
     return trainer
 
 
+class MaskedEncoder(pl.LightningModule):
+    """A transformers-style module: ``forward(input_ids, attention_mask)``, dict batches with labels (see
+    :func:`dict_batches`); padded positions are zeroed before the layers, so the mask changes what they see."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 32)
+        self.proj, self.head = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = torch.relu(self.proj(self.embed(input_ids) * attention_mask.unsqueeze(-1)))
+        return self.head(hidden.sum(1) / attention_mask.sum(1, keepdim=True))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(
+            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        )
+
+    def validation_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(
+            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        )
+        self.log("val_loss", loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def dict_batches(n=48, seed=0):
+    """Batches of 8 ``{"input_ids", "attention_mask", "labels"}`` dicts: 6 tokens, 1 to 6 of them real."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (n, 6), generator=generator)
+    mask = (torch.arange(6) < torch.randint(1, 7, (n, 1), generator=generator)).long()
+    items = [
+        {"input_ids": i, "attention_mask": m, "labels": i[0] % 4} for i, m in zip(ids, mask, strict=True)
+    ]
+    return torch.utils.data.DataLoader(items, batch_size=8)
+
+
 class TiedLM(pl.LightningModule):
     """A tiny language model: an embedding whose weight is also the decoder's (tied), a residual layer between."""
 

@@ -27,7 +27,7 @@ from lightning_compress.pruning import (
     wanda_mask,
 )
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
+from tests.conftest import MaskedEncoder, RecordSteps, dict_batches, fit_or_resume, trainer_kwargs
 
 # -- the math, on synthetic layers ----------------------------------------------------------------------
 
@@ -248,36 +248,6 @@ class OutlierNet(pl.LightningModule):
 LAYERS = ("fc1.weight", "conv.weight", "fc2.weight")
 
 
-class MaskedEncoder(pl.LightningModule):
-    """A transformers-style module: ``forward(input_ids, attention_mask)``, dict batches with labels; padded
-    positions are zeroed before the layers (the attention mask changes what the layers see)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(16, 32)
-        self.proj, self.head = nn.Linear(32, 32), nn.Linear(32, 4)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = torch.relu(self.proj(self.embed(input_ids) * attention_mask.unsqueeze(-1)))
-        return self.head(hidden.mean(1))
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _dict_batches(n=48):
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 16, (n, 6), generator=generator)
-    mask = (torch.arange(6) < torch.randint(1, 7, (n, 1), generator=generator)).long()
-    items = [
-        {"input_ids": i, "attention_mask": m, "labels": i[0] % 4} for i, m in zip(ids, mask, strict=True)
-    ]
-    return torch.utils.data.DataLoader(items, batch_size=8)
-
-
 def _keyword_inputs(batch):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -290,7 +260,7 @@ def test_a_batch_the_model_cannot_take_as_it_is_fails_at_setup_naming_calibratio
     with pytest.raises(
         ValueError, match=r"`criterion='wanda'` runs the model.*attention_mask.*Pass `calibration_input`"
     ):
-        trainer.fit(MaskedEncoder(), _dict_batches())
+        trainer.fit(MaskedEncoder(), dict_batches())
     assert record.steps == []
 
 
@@ -310,9 +280,9 @@ def test_calibration_input_maps_the_batches_and_decides_as_the_core_does(tmp_pat
         finalize=False,
     )
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[pruning])
-    trainer.fit(model, _dict_batches())
+    trainer.fit(model, dict_batches())
     # The masks are decided before the first step: the core on the same three mapped batches decides the same.
-    inputs = [_keyword_inputs(b) for b in itertools.islice(_dict_batches(), 3)]
+    inputs = [_keyword_inputs(b) for b in itertools.islice(dict_batches(), 3)]
     config = PruningConfig(mode="2:4", criterion=criterion, modules=nn.Linear, calibration_batches=3)
     prune_(dense, config, calibration=inputs, finalize=False)
     for name in ("proj.weight", "head.weight"):

@@ -24,7 +24,7 @@ from lightning_compress.quantization.qat import (
     QuantizationAwareTraining,
     check_low_bit_supported,
 )
-from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
+from tests.conftest import MaskedEncoder, RecordSteps, dict_batches, fit_or_resume, trainer_kwargs
 
 # -- every constructor argument: (arguments, exception, message fragment) ----------------------------------
 
@@ -203,41 +203,6 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, kwarg
     assert not any(isinstance(m, QuantizedGraphModule) for m in module.modules())
 
 
-class MaskedEncoder(pl.LightningModule):
-    """A transformers-style module: ``forward(input_ids, attention_mask)``, dict batches with labels."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(16, 32)
-        self.proj = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.proj(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
-        return self.head(hidden.sum(1) / attention_mask.sum(1, keepdim=True))
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-
-    def validation_step(self, batch, batch_idx):
-        self.log(
-            "val_loss", F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        )
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _dict_loader(n=32):
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 16, (n, 6), generator=generator)
-    mask = (torch.arange(6) < torch.randint(2, 7, (n, 1), generator=generator)).long()
-    items = [
-        {"input_ids": i, "attention_mask": m, "labels": i[0] % 4} for i, m in zip(ids, mask, strict=True)
-    ]
-    return DataLoader(items, batch_size=8)
-
-
 def test_a_model_input_the_forward_rejects_fails_before_training_not_at_conversion(tmp_path):
     # From a dict batch the callback can only guess the model input (`input_ids`); the forward also needs
     # `attention_mask`. The error comes at setup, naming the argument that fixes it.
@@ -248,27 +213,63 @@ def test_a_model_input_the_forward_rejects_fails_before_training_not_at_conversi
     with pytest.raises(
         ValueError, match=r"first batch's model input.*rejected it: TypeError.*example_input="
     ) as info:
-        trainer.fit(MaskedEncoder(), _dict_loader())
+        trainer.fit(MaskedEncoder(), dict_batches())
     assert "attention_mask" in str(info.value)
     assert counter.steps == []
 
 
 def test_a_dict_example_input_converts_also_with_dict_validation_batches(tmp_path):
     torch.manual_seed(0)
-    loader = _dict_loader()
+    loader = dict_batches()
     batch = next(iter(loader))
     example = {"input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]}
     qat = QuantizationAwareTraining(scheme="intx-weight-only", bits=4, group_size=16, example_input=example)
     counter = RecordSteps()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3), callbacks=[qat, counter])
     module = MaskedEncoder()
-    trainer.fit(module, loader, _dict_loader(16))
+    trainer.fit(module, loader, dict_batches(16))
     assert counter.steps == [0, 1, 2]
     assert qat.converted
     # The parity compares the fake-quantized and the converted model on the named input: the same 4-bit grid.
     assert qat.parity["argmax_agreement"] == 1.0
     assert qat.parity["max_abs_diff"] < 1e-3
     assert module(**example).shape == (2, 4)
+
+
+def test_the_parity_runs_on_a_validation_batch_when_its_input_has_the_example_input_form(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    module = _Wrapped(model, example=torch.zeros(2, 32))
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append((m.training, args[0].shape[0])))
+    x = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    train = DataLoader(TensorDataset(x[:32], x[:32, 0].gt(0).long()), batch_size=8)
+    val = DataLoader(TensorDataset(x[32:], x[32:, 0].gt(0).long()), batch_size=16)
+    qat = QuantizationAwareTraining(scheme="intx-weight-only", bits=4, group_size=16)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, limit_val_batches=1), callbacks=[qat])
+    trainer.fit(module, train, val)
+    assert qat.converted
+    # The setup check on the example (2 samples), then the parity: fake-quantized and converted, on 16 samples.
+    assert sizes[0] == (False, 2)
+    assert sizes[-2:] == [(False, 16), (False, 16)]
+
+
+class _Wrapped(pl.LightningModule):
+    def __init__(self, net, example):
+        super().__init__()
+        self.net, self.example_input_array = net, example
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_the_tables_cover_every_public_argument():

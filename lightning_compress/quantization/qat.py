@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -264,10 +265,13 @@ class QuantizationAwareTraining(CompressionCallback):
         loader = trainer.val_dataloaders
         with preserved_rng():
             batch = next(iter(loader[0] if isinstance(loader, list | tuple) else loader or ()), None)
-        # A validation batch gives the parity more samples, where the model input is taken from batches anyway;
-        # an input the user named (and the setup check ran) is used as it is.
-        named = self._example_arg is not None or getattr(pl_module, "example_input_array", None) is not None
-        given = None if batch is None or named else first_input(batch)
+        given = None
+        with contextlib.suppress(TypeError):  # a batch whose model input cannot be told
+            given = None if batch is None else first_input(batch)
+        # A validation batch gives the parity more samples, when its input has the form of the example input (which
+        # the setup check ran): not `input_ids` alone for a model given `{"input_ids": ..., "attention_mask": ...}`.
+        if given is not None and not qat_core.same_form(given, self._parts.example):
+            given = None
         inputs = self._parts.target_inputs(pl_module, given)
         target = lambda: self._parts.target(pl_module)  # noqa: E731  (a graph replaces it)
         broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None

@@ -181,6 +181,24 @@ def check_example_runs(model: nn.Module, example: Any, source: str) -> None:
         ) from err
 
 
+def same_form(a: Any, b: Any) -> bool:
+    """Whether two model inputs have the same form: tensors of the same rank, sequences of the same length or
+    dicts of the same keys, item by item (the batch sizes may differ).
+
+    Example::
+
+        >>> same_form(torch.zeros(64, 3), torch.zeros(2, 3)), same_form(torch.zeros(2, 3), {"x": torch.zeros(2, 3)})
+        (True, False)
+    """
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.dim() == b.dim()
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_form(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_form(a[k], b[k]) for k in a)
+    return type(a) is type(b)
+
+
 class _Captured(Exception):
     pass
 
