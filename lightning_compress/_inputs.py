@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -91,6 +93,14 @@ def first_input(batch: Any) -> Any:
     )
 
 
+def first_input_or_none(batch: Any) -> Any:
+    """:func:`first_input`, or ``None`` for a batch whose model input cannot be told."""
+    try:
+        return first_input(batch)
+    except TypeError:
+        return None
+
+
 def detach_input(example: Any, max_batch: int | None = None) -> Any:
     """A detached CPU-independent copy of an example input, cut to ``max_batch`` samples when given."""
     if isinstance(example, torch.Tensor):
@@ -103,3 +113,40 @@ def detach_input(example: Any, max_batch: int | None = None) -> Any:
     if isinstance(example, dict):
         return {k: detach_input(v, max_batch) for k, v in example.items()}
     return example
+
+
+@contextlib.contextmanager
+def preserved_rng(*loaders: Any) -> Iterator[None]:
+    """Draw batches without moving the global random state (a shuffling sampler seeds itself from it) nor the
+    generators of ``loaders`` (``DataLoader(generator=...)``, a sampler's own generator), so that the training sees
+    the batches it would have seen without the draw, and a resumed run, which does not draw at the same point, does
+    not diverge."""
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
+    generators: list[torch.Generator] = []
+    for loader in loaders:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (
+            loader,
+            getattr(loader, "sampler", None),
+            batch_sampler,
+            getattr(batch_sampler, "sampler", None),
+        ):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator) and not any(generator is g for g in generators):
+                generators.append(generator)
+    states = [generator.get_state() for generator in generators]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
+
+
+def first_batches(loader: Iterable | None, *window: int | None) -> list[Any]:
+    """The batches ``itertools.islice(loader, *window)`` (default: the first one), drawn without moving any
+    random state (:func:`preserved_rng`); ``[]`` without a loader."""
+    with preserved_rng(loader):
+        return list(itertools.islice(() if loader is None else loader, *(window or (1,))))

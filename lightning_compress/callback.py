@@ -22,9 +22,8 @@ object) and call ``CompressionCallback.example_input(...)`` explicitly.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -33,7 +32,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_compress._events import watch_loss
-from lightning_compress._inputs import to_device
+from lightning_compress._inputs import first_batches, to_device
+from lightning_compress._inputs import preserved_rng as preserved_rng  # the callbacks draw batches with it
 from lightning_compress._lightning import (
     LIGHTNING_HOOKS,
     detach_input,
@@ -201,8 +201,7 @@ class CompressionCallback(Callback):
         if example is None and trainer is not None:
             loader = training_loader(trainer)
             if loader is not None:
-                with preserved_rng():
-                    batch = next(iter(loader), None)
+                batch = next(iter(first_batches(loader)), None)
                 example = None if batch is None else model_input(batch)
         if example is None:
             return None
@@ -303,17 +302,6 @@ def evaluation_loader(trainer: pl.Trainer, stage: str) -> Any:
     if isinstance(loader, list | tuple):
         loader = loader[0] if loader else None
     return loader
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Draw batches without moving the global random state (a shuffling sampler seeds itself from it), so a
-    resumed run, which does not draw at the same point, does not diverge."""
-    devices = (
-        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    )
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 # Every hook, also those the base leaves to Lightning's no-op: the first compression callback in the list runs

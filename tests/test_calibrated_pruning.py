@@ -198,9 +198,8 @@ def test_prune_runs_the_calibration_in_eval_mode_and_leaves_no_hook():
 def test_bad_combinations_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradualPruning(**kwargs)
-    if "calibration_input" not in kwargs:  # a callback argument: the core takes the inputs themselves
-        with pytest.raises(error, match=match):
-            PruningConfig(**kwargs)
+    with pytest.raises(error, match=match):
+        PruningConfig(**kwargs)
 
 
 def test_a_layer_whose_inputs_are_not_collected_is_refused_when_the_plan_is_built():
@@ -282,13 +281,19 @@ def test_calibration_input_maps_the_batches_and_decides_as_the_core_does(tmp_pat
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[pruning])
     trainer.fit(model, dict_batches())
     # The masks are decided before the first step: the core on the same three mapped batches decides the same.
-    inputs = [_keyword_inputs(b) for b in itertools.islice(dict_batches(), 3)]
-    config = PruningConfig(mode="2:4", criterion=criterion, modules=nn.Linear, calibration_batches=3)
-    prune_(dense, config, calibration=inputs, finalize=False)
+    batches = list(itertools.islice(dict_batches(), 3))
+    config = PruningConfig(
+        mode="2:4",
+        criterion=criterion,
+        modules=nn.Linear,
+        calibration_batches=3,
+        calibration_input=_keyword_inputs,
+    )
+    prune_(dense, config, calibration=batches, finalize=False)
     for name in ("proj.weight", "head.weight"):
         assert torch.equal(pruning.masks[name], dict(dense.named_parameters())[name] != 0), name
     # With the attention mask left out (every position counted), Wanda decides otherwise on this data.
-    ones = [{**i, "attention_mask": torch.ones_like(i["attention_mask"])} for i in inputs]
+    ones = [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in batches]
     torch.manual_seed(0)
     other = MaskedEncoder()  # the same initial weights as `model`
     prune_(other, config, calibration=ones, finalize=False)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import _lightning
+from lightning_compress import GradualPruning, LowRankReplacement, QuantizationAwareTraining, _lightning
 from lightning_compress.callback import (
     QUANTIZE,
     REPLACE_LAYERS,
@@ -226,3 +226,46 @@ def test_evaluation_outside_a_fit_calls_prepare_evaluation(tmp_path, stage):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[Eval()]))
     trainer.validate(WithVal(), loader(), verbose=False)
     assert seen == [stage]
+
+
+class RecordBatches(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(batch[0][:, 0].tolist())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GradualPruning(
+            mode="2:4",
+            criterion="wanda",
+            modules=nn.Linear,
+            start=0.0,
+            end=0.5,
+            frequency=2,
+            calibration_batches=2,
+        ),
+        lambda: QuantizationAwareTraining(scheme="intx-weight-only", group_size=4),
+        lambda: LowRankReplacement(rank=2, method="whitened", calibration_batches=2),
+    ],
+    ids=["wanda", "qat_first_batch_example", "low_rank_whitened"],
+)
+def test_drawing_calibration_or_example_batches_leaves_a_seeded_loader_order_as_it_was(tmp_path, make):
+    # A loader with its own generator: drawing batches from it (each `iter` draws from the generator) must not
+    # change the order the training sees.
+    orders = []
+    for callbacks in ([], [make()]):
+        record = RecordBatches()
+        torch.manual_seed(0)
+        data = loader(shuffle=True)
+        data = DataLoader(
+            data.dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)
+        )
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[*callbacks, record])
+        trainer.fit(Tiny(), data)
+        orders.append(record.seen)
+    assert len(orders[0]) == 8
+    assert orders[1] == orders[0]

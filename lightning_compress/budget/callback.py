@@ -277,7 +277,7 @@ class CompressionBudget(CompressionCallback):
 def _first_batches(loader: Any, count: int) -> list[Any]:
     if loader is None:
         return []
-    with preserved_rng():
+    with preserved_rng(loader):
         batches = []
         for batch in loader:
             batches.append(batch)

@@ -243,7 +243,7 @@ class StochasticDepth(CompressionCallback):
             raise ValueError(
                 "StochasticDepth ranks the blocks on batches of the training data, and this fit has none."
             )
-        with preserved_rng():
+        with preserved_rng(loader):
             # The same batches whenever they are drawn (a shuffling sampler seeds itself from the global state).
             torch.default_generator.manual_seed(self.config.seed)
             batches = list(itertools.islice(iter(loader), self.config.removal_batches))

@@ -223,7 +223,7 @@ class LowRankReplacement(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, check_calibration: bool = False
     ) -> LowRankTargets:
         loader = training_loader(trainer)
-        with preserved_rng():
+        with preserved_rng(loader):
             example = self.example_input(trainer, pl_module, self._example_input, 1, self._model_input)
             _checks.check_low_rank_data(self.config, loader is not None, example is not None)
             source = (
@@ -241,9 +241,10 @@ class LowRankReplacement(CompressionCallback):
     def _replace(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, targets: LowRankTargets
     ) -> LowRankResult:
-        with preserved_rng():
+        loader = training_loader(trainer)
+        with preserved_rng(loader):
             result = core.replace_targets(
-                pl_module, self.config, targets, training_loader(trainer),
+                pl_module, self.config, targets, loader,
                 calibration_input=self.calibration_input, collective=_collective(trainer),
             )  # fmt: skip
         # Whole-model totals compare with the model before the first LowRankReplacement of this fit.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress._inputs import call_module, to_device
+from lightning_compress._inputs import call_module, detach_input, first_batches, first_input, to_device
 from lightning_compress.pruning.masks import _kept_after_pruning, nm_keep
 from lightning_compress.stats import _eval_mode
 
@@ -250,6 +250,60 @@ def attention_heads_output(module: nn.MultiheadAttention, args: tuple, kwargs: M
         identity.bias.zero_()
     probe._modules = {**module._modules, "out_proj": identity}
     return probe(*args, **{**kwargs, "need_weights": False})[0]
+
+
+def calibration_inputs(
+    batches: Iterable[Any],
+    calibration_input: Callable[[Any], Any] | None,
+    default: Callable[[Any], Any] | None = None,
+) -> Iterator[Any]:
+    """The model inputs of ``batches``: each mapped by ``calibration_input``, else by ``default``, else as it is.
+
+    Example::
+
+        >>> list(calibration_inputs([{"x": 1}, {"x": 2}], lambda batch: batch["x"]))
+        [1, 2]
+    """
+    mapping = calibration_input or default
+    return (mapping(batch) if mapping is not None else batch for batch in batches)
+
+
+def check_calibration_input(model: nn.Module, loader: Iterable[Any] | None, config: Any) -> None:
+    """Run ``model`` once (eval mode, no gradients) on two samples of the input of the first batch of ``loader``
+    (drawn without moving any random state), as calibration will (``config.calibration_input``, default the batch's
+    first element), so that an input it rejects fails before training, naming ``calibration_input``. Nothing to do
+    without batches or for a criterion that needs none.
+
+    Example::
+
+        >>> from lightning_compress.pruning import PruningConfig
+        >>> config = PruningConfig(amount=0.5, criterion="wanda", calibration_input=lambda batch: batch["x"])
+        >>> check_calibration_input(nn.Linear(4, 2), [{"x": torch.ones(8, 4)}], config)
+        >>> check_calibration_input(nn.Linear(4, 2), [{"x": torch.ones(8, 3)}], config)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `criterion='wanda'` runs the model on training batches to calibrate, and the model rejected ...
+    """
+    batches = first_batches(loader) if config.calibrated else []
+    if not batches:
+        return
+    try:
+        example = next(calibration_inputs(batches[:1], config.calibration_input, first_input))
+        device = next(model.parameters(), torch.empty(0)).device
+        with torch.no_grad(), _eval_mode([model]):
+            call_module(model, to_device(detach_input(example, max_batch=2), device))
+    except Exception as err:
+        source = (
+            "`calibration_input(batch)`"
+            if config.calibration_input is not None
+            else "the batch's first element"
+        )
+        raise ValueError(
+            f"`criterion={config.criterion!r}` runs the model on training batches to calibrate, and the model rejected "
+            f"the input taken from the first one ({source}): {type(err).__name__}: {err}. Pass `calibration_input`, "
+            "a function from a training batch to the model's input, e.g. `calibration_input=lambda batch: "
+            "{'input_ids': batch['input_ids'], 'attention_mask': batch['attention_mask']}`."
+        ) from err
 
 
 def collect_statistics(

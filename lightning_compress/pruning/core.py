@@ -49,6 +49,7 @@ from lightning_compress.pruning.calibration import (
     LAYER_TYPES,
     ColumnStatistics,
     attention_inputs,
+    calibration_inputs,
     collect_statistics,
     sparsegpt_prune,
     wanda_mask,
@@ -116,6 +117,10 @@ class PruningConfig:
             their channels and lose the smallest of their amounts). Not with ``scope="global"`` nor N:M.
         calibration_batches: ``"wanda"``/``"sparsegpt"``: how many calibration inputs each decision runs the
             model on.
+        calibration_input: ``"wanda"``/``"sparsegpt"``: a function from a calibration batch to the model's input (a
+            tensor, a tuple of positional arguments or a dict of keyword arguments), e.g. ``lambda b:
+            {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}``; default: :func:`prune_` runs
+            the model on each item as it is, ``GradualPruning`` on a training batch's first element.
 
     Example::
 
@@ -145,6 +150,7 @@ class PruningConfig:
     seed: int = 0
     layer_amounts: Mapping[str, float] | None = None
     calibration_batches: int = 8
+    calibration_input: Callable[[Any], Any] | None = None
     kind: str = field(init=False, repr=False, compare=False)
     nm: tuple[int, int] | None = field(init=False, repr=False, compare=False)
     selection: ModuleSelection = field(init=False, repr=False, compare=False)
@@ -165,6 +171,7 @@ class PruningConfig:
         _checks.check_round_to(self.round_to)
         _checks.check_int(self.seed, "seed", hint="the seed of the random criterion.")
         _checks.check_calibration_batches(self.calibration_batches)
+        _checks.check_low_rank_calibration_input(self.calibration_input)
         layer_amounts = _checks.check_layer_amounts(self.layer_amounts, kind, self.mode, self.scope)
         object.__setattr__(self, "layer_amounts", layer_amounts)
         object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
@@ -943,8 +950,9 @@ def prune_(
         amount: the fraction removed (default: ``config.amount``; with ``layer_amounts``, every layer its own).
         example_input: one input batch; needed by structured pruning (default: ``model.example_input_array``).
         grads: gradients by parameter name, for ``criterion="taylor"``.
-        calibration: model inputs (tensors, tuples of positional arguments or dicts of keyword arguments), for
-            ``criterion="wanda"``/``"sparsegpt"``: the first ``config.calibration_batches`` are run.
+        calibration: model inputs (tensors, tuples of positional arguments or dicts of keyword arguments), or
+            batches that ``config.calibration_input`` maps to them, for ``criterion="wanda"``/``"sparsegpt"``:
+            the first ``config.calibration_batches`` are run.
         finalize: make it permanent (structured: remove the channels); with ``False`` the plan keeps the masks.
 
     Example::
@@ -968,7 +976,7 @@ def prune_(
                 f"`criterion={config.criterion!r}` decides from the layers' inputs: pass `calibration`, model inputs "
                 "to run (e.g. `[x for x, _ in loader]`)."
             )
-        plan.calibrate(calibration)
+        plan.calibrate(calibration_inputs(calibration, config.calibration_input))
     plan.compute_masks(plan.final_amount if amount is None else amount, grads)
     plan.apply()
     if finalize:

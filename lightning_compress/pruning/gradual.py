@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,13 +12,12 @@ from torch import Tensor, nn
 
 from lightning_compress import _checks, _lightning
 from lightning_compress._events import record_event
-from lightning_compress._inputs import call_module
-from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback, preserved_rng, training_loader
-from lightning_compress.pruning import core
+from lightning_compress._inputs import first_batches, first_input_or_none, preserved_rng
+from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback, training_loader
+from lightning_compress.pruning import calibration, core
 from lightning_compress.pruning.core import PRUNED_CHECKPOINT_KEY, load_pruned_checkpoint
 from lightning_compress.schedules import Point, Schedule, ScheduleFn
 from lightning_compress.selection import Selector
-from lightning_compress.stats import _eval_mode
 
 __all__ = ["PRUNED_CHECKPOINT_KEY", "GradualPruning", "load_pruned_checkpoint"]
 
@@ -53,19 +50,13 @@ class GradualPruning(CompressionCallback):
         finalize: make the pruning permanent at the end of training (``materialize`` is its deprecated name).
         per_layer: also log the sparsity of every pruned weight (``log_per_layer`` is its deprecated name).
         seed: seed of the random criterion.
-        layer_amounts: ``{layer name: amount}``: the final fraction of each named layer (the others keep
-            ``amount``); every layer ramps in proportion, see :class:`~lightning_compress.pruning.PruningConfig`.
+        layer_amounts: ``{layer name: amount}``: each named layer's final fraction, see ``PruningConfig``.
         calibration_batches: ``"wanda"``/``"sparsegpt"``: training batches the model runs on before each update.
-        calibration_input: ``"wanda"``/``"sparsegpt"``: a function from a training batch to the model's input (a
-            tensor, a tuple of positional arguments or a dict of keyword arguments); default: the batch itself if a
-            tensor, else its first element (a dict: its ``"input_ids"``, ``"x"``, ... entry). The model runs once on
-            the first batch's input at setup, so that an input it rejects fails before training.
+        calibration_input: a function from a training batch to the model's input, see ``PruningConfig``.
 
     Example::
 
-        >>> from lightning.pytorch import Trainer
         >>> pruning = GradualPruning(amount=0.9, mode="unstructured", schedule="agp", start=0.1, end=0.7)
-        >>> trainer = Trainer(callbacks=[pruning], max_epochs=10, logger=False)
         >>> GradualPruning(amount=0.5, mode="2:4")
         Traceback (most recent call last):
         ...
@@ -104,7 +95,7 @@ class GradualPruning(CompressionCallback):
     ) -> None:
         self.config = config = core.PruningConfig(
             amount, mode, criterion, scope, max_layer_amount, modules, exclude, min_params, round_to, seed,
-            layer_amounts, calibration_batches,
+            layer_amounts, calibration_batches, calibration_input,
         )  # fmt: skip
         self.amount, self.mode, self.criterion, self.scope = config.amount, config.kind, criterion, scope
         self.selection, self.seed, self.layer_amounts = config.selection, seed, config.layer_amounts
@@ -115,7 +106,6 @@ class GradualPruning(CompressionCallback):
         ramp = _checks.check_pruning_ramp(schedule, start, end, frequency)
         self.schedule, self.start, self.end, self.frequency = ramp
         self._example_input = example_input
-        self.calibration_input = _checks.check_low_rank_calibration_input(calibration_input)
         # `finalize()` is the end-of-training step of every compression callback: the argument is `finalize_at_end`.
         flags = {"materialize": (materialize, "finalize", finalize, True)}
         flags["log_per_layer"] = (log_per_layer, "per_layer", per_layer, False)
@@ -180,8 +170,7 @@ class GradualPruning(CompressionCallback):
         ramp = (self.initial_amount, self.schedule, self.frequency, self.start, self._plan.final_amount)
         steps = trainer.estimated_stepping_batches  # inf for a fit of unknown length
         self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp)
-        if self.config.calibrated:
-            self._check_calibration_input(trainer, pl_module)
+        calibration.check_calibration_input(pl_module, training_loader(trainer), self.config)
         if reasons := self._plan.skipped_reasons():
             rank_zero_info(f"GradualPruning leaves these layers' channels alone: {reasons}.")
 
@@ -207,9 +196,7 @@ class GradualPruning(CompressionCallback):
     ) -> None:
         if self.mode == "structured":
             # Real data to check the removal on (by reference; a few samples of it go into checkpoints).
-            self._last_input = None
-            with contextlib.suppress(TypeError):
-                self._last_input = _lightning.first_input(batch)
+            self._last_input = first_input_or_none(batch)
         step, schedule = trainer.global_step, self._schedule
         if step > schedule.end or self.last_update_step == step or not schedule.is_update_step(step):
             return
@@ -233,46 +220,18 @@ class GradualPruning(CompressionCallback):
         plan.park_optimizer_state(trainer.optimizers)
         self._metrics = plan.metrics(pl_module, self.per_layer)
 
-    def _model_input(self, batch: Any) -> Any:
-        return (
-            self.calibration_input(batch)
-            if self.calibration_input is not None
-            else _lightning.first_input(batch)
-        )
-
-    def _check_calibration_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Run the model once on the first training batch's input (two samples, eval mode, no gradients)."""
-        loader = training_loader(trainer)
-        with preserved_rng():
-            batch = next(iter(loader or ()), None)
-        if batch is None:
-            return
-        try:
-            example = self.example_input(None, pl_module, self._model_input(batch), max_batch=2)
-            with _eval_mode([pl_module]), torch.no_grad():
-                call_module(pl_module, example)
-        except Exception as err:
-            source = (
-                "`calibration_input(batch)`"
-                if self.calibration_input is not None
-                else "the batch's first element"
-            )
-            raise ValueError(
-                f"`criterion={self.criterion!r}` runs the model on training batches to calibrate, and the model rejected "
-                f"the input taken from the first one ({source}): {type(err).__name__}: {err}. Pass "
-                "`calibration_input`, a function from a training batch to the model's input, e.g. "
-                "`calibration_input=lambda batch: {'input_ids': batch['input_ids'], 'attention_mask': "
-                "batch['attention_mask']}`."
-            ) from err
-
     def _calibrate(self, trainer: pl.Trainer, plan: core.PruningPlan) -> None:
-        # Each rank runs its share of the first training batches (the loader as given: the same on every rank), the
-        # sums added over the ranks, without moving the training's random state.
+        # Each rank runs its share of the first training batches, the sums added over the ranks.
         share = (trainer.global_rank, self.config.calibration_batches, trainer.world_size)
-        precision = trainer.strategy.precision_plugin
+        batches, precision = (
+            first_batches(training_loader(trainer), *share),
+            trainer.strategy.precision_plugin,
+        )
+        inputs = calibration.calibration_inputs(
+            batches, self.config.calibration_input, _lightning.first_input
+        )
         with preserved_rng(), precision.forward_context():
-            batches = itertools.islice(training_loader(trainer) or (), *share)
-            inputs = (precision.convert_input(self._model_input(batch)) for batch in batches)
+            inputs = map(precision.convert_input, inputs)
             plan.calibrate(inputs, reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
 
     def _reduced_taylor(self, trainer: pl.Trainer, grads: dict[str, Tensor]) -> dict[str, Tensor]:

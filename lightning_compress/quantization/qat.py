@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import weakref
@@ -22,7 +21,7 @@ from lightning_compress.callback import (
     SHARE_VALUES,
     CompressionCallback,
     compression_callbacks,
-    preserved_rng,
+    first_batches,
 )
 from lightning_compress.export import check_writable
 from lightning_compress.quantization import qat_core
@@ -171,26 +170,16 @@ class QuantizationAwareTraining(CompressionCallback):
         if self._parts.example is None:
             example = self.example_input(trainer, pl_module, self._example_arg, 2)
             if example is None and stage != "fit":  # the first batch of this stage's data
-                with preserved_rng():
-                    batch = next(iter(_callback.evaluation_loader(trainer, stage) or ()), None)
-                given = None if batch is None else first_input(batch)
+                batches = first_batches(_callback.evaluation_loader(trainer, stage))
+                given = first_input(batches[0]) if batches else None
                 example = None if given is None else self.example_input(None, pl_module, given, 2)
             self._parts.example = example
-            if example is not None:
-                qat_core.check_example_runs(pl_module, example, self._example_source(pl_module))
+            qat_core.check_example_runs(pl_module, example, given=self._example_arg is not None)
         self.track_hook(pl_module.register_load_state_dict_pre_hook(self._before_load))
         # Other callbacks get the float layers back for a while (to remove pruned channels) through this view,
         # held weakly: the registry outlives the fit.
         view = weakref.WeakMethod(self._parts.float_view)
         _lightning.register_float_view(pl_module, lambda m: (view() or (lambda _: nullcontext()))(m))  # type: ignore[misc]
-
-    def _example_source(self, pl_module: pl.LightningModule) -> str:
-        """Where the example input came from, as errors name it."""
-        if self._example_arg is not None:
-            return "`example_input`"
-        if getattr(pl_module, "example_input_array", None) is not None:
-            return "`example_input_array`"
-        return "the first batch's model input (no `example_input` nor `example_input_array` was given)"
 
     def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rebuild the structure the checkpoint was saved with, just before its weights load."""
@@ -263,16 +252,8 @@ class QuantizationAwareTraining(CompressionCallback):
         if not self.finalize_at_end or self._parts.state(pl_module) != "prepared":
             return
         loader = trainer.val_dataloaders
-        with preserved_rng():
-            batch = next(iter(loader[0] if isinstance(loader, list | tuple) else loader or ()), None)
-        given = None
-        with contextlib.suppress(TypeError):  # a batch whose model input cannot be told
-            given = None if batch is None else first_input(batch)
-        # A validation batch gives the parity more samples, when its input has the form of the example input (which
-        # the setup check ran): not `input_ids` alone for a model given `{"input_ids": ..., "attention_mask": ...}`.
-        if given is not None and not qat_core.same_form(given, self._parts.example):
-            given = None
-        inputs = self._parts.target_inputs(pl_module, given)
+        batches = first_batches(loader[0] if isinstance(loader, list | tuple) and loader else loader)
+        inputs = self._parts.target_inputs(pl_module, qat_core.parity_input(batches, self._parts.example))
         target = lambda: self._parts.target(pl_module)  # noqa: E731  (a graph replaces it)
         broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
         self._parts.synchronize(pl_module, lambda t: trainer.strategy.reduce(t, reduce_op="mean"), broadcast)

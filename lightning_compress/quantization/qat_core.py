@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress import _checks
-from lightning_compress._inputs import as_call, input_shapes
+from lightning_compress._inputs import as_call, first_input_or_none, input_shapes
 from lightning_compress._inputs import to_device as _to_device
 from lightning_compress.selection import ModuleSelection, Selector, find_submodule, selector_items
 
@@ -156,19 +156,25 @@ def run(module: nn.Module, inputs: tuple[tuple, dict]) -> Any:
         return module(*inputs[0], **inputs[1])
 
 
-def check_example_runs(model: nn.Module, example: Any, source: str) -> None:
-    """Run ``model`` once on ``example`` (eval mode, no gradients) before training, so that an input the model
-    rejects fails now, named by ``source``, rather than at the conversion after the last step.
+def check_example_runs(model: nn.Module, example: Any, given: bool) -> None:
+    """Run ``model`` once on ``example`` (eval mode, no gradients; nothing without one) before training, so that an
+    input the model rejects fails now, named by where it came from (``given``: the callback's ``example_input``,
+    else the model's ``example_input_array``, else a batch), rather than at the conversion after the last step.
 
     Example::
 
         >>> model = nn.Linear(4, 2)
-        >>> check_example_runs(model, torch.zeros(1, 4), "`example_input`")
-        >>> check_example_runs(model, torch.zeros(1, 3), "`example_input`")  # doctest: +ELLIPSIS
+        >>> check_example_runs(model, torch.zeros(1, 4), given=True)
+        >>> check_example_runs(model, torch.zeros(1, 3), given=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: QuantizationAwareTraining runs the model on `example_input` ...
     """
+    if example is None:
+        return
+    source = "the first batch's model input (no `example_input` nor `example_input_array` was given)"
+    if given or getattr(model, "example_input_array", None) is not None:
+        source = "`example_input`" if given else "`example_input_array`"
     try:
         run(model, as_call(example))
     except Exception as err:
@@ -179,6 +185,22 @@ def check_example_runs(model: nn.Module, example: Any, source: str) -> None:
             "with one input the forward accepts: a tensor, a tuple of positional inputs or a dict of keyword "
             "inputs, e.g. `{'input_ids': ..., 'attention_mask': ...}`."
         ) from err
+
+
+def parity_input(batches: list[Any], example: Any) -> Any:
+    """The model input of ``batches[0]`` (a validation batch: more samples for the conversion's parity check) when it
+    has the form of ``example`` (or there is no example), else ``None`` (the example is used): not ``input_ids``
+    alone for a model that takes ``{"input_ids": ..., "attention_mask": ...}``.
+
+    Example::
+
+        >>> parity_input([(torch.zeros(64, 3), torch.zeros(64))], torch.zeros(2, 3)).shape
+        torch.Size([64, 3])
+        >>> parity_input([{"input_ids": torch.zeros(64, 3)}], {"input_ids": torch.zeros(2, 3), "mask": None}) is None
+        True
+    """
+    given = first_input_or_none(batches[0]) if batches else None
+    return given if example is None or given is None or same_form(given, example) else None
 
 
 def same_form(a: Any, b: Any) -> bool:
