@@ -293,3 +293,47 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def criterion_targets(losses: dict[str, float], label: str, metric: str) -> dict[str, bool]:
+    """Wanda and SparseGPT against magnitude (``"l1"``) on one measure of damage (lower is better), each by
+    ``criterion: damage``: less damage than magnitude, and at most half of it ("far better").
+
+    Example::
+
+        >>> criterion_targets({"l1": 0.4, "wanda": 0.3, "sparsegpt": 0.1}, "2:4 one-shot", "degradation")
+        {'wanda 2:4 one-shot: less degradation than magnitude': True, 'wanda 2:4 one-shot: at most half the degradation of magnitude': False, 'sparsegpt 2:4 one-shot: less degradation than magnitude': True, 'sparsegpt 2:4 one-shot: at most half the degradation of magnitude': True}
+    """
+    met: dict[str, bool] = {}
+    for criterion in ("wanda", "sparsegpt"):
+        if criterion in losses and "l1" in losses:
+            met[f"{criterion} {label}: less {metric} than magnitude"] = losses[criterion] < losses["l1"]
+            met[f"{criterion} {label}: at most half the {metric} of magnitude"] = (
+                losses[criterion] <= losses["l1"] / 2
+            )
+    return met
+
+
+def input_spread(
+    model: torch.nn.Module, layers: dict[str, torch.nn.Module], inputs: list[Any]
+) -> dict[str, float]:
+    """How uneven the input features of ``layers`` are on ``inputs``: per layer, the largest over the median of its
+    input features' norms (``√Σ x_j²``; an attention's packed projection: the largest of its query / key / value
+    thirds'), summarized as the median and the largest over the layers. Wanda's score ``|W| · ‖x_j‖`` departs
+    from magnitude pruning as far as these norms differ.
+
+    Example::
+
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> spread = input_spread(layer, {"": layer}, [torch.tensor([[1.0, 1.0, 1.0, 8.0]])])
+        >>> spread["median"], spread["max"]
+        (8.0, 8.0)
+    """
+    from lightning_compress.pruning import collect_statistics
+
+    stats = collect_statistics(model, {name: [layer] for name, layer in layers.items()}, inputs)
+    ratios = []
+    for stat in stats.values():
+        norms = stat.sq_sum.sqrt()
+        ratios.append(float((norms.max(-1).values / norms.median(-1).values).max()))
+    return {"median": statistics.median(ratios), "max": max(ratios)}

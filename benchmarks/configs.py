@@ -90,6 +90,16 @@ CONFIGS: dict[str, Config] = {
     "budget": Config("budget"),
     "compact": Config("compact"),
     "language_model": Config("language_model"),
+    "minilm_compress": Config("minilm_compress", needs=("transformers",)),
+    "minilm_compress_dropout": Config(
+        "minilm_compress",
+        {
+            "dropout": None,
+            "criteria": (),
+            "sparse_modes": (),
+        },  # its QAT arms with the model's dropout (0.1) on
+        needs=("transformers",),
+    ),
     "deep_compression": Config("deep_compression"),
     "distillation": Config("distillation", {"threads": 1}),
     "distillation_transfer": Config(
@@ -250,6 +260,7 @@ BENCH: tuple[str, ...] = (
     "pipeline",
     "budget",
     "language_model",
+    "minilm_compress",
     "overhead",
     "report_example",
     "gpu_check",

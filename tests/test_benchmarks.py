@@ -227,3 +227,63 @@ def test_a_full_run_writes_the_line_that_names_its_configuration_and_command(tmp
     line = "Configuration `budget` (`benchmarks/configs.py`): `python -m benchmarks run budget` regenerates this file."
     assert texts[False].endswith("| 1 |\n\n" + line + "\n")
     assert line not in texts[True] and texts[True].endswith("| 1 |\n")
+
+
+class LayeredEncoder(nn.Module):
+    """A stand-in for a transformers encoder with its layers under ``encoder.layer`` (as BERT's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(40, 32)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(2)
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> types.SimpleNamespace:
+        hidden = self.embeddings(input_ids)
+        for layer in self.encoder.layer:
+            hidden = hidden + layer(hidden)
+        return types.SimpleNamespace(last_hidden_state=hidden)
+
+
+def test_minilm_compress_protocol_prunes_quantizes_and_measures_every_arm():
+    from benchmarks import minilm_compress
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 40, (80, 6), generator=torch.Generator().manual_seed(0))
+    lengths = torch.randint(3, 7, (80, 1), generator=torch.Generator().manual_seed(1))
+    tokens = {"input_ids": ids, "attention_mask": (torch.arange(6) < lengths).long()}
+    train = Tokenized({k: v[:48] for k, v in tokens.items()})
+    held_out = Tokenized({k: v[48:] for k, v in tokens.items()})
+    original = SentenceEncoder(LayeredEncoder()).eval().requires_grad_(False)
+    settings = minilm_compress.Settings(**{**minilm_compress.QUICK, "threads": 1})
+    results = minilm_compress.compare(settings, original, train, held_out)
+    by = {row["arm"]: row for row in results["rows"]}
+    expected = ["dense", "ptq_4bit", "qat_4bit"] + [
+        f"{c}_{m}{suffix}"
+        for c in ("l1", "wanda", "sparsegpt")
+        for m in ("unstructured", "2of4")
+        for suffix in ("_oneshot", "")
+    ]
+    assert list(by) == expected
+    assert by["dense"]["cosine"] == pytest.approx(1.0) and by["dense"]["neighbours"] == 1.0
+    for arm in expected[3:]:
+        # Half of every layer's weights, exactly: the masks held through fine-tuning.
+        assert by[arm]["sparsity"] == 0.5, arm
+        assert 0.0 < by[arm]["degradation"] < 1.0, arm
+    assert 0.0 < by["ptq_4bit"]["degradation"] < 0.05
+    # The recovered share is computed from the table's degradations.
+    ptq, qat = by["ptq_4bit"]["degradation"], by["qat_4bit"]["degradation"]
+    assert results["recovered"]["4bit"] == pytest.approx((ptq - qat) / ptq)
+    assert {"dense", "ptq_4bit", "qat_4bit"} == {arm for arm, row in by.items() if "speedup" in row}
+    met = minilm_compress.targets(results)
+    assert set(met) == {
+        "wanda 2:4 one-shot: less degradation than magnitude",
+        "wanda 2:4 one-shot: at most half the degradation of magnitude",
+        "sparsegpt 2:4 one-shot: less degradation than magnitude",
+        "sparsegpt 2:4 one-shot: at most half the degradation of magnitude",
+        "4bit: QAT recovers >= 2/3 of the PTQ degradation",
+    }
+    # SparseGPT's one-shot reconstruction beats magnitude even on this random model.
+    assert by["sparsegpt_2of4_oneshot"]["degradation"] < by["l1_2of4_oneshot"]["degradation"]
