@@ -201,8 +201,8 @@ class CompressionCallback(Callback):
         if example is None and trainer is not None:
             loader = training_loader(trainer)
             if loader is not None:
-                batch = next(iter(first_batches(loader)), None)
-                example = None if batch is None else model_input(batch)
+                batches = first_batches(loader)
+                example = model_input(batches[0]) if batches else None
         if example is None:
             return None
         device = next(pl_module.parameters(), torch.empty(0)).device

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_compress import _checks
-from lightning_compress._inputs import first_input, to_device
+from lightning_compress._inputs import first_batches, first_input, to_device
 from lightning_compress.budget import core
 from lightning_compress.budget.allocation import ALLOCATED_ARGUMENT, Allocation
 from lightning_compress.budget.core import BudgetConfig, BudgetPlan
@@ -25,7 +25,6 @@ from lightning_compress.callback import (
     CompressionCallback,
     compression_callbacks,
     evaluation_loader,
-    preserved_rng,
     training_loader,
 )
 from lightning_compress.selection import Selector
@@ -170,7 +169,7 @@ class CompressionBudget(CompressionCallback):
         self.levels = dict(levels)
 
     def _choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        batches = _first_batches(training_loader(trainer), max(self.config.batches, 1))
+        batches = first_batches(training_loader(trainer), max(self.config.batches, 1))
         if not batches:
             raise ValueError("CompressionBudget measures on batches of the training data, and it has none.")
         device = pl_module.device
@@ -194,7 +193,7 @@ class CompressionBudget(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: BudgetPlan, batches: list[Any]
     ) -> Allocation | None:
         loader = evaluation_loader(trainer, "validate")
-        held_out = [to_device(b, pl_module.device) for b in _first_batches(loader, self.eval_batches)]
+        held_out = [to_device(b, pl_module.device) for b in first_batches(loader, self.eval_batches)]
         if not held_out:
             raise ValueError(
                 "CompressionBudget(max_drop=...) evaluates each probe on validation data, and this fit has none. "
@@ -272,18 +271,6 @@ class CompressionBudget(CompressionCallback):
                 "sensitivity was measured on other weights or batches). Pass `cache=` a file so that every run "
                 "reads the same measurement."
             )
-
-
-def _first_batches(loader: Any, count: int) -> list[Any]:
-    if loader is None:
-        return []
-    with preserved_rng(loader):
-        batches = []
-        for batch in loader:
-            batches.append(batch)
-            if len(batches) == count:
-                break
-    return batches
 
 
 def _accuracy(model: nn.Module, batch: Any) -> float:
