@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,11 +316,15 @@ def criterion_targets(losses: dict[str, float], label: str, metric: str) -> dict
 
 
 def input_spread(
-    model: torch.nn.Module, layers: dict[str, torch.nn.Module], inputs: list[Any]
+    model: torch.nn.Module,
+    layers: dict[str, torch.nn.Module],
+    inputs: list[Any],
+    positions: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
     """How uneven the input features of ``layers`` are on ``inputs``: per layer, the largest over the median of its
     input features' norms (``√Σ x_j²``; an attention's packed projection: the largest of its query / key / value
-    thirds'), summarized as the median and the largest over the layers. Wanda's score ``|W| · ‖x_j‖`` departs
+    thirds'), summarized as the median and the largest over the layers; ``positions``: the calibration mask
+    (``calibration_mask``) of the positions that count. Wanda's score ``|W| · ‖x_j‖`` departs
     from magnitude pruning as far as these norms differ.
 
     Example::
@@ -331,7 +336,9 @@ def input_spread(
     """
     from lightning_compress.pruning import collect_statistics
 
-    stats = collect_statistics(model, {name: [layer] for name, layer in layers.items()}, inputs)
+    stats = collect_statistics(
+        model, {name: [layer] for name, layer in layers.items()}, inputs, positions=positions
+    )
     ratios = []
     for stat in stats.values():
         norms = stat.sq_sum.sqrt()

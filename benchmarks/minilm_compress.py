@@ -149,6 +149,11 @@ def pruned_sparsity(model: nn.Module) -> float:
     return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
 
 
+def real_tokens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions of the tokens, not the padding: what the calibration statistics count."""
+    return inputs["attention_mask"]
+
+
 def sparse_pruning(mode: str, criterion: str, settings: Settings) -> GradualPruning:
     """One-shot pruning at the first step: ``mode`` by ``criterion`` on the encoder layers' ``nn.Linear``."""
     return GradualPruning(
@@ -160,6 +165,7 @@ def sparse_pruning(mode: str, criterion: str, settings: Settings) -> GradualPrun
         end=0.0,
         calibration_batches=settings.calibration_batches,
         calibration_input=model_input,
+        calibration_mask=real_tokens,
     )
 
 
@@ -206,9 +212,8 @@ def compare(args: Settings, original: nn.Module, train: Tokenized, held_out: Tok
     layers = {
         name: m for name, m in original.named_modules() if isinstance(m, nn.Linear) and ".layer." in name
     }
-    spread = input_spread(
-        original, layers, [model_input(b) for b in itertools.islice(loader(), args.calibration_batches)]
-    )
+    calibration = [model_input(b) for b in itertools.islice(loader(), args.calibration_batches)]
+    spread = input_spread(original, layers, calibration, positions=real_tokens)
     example = model_input(collate([held_out[i] for i in range(2)]))
     rows: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {"dense": original}
@@ -336,13 +341,14 @@ def report(results: dict[str, Any], args: Settings) -> str:
         lines.append(
             "Pruning: every `nn.Linear` of the 6 layers (query, key, value, attention output, MLP; the embeddings "
             f"stay dense), {args.sparsity:g} unstructured or 2:4, one-shot at the first step, Wanda and SparseGPT "
-            f"calibrated on the first {args.calibration_batches} training batches; `_oneshot` arms are measured "
+            f"calibrated on the first {args.calibration_batches} training batches (the padding left out: "
+            "`calibration_mask` from the attention mask); `_oneshot` arms are measured "
             "right after the mask is set (a one-step fit at learning rate 0), the others after the fine-tuning "
             "with the mask held. `sparsity`: zeros among those layers' weights."
         )
     lines += [
         "Spread of the input-feature norms of the layers' `nn.Linear` modules on "
-        f"{args.calibration_batches} training batches (largest / median per layer, what Wanda weighs magnitudes "
+        f"{args.calibration_batches} training batches, tokens only (largest / median per layer, what Wanda weighs magnitudes "
         f"by): median {results['input_spread']['median']:.1f}x, largest {results['input_spread']['max']:.1f}x.",
     ]
     if args.bits:

@@ -1144,6 +1144,16 @@ def check_low_rank_calibration_input(value: Any) -> Any:
     return value
 
 
+def check_calibration_mask(value: Any) -> Any:
+    """``None`` or a function from the model input to a ``(batch, positions)`` mask."""
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"`calibration_mask={value!r}` must be a function from the model input to a (batch, positions) mask "
+            "of the positions that count, e.g. `calibration_mask=lambda x: x['attention_mask']`."
+        )
+    return value
+
+
 def check_low_rank_deprecated(alpha: Any, log_per_layer: Any) -> tuple[Any, Any]:
     """The deprecated ``alpha`` and ``log_per_layer``, checked under their own names, or :data:`UNSET` where not
     given. They default to ``None`` rather than ``UNSET``: LightningCLI checks every default against its type."""

@@ -180,6 +180,78 @@ def test_prune_runs_the_calibration_in_eval_mode_and_leaves_no_hook():
     assert [int((model[i].weight == 0).sum()) for i in (0, 3)] == [64, 32]
 
 
+class PaddedAttention(nn.Module):
+    """Tokens -> self-attention that ignores padded keys -> Linear, laid out (batch, positions) or (positions,
+    batch); the padded positions still run through every layer, with inputs of their own."""
+
+    def __init__(self, batch_first=True, classes=4):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(16, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids) if self.batch_first else self.embed(input_ids).transpose(0, 1)
+        padded = attention_mask == 0
+        return self.fc(self.attn(x, x, x, key_padding_mask=padded, need_weights=False)[0])
+
+
+def _attention_layers(model):
+    return {"attn": [model.attn], "attn.out_proj": [model.attn.out_proj], "fc": [model.fc]}
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "positions_first"])
+def test_a_calibration_mask_counts_the_positions_it_keeps_as_if_the_padding_were_not_there(batch_first):
+    torch.manual_seed(0)
+    model = PaddedAttention(batch_first).eval()
+    batch = next(iter(dict_batches(n=8)))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    layers = _attention_layers(model)
+    masked = collect_statistics(
+        model, layers, [inputs], gram=True, positions=lambda x: x["attention_mask"].bool()
+    )
+    # Each sample alone, cut to its real tokens: no padding to leave out.
+    alone = [
+        {"input_ids": i[None, : int(m.sum())], "attention_mask": m[None, : int(m.sum())]}
+        for i, m in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+    ]
+    reference = collect_statistics(model, layers, alone, gram=True)
+    real = int(inputs["attention_mask"].sum())
+    assert real < inputs["attention_mask"].numel()  # the batch has padding
+    everything = collect_statistics(model, layers, [inputs], gram=True)
+    for name in layers:
+        assert masked[name].count == reference[name].count == real, name
+        torch.testing.assert_close(masked[name].sq_sum, reference[name].sq_sum, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masked[name].gram, reference[name].gram, rtol=1e-4, atol=1e-4)
+        assert everything[name].count == inputs["attention_mask"].numel()
+        assert not torch.allclose(everything[name].sq_sum, reference[name].sq_sum, rtol=1e-2), name
+
+
+class PooledAndFlat(nn.Module):
+    """One Linear on the mean over positions, one on the positions flattened into rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.flat = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x.mean(1)).sum() + self.flat(x.reshape(-1, 4)).sum()
+
+
+def test_a_calibration_mask_leaves_whole_the_inputs_that_have_no_positions():
+    # A pooled (batch, features) input counts every sample; rows laid out (batch·positions, features) are masked.
+    model = PooledAndFlat()
+    x = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    layers = {"head": [model.head], "flat": [model.flat]}
+    stats = collect_statistics(model, layers, [x], positions=lambda inputs: mask[: len(inputs)])
+    assert stats["head"].count == 2
+    torch.testing.assert_close(stats["head"].sq_sum[0], (x.mean(1) ** 2).sum(0))
+    assert stats["flat"].count == 3
+    torch.testing.assert_close(stats["flat"].sq_sum[0], (x[mask.bool()] ** 2).sum(0))
+
+
 # -- early errors ----------------------------------------------------------------------------------------
 
 
@@ -193,6 +265,7 @@ def test_prune_runs_the_calibration_in_eval_mode_and_leaves_no_hook():
         ({"amount": 0.5, "criterion": "wanda", "calibration_batches": 0}, ValueError, r"`calibration_batches=0` must be a positive integer"),
         ({"amount": 0.5, "criterion": "wanda", "calibration_batches": "8"}, TypeError, r"`calibration_batches='8'` must be a positive integer"),
         ({"amount": 0.5, "criterion": "wanda", "calibration_input": "input_ids"}, TypeError, r"`calibration_input='input_ids'` must be a function from a training batch"),
+        ({"amount": 0.5, "criterion": "wanda", "calibration_mask": "attention_mask"}, TypeError, r"`calibration_mask='attention_mask'` must be a function from the model input to a \(batch, positions\) mask"),
     ],
 )  # fmt: skip
 def test_bad_combinations_fail_at_construction(kwargs, error, match):
@@ -298,6 +371,77 @@ def test_calibration_input_maps_the_batches_and_decides_as_the_core_does(tmp_pat
     other = MaskedEncoder()  # the same initial weights as `model`
     prune_(other, config, calibration=ones, finalize=False)
     assert not torch.equal(other.proj.weight != 0, dense.proj.weight != 0)
+
+
+class PaddedClassifier(pl.LightningModule):
+    """:class:`PaddedAttention` classifying dict batches (:func:`dict_batches`) by its mean over the real tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = PaddedAttention()
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1)
+        return (self.net(input_ids, attention_mask) * mask).sum(1) / mask.sum(1)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _real_positions(inputs):
+    return inputs["attention_mask"]
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_calibration_mask_leaves_the_padding_out_of_the_callbacks_decision_as_out_of_the_cores(
+    tmp_path, criterion
+):
+    torch.manual_seed(0)
+    model = PaddedClassifier()
+    dense = copy.deepcopy(model.net)
+    options = dict(mode="2:4", criterion=criterion, modules=nn.Linear, calibration_batches=3)
+    options |= dict(calibration_input=_keyword_inputs, calibration_mask=_real_positions)
+    pruning = GradualPruning(start=0.0, end=0.0, finalize=False, **options)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[pruning])
+    trainer.fit(model, dict_batches())
+    batches = list(itertools.islice(dict_batches(), 3))
+    masked, whole = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_(masked, PruningConfig(**options), calibration=batches, finalize=False)
+    options.pop("calibration_mask")
+    prune_(whole, PruningConfig(**options), calibration=batches, finalize=False)
+    names = ("attn.in_proj_weight", "attn.out_proj.weight", "fc.weight")
+    kept = {name: dict(masked.named_parameters())[name] != 0 for name in names}
+    for name in names:
+        assert torch.equal(pruning.masks[f"net.{name}"], kept[name]), name
+    # Counting the padded positions too decides otherwise.
+    assert any(not torch.equal(kept[n], dict(whole.named_parameters())[n] != 0) for n in names)
+
+
+@pytest.mark.parametrize(
+    ("calibration_mask", "match"),
+    [
+        (lambda x: x["attention_mask"] * 2, r"`calibration_mask` must return a \(batch, positions\) tensor of booleans or 0/1.*values other than 0/1"),
+        (lambda x: x["attention_mask"][0], r"`calibration_mask` must return a \(batch, positions\) tensor.*shape \(6,\)"),
+        (lambda x: x["attention_mask"][:, :3], r"`calibration_mask` gave a mask of shape \(1, 3\) \(batch, positions\) for one sample, and no calibrated layer's input holds those positions"),
+    ],
+    ids=["not_binary", "one_dimension", "other_positions"],
+)  # fmt: skip
+def test_a_calibration_mask_that_does_not_fit_fails_at_setup(tmp_path, calibration_mask, match):
+    record = RecordSteps()
+    pruning = GradualPruning(
+        mode="2:4",
+        criterion="wanda",
+        modules=nn.Linear,
+        calibration_input=_keyword_inputs,
+        calibration_mask=calibration_mask,
+    )
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[pruning, record])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(PaddedClassifier(), dict_batches())
+    assert record.steps == []
 
 
 @pytest.mark.parametrize(

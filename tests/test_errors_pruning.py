@@ -26,6 +26,11 @@ AT_CONSTRUCTION = [
         TypeError,
         r"`calibration_input='x'` must be a function from a training batch to the model's input",
     ),
+    (
+        {"amount": 0.5, "criterion": "wanda", "calibration_mask": "attention_mask"},
+        TypeError,
+        r"`calibration_mask='attention_mask'` must be a function from the model input to a \(batch, positions\) mask",
+    ),
     ({"amount": 1.0}, ValueError, r"`amount=1.0` must be in \[0, 1\)"),
     ({"amount": -0.1}, ValueError, r"`amount=-0.1` must be in \[0, 1\)"),
     ({"amount": "0.5"}, TypeError, r"`amount='0.5'` must be a number"),
@@ -164,6 +169,12 @@ AT_SETUP = [
         {},
         r"`criterion='sparsegpt'` runs the model on training batches to calibrate, and the model rejected the input "
         r"taken from the first one \(`calibration_input\(batch\)`\): RuntimeError.*Pass `calibration_input`",
+    ),
+    (
+        {"amount": 0.5, "criterion": "wanda", "calibration_mask": lambda x: x.sum()},
+        "small_cnn",
+        {},
+        r"`calibration_mask` must return a \(batch, positions\) tensor of booleans or 0/1.*shape \(\)",
     ),
     ({"mode": "2:3", "modules": nn.Linear}, "small_cnn", {}, r"`m=3` does not divide the size 512"),
     ({"amount": 0.5, "start": "epoch:3", "end": "epoch:4"}, "small_cnn", {}, r"is optimizer step 60"),

@@ -121,6 +121,11 @@ class PruningConfig:
             tensor, a tuple of positional arguments or a dict of keyword arguments), e.g. ``lambda b:
             {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}``; default: :func:`prune_` runs
             the model on each item as it is, ``GradualPruning`` on a training batch's first element.
+        calibration_mask: ``"wanda"``/``"sparsegpt"``: a function from the model input to a boolean ``(batch,
+            positions)`` tensor, ``False`` (or 0) where a position is left out of the layers' input statistics,
+            e.g. padding: ``lambda x: x["attention_mask"]``. It applies to the inputs laid out batch first,
+            ``(batch, positions, ...)`` (see :func:`~lightning_compress.pruning.calibration.collect_statistics`);
+            default: every position counts.
 
     Example::
 
@@ -151,6 +156,7 @@ class PruningConfig:
     layer_amounts: Mapping[str, float] | None = None
     calibration_batches: int = 8
     calibration_input: Callable[[Any], Any] | None = None
+    calibration_mask: Callable[[Any], Any] | None = None
     kind: str = field(init=False, repr=False, compare=False)
     nm: tuple[int, int] | None = field(init=False, repr=False, compare=False)
     selection: ModuleSelection = field(init=False, repr=False, compare=False)
@@ -172,6 +178,7 @@ class PruningConfig:
         _checks.check_int(self.seed, "seed", hint="the seed of the random criterion.")
         _checks.check_calibration_batches(self.calibration_batches)
         _checks.check_low_rank_calibration_input(self.calibration_input)
+        _checks.check_calibration_mask(self.calibration_mask)
         layer_amounts = _checks.check_layer_amounts(self.layer_amounts, kind, self.mode, self.scope)
         object.__setattr__(self, "layer_amounts", layer_amounts)
         object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
@@ -521,6 +528,12 @@ class PruningPlan:
 
     # -- masks -----------------------------------------------------------------------------------------------
 
+    def calibrated_layers(self) -> dict[str, list[nn.Module]]:
+        """The layers whose input statistics :meth:`calibrate` collects, ``{name: modules}`` (modules sharing one
+        weight under one name)."""
+        named = dict(self.model.named_modules())
+        return {key: [named[name] for name in names] for key, names in self._layer_names.items()}
+
     def calibrate(
         self, inputs: Iterable[Any], reduce: Callable[[Tensor], Tensor] | None = None
     ) -> dict[str, ColumnStatistics]:
@@ -537,15 +550,14 @@ class PruningPlan:
             raise ValueError(
                 f"`criterion={config.criterion!r}` does not use calibration inputs; 'wanda' and 'sparsegpt' do."
             )
-        named = dict(self.model.named_modules())
-        layers = {key: [named[name] for name in names] for key, names in self._layer_names.items()}
         self.input_statistics = collect_statistics(
             self.model,
-            layers,
+            self.calibrated_layers(),
             inputs,
             gram=config.criterion == "sparsegpt",
             batches=config.calibration_batches,
             reduce=reduce,
+            positions=config.calibration_mask,
         )
         idle = [
             name

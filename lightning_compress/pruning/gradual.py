@@ -53,6 +53,8 @@ class GradualPruning(CompressionCallback):
         layer_amounts: ``{layer name: amount}``: each named layer's final fraction, see ``PruningConfig``.
         calibration_batches: ``"wanda"``/``"sparsegpt"``: training batches the model runs on before each update.
         calibration_input: a function from a training batch to the model's input, see ``PruningConfig``.
+        calibration_mask: a function from that input to a ``(batch, positions)`` mask of the positions that
+            count (not the padding, e.g. ``lambda x: x["attention_mask"]``), see ``PruningConfig``.
 
     Example::
 
@@ -92,10 +94,11 @@ class GradualPruning(CompressionCallback):
         layer_amounts: dict[str, float] | None = None,
         calibration_batches: int = 8,
         calibration_input: Callable[[Any], Any] | None = None,
+        calibration_mask: Callable[[Any], Any] | None = None,
     ) -> None:
         self.config = config = core.PruningConfig(
             amount, mode, criterion, scope, max_layer_amount, modules, exclude, min_params, round_to, seed,
-            layer_amounts, calibration_batches, calibration_input,
+            layer_amounts, calibration_batches, calibration_input, calibration_mask,
         )  # fmt: skip
         self.amount, self.mode, self.criterion, self.scope = config.amount, config.kind, criterion, scope
         self.selection, self.seed, self.layer_amounts = config.selection, seed, config.layer_amounts
@@ -170,7 +173,8 @@ class GradualPruning(CompressionCallback):
         ramp = (self.initial_amount, self.schedule, self.frequency, self.start, self._plan.final_amount)
         steps = trainer.estimated_stepping_batches  # inf for a fit of unknown length
         self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp)
-        calibration.check_calibration_input(pl_module, training_loader(trainer), self.config)
+        layers, loader = self._plan.calibrated_layers(), training_loader(trainer)
+        calibration.check_calibration_input(pl_module, loader, self.config, layers)
         if reasons := self._plan.skipped_reasons():
             rank_zero_info(f"GradualPruning leaves these layers' channels alone: {reasons}.")
 
@@ -223,14 +227,10 @@ class GradualPruning(CompressionCallback):
     def _calibrate(self, trainer: pl.Trainer, plan: core.PruningPlan) -> None:
         # Each rank runs its share of the first training batches, the sums added over the ranks.
         share = (trainer.global_rank, self.config.calibration_batches, trainer.world_size)
-        batches, precision = (
-            first_batches(training_loader(trainer), *share),
-            trainer.strategy.precision_plugin,
-        )
-        inputs = calibration.calibration_inputs(
-            batches, self.config.calibration_input, _lightning.first_input
-        )
+        precision, mapping = trainer.strategy.precision_plugin, self.config.calibration_input
+        batches = first_batches(training_loader(trainer), *share)
         with preserved_rng(), precision.forward_context():
+            inputs = calibration.calibration_inputs(batches, mapping, _lightning.first_input)
             inputs = map(precision.convert_input, inputs)
             plan.calibrate(inputs, reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
 
