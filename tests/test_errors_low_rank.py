@@ -64,6 +64,11 @@ CONSTRUCTION = [
         r"`calibration_batches=2.5` must be a positive integer",
     ),
     ({"rank": 4, "calibration_input": "x"}, TypeError, r"`calibration_input='x'` must be a function"),
+    (
+        {"rank": 4, "calibration_mask": "attention_mask"},
+        TypeError,
+        r"`calibration_mask='attention_mask'` must be a function from the model input",
+    ),
     ({"rank": 4, "damping": -0.1}, ValueError, r"`damping=-0.1` must be a non-negative number"),
     (
         {"rank": 4, "activation_exponent": float("nan")},
@@ -140,6 +145,12 @@ SETUP = [
         {"rank": 4, "start": "step:2", "calibration_input": lambda batch: batch[1]},
         ValueError,
         r"Check that `calibration_input` returns what the model's forward takes",
+    ),
+    (
+        {"rank": 4, "calibration_mask": lambda x: torch.ones(len(x), 5)},
+        ValueError,
+        r"`calibration_mask` gave a mask of shape \(1, 5\) \(batch, positions\) for one sample, and no calibrated "
+        r"layer's input holds those positions",
     ),
     (
         {"rank": 4, "start": "step:5"},

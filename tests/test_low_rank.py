@@ -30,7 +30,14 @@ from lightning_compress.low_rank import (
 )
 from lightning_compress.stats import count_macs
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, SGDClassifier, StopAfterFirstEpoch, fit_or_resume, trainer_kwargs
+from tests.conftest import (
+    RecordSteps,
+    SGDClassifier,
+    StopAfterFirstEpoch,
+    dict_batches,
+    fit_or_resume,
+    trainer_kwargs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,6 +261,50 @@ def test_low_rank_verb_replaces_layers_of_a_plain_module_without_a_trainer():
     assert plain.method == "svd" and plain.records[0]["output_error"] is None
     assert torch.equal(dense[0].first.weight, reference.first.weight)
     assert torch.equal(dense[0].second.weight, reference.second.weight)
+
+
+class PaddedTokens(nn.Module):
+    """Token embeddings through a Linear at every position, padded ones too, then a head on the real tokens' mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj, self.head = nn.Embedding(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1)
+        return self.head((torch.relu(self.proj(self.embed(input_ids))) * mask).sum(1) / mask.sum(1))
+
+
+def _token_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def test_a_calibration_mask_whitens_on_the_real_tokens_only():
+    torch.manual_seed(0)
+    model = PaddedTokens()
+    batches = list(dict_batches())
+    assert sum(int((b["attention_mask"] == 0).sum()) for b in batches) > 0  # padded
+    # The same tokens without padding, one per sequence: what the masked statistics must equal.
+    tokens = [b["input_ids"][b["attention_mask"].bool()][:, None] for b in batches]
+    real = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in tokens]
+    factors = {}
+    for name, config, calibration in [
+        (
+            "masked",
+            LowRankConfig(rank=4, modules="proj", calibration_mask=lambda x: x["attention_mask"]),
+            batches,
+        ),
+        ("real", LowRankConfig(rank=4, modules="proj"), real),
+        ("whole", LowRankConfig(rank=4, modules="proj"), batches),
+    ]:
+        copy_ = PaddedTokens()
+        copy_.load_state_dict(model.state_dict())
+        result = low_rank_(copy_, config, calibration=calibration, calibration_input=_token_inputs)
+        assert result.method == "whitened"
+        factors[name] = (copy_.proj.first.weight, copy_.proj.second.weight, result.records[0]["output_error"])
+    for masked, real_ in zip(factors["masked"], factors["real"], strict=True):
+        torch.testing.assert_close(masked, real_, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(factors["whole"][0], factors["real"][0], atol=1e-3)
 
 
 # -- the callback -------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 
 from lightning_compress import _checks
 from lightning_compress._inputs import call_module, first_input, to_device
+from lightning_compress._positions import CalibrationMaskError, PositionFilter
 from lightning_compress.low_rank.factorize import (
     FACTORIZED,
     METHODS,
@@ -95,6 +97,9 @@ class LowRankConfig:
             (``1`` is rank 1, ``1.0`` the full rank). A rank that makes the layer no smaller leaves it as it is.
         refine: ``conv="depthwise"`` only: after the SVD, refit each depthwise layer's 1x1 weights by least squares
             so that its outputs on the calibration inputs match the original layer's (needs calibration batches).
+        calibration_mask: a function from the model input to a boolean ``(batch, positions)`` tensor, ``False``
+            (or 0) at the positions the ``nn.Linear`` layers' input statistics leave out, e.g. padding: ``lambda x:
+            x["attention_mask"]`` (as ``PruningConfig``'s); default: every position counts.
 
     Example::
 
@@ -121,6 +126,7 @@ class LowRankConfig:
     activation_exponent: float = 0.5
     layer_ranks: Mapping[str, int | float] | None = None
     refine: bool = False
+    calibration_mask: Callable[[Any], Any] | None = None
     selection: ModuleSelection = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +136,7 @@ class LowRankConfig:
         _checks.check_low_rank_choice(self.conv, "conv", _checks.CONV_FORMS)
         _checks.check_low_rank_refine(self.refine, self.conv)
         _checks.check_low_rank_count(self.calibration_batches, "calibration_batches")
+        _checks.check_calibration_mask(self.calibration_mask)
         for name in ("damping", "activation_exponent"):
             object.__setattr__(self, name, _checks.check_low_rank_non_negative(getattr(self, name), name))
         object.__setattr__(self, "selection", ModuleSelection(self.modules, self.exclude, self.min_params))
@@ -363,8 +370,12 @@ def find_targets(
         )
     if check_calibration and (method != "svd" or config.refine):
         assert calibration is not None
+        first = next(iter(calibration))
         with torch.no_grad(), _eval_mode([model]):
-            _call_on_batch(model, next(iter(calibration)), calibration_input, device)
+            _call_on_batch(model, first, calibration_input, device)
+        if config.calibration_mask is not None:  # a mask that fits no layer input fails here too
+            kinds = {name: layer_kind(module, config.conv) for name, module in layers.items()}
+            _calibrate(model, layers, kinds, "svd", [first], config, calibration_input, Collective())
     return LowRankTargets(layers, skipped, positions, method, example)
 
 
@@ -671,11 +682,21 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _call_on_batch(
-    model: nn.Module, batch: Any, calibration_input: Callable[[Any], Any] | None, device: torch.device
+    model: nn.Module,
+    batch: Any,
+    calibration_input: Callable[[Any], Any] | None,
+    device: torch.device,
+    positions: PositionFilter | None = None,
 ) -> None:
+    """Call ``model`` on the model input of ``batch``, through ``positions`` (its first call probes the layouts)."""
     inputs = to_device(model_input(batch, calibration_input), device)
     try:
-        call_module(model, inputs)
+        if positions is None:
+            call_module(model, inputs)
+        else:
+            positions.run(partial(call_module, model), inputs, first=not positions.layouts)
+    except CalibrationMaskError:
+        raise
     except _CALL_ERRORS as err:
         raise calibration_error(err, calibration_input is not None) from err
 
@@ -703,9 +724,14 @@ def _calibrate(
             abs_sum=torch.zeros(features, **zeros),
         )
 
+    # Linear inputs count at the positions `config.calibration_mask` keeps (convolutions' inputs whole).
+    positions = PositionFilter(config.calibration_mask)
+
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple) -> None:
-            stats[name].update(layer_features(module, args[0], kinds[name]), gram=grams[name])
+            x = positions.rows(name, args[0]) if kinds[name] == "linear" else positions.whole(args[0])
+            if x is not None:
+                stats[name].update(layer_features(module, x, kinds[name]), gram=grams[name])
 
         return record
 
@@ -717,7 +743,7 @@ def _calibrate(
                     break
                 # Each process takes its share of the batches; the sums are all-reduced below.
                 if index % collective.world_size == collective.rank:
-                    _call_on_batch(model, batch, calibration_input, device)
+                    _call_on_batch(model, batch, calibration_input, device, positions)
     finally:
         for handle in handles:
             handle.remove()

@@ -68,6 +68,8 @@ class LowRankReplacement(CompressionCallback):
             ``budget``; none when ``layer_ranks`` names every layer, or a ``CompressionBudget`` gives them).
         calibration_input: maps a training batch to the model's input (a tensor, a tuple of positional arguments or
             a dict of keyword arguments); default: the batch's first element.
+        calibration_mask: a function from that input to a ``(batch, positions)`` mask of the positions the
+            statistics count (not the padding, e.g. ``lambda x: x["attention_mask"]``), see ``LowRankConfig``.
         example_input: input of one sample, to count MACs per layer; default ``example_input_array``, else the
             first training batch.
         per_layer: log rank, errors and ratios of every replaced layer (else only totals).
@@ -119,13 +121,14 @@ class LowRankReplacement(CompressionCallback):
         alpha: float | None = None,
         log_per_layer: bool | None = None,
         layer_ranks: dict[str, int | float] | None = None,
+        calibration_mask: Callable[[Any], Any] | None = None,
     ) -> None:
         old_a, old_p = _checks.check_low_rank_deprecated(alpha, log_per_layer)
         exponent = _checks.renamed(_NAME, "alpha", old_a, "activation_exponent", activation_exponent, 0.5)
         per_layer = _checks.renamed(_NAME, "log_per_layer", old_p, "per_layer", per_layer, True)
         self.config = LowRankConfig(
             rank, energy, budget, budget_on, allocation, method, conv, modules, exclude, min_params,
-            calibration_batches, damping, exponent, layer_ranks,
+            calibration_batches, damping, exponent, layer_ranks, calibration_mask=calibration_mask,
         )  # fmt: skip
         self._given_ranks = self.config.layer_ranks  # the checkpoint key holds the user's, not a budget's
         self.calibration_input = _checks.check_low_rank_calibration_input(calibration_input)

@@ -35,6 +35,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress._inputs import call_module, detach_input, first_batches, first_input, to_device
+from lightning_compress._positions import PositionFilter
 from lightning_compress.pruning.masks import _kept_after_pruning, nm_keep
 from lightning_compress.stats import _eval_mode
 
@@ -219,73 +221,6 @@ def layer_columns(layer: nn.Module, inputs: Tensor) -> Tensor:
     return patches.transpose(1, 2).reshape(-1, groups, columns)
 
 
-def position_mask(calibration_mask: Callable[[Any], Any], model_input: Any) -> Tensor:
-    """The boolean ``(batch, positions)`` mask ``calibration_mask`` gives for ``model_input``, checked.
-
-    Example::
-
-        >>> position_mask(lambda x: x["attention_mask"], {"attention_mask": torch.tensor([[1, 1, 0]])})
-        tensor([[ True,  True, False]])
-    """
-    mask = calibration_mask(model_input)
-    binary = isinstance(mask, Tensor) and (
-        mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
-    )
-    if binary and mask.dim() == 2:
-        return mask.bool()
-    got = repr(mask)
-    if isinstance(mask, Tensor):
-        got = f"a tensor of shape {tuple(mask.shape)}" + (
-            "" if mask.dim() != 2 else " with values other than 0/1"
-        )
-    raise ValueError(
-        f"`calibration_mask` must return a (batch, positions) tensor of booleans or 0/1 (False / 0: leave the "
-        f"position out), e.g. `calibration_mask=lambda x: x['attention_mask']`; it returned {got}."
-    )
-
-
-def input_layout(x: Tensor, mask: Tensor) -> str | None:
-    """How a layer input ``x`` holds the positions of a ``(batch, positions)`` ``mask``: ``"batch_first"``
-    (``(batch, positions, ...)``), ``"positions_first"`` (``(positions, batch, ...)``), ``"flat"``
-    (``(batch·positions, ...)``), or ``None`` (e.g. a pooled ``(batch, features)``). Tell them apart on a mask of one
-    sample and several positions.
-
-    Example::
-
-        >>> mask = torch.ones(1, 5, dtype=torch.bool)
-        >>> [input_layout(torch.zeros(shape), mask) for shape in [(1, 5, 8), (5, 1, 8), (5, 8), (1, 8)]]
-        ['batch_first', 'positions_first', 'flat', None]
-    """
-    batch, positions = mask.shape
-    if x.dim() >= 3 and tuple(x.shape[:2]) == (batch, positions):
-        return "batch_first"
-    if x.dim() >= 3 and tuple(x.shape[:2]) == (positions, batch):
-        return "positions_first"
-    if x.dim() == 2 and x.shape[0] == batch * positions:
-        return "flat"
-    return None
-
-
-def kept_rows(x: Tensor, mask: Tensor, layout: str | None) -> Tensor:
-    """The rows of a layer input ``x`` at the positions ``mask`` keeps, ``x`` laid out as :func:`input_layout`
-    says; all of ``x`` for the layout ``None``.
-
-    Example::
-
-        >>> x = torch.arange(12.0).reshape(2, 3, 2)
-        >>> kept_rows(x, torch.tensor([[True, True, False], [True, False, False]]), "batch_first").tolist()
-        [[0.0, 1.0], [2.0, 3.0], [6.0, 7.0]]
-    """
-    mask = mask.to(x.device)
-    if layout == "positions_first":
-        x = x.transpose(0, 1)
-    if layout in ("batch_first", "positions_first") and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
-    if layout == "flat" and x.shape[0] == mask.numel():
-        return x[mask.reshape(-1)]
-    return x
-
-
 def attention_heads_output(module: nn.MultiheadAttention, args: tuple, kwargs: Mapping[str, Any]) -> Tensor:
     """The input of ``module.out_proj`` in the call ``module(*args, **kwargs)``: the heads' outputs, concatenated.
 
@@ -383,17 +318,6 @@ def check_calibration_input(
         collect_statistics(model, layers, [example], positions=config.calibration_mask)
 
 
-def _check_layouts(layouts: Mapping[Any, str | None], mask: Tensor) -> None:
-    """A mask that no layer input holds the positions of is a wrong mask."""
-    if not any(layouts.values()):
-        raise ValueError(
-            f"`calibration_mask` gave a mask of shape {tuple(mask.shape)} (batch, positions) for one sample, and no "
-            "calibrated layer's input holds those positions, laid out (batch, positions, ...), (positions, batch, "
-            "...) or (batch·positions, ...). Return the mask of the positions the layers see (e.g. the attention "
-            "mask of the input ids), or leave `calibration_mask` unset."
-        )
-
-
 def collect_statistics(
     model: nn.Module,
     layers: Mapping[str, Sequence[nn.Module]],
@@ -420,12 +344,13 @@ def collect_statistics(
         batches: use at most this many inputs (``None``: all).
         reduce: sums a tensor over processes (e.g. ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``), so
             that processes that ran different inputs end with the statistics of all of them.
-        positions: a function from a model input to a boolean ``(batch, positions)`` mask (:func:`position_mask`):
-            the layers' inputs count only the positions it keeps, e.g. not the padding. How each input holds the
-            positions (:func:`input_layout`: batch or positions first, or flattened; an attention's ``query`` and
-            heads' outputs; its ``key``/``value`` count whole unless they are the ``query``) is seen on one
-            sample of the first input, run once more before the rest; an input with none of these layouts (a
-            pooled ``(batch, features)``) counts whole. A ``ValueError`` when no layer input holds the positions.
+        positions: a function from a model input to a boolean ``(batch, positions)`` mask, ``calibration_mask``:
+            the layers' inputs count only at the positions it keeps, e.g. not the padding. How each input holds
+            the positions (batch or positions first, or flattened; an attention's ``query`` and heads' outputs,
+            its ``key``/``value`` counting whole unless they are the ``query``) is seen on one sample of the first
+            input, run once more before it (:class:`~lightning_compress._positions.PositionFilter`); an input with
+            none of these layouts (a pooled ``(batch, features)``) counts whole. A ``ValueError`` when no layer
+            input holds the positions.
 
     Returns:
         ``{name: ColumnStatistics}``.
@@ -444,15 +369,10 @@ def collect_statistics(
             if layer_shape(module) != tuple(stats[name].sq_sum.shape):
                 raise ValueError(f"The layers under {name!r} have weights of different shapes.")
 
-    # With `positions`, the model first runs on one sample of the first input (nothing counted) to see how each
-    # layer input holds the positions (:func:`input_layout`); the mask then applies as that layout says.
-    current: dict[str, Any] = {"mask": None, "probe": False}
-    layouts: dict[tuple[str, int, str], str | None] = {}
-
-    def kept(key: tuple[str, int, str], x: Tensor) -> Tensor:
-        if current["probe"]:
-            layouts[key] = input_layout(x, current["mask"])
-        return x if current["mask"] is None else kept_rows(x, current["mask"], layouts.get(key))
+    # With `positions`, the model first runs on one sample of the first input (counting nothing) to see how each
+    # layer input holds the positions; the mask then applies to each as laid out.
+    filter_ = PositionFilter(positions)
+    kept = filter_.rows
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -461,15 +381,14 @@ def collect_statistics(
                 # Self-attention passes one tensor three times: it stays one (`.to` returns it when already there).
                 query, key, value = (t.to(target) for t in attention_inputs(args, kwargs))
                 rows = kept((name, id(module), "query"), query)  # another sequence (key, value) counts whole
-                key, value = (rows if t is query else t for t in (key, value))
-                if not current["probe"]:
+                if rows is not None:
+                    key, value = (rows if t is query else t for t in (key, value))
                     stats[name].update_attention(rows, key, value)
                 return
             x = args[0] if args else next(iter(kwargs.values()))
-            if isinstance(module, nn.Linear):
-                x = kept((name, id(module), "input"), x)
-            if not current["probe"]:
-                stats[name].update(layer_columns(module, x.to(target)))
+            rows = kept((name, id(module), "input"), x) if isinstance(module, nn.Linear) else filter_.whole(x)
+            if rows is not None:
+                stats[name].update(layer_columns(module, rows.to(target)))
 
         return hook
 
@@ -484,7 +403,7 @@ def collect_statistics(
     def record_output_projection(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             heads = kept((name, id(module), "heads"), attention_heads_output(module, args, kwargs))
-            if not current["probe"]:
+            if heads is not None:
                 stats[name].update(heads.reshape(-1, 1, heads.shape[-1]).to(stats[name].sq_sum.device))
 
         return hook
@@ -500,15 +419,7 @@ def collect_statistics(
     try:
         with torch.no_grad(), _eval_mode([model]):
             for x in itertools.islice(inputs, batches):
-                x = to_device(x, device)
-                if positions is not None and not seen:
-                    one = detach_input(x, max_batch=1)
-                    current.update(mask=position_mask(positions, one), probe=True)
-                    call_module(model, one)
-                    current["probe"] = False
-                    _check_layouts(layouts, current["mask"])
-                current["mask"] = None if positions is None else position_mask(positions, x)
-                call_module(model, x)
+                filter_.run(partial(call_module, model), to_device(x, device), first=not seen)
                 seen += 1
     finally:
         for handle in handles:
