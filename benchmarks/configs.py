@@ -88,6 +88,7 @@ _TOKEN = (
 CONFIGS: dict[str, Config] = {
     "binary": Config("binary"),
     "budget": Config("budget"),
+    "calibration_mask": Config("calibration_mask", needs=("transformers",)),
     "compact": Config("compact"),
     "language_model": Config("language_model"),
     "minilm_compress": Config("minilm_compress", needs=("transformers",)),
@@ -261,6 +262,7 @@ BENCH: tuple[str, ...] = (
     "budget",
     "language_model",
     "minilm_compress",
+    "calibration_mask",
     "overhead",
     "report_example",
     "gpu_check",

@@ -247,15 +247,21 @@ class LayeredEncoder(nn.Module):
         return types.SimpleNamespace(last_hidden_state=hidden)
 
 
+def _padded_sentences():
+    """48 training and 32 held-out token sequences of 3 to 6 tokens, padded to 6."""
+    ids = torch.randint(1, 40, (80, 6), generator=torch.Generator().manual_seed(0))
+    lengths = torch.randint(3, 7, (80, 1), generator=torch.Generator().manual_seed(1))
+    tokens = {"input_ids": ids, "attention_mask": (torch.arange(6) < lengths).long()}
+    return Tokenized({k: v[:48] for k, v in tokens.items()}), Tokenized(
+        {k: v[48:] for k, v in tokens.items()}
+    )
+
+
 def test_minilm_compress_protocol_prunes_quantizes_and_measures_every_arm():
     from benchmarks import minilm_compress
 
     torch.manual_seed(0)
-    ids = torch.randint(1, 40, (80, 6), generator=torch.Generator().manual_seed(0))
-    lengths = torch.randint(3, 7, (80, 1), generator=torch.Generator().manual_seed(1))
-    tokens = {"input_ids": ids, "attention_mask": (torch.arange(6) < lengths).long()}
-    train = Tokenized({k: v[:48] for k, v in tokens.items()})
-    held_out = Tokenized({k: v[48:] for k, v in tokens.items()})
+    train, held_out = _padded_sentences()
     original = SentenceEncoder(LayeredEncoder()).eval().requires_grad_(False)
     settings = minilm_compress.Settings(**{**minilm_compress.QUICK, "threads": 1})
     results = minilm_compress.compare(settings, original, train, held_out)
@@ -287,3 +293,23 @@ def test_minilm_compress_protocol_prunes_quantizes_and_measures_every_arm():
     }
     # SparseGPT's one-shot reconstruction beats magnitude even on this random model.
     assert by["sparsegpt_2of4_oneshot"]["degradation"] < by["l1_2of4_oneshot"]["degradation"]
+
+
+def test_calibration_mask_protocol_applies_every_arm_with_and_without_the_padding():
+    from benchmarks import calibration_mask
+
+    torch.manual_seed(0)
+    train, held_out = _padded_sentences()
+    original = SentenceEncoder(LayeredEncoder()).eval().requires_grad_(False)
+    settings = calibration_mask.Settings(**{**calibration_mask.QUICK, "threads": 1})
+    results = calibration_mask.compare(settings, original, train, held_out)
+    assert [row["arm"] for row in results["rows"]] == list(calibration_mask.ARMS)
+    assert 0.1 < results["padding_share"] < 0.5
+    for row in results["rows"]:
+        all_positions, tokens = row["degradation_all_positions"], row["degradation_tokens"]
+        assert 0.0 < all_positions < 1.0 and 0.0 < tokens < 1.0, row["arm"]
+        assert all_positions != tokens, row["arm"]  # the padding changed the statistics, and so the result
+        assert row["change"] == pytest.approx(tokens / all_positions - 1)
+    text = calibration_mask.report(results, settings)
+    assert "| wanda_2of4 | prune_(mode='2:4', criterion='wanda') |" in text
+    assert "| whitened | low_rank_(rank=0.5, method='whitened') |" in text

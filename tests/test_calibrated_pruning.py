@@ -425,9 +425,10 @@ def test_calibration_mask_leaves_the_padding_out_of_the_callbacks_decision_as_ou
     [
         (lambda x: x["attention_mask"] * 2, r"`calibration_mask` must return a \(batch, positions\) tensor of booleans or 0/1.*values other than 0/1"),
         (lambda x: x["attention_mask"][0], r"`calibration_mask` must return a \(batch, positions\) tensor.*shape \(6,\)"),
+        (lambda x: x["labels"], r"`calibration_mask` failed on the model input: KeyError: 'labels'. It takes what the model takes"),
         (lambda x: x["attention_mask"][:, :3], r"`calibration_mask` gave a mask of shape \(1, 3\) \(batch, positions\) for one sample, and no calibrated layer's input holds those positions"),
     ],
-    ids=["not_binary", "one_dimension", "other_positions"],
+    ids=["not_binary", "one_dimension", "other_positions", "fails"],
 )  # fmt: skip
 def test_a_calibration_mask_that_does_not_fit_fails_at_setup(tmp_path, calibration_mask, match):
     record = RecordSteps()
