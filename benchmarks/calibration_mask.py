@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,16 +25,13 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import Context, Result, check_known, markdown_table
 from benchmarks.low_rank_minilm import (
-    SentenceEncoder,
     Tokenized,
     collate,
     embed,
-    minilm_path,
     model_input,
     require_minilm,
-    split_sentences,
 )
-from benchmarks.minilm_compress import LAYERS, quality, real_tokens
+from benchmarks.minilm_compress import LAYERS, load_padded, quality, real_tokens
 from lightning_compress.low_rank import LowRankConfig, low_rank_
 from lightning_compress.pruning import PruningConfig, prune_
 
@@ -131,24 +126,7 @@ def run(args: Settings, context: Context) -> Result:
     require_minilm(args.model_dir)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    path = Path(args.model_dir) if args.model_dir else minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
-    original = SentenceEncoder(encoder).eval().requires_grad_(False)
-    train_text, held_text = split_sentences(args.sentences, args.held_out, args.seed)
-
-    def tokenize(texts: list[str]) -> Tokenized:
-        out = tokenizer(
-            texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt"
-        )
-        return Tokenized({"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]})
-
-    results = compare(args, original, tokenize(train_text), tokenize(held_text))
+    results = compare(args, *load_padded(args))
     return Result(results, report(results, args))
 
 

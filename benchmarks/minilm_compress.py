@@ -179,6 +179,15 @@ def run(args: Settings, context: Context) -> Result:
 
 
 def measure(args: Settings) -> dict[str, Any]:
+    original, train, held_out = load_padded(args)
+    results = compare(args, original, train, held_out)
+    return {**results, "sentences_train": len(train), "sentences_held_out": len(held_out)}
+
+
+def load_padded(args: Any) -> tuple[nn.Module, Tokenized, Tokenized]:
+    """The pretrained encoder (``(input_ids, attention_mask) -> embedding``, eval mode, frozen) from
+    ``args.model_dir`` (default: the installed package's), and ``args.sentences`` training and ``args.held_out``
+    held-out sentences, padded to ``args.max_length`` tokens."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -190,14 +199,13 @@ def measure(args: Settings) -> dict[str, Any]:
     original = SentenceEncoder(encoder).eval().requires_grad_(False)
     train_text, held_text = split_sentences(args.sentences, args.held_out, args.seed)
 
-    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(texts: list[str]) -> Tokenized:
         out = tokenizer(
             texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt"
         )
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        return Tokenized({"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]})
 
-    results = compare(args, original, Tokenized(tokenize(train_text)), Tokenized(tokenize(held_text)))
-    return {**results, "sentences_train": len(train_text), "sentences_held_out": len(held_text)}
+    return original, tokenize(train_text), tokenize(held_text)
 
 
 def compare(args: Settings, original: nn.Module, train: Tokenized, held_out: Tokenized) -> dict[str, Any]:

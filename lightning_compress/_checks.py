@@ -1134,24 +1134,23 @@ def check_low_rank_non_negative(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_function(value: Any, name: str, what: str, example: str) -> Any:
+    """``None`` or a callable; else a ``TypeError`` saying that ``name`` must be a function ``what``."""
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}={value!r}` must be a function {what}, e.g. `{name}={example}`.")
+    return value
+
+
 def check_low_rank_calibration_input(value: Any) -> Any:
     """``None`` or a function from a training batch to the model's input."""
-    if value is not None and not callable(value):
-        raise TypeError(
-            f"`calibration_input={value!r}` must be a function from a training batch to the model's input, e.g. "
-            "`calibration_input=lambda batch: batch[0]`."
-        )
-    return value
+    what = "from a training batch to the model's input"
+    return check_function(value, "calibration_input", what, "lambda batch: batch[0]")
 
 
 def check_calibration_mask(value: Any) -> Any:
     """``None`` or a function from the model input to a ``(batch, positions)`` mask."""
-    if value is not None and not callable(value):
-        raise TypeError(
-            f"`calibration_mask={value!r}` must be a function from the model input to a (batch, positions) mask "
-            "of the positions that count, e.g. `calibration_mask=lambda x: x['attention_mask']`."
-        )
-    return value
+    what = "from the model input to a (batch, positions) mask of the positions that count"
+    return check_function(value, "calibration_mask", what, "lambda x: x['attention_mask']")
 
 
 def check_low_rank_deprecated(alpha: Any, log_per_layer: Any) -> tuple[Any, Any]:
