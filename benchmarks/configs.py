@@ -242,6 +242,7 @@ CONFIGS: dict[str, Config] = {
     "qat_memory": Config("qat_memory"),
     "quantization": Config("quantization"),
     "report_example": Config("report_example"),
+    "training_length": Config("training_length"),
 }
 
 # The configuration whose quick run stands for each benchmark in `make bench` (docs/results.md), in page order.
@@ -261,6 +262,7 @@ BENCH: tuple[str, ...] = (
     "pipeline",
     "budget",
     "language_model",
+    "training_length",
     "minilm_compress",
     "calibration_mask",
     "overhead",

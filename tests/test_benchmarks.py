@@ -313,3 +313,19 @@ def test_calibration_mask_protocol_applies_every_arm_with_and_without_the_paddin
     text = calibration_mask.report(results, settings)
     assert "| wanda_2of4 | prune_(mode='2:4', criterion='wanda') |" in text
     assert "| whitened | low_rank_(rank=0.5, method='whitened') |" in text
+
+
+def test_training_length_prunes_each_snapshot_of_one_run_by_every_criterion():
+    from benchmarks import training_length
+
+    settings = training_length.Settings(**{**training_length.QUICK, "steps": (4, 8)})
+    results = training_length.measure(settings)
+    first, last = results["rows"]
+    assert (first["step"], last["step"]) == (4, 8)
+    assert last["dense"] < first["dense"] < 256  # the one run keeps training between the snapshots
+    for row in results["rows"]:
+        for criterion in training_length.CRITERIA:
+            assert row[criterion] > row["dense"], (row["step"], criterion)  # half of every weight matrix is gone
+        assert row["wanda_share"] == pytest.approx((row["wanda"] - row["dense"]) / (row["l1"] - row["dense"]))
+        assert row["spread_max"] >= row["spread_median"] >= 1.0
+    assert "| 8 |" in training_length.report(results, settings)
