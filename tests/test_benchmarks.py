@@ -325,7 +325,10 @@ def test_training_length_prunes_each_snapshot_of_one_run_by_every_criterion():
     assert last["dense"] < first["dense"] < 256  # the one run keeps training between the snapshots
     for row in results["rows"]:
         for criterion in training_length.CRITERIA:
-            assert row[criterion] > row["dense"], (row["step"], criterion)  # half of every weight matrix is gone
+            assert row[criterion] > row["dense"], (
+                row["step"],
+                criterion,
+            )  # half of every weight matrix is gone
         assert row["wanda_share"] == pytest.approx((row["wanda"] - row["dense"]) / (row["l1"] - row["dense"]))
         assert row["spread_max"] >= row["spread_median"] >= 1.0
     assert "| 8 |" in training_length.report(results, settings)
