@@ -1141,7 +1141,7 @@ def check_function(value: Any, name: str, what: str, example: str) -> Any:
     return value
 
 
-def check_low_rank_calibration_input(value: Any) -> Any:
+def check_calibration_input(value: Any) -> Any:
     """``None`` or a function from a training batch to the model's input."""
     what = "from a training batch to the model's input"
     return check_function(value, "calibration_input", what, "lambda batch: batch[0]")

@@ -15,7 +15,7 @@ Example::
     >>> positions = PositionFilter(lambda x: x["mask"])
     >>> handle = layer.register_forward_pre_hook(lambda m, args: seen.append(positions.rows("layer", args[0])))
     >>> x = {"input": torch.ones(2, 4, 3), "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])}
-    >>> positions.run(lambda inputs: layer(inputs["input"]), x, first=True)
+    >>> positions.run(lambda inputs: layer(inputs["input"]), x)
     >>> handle.remove()
     >>> seen[0] is None, tuple(seen[1].shape)  # the probe counts nothing; then the 5 real positions
     (True, (5, 3))
@@ -114,7 +114,7 @@ class PositionFilter:
     while :meth:`run` calls the model.
 
     Hooks pass each input to :meth:`rows` under a key of their own (one per layer and argument) and count what it
-    returns; ``None`` means a probe run, which counts nothing.
+    returns; ``None`` means the probe run (before the first input), which counts nothing.
     """
 
     def __init__(self, calibration_mask: Callable[[Any], Any] | None) -> None:
@@ -122,10 +122,12 @@ class PositionFilter:
         self.mask: Tensor | None = None
         self.probing = False
         self.layouts: dict[Hashable, str | None] = {}
+        self.probed = False
 
-    def run(self, call: Callable[[Any], Any], model_input: Any, first: bool) -> None:
-        """``call(model_input)`` with its mask set; on the ``first`` input, after a probe on its first sample."""
-        if self.function is not None and first:
+    def run(self, call: Callable[[Any], Any], model_input: Any) -> None:
+        """``call(model_input)`` with its mask set; the first time, after a probe on the input's first sample."""
+        if self.function is not None and not self.probed:
+            self.probed = True
             one = detach_input(model_input, max_batch=1)
             self.mask, self.probing = position_mask(self.function, one), True
             try:

@@ -691,10 +691,7 @@ def _call_on_batch(
     """Call ``model`` on the model input of ``batch``, through ``positions`` (its first call probes the layouts)."""
     inputs = to_device(model_input(batch, calibration_input), device)
     try:
-        if positions is None:
-            call_module(model, inputs)
-        else:
-            positions.run(partial(call_module, model), inputs, first=not positions.layouts)
+        (positions or PositionFilter(None)).run(partial(call_module, model), inputs)
     except CalibrationMaskError:
         raise
     except _CALL_ERRORS as err:

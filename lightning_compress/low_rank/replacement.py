@@ -131,7 +131,7 @@ class LowRankReplacement(CompressionCallback):
             calibration_batches, damping, exponent, layer_ranks, calibration_mask=calibration_mask,
         )  # fmt: skip
         self._given_ranks = self.config.layer_ranks  # the checkpoint key holds the user's, not a budget's
-        self.calibration_input = _checks.check_low_rank_calibration_input(calibration_input)
+        self.calibration_input = _checks.check_calibration_input(calibration_input)
         self.per_layer = _checks.check_bool(per_layer, "per_layer")
         self.verbose = _checks.check_bool(verbose, "verbose")
         self.start = None if start is None else validate_point(start, "start")

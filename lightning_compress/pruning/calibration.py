@@ -372,7 +372,6 @@ def collect_statistics(
     # With `positions`, the model first runs on one sample of the first input (counting nothing) to see how each
     # layer input holds the positions; the mask then applies to each as laid out.
     filter_ = PositionFilter(positions)
-    kept = filter_.rows
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -380,13 +379,19 @@ def collect_statistics(
             if isinstance(module, nn.MultiheadAttention):
                 # Self-attention passes one tensor three times: it stays one (`.to` returns it when already there).
                 query, key, value = (t.to(target) for t in attention_inputs(args, kwargs))
-                rows = kept((name, id(module), "query"), query)  # another sequence (key, value) counts whole
+                rows = filter_.rows(
+                    (name, id(module), "query"), query
+                )  # another sequence (key, value) counts whole
                 if rows is not None:
                     key, value = (rows if t is query else t for t in (key, value))
                     stats[name].update_attention(rows, key, value)
                 return
             x = args[0] if args else next(iter(kwargs.values()))
-            rows = kept((name, id(module), "input"), x) if isinstance(module, nn.Linear) else filter_.whole(x)
+            rows = (
+                filter_.rows((name, id(module), "input"), x)
+                if isinstance(module, nn.Linear)
+                else filter_.whole(x)
+            )
             if rows is not None:
                 stats[name].update(layer_columns(module, rows.to(target)))
 
@@ -402,7 +407,7 @@ def collect_statistics(
 
     def record_output_projection(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            heads = kept((name, id(module), "heads"), attention_heads_output(module, args, kwargs))
+            heads = filter_.rows((name, id(module), "heads"), attention_heads_output(module, args, kwargs))
             if heads is not None:
                 stats[name].update(heads.reshape(-1, 1, heads.shape[-1]).to(stats[name].sq_sum.device))
 
@@ -419,7 +424,7 @@ def collect_statistics(
     try:
         with torch.no_grad(), _eval_mode([model]):
             for x in itertools.islice(inputs, batches):
-                filter_.run(partial(call_module, model), to_device(x, device), first=not seen)
+                filter_.run(partial(call_module, model), to_device(x, device))
                 seen += 1
     finally:
         for handle in handles:

@@ -123,9 +123,9 @@ class PruningConfig:
             the model on each item as it is, ``GradualPruning`` on a training batch's first element.
         calibration_mask: ``"wanda"``/``"sparsegpt"``: a function from the model input to a boolean ``(batch,
             positions)`` tensor, ``False`` (or 0) where a position is left out of the layers' input statistics,
-            e.g. padding: ``lambda x: x["attention_mask"]``. It applies to the inputs laid out batch first,
-            ``(batch, positions, ...)`` (see :func:`~lightning_compress.pruning.calibration.collect_statistics`);
-            default: every position counts.
+            e.g. padding: ``lambda x: x["attention_mask"]``, applied to each layer input as it holds the positions
+            (batch or positions first, or flattened; see
+            :func:`~lightning_compress.pruning.calibration.collect_statistics`); default: every position counts.
 
     Example::
 
@@ -177,7 +177,7 @@ class PruningConfig:
         _checks.check_round_to(self.round_to)
         _checks.check_int(self.seed, "seed", hint="the seed of the random criterion.")
         _checks.check_calibration_batches(self.calibration_batches)
-        _checks.check_low_rank_calibration_input(self.calibration_input)
+        _checks.check_calibration_input(self.calibration_input)
         _checks.check_calibration_mask(self.calibration_mask)
         layer_amounts = _checks.check_layer_amounts(self.layer_amounts, kind, self.mode, self.scope)
         object.__setattr__(self, "layer_amounts", layer_amounts)
