@@ -1153,6 +1153,12 @@ def check_calibration_mask(value: Any) -> Any:
     return check_function(value, "calibration_mask", what, "lambda x: x['attention_mask']")
 
 
+def check_loss_mask(value: Any) -> Any:
+    """``None`` or a function from the distilled module's input to a ``(batch, positions)`` mask."""
+    what = "from the input of `module` to a (batch, positions) mask of the positions the distillation counts"
+    return check_function(value, "loss_mask", what, "lambda x: x['attention_mask']")
+
+
 def check_low_rank_deprecated(alpha: Any, log_per_layer: Any) -> tuple[Any, Any]:
     """The deprecated ``alpha`` and ``log_per_layer``, checked under their own names, or :data:`UNSET` where not
     given. They default to ``None`` rather than ``UNSET``: LightningCLI checks every default against its type."""

@@ -77,6 +77,21 @@ def as_call(example: Any) -> tuple[tuple, dict]:
     return (example,), {}
 
 
+def as_input(args: tuple, kwargs: dict) -> Any:
+    """The input of one call as one object, the inverse of :func:`as_call`: the single positional argument, a tuple
+    of several, a dict of keywords; positional and keyword arguments together: a dict, the positional ones under
+    their index.
+
+    Example::
+
+        >>> as_input((1,), {}), as_input((1, 2), {}), as_input((), {"x": 1}), as_input((1,), {"mask": 2})
+        (1, (1, 2), {'x': 1}, {0: 1, 'mask': 2})
+    """
+    if not kwargs:
+        return args[0] if len(args) == 1 else tuple(args)
+    return {**dict(enumerate(args)), **kwargs}
+
+
 def first_input(batch: Any) -> Any:
     """The model input of a batch: the batch itself if a tensor, else its first element (``(x, y)``)."""
     if isinstance(batch, torch.Tensor):

@@ -35,11 +35,17 @@ LAYOUTS = ("batch_first", "positions_first", "flat")
 
 
 class CalibrationMaskError(ValueError):
-    """A ``calibration_mask`` that failed or does not fit the model's layer inputs."""
+    """A position mask function (``calibration_mask``, ``loss_mask``) that failed or does not fit the model."""
 
 
-def position_mask(calibration_mask: Callable[[Any], Any], model_input: Any) -> Tensor:
-    """The boolean ``(batch, positions)`` mask ``calibration_mask`` gives for ``model_input``, checked.
+def position_mask(
+    calibration_mask: Callable[[Any], Any],
+    model_input: Any,
+    argument: str = "calibration_mask",
+    takes: str = "what the model takes (after `calibration_input`)",
+) -> Tensor:
+    """The boolean ``(batch, positions)`` mask ``calibration_mask`` gives for ``model_input``, checked; errors name
+    ``argument``, a function that takes ``takes``.
 
     Example::
 
@@ -50,8 +56,8 @@ def position_mask(calibration_mask: Callable[[Any], Any], model_input: Any) -> T
         mask = calibration_mask(model_input)
     except Exception as err:
         raise CalibrationMaskError(
-            f"`calibration_mask` failed on the model input: {type(err).__name__}: {err}. It takes what the model "
-            "takes (after `calibration_input`), e.g. `calibration_mask=lambda x: x['attention_mask']`."
+            f"`{argument}` failed on the model input: {type(err).__name__}: {err}. It takes {takes}, e.g. "
+            f"`{argument}=lambda x: x['attention_mask']`."
         ) from err
     binary = isinstance(mask, Tensor) and (
         mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
@@ -64,8 +70,8 @@ def position_mask(calibration_mask: Callable[[Any], Any], model_input: Any) -> T
             " with values other than 0/1" if mask.dim() == 2 else ""
         )
     raise CalibrationMaskError(
-        f"`calibration_mask` must return a (batch, positions) tensor of booleans or 0/1 (False / 0: leave the "
-        f"position out), e.g. `calibration_mask=lambda x: x['attention_mask']`; it returned {got}."
+        f"`{argument}` must return a (batch, positions) tensor of booleans or 0/1 (False / 0: leave the position "
+        f"out), e.g. `{argument}=lambda x: x['attention_mask']`; it returned {got}."
     )
 
 

@@ -126,6 +126,23 @@ def dict_batches(n=48, seed=0):
     return torch.utils.data.DataLoader(items, batch_size=8)
 
 
+class PaddedAttention(torch.nn.Module):
+    """Tokens -> self-attention that ignores padded keys -> Linear, laid out (batch, positions) or (positions,
+    batch); the padded positions still run through every layer, with inputs of their own."""
+
+    def __init__(self, batch_first=True, classes=4):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = torch.nn.Embedding(16, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.fc = torch.nn.Linear(8, classes)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids) if self.batch_first else self.embed(input_ids).transpose(0, 1)
+        padded = attention_mask == 0
+        return self.fc(self.attn(x, x, x, key_padding_mask=padded, need_weights=False)[0])
+
+
 class TiedLM(pl.LightningModule):
     """A tiny language model: an embedding whose weight is also the decoder's (tied), a residual layer between."""
 

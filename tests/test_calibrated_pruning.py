@@ -27,7 +27,14 @@ from lightning_compress.pruning import (
     wanda_mask,
 )
 from tests._ddp import run_worker
-from tests.conftest import MaskedEncoder, RecordSteps, dict_batches, fit_or_resume, trainer_kwargs
+from tests.conftest import (
+    MaskedEncoder,
+    PaddedAttention,
+    RecordSteps,
+    dict_batches,
+    fit_or_resume,
+    trainer_kwargs,
+)
 
 # -- the math, on synthetic layers ----------------------------------------------------------------------
 
@@ -178,23 +185,6 @@ def test_prune_runs_the_calibration_in_eval_mode_and_leaves_no_hook():
     assert seen == [False, False] and model.training  # 2 of the 5 batches, in eval mode, the mode restored
     assert (len(model[0]._forward_pre_hooks), len(model[3]._forward_pre_hooks)) == (0, 1)  # only the test's
     assert [int((model[i].weight == 0).sum()) for i in (0, 3)] == [64, 32]
-
-
-class PaddedAttention(nn.Module):
-    """Tokens -> self-attention that ignores padded keys -> Linear, laid out (batch, positions) or (positions,
-    batch); the padded positions still run through every layer, with inputs of their own."""
-
-    def __init__(self, batch_first=True, classes=4):
-        super().__init__()
-        self.batch_first = batch_first
-        self.embed = nn.Embedding(16, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
-        self.fc = nn.Linear(8, classes)
-
-    def forward(self, input_ids, attention_mask):
-        x = self.embed(input_ids) if self.batch_first else self.embed(input_ids).transpose(0, 1)
-        padded = attention_mask == 0
-        return self.fc(self.attn(x, x, x, key_padding_mask=padded, need_weights=False)[0])
 
 
 def _attention_layers(model):

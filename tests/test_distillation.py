@@ -730,6 +730,11 @@ BAD_ARGUMENTS = [
     ({"teacher": "self", "teacher_precision": "int8"}, ValueError, "Unknown `teacher_precision='int8'`"),
     ({"teacher": "self", "save_teacher": "no"}, TypeError, "`save_teacher='no'` must be True or False"),
     ({"teacher": "self", "keep_adapters": 1}, TypeError, "`keep_adapters=1` must be True or False"),
+    (
+        {"teacher": "self", "loss_mask": "attention_mask"},
+        TypeError,
+        "`loss_mask='attention_mask'` must be a function from the input of `module`",
+    ),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -21,6 +21,7 @@ from lightning_compress.distillation.core import (
     DistillationConfig,
     FeatureLoss,
     check_apart,
+    check_example,
     check_optimized,
     check_wrapper,
     freeze_teacher,
@@ -60,6 +61,8 @@ class KnowledgeDistillation(CompressionCallback):
         example_input: input of the dry run at ``setup`` (default: ``example_input_array``).
         save_teacher: store the teacher's weights in checkpoints instead of rebuilding it on resume.
         keep_adapters: leave the adapters on the LightningModule after training.
+        loss_mask: a function from ``module``'s input to a ``(batch, positions)`` mask of the positions that count,
+            e.g. ``lambda x: x["attention_mask"]`` (see ``DistillationConfig``); needs an example input.
 
     Example::
 
@@ -93,11 +96,12 @@ class KnowledgeDistillation(CompressionCallback):
         example_input: Any = None,
         save_teacher: bool = False,
         keep_adapters: bool = False,
+        loss_mask: Callable[[Any], Any] | None = None,
     ) -> None:
         self.teacher = _checks.check_teacher(teacher, teacher_class)
         self.teacher_class = teacher_class
         config = DistillationConfig(
-            alpha, temperature, logits, module, teacher_module, features, teacher_precision
+            alpha, temperature, logits, module, teacher_module, features, teacher_precision, loss_mask
         )
         vars(self).update({f.name: getattr(config, f.name) for f in fields(config)})
         self.initial_alpha = _checks.check_optional(_checks.check_alpha, initial_alpha, "initial_alpha")
@@ -115,6 +119,7 @@ class KnowledgeDistillation(CompressionCallback):
         self.keep_adapters = _checks.check_bool(keep_adapters, "keep_adapters")
 
         self.adapters: nn.ModuleDict | None = None
+        self._layouts: dict[str, str | None] | None = None
         self._teacher: nn.Module | None = None
         self._fingerprint: list[float] | None = None
         self._alpha_schedule: Schedule | None = None
@@ -168,13 +173,9 @@ class KnowledgeDistillation(CompressionCallback):
         assert self._teacher is not None
         # Given or `example_input_array` only (no Trainer: no training batch is drawn for it).
         example = CompressionCallback.example_input(None, pl_module, self.example_input, max_batch=2)
-        if example is None and config.needs_adapters:
-            raise ValueError(
-                "A 'hint' or 'cosine' feature may need an adapter, which must exist before the optimizer is "
-                "built: set `example_input_array` on the LightningModule or pass `example_input` so that "
-                "KnowledgeDistillation can run the student and the teacher once at setup."
-            )
-        self.adapters = None
+        how = "set `example_input_array` on the LightningModule or pass `example_input`"
+        check_example(config, example is not None, how)
+        self.adapters, self._layouts = None, None
         if example is None:
             return  # the checks run at the first training step
         capture = DistillationCapture(pl_module, self._teacher, config)
@@ -182,6 +183,7 @@ class KnowledgeDistillation(CompressionCallback):
         existing = getattr(pl_module, ADAPTERS_ATTRIBUTE, None)
         existing = existing if isinstance(existing, nn.ModuleDict) else None
         self.adapters = capture.adapters if capture.dry_run(example, argument, existing) else None
+        self._layouts = capture.layouts
         if self.adapters is not None:
             setattr(pl_module, ADAPTERS_ATTRIBUTE, self.adapters)
 
@@ -195,7 +197,8 @@ class KnowledgeDistillation(CompressionCallback):
         # `training_step` are recorded (not those of validation, or of another callback's hook).
         self.remove_hooks()
         in_step = lambda: getattr(pl_module, "_current_fx_name", None) == "training_step"  # noqa: E731
-        self._capture = DistillationCapture(pl_module, self._teacher, self.config, self.adapters, in_step)
+        config, layouts = self.config, self._layouts
+        self._capture = DistillationCapture(pl_module, self._teacher, config, self.adapters, in_step, layouts)
         for handle in self._capture.attach():
             self.track_hook(handle)
 

@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress import _checks
-from lightning_compress._inputs import call_module, input_shapes, to_device
+from lightning_compress._inputs import as_input, call_module, detach_input, input_shapes, to_device
+from lightning_compress._positions import CalibrationMaskError, input_layout, kept_rows, position_mask
 from lightning_compress.distillation.losses import (
     attention_transfer_loss,
     embedding_loss,
@@ -36,6 +37,9 @@ from lightning_compress.selection import find_submodule
 FEATURE_LOSSES = ("hint", "attention", "cosine", "mse")
 TEACHER_PRECISIONS = ("32-true", "64-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
 _DTYPES = {"32": torch.float32, "64": torch.float64, "16": torch.float16, "bf16": torch.bfloat16}
+LOGITS = "logits"  # the logits term's key among a capture's layouts (a feature's is its index)
+_LAID_OUT = {"batch_first": "(batch, positions, ...)", "positions_first": "(positions, batch, ...)"}
+_MASK_TAKES = "the input of the distilled `module` (the student's forward by default)"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class DistillationConfig:
         teacher_module: the teacher's module to call on that input (``None``: the same name as ``module``).
         features: feature-level terms (:class:`FeatureLoss`).
         teacher_precision: ``None`` (as the student's forward runs) or one of :data:`TEACHER_PRECISIONS`.
+        loss_mask: a function from the input of ``module`` to a boolean ``(batch, positions)`` mask of the positions
+            the logits and the per-position features count (``None``: all of them), e.g. ``lambda x:
+            x["attention_mask"]`` to leave padding out. It takes the single positional argument, a tuple of
+            several, a dict of keywords (with positional ones too: under their index). The outputs may hold the
+            positions batch first, positions first or flattened (found on one sample of the example input);
+            pooled outputs and attention maps count whole. A batch it masks entirely adds nothing.
 
     Example::
 
@@ -112,6 +122,7 @@ class DistillationConfig:
     teacher_module: str | None = None
     features: Sequence[FeatureLoss] = ()
     teacher_precision: str | None = None
+    loss_mask: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         module = _checks.check_module_name(self.module, "module")
@@ -123,6 +134,7 @@ class DistillationConfig:
             "teacher_module": module if teacher_module is None else teacher_module,
             "features": _checks.check_features(self.features, FeatureLoss, self.logits),
             "teacher_precision": _checks.check_teacher_precision(self.teacher_precision, TEACHER_PRECISIONS),
+            "loss_mask": _checks.check_loss_mask(self.loss_mask),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -152,7 +164,7 @@ class Distilled(NamedTuple):
         and ``temperature``."""
         metrics: dict[str, Any] = {"loss": self.loss.detach(), "alpha": alpha}
         metrics.update({name: value.detach() for name, value in self.terms.items()})
-        if self.logits is not None:
+        if self.logits is not None and len(self.logits[0]):
             metrics["agreement"] = top1_agreement(*self.logits)
             metrics["temperature"] = temperature
         return metrics
@@ -205,6 +217,23 @@ def check_wrapper(model: nn.Module, adapters: nn.Module | None) -> None:
         )
 
 
+def check_example(config: DistillationConfig, has_example: bool, how: str) -> None:
+    """What needs an example input before training: the adapters (built before the optimizer) and the layouts of
+    ``loss_mask``; ``how`` says how to give one."""
+    if has_example:
+        return
+    if config.needs_adapters:
+        raise ValueError(
+            "A 'hint' or 'cosine' feature may need an adapter, which must exist before the optimizer is built: "
+            f"{how} so that the student and the teacher run once first."
+        )
+    if config.loss_mask is not None:
+        raise ValueError(
+            "`loss_mask` needs the student to run once on an example input (one sample of it) before training, to "
+            f"find how its outputs hold the positions: {how}."
+        )
+
+
 def find_module(model: nn.Module, name: str, argument: str, side: str) -> nn.Module:
     """The submodule ``name`` of the ``side`` (student or teacher) model (``""``: itself)."""
     owner = f"the {side} ({type(model).__name__})"
@@ -219,6 +248,8 @@ class DistillationCapture:
     on the ``features`` modules their first outputs. :meth:`distill` then runs the teacher (eval mode, no
     gradients, in ``config.teacher_precision``) on the recorded input and returns the loss terms; :meth:`loss`
     mixes them with a task loss. ``record_if`` limits recording to the calls for which it returns ``True``.
+    ``layouts`` (with ``config.loss_mask``): how the logits (:data:`LOGITS`) and each feature (its index) hold the
+    positions, as a :meth:`dry_run` finds them.
 
     Example::
 
@@ -241,9 +272,11 @@ class DistillationCapture:
         config: DistillationConfig,
         adapters: nn.ModuleDict | None = None,
         record_if: Callable[[], bool] | None = None,
+        layouts: Mapping[str, str | None] | None = None,
     ) -> None:
         self.student, self.teacher, self.config = student, teacher, config
         self.adapters = adapters
+        self.layouts = None if layouts is None else dict(layouts)
         self.record_if = record_if
         self._handles: list[RemovableHandle] = []
         self._teacher_running = False
@@ -348,19 +381,56 @@ class DistillationCapture:
             )
         args, kwargs, output = self._capture
         temperature = self.config.temperature if temperature is None else temperature
-        logits = self.check_logits(output, self.run_teacher(args, kwargs))
+        distilled = self._distilled(args, kwargs, output, self.run_teacher(args, kwargs), temperature)
+        self._capture, self._student_features, self._teacher_features = None, {}, {}
+        return distilled
+
+    def _distilled(
+        self, args: tuple, kwargs: dict, output: Any, teacher_output: Any, temperature: float
+    ) -> Distilled:
+        mask = self._mask(args, kwargs)
+        logits = self.check_logits(output, teacher_output)
         terms: dict[str, Tensor] = {}
         if logits is not None:
-            terms["kl"] = hinton_loss(logits[0], logits[1], temperature)
+            logits = self._kept(logits, mask, LOGITS, "the logits")
+            terms["kl"] = _unless_empty(hinton_loss, *logits, temperature=temperature)
         distillation = torch.zeros((), device=_device(self.student))
         for i, feature in enumerate(self.config.features):
-            term = self._feature_term(i, feature)
+            term = self._feature_term(i, feature, mask)
             terms[feature.label] = term
             distillation = distillation + feature.weight * term
         if "kl" in terms:
             distillation = distillation + terms["kl"]
-        self._capture, self._student_features, self._teacher_features = None, {}, {}
         return Distilled(distillation, terms, logits)
+
+    def _mask(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """The ``(batch, positions)`` mask of ``config.loss_mask`` for the recorded input (``None`` without one)."""
+        if self.config.loss_mask is None:
+            return None
+        if self.layouts is None:
+            raise RuntimeError(
+                "`loss_mask` needs the layouts of the outputs, found by a dry run on an example input: call "
+                "`dry_run` first, or set up the capture with `distill(..., example_input=...)`."
+            )
+        return position_mask(self.config.loss_mask, as_input(args, kwargs), "loss_mask", _MASK_TAKES)
+
+    def _kept(
+        self, pair: tuple[Tensor, Tensor], mask: Tensor | None, key: str, what: str
+    ) -> tuple[Tensor, Tensor]:
+        """The student's and the teacher's rows of ``pair`` at the positions ``mask`` keeps, laid out as the
+        ``key`` term was found at the dry run (all of them without a mask, or for a term that holds no positions)."""
+        layout = None if mask is None or self.layouts is None else self.layouts.get(key)
+        if mask is None or layout is None:
+            return pair
+        kept = tuple(kept_rows(x, mask, layout) for x in pair)
+        for x, rows in zip(pair, kept, strict=True):
+            if rows is x:  # the shape does not fit the mask
+                raise CalibrationMaskError(
+                    f"`loss_mask` gave a mask of shape {tuple(mask.shape)} (batch, positions), and {what} of shape "
+                    f"{tuple(x.shape)} does not hold them laid out {_LAID_OUT.get(layout, '(batch·positions, ...)')} "
+                    "as at the dry run. Return the mask of this input's positions."
+                )
+        return kept[0], kept[1]
 
     def loss(self, task_loss: Tensor, alpha: float | None = None, temperature: float | None = None) -> Tensor:
         """``(1 - alpha) · task_loss + alpha · distillation_loss`` of the recorded call (see :meth:`distill`)."""
@@ -418,7 +488,7 @@ class DistillationCapture:
         _check_finite(teacher, "the teacher's logits")
         return student, teacher
 
-    def _feature_term(self, index: int, feature: FeatureLoss) -> Tensor:
+    def _feature_term(self, index: int, feature: FeatureLoss, mask: Tensor | None = None) -> Tensor:
         student = self._student_features.get(index)
         teacher = self._teacher_features.get(index)
         if student is None or teacher is None:
@@ -432,8 +502,6 @@ class DistillationCapture:
             )
         adapters = self.adapters
         adapter = adapters[str(index)] if adapters is not None and str(index) in adapters else None
-        if feature.loss == "hint":
-            return hint_loss(student, teacher, adapter)
         if feature.loss == "attention":
             return attention_transfer_loss(student, teacher)
         if feature.loss == "mse" and student.shape != teacher.shape:
@@ -442,7 +510,12 @@ class DistillationCapture:
                 f"teacher's {feature.teacher_name!r} output {tuple(teacher.shape)} differ in shape, which 'mse' "
                 "cannot compare; use loss='hint' (MSE through a trained adapter)."
             )
-        return embedding_loss(student, teacher, feature.loss, adapter)
+        student, teacher = self._kept(
+            (student, teacher), mask, str(index), f"the output of {feature.student!r}"
+        )
+        if feature.loss == "hint":
+            return _unless_empty(hint_loss, student, teacher, adapter=adapter)
+        return _unless_empty(embedding_loss, student, teacher, metric=feature.loss, adapter=adapter)
 
     # -- the dry run -----------------------------------------------------------------------------------------
 
@@ -467,27 +540,14 @@ class DistillationCapture:
         try:
             self.student.eval()
             with torch.no_grad():
-                try:
-                    call_module(self.student, example_input)
-                except _OutputError:
-                    raise
-                except Exception as err:
-                    raise ValueError(
-                        f"`{argument}` of shape {input_shapes(example_input)} was rejected by the student "
-                        f"({type(self.student).__name__}) in the setup check: {type(err).__name__}: {err}. Pass "
-                        "an input the student's forward accepts, e.g. one batch of training inputs."
-                    ) from err
-                if self._capture is None:
-                    message = (
-                        f"The student's forward did not call `module={self.config.module!r}` on `{argument}`"
-                    )
-                    if self.config.needs_adapters:
-                        raise ValueError(
-                            f"{message}, so the adapters cannot be built. Pass a matching input."
-                        )
-                    warnings.warn(f"{message}; the checks run at the first loss instead.", stacklevel=2)
+                if self.config.loss_mask is not None and self._run_student(
+                    detach_input(example_input, max_batch=1), argument
+                ):
+                    self.layouts = self._probe()
+                    self.reset()
+                if not self._run_student(example_input, argument):
                     return False
-                args, kwargs, output = self._capture
+                args, kwargs, output = self._capture  # type: ignore[misc]
                 self._inputs = []
                 try:
                     teacher_output = self.run_teacher(args, kwargs)
@@ -495,14 +555,61 @@ class DistillationCapture:
                     raise self._teacher_rejects(args, kwargs, err) from err
                 self.check_logits(output, teacher_output)
                 self.adapters = self._build_adapters(existing or {})
-                for i, feature in enumerate(self.config.features):
-                    self._feature_term(i, feature)
+                self._distilled(args, kwargs, output, teacher_output, self.config.temperature)
             return True
         finally:
             self.student.train(was_training)
             self.reset()
             if not attached:
                 self.remove()
+
+    def _run_student(self, example_input: Any, argument: str) -> bool:
+        """Call the student on ``example_input`` (the dry run): whether it called ``module``; an error or a warning
+        (the checks then run at the first loss) when it did not."""
+        try:
+            call_module(self.student, example_input)
+        except _OutputError:
+            raise
+        except Exception as err:
+            raise ValueError(
+                f"`{argument}` of shape {input_shapes(example_input)} was rejected by the student "
+                f"({type(self.student).__name__}) in the setup check: {type(err).__name__}: {err}. Pass "
+                "an input the student's forward accepts, e.g. one batch of training inputs."
+            ) from err
+        if self._capture is not None:
+            return True
+        message = f"The student's forward did not call `module={self.config.module!r}` on `{argument}`"
+        if self.config.needs_adapters or self.config.loss_mask is not None:
+            needs = (
+                "the adapters cannot be built"
+                if self.config.needs_adapters
+                else "`loss_mask` cannot be set up"
+            )
+            raise ValueError(f"{message}, so {needs}. Pass a matching input.")
+        warnings.warn(f"{message}; the checks run at the first loss instead.", stacklevel=3)
+        return False
+
+    def _probe(self) -> dict[str, str | None]:
+        """How the recorded call's output and features hold the positions of ``config.loss_mask``: run on one
+        sample, where the layouts differ. Feature maps ``(N, C, H, W)`` and attention maps count whole."""
+        assert self._capture is not None and self.config.loss_mask is not None
+        args, kwargs, output = self._capture
+        mask = position_mask(self.config.loss_mask, as_input(args, kwargs), "loss_mask", _MASK_TAKES)
+        layouts: dict[str, str | None] = {LOGITS: None}
+        if self.config.logits:
+            layouts[LOGITS] = _sequence_layout(_as_tensor(output, "the student's output"), mask)
+        for i, feature in enumerate(self.config.features):
+            held = self._student_features.get(i)
+            per_position = feature.loss != "attention" and held is not None
+            layouts[str(i)] = _sequence_layout(held, mask) if per_position else None  # type: ignore[arg-type]
+        if not any(layouts.values()):
+            raise CalibrationMaskError(
+                f"`loss_mask` gave a mask of shape {tuple(mask.shape)} (batch, positions) for one sample, and "
+                "neither the logits nor a feature holds those positions, laid out (batch, positions, ...), "
+                "(positions, batch, ...) or (batch·positions, ...). Distill per-position outputs (e.g. a language "
+                "model's logits) or leave `loss_mask` unset."
+            )
+        return layouts
 
     def _teacher_rejects(self, args: tuple, kwargs: dict, err: Exception) -> ValueError:
         entry = self.config.teacher_module
@@ -567,15 +674,23 @@ def distill(
     """
     check_apart(student, freeze_teacher(teacher, config))
     capture = DistillationCapture(student, teacher, config)
-    if example_input is None and config.needs_adapters:
-        raise ValueError(
-            "A 'hint' or 'cosine' feature may need an adapter, which must exist before the optimizer is built: "
-            "pass `example_input` so that the student and the teacher run once first."
-        )
+    check_example(config, example_input is not None, "pass `example_input`")
     if example_input is not None:
         capture.dry_run(example_input)
     capture.attach()
     return capture
+
+
+def _unless_empty(loss: Callable[..., Tensor], student: Tensor, teacher: Tensor, **options: Any) -> Tensor:
+    """``loss(student, teacher, **options)``, or a zero that keeps the graph when ``loss_mask`` kept no row."""
+    if student.shape[0] == 0:
+        return student.float().sum() * 0.0
+    return loss(student, teacher, **options)
+
+
+def _sequence_layout(x: Tensor, mask: Tensor) -> str | None:
+    """:func:`~lightning_compress._positions.input_layout` of a 2-d or 3-d output (a 4-d one is a feature map)."""
+    return input_layout(x, mask) if x.dim() <= 3 else None
 
 
 def _device(module: nn.Module) -> torch.device | None:
