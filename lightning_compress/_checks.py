@@ -1155,7 +1155,7 @@ def check_calibration_mask(value: Any) -> Any:
 
 def check_loss_mask(value: Any) -> Any:
     """``None`` or a function from the distilled module's input to a ``(batch, positions)`` mask."""
-    what = "from the input of `module` to a (batch, positions) mask of the positions the distillation counts"
+    what = "from the arguments of `module`'s call, by name, to a (batch, positions) mask of the positions that count"
     return check_function(value, "loss_mask", what, "lambda x: x['attention_mask']")
 
 

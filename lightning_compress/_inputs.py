@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -77,19 +78,30 @@ def as_call(example: Any) -> tuple[tuple, dict]:
     return (example,), {}
 
 
-def as_input(args: tuple, kwargs: dict) -> Any:
-    """The input of one call as one object, the inverse of :func:`as_call`: the single positional argument, a tuple
-    of several, a dict of keywords; positional and keyword arguments together: a dict, the positional ones under
-    their index.
+def named_arguments(function: Any, args: tuple, kwargs: dict) -> dict[Any, Any]:
+    """The arguments of a call of ``function`` by parameter name, however the call spelled them (keywords gathered by
+    ``**kwargs`` appear under their own names); positional ones that no name takes stay under their index.
 
     Example::
 
-        >>> as_input((1,), {}), as_input((1, 2), {}), as_input((), {"x": 1}), as_input((1,), {"mask": 2})
-        (1, (1, 2), {'x': 1}, {0: 1, 'mask': 2})
+        >>> def forward(input_ids, attention_mask=None, **extra): ...
+        >>> named_arguments(forward, (1, 2), {}), named_arguments(forward, (1,), {"attention_mask": 2, "other": 3})
+        ({'input_ids': 1, 'attention_mask': 2}, {'input_ids': 1, 'attention_mask': 2, 'other': 3})
     """
-    if not kwargs:
-        return args[0] if len(args) == 1 else tuple(args)
-    return {**dict(enumerate(args)), **kwargs}
+    try:
+        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature, or one the call does not fit
+        return {**dict(enumerate(args)), **kwargs}
+    named: dict[Any, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            named.update({len(named) + i: v for i, v in enumerate(value)})
+        else:
+            named[name] = value
+    return named
 
 
 def first_input(batch: Any) -> Any:

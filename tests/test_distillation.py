@@ -733,7 +733,7 @@ BAD_ARGUMENTS = [
     (
         {"teacher": "self", "loss_mask": "attention_mask"},
         TypeError,
-        "`loss_mask='attention_mask'` must be a function from the input of `module`",
+        "`loss_mask='attention_mask'` must be a function from the arguments of `module`'s call",
     ),
 ]
 

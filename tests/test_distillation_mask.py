@@ -113,15 +113,15 @@ def test_a_batch_masked_entirely_adds_nothing_and_leaves_no_nan():
 
 
 class TokenTagger(pl.LightningModule):
-    """Tags each real token of a padded batch (:func:`dict_batches`) with the next token id, calling its forward
-    with two positional arguments."""
+    """Tags each real token of a padded batch (:func:`dict_batches`) with the next token id."""
 
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
         self.net = PaddedAttention(classes=VOCABULARY)
         inputs = _batch()
-        self.example_input_array = (inputs["input_ids"][:2], inputs["attention_mask"][:2])
+        # Keywords here, positional arguments in `training_step`: `loss_mask` gets them by name either way.
+        self.example_input_array = {k: v[:2] for k, v in inputs.items()}
 
     def forward(self, input_ids, attention_mask):
         return self.net(input_ids, attention_mask)
@@ -145,15 +145,11 @@ class Logged(Callback):
         )
 
 
-def _second(x):
-    return x[1]
-
-
 def test_the_callback_distills_the_real_tokens_as_the_core_does(tmp_path):
     model, teacher = TokenTagger(), TokenTagger(seed=1)
     start = copy.deepcopy(model)
     features = [FeatureLoss("net.embed", loss="mse"), FeatureLoss("net.attn", loss="cosine")]
-    options = dict(module="net", temperature=2.0, features=features, loss_mask=_second)
+    options = dict(module="net", temperature=2.0, features=features, loss_mask=_real)
     logged = Logged()
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=2), callbacks=[KnowledgeDistillation(teacher, **options), logged]
@@ -197,17 +193,17 @@ class NoExample(TokenTagger):
     [
         (
             NoExample,
-            _second,
+            _real,
             "`loss_mask` needs the student to run once on an example input .* set `example_input_array` on the "
             "LightningModule or pass `example_input`",
         ),
-        (TokenTagger, lambda x: x["attention_mask"], "`loss_mask` failed on the model input: TypeError"),
+        (TokenTagger, lambda x: x["mask"], "`loss_mask` failed on the model input: KeyError: 'mask'"),
         (
             TokenTagger,
-            lambda x: x[1].sum(1),
+            lambda x: x["attention_mask"].sum(1),
             r"`loss_mask` must return a \(batch, positions\) tensor .* shape \(1,\)",
         ),
-        (PooledClassifier, _second, "neither the logits nor a feature holds those positions"),
+        (PooledClassifier, _real, "neither the logits nor a feature holds those positions"),
     ],
     ids=["no_example", "fails", "not_2d", "pooled"],
 )

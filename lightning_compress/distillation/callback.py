@@ -61,8 +61,8 @@ class KnowledgeDistillation(CompressionCallback):
         example_input: input of the dry run at ``setup`` (default: ``example_input_array``).
         save_teacher: store the teacher's weights in checkpoints instead of rebuilding it on resume.
         keep_adapters: leave the adapters on the LightningModule after training.
-        loss_mask: a function from ``module``'s input to a ``(batch, positions)`` mask of the positions that count,
-            e.g. ``lambda x: x["attention_mask"]`` (see ``DistillationConfig``); needs an example input.
+        loss_mask: a function from the arguments of ``module``'s call by name to a ``(batch, positions)`` mask of the
+            positions that count, e.g. ``lambda x: x["attention_mask"]`` (see ``DistillationConfig``).
 
     Example::
 

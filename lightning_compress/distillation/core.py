@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress import _checks
-from lightning_compress._inputs import as_input, call_module, detach_input, input_shapes, to_device
+from lightning_compress._inputs import call_module, detach_input, input_shapes, named_arguments, to_device
 from lightning_compress._positions import CalibrationMaskError, input_layout, kept_rows, position_mask
 from lightning_compress.distillation.losses import (
     attention_transfer_loss,
@@ -39,7 +39,7 @@ TEACHER_PRECISIONS = ("32-true", "64-true", "16-true", "bf16-true", "16-mixed", 
 _DTYPES = {"32": torch.float32, "64": torch.float64, "16": torch.float16, "bf16": torch.bfloat16}
 LOGITS = "logits"  # the logits term's key among a capture's layouts (a feature's is its index)
 _LAID_OUT = {"batch_first": "(batch, positions, ...)", "positions_first": "(positions, batch, ...)"}
-_MASK_TAKES = "the input of the distilled `module` (the student's forward by default)"
+_MASK_TAKES = "the arguments of the call of `module`, by name (a dict)"
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,12 @@ class DistillationConfig:
         teacher_module: the teacher's module to call on that input (``None``: the same name as ``module``).
         features: feature-level terms (:class:`FeatureLoss`).
         teacher_precision: ``None`` (as the student's forward runs) or one of :data:`TEACHER_PRECISIONS`.
-        loss_mask: a function from the input of ``module`` to a boolean ``(batch, positions)`` mask of the positions
-            the logits and the per-position features count (``None``: all of them), e.g. ``lambda x:
-            x["attention_mask"]`` to leave padding out. It takes the single positional argument, a tuple of
-            several, a dict of keywords (with positional ones too: under their index). The outputs may hold the
-            positions batch first, positions first or flattened (found on one sample of the example input);
-            pooled outputs and attention maps count whole. A batch it masks entirely adds nothing.
+        loss_mask: a function from the arguments of the call of ``module``, by name (a dict, however the call spelled
+            them), to a boolean ``(batch, positions)`` mask of the positions the logits and the per-position features
+            count (``None``: all of them), e.g. ``lambda x: x["attention_mask"]`` to leave padding out. The outputs
+            may hold the positions batch first, positions first or flattened (found on one sample of the example
+            input); pooled outputs, feature maps and attention maps count whole. A batch it masks entirely adds
+            nothing.
 
     Example::
 
@@ -412,7 +412,12 @@ class DistillationCapture:
                 "`loss_mask` needs the layouts of the outputs, found by a dry run on an example input: call "
                 "`dry_run` first, or set up the capture with `distill(..., example_input=...)`."
             )
-        return position_mask(self.config.loss_mask, as_input(args, kwargs), "loss_mask", _MASK_TAKES)
+        return position_mask(self.config.loss_mask, self._arguments(args, kwargs), "loss_mask", _MASK_TAKES)
+
+    def _arguments(self, args: tuple, kwargs: dict) -> dict[Any, Any]:
+        """The recorded call's arguments by name, what ``config.loss_mask`` takes."""
+        entry = find_module(self.student, self.config.module, "module", "student")
+        return named_arguments(entry.forward, args, kwargs)
 
     def _kept(
         self, pair: tuple[Tensor, Tensor], mask: Tensor | None, key: str, what: str
@@ -594,7 +599,7 @@ class DistillationCapture:
         sample, where the layouts differ. Feature maps ``(N, C, H, W)`` and attention maps count whole."""
         assert self._capture is not None and self.config.loss_mask is not None
         args, kwargs, output = self._capture
-        mask = position_mask(self.config.loss_mask, as_input(args, kwargs), "loss_mask", _MASK_TAKES)
+        mask = position_mask(self.config.loss_mask, self._arguments(args, kwargs), "loss_mask", _MASK_TAKES)
         layouts: dict[str, str | None] = {LOGITS: None}
         if self.config.logits:
             layouts[LOGITS] = _sequence_layout(_as_tensor(output, "the student's output"), mask)
