@@ -80,11 +80,6 @@ _LOOP = (
     "`augment`); the configuration now fine-tunes with the package's `KnowledgeDistillation` callback (the same "
     "`1 - cos` of the sentence embeddings, the teacher run at each step) and has not been rerun at this length."
 )
-_TOKEN = (
-    " Its per-token term now goes through `FeatureLoss(..., loss='cosine')` on the layers' outputs, which counts "
-    "the padding positions of a batch as well; the earlier loop left them out."
-)
-
 CONFIGS: dict[str, Config] = {
     "binary": Config("binary"),
     "budget": Config("budget"),
@@ -175,7 +170,18 @@ CONFIGS: dict[str, Config] = {
             "methods": ("whitened",),
             "threads": 2,
         },
-        notes=_LOOP + _TOKEN,
+        needs=("transformers",),
+    ),
+    "low_rank_minilm_layers_padding": Config(
+        "low_rank_minilm",
+        {
+            **_MINILM,
+            "token_weight": 1.0,
+            "all_layers": True,
+            "token_mask": False,
+            "methods": ("whitened",),
+            "threads": 2,
+        },
         needs=("transformers",),
     ),
     "low_rank_minilm_text": Config(
@@ -224,7 +230,7 @@ CONFIGS: dict[str, Config] = {
             "latency_batch": 64,
             "repeats": 10,
         },
-        notes=_LOOP + _TOKEN,
+        notes=_LOOP,
         needs=("gpu", "transformers"),
     ),
     "overhead": Config("overhead"),

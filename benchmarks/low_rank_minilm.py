@@ -5,7 +5,8 @@ has every Linear layer of its encoder factorized to half its parameters (plain S
 fine-tuned briefly in a Lightning fit with the package's ``KnowledgeDistillation`` callback: ``alpha=1`` (there
 are no labels), no logits term, a ``FeatureLoss`` of ``1 - cos`` between the student's and the original model's
 sentence embeddings (``teacher="self"``: the copy of the model taken before the factorization), and with
-``token_weight`` the same per token on the last layer's hidden states (or every layer's, ``all_layers``).
+``token_weight`` the same per token on the last layer's hidden states (or every layer's, ``all_layers``), the
+padding left out (``loss_mask``) unless ``token_mask`` is off.
 
 The text set is generated here: sentences of the docstrings of Python's standard library (read with ``ast``,
 nothing is imported); the held-out sentences come from other source files than the training ones. Reported:
@@ -69,6 +70,7 @@ class Settings:
     freeze_embeddings: bool = False  # keep the student's token, position and type embeddings as they are
     dropout: float | None = None  # the student's dropout while fine-tuning (None: the model's)
     token_weight: float = 0.0  # weight of the per-token term (FeatureLoss on the layers' hidden states)
+    token_mask: bool = True  # the per-token term leaves the padding out (`loss_mask`)
     all_layers: bool = False  # the per-token term on every layer, not the last
     latency_batch: int = 32
     repeats: int = 5  # timed calls per model and round
@@ -258,9 +260,15 @@ def distillation(args: Settings, layers: int, example: dict[str, torch.Tensor]) 
             )
             for i in chosen
         ]
+    mask = real_tokens if args.token_weight and args.token_mask else None
     return KnowledgeDistillation(
-        teacher="self", alpha=1.0, logits=False, features=features, example_input=example
+        teacher="self", alpha=1.0, logits=False, features=features, example_input=example, loss_mask=mask
     )
+
+
+def real_tokens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions of the tokens, not the padding: what the calibration statistics and the distillation count."""
+    return inputs["attention_mask"]
 
 
 def model_input(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -401,6 +409,7 @@ def run(args: Settings, context: Context) -> Result:
         + (f", student dropout {args.dropout:g}" if args.dropout is not None else "")
         + (f", per-token term weight {args.token_weight:g}" if args.token_weight else "")
         + (" on every layer" if args.token_weight and args.all_layers else "")
+        + (" (the padding left out: `loss_mask`)" if args.token_weight and args.token_mask else "")
         + "; fine-tuned by `KnowledgeDistillation(teacher='self', alpha=1, logits=False, "
         "features=[FeatureLoss('', loss='cosine'), ...])`."
     )

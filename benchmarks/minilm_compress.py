@@ -60,6 +60,7 @@ from benchmarks.low_rank_minilm import (
     embed,
     minilm_path,
     model_input,
+    real_tokens,
     require_minilm,
     split_sentences,
 )
@@ -147,11 +148,6 @@ def pruned_sparsity(model: nn.Module) -> float:
         m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer." in name
     ]
     return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
-
-
-def real_tokens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The positions of the tokens, not the padding: what the calibration statistics count."""
-    return inputs["attention_mask"]
 
 
 def sparse_pruning(mode: str, criterion: str, settings: Settings) -> GradualPruning:

@@ -3,11 +3,14 @@
 import textwrap
 
 import pytest
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from examples.data import DigitsDataModule
 from examples.models import ImageClassifier
-from lightning_compress import CompressionMonitor, GradualPruning
+from lightning_compress import CompressionMonitor, GradualPruning, KnowledgeDistillation
+from tests.conftest import dict_batches
+from tests.test_distillation_mask import TokenTagger
 
 
 def test_callbacks_from_a_lightning_cli_yaml_file(tmp_path):
@@ -94,3 +97,58 @@ def test_a_shipped_recipe_combines_with_model_and_trainer_arguments(tmp_path):
     # LeNet-300-100 on 8x8 input: the 64->300 and 300->100 layers get factorized at about half their size.
     assert {"net.1", "net.3"} <= set(low_rank.layers)
     assert low_rank.layers["net.3"]["rank"] < 100
+
+
+def real_tokens(inputs):
+    """The positions of a padded batch that count (a function a YAML file names by its import path)."""
+    return inputs["attention_mask"]
+
+
+def keyword_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+class Tagger(TokenTagger):
+    def train_dataloader(self):
+        return dict_batches()
+
+
+def test_function_arguments_are_given_by_import_path(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            trainer:
+              max_steps: 2
+              accelerator: cpu
+              logger: false
+              enable_checkpointing: false
+              enable_progress_bar: false
+              enable_model_summary: false
+              default_root_dir: {tmp_path}
+              callbacks:
+                - class_path: lightning_compress.KnowledgeDistillation
+                  init_args:
+                    teacher: self
+                    loss_mask: tests.test_cli.real_tokens
+                - class_path: lightning_compress.GradualPruning
+                  init_args:
+                    amount: 0.5
+                    criterion: wanda
+                    start: 0.0
+                    end: 0.0
+                    modules: torch.nn.Linear
+                    calibration_input: tests.test_cli.keyword_inputs
+                    calibration_mask: tests.test_cli.real_tokens
+            """
+        )
+    )
+    cli = LightningCLI(Tagger, args=["fit", "--config", str(config)], save_config_callback=None)
+    kd = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation))
+    pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradualPruning))
+    named = lambda f: f"{f.__module__}.{f.__name__}"  # noqa: E731
+    assert named(kd.loss_mask) == named(pruning.config.calibration_mask) == "tests.test_cli.real_tokens"
+    assert named(pruning.config.calibration_input) == "tests.test_cli.keyword_inputs"
+    assert cli.trainer.global_step == 2 and "distillation/kl" in cli.trainer.callback_metrics
+    weights = [m.weight for m in cli.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert float(sum((w == 0).sum() for w in weights) / sum(w.numel() for w in weights)) == pytest.approx(0.5)
