@@ -86,6 +86,8 @@ CONFIGS: dict[str, Config] = {
     "calibration_mask": Config("calibration_mask", needs=("transformers",)),
     "compact": Config("compact"),
     "language_model": Config("language_model"),
+    # The same protocol at twice the width (12.8 M parameters), on the CPU (about 90 minutes).
+    "language_model_width512_heads8": Config("language_model", {"d_model": 512, "n_heads": 8}),
     "minilm_compress": Config("minilm_compress", needs=("transformers",)),
     "minilm_compress_dropout": Config(
         "minilm_compress",
