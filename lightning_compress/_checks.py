@@ -1154,7 +1154,7 @@ def check_calibration_mask(value: Any) -> Any:
 
 
 def check_loss_mask(value: Any) -> Any:
-    """``None`` or a function from the distilled module's input to a ``(batch, positions)`` mask."""
+    """``None`` or a function from the arguments of the distilled module's call to a ``(batch, positions)`` mask."""
     what = "from the arguments of `module`'s call, by name, to a (batch, positions) mask of the positions that count"
     return check_function(value, "loss_mask", what, "lambda x: x['attention_mask']")
 
