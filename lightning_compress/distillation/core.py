@@ -424,7 +424,7 @@ class DistillationCapture:
     ) -> tuple[Tensor, Tensor]:
         """The student's and the teacher's rows of ``pair`` at the positions ``mask`` keeps, laid out as the
         ``key`` term was found at the dry run (all of them without a mask, or for a term that holds no positions)."""
-        layout = None if mask is None or self.layouts is None else self.layouts.get(key)
+        layout = self.layouts.get(key) if mask is not None and self.layouts else None
         if mask is None or layout is None:
             return pair
         kept = tuple(kept_rows(x, mask, layout) for x in pair)
