@@ -131,6 +131,49 @@ def test_eval_raises_on_the_raw_prepared_graph_and_switches_batch_norm_on_ours()
     assert not torch.equal(net[1].running_mean, running_mean)
 
 
+def test_mode_switch_runs_under_a_flop_counter_and_leaves_its_hooks_in_place():
+    from torch.nn.modules import module as module_globals
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    prepared = prepare_int8_qat(net, (x,))
+    prepared(x)
+    prepared.eval()
+    # Lightning's model summary runs the example input like this: the graph switches to eval at this call.
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        hooks = dict(module_globals._global_forward_pre_hooks)
+        first, second = prepared(x), prepared(x)
+        assert dict(module_globals._global_forward_pre_hooks) == hooks and hooks
+    assert torch.equal(first, second)  # dropout is off
+    assert counter.get_total_flops() >= 2 * 4 * (8 * 16 + 16 * 3)  # the model's matmuls are still counted
+
+
+def test_qat_with_lightnings_default_model_summary(tmp_path):
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 4))
+            self.example_input_array = torch.randn(2, 16)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    pl.seed_everything(0, verbose=False)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 16), torch.randint(0, 4, (32,)))
+    model, qat = Classifier(), QuantizationAwareTraining()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, enable_model_summary=True), callbacks=[qat])
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.global_step == 3 and isinstance(model.net, QuantizedGraphModule) and model.net.converted
+
+
 def test_naive_save_of_the_converted_graph_is_larger_than_fp32_and_ours_is_four_times_smaller(tmp_path):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -239,11 +240,54 @@ def quantized_weight_names(graph: GraphModule) -> dict[str, str]:
     return result
 
 
+# The global module hooks of torch.nn.modules.module: a tracker that installs them (Lightning's model summary counts
+# FLOPs under one) makes torch.export fail on the pattern graphs a mode switch traces.
+GLOBAL_MODULE_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[None]:
+    """Within, the global module hooks and the active dispatch modes (a FLOP counter, a module tracker) are
+    suspended; they are restored after, also on an error.
+
+    Example::
+
+        >>> from torch.utils.flop_counter import FlopCounterMode
+        >>> with FlopCounterMode(display=False) as counter:
+        ...     with untracked():
+        ...         _ = nn.Linear(4, 4)(torch.randn(2, 4))
+        >>> counter.get_total_flops()
+        0
+    """
+    from torch.nn.modules import module as module_globals
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    saved = {
+        name: getattr(module_globals, name) for name in GLOBAL_MODULE_HOOKS if hasattr(module_globals, name)
+    }
+    for name, hooks in saved.items():
+        setattr(module_globals, name, type(hooks)())
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(module_globals, name, hooks)
+
+
 def _set_graph_mode(graph: GraphModule, current: tuple[bool, bool], target: tuple[bool, bool]) -> None:
-    """Switch dropout and batch norm of an exported graph between train and eval behaviour (a graph rewrite)."""
+    """Switch dropout and batch norm of an exported graph between train and eval behaviour (a graph rewrite, which
+    traces torchao's patterns: outside any module tracker or dispatch mode of the caller, see :func:`untracked`)."""
     from torchao.quantization.pt2e.export_utils import _replace_batchnorm, _replace_dropout
 
-    with cached_patterns():
+    with untracked(), cached_patterns():
         if current[0] != target[0]:
             _replace_dropout(graph, train_to_eval=not target[0])
         if current[1] != target[1]:
