@@ -104,6 +104,10 @@ def named_arguments(function: Any, args: tuple, kwargs: dict) -> dict[Any, Any]:
     return named
 
 
+# The entry of a dict batch that is the model input by default, the first present of these.
+DICT_INPUT_KEYS = ("input", "inputs", "x", "input_ids", "pixel_values")
+
+
 def first_input(batch: Any) -> Any:
     """The model input of a batch: the batch itself if a tensor, else its first element (``(x, y)``)."""
     if isinstance(batch, torch.Tensor):
@@ -111,12 +115,58 @@ def first_input(batch: Any) -> Any:
     if isinstance(batch, list | tuple) and batch:
         return batch[0]
     if isinstance(batch, dict):
-        for key in ("input", "inputs", "x", "input_ids", "pixel_values"):
+        for key in DICT_INPUT_KEYS:
             if key in batch:
                 return batch[key]
     raise TypeError(
         f"Cannot tell the model input in a batch of type {type(batch).__name__}. "
         "Set `example_input_array` on the LightningModule or pass `example_input`."
+    )
+
+
+# Keys of a dict batch that hold what the model is trained to predict, not what it reads.
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def check_default_input(model: nn.Module, batch: Any, argument: str = "calibration_input") -> None:
+    """Refuse a dict ``batch`` whose default model input (:func:`first_input`: one entry) leaves out other entries
+    that ``model.forward`` names as parameters (e.g. ``attention_mask`` beside ``input_ids``): the model would run
+    without them, silently. Entries holding targets (:data:`TARGET_KEYS`) do not count.
+
+    Example::
+
+        >>> class Encoder(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids
+        >>> check_default_input(Encoder(), {"input_ids": 1, "labels": 2})
+        >>> check_default_input(Encoder(), {"input_ids": 1, "attention_mask": 2})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: The training batches are dicts and by default the model input is their `input_ids` alone, ...
+    """
+    if not isinstance(batch, dict):
+        return
+    chosen = next((key for key in DICT_INPUT_KEYS if key in batch), None)
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    named = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    left_out = [key for key in batch if key != chosen and key in named and key not in TARGET_KEYS]
+    if chosen is None or not left_out:
+        return
+    wanted = [key for key in named if key == chosen or key in left_out]
+    example = ", ".join(f"{key!r}: batch[{key!r}]" for key in wanted)
+    raise ValueError(
+        f"The training batches are dicts and by default the model input is their `{chosen}` alone, but the model's "
+        f"forward also takes {', '.join(f'`{key}`' for key in left_out)}, which the batches hold: the model would "
+        f"run without {'it' if len(left_out) == 1 else 'them'}. Pass `{argument}`, a function from a training batch "
+        f"to the model's input, e.g. `{argument}=lambda batch: {{{example}}}` (or `lambda batch: batch[{chosen!r}]` "
+        "to run it on that entry alone)."
     )
 
 

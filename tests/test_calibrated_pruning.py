@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_compress import GradualPruning
+from lightning_compress import GradualPruning, LowRankReplacement
 from lightning_compress.pruning import (
     PruningConfig,
     PruningPlan,
@@ -320,10 +320,51 @@ def test_a_batch_the_model_cannot_take_as_it_is_fails_at_setup_naming_calibratio
     pruning = GradualPruning(mode="2:4", criterion="wanda", start=0.5, end=0.5, modules=nn.Linear)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[pruning, record])
     with pytest.raises(
-        ValueError, match=r"`criterion='wanda'` runs the model.*attention_mask.*Pass `calibration_input`"
+        ValueError,
+        match=r"model input is their `input_ids` alone.*`attention_mask`.*Pass `calibration_input`",
     ):
         trainer.fit(MaskedEncoder(), dict_batches())
     assert record.steps == []
+
+
+class OptionalMaskEncoder(MaskedEncoder):
+    """A Hugging Face-style signature: the mask is optional, so the model also runs on `input_ids` alone."""
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().forward(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: GradualPruning(
+            mode="2:4", criterion="wanda", modules=nn.Linear, start=0.0, end=0.0, **kw
+        ),
+        lambda **kw: LowRankReplacement(rank=8, method="whitened", modules=["proj"], **kw),
+    ],
+    ids=["wanda", "whitened_low_rank"],
+)
+def test_a_dict_batch_whose_default_input_leaves_out_an_argument_of_the_forward_fails_at_setup(
+    tmp_path, make
+):
+    # The model would run on `input_ids` alone, the padding counted as tokens: a silent wrong calibration.
+    record = RecordSteps()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[make(), record])
+    with pytest.raises(
+        ValueError,
+        match=r"`input_ids` alone, but the model's forward also takes `attention_mask`.*"
+        r"calibration_input=lambda batch: \{'input_ids': batch\['input_ids'\], 'attention_mask'",
+    ):
+        trainer.fit(OptionalMaskEncoder(), dict_batches())
+    assert record.steps == []
+    # Told how to call the model, the same fit runs; `labels`, a target, is not asked for.
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=2), callbacks=[make(calibration_input=_keyword_inputs)]
+    )
+    trainer.fit(OptionalMaskEncoder(), dict_batches())
+    assert trainer.global_step == 2
 
 
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])

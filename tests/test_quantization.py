@@ -149,6 +149,47 @@ def test_mode_switch_runs_under_a_flop_counter_and_leaves_its_hooks_in_place():
     assert counter.get_total_flops() >= 2 * 4 * (8 * 16 + 16 * 3)  # the model's matmuls are still counted
 
 
+class _TokenClassifier(nn.Module):
+    """Token ids and a padding mask to class logits (mean over the real tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids, mask):
+        h = torch.relu(self.fc(self.emb(ids))) * mask.unsqueeze(-1)
+        return self.head(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+def test_int8_graphs_take_token_batches_of_any_length_and_float_inputs_of_other_sizes_get_a_clear_error():
+    torch.manual_seed(0)
+    net = _TokenClassifier()
+    ids, mask = torch.randint(0, 20, (4, 12)), torch.ones(4, 12)
+    prepared = prepare_int8_qat(net, (ids, mask.long()))
+    for length in (12, 5, 17):  # batches padded to their own longest sequence
+        batch = torch.randint(0, 20, (3, length))
+        assert prepared(batch, torch.ones(3, length, dtype=torch.long)).shape == (3, 3)
+    converted = convert_int8(prepared)
+    short = torch.randint(0, 20, (2, 7))
+    padded = torch.cat([short, torch.zeros(2, 4, dtype=torch.long)], 1)
+    pad_mask = torch.cat([torch.ones(2, 7), torch.zeros(2, 4)], 1).long()
+    with torch.no_grad():
+        # The padding changes nothing: the graph runs on both lengths and the mask leaves the padding out.
+        assert torch.allclose(
+            converted(short, torch.ones(2, 7).long()), converted(padded, pad_mask), atol=1e-5
+        )
+
+    float_net = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    graph = prepare_int8_qat(float_net, (torch.randn(2, 5, 8),))
+    assert graph(torch.randn(7, 5, 8)).shape == (7, 5, 8)  # any batch size
+    with pytest.raises(
+        ValueError, match=r"dimension that is not the batch.*pad every batch.*int8-dynamic-intx"
+    ):
+        graph(torch.randn(2, 6, 8))
+
+
 def test_qat_with_lightnings_default_model_summary(tmp_path):
     class Classifier(pl.LightningModule):
         def __init__(self):

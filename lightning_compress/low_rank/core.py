@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lightning_compress import _checks
-from lightning_compress._inputs import call_module, first_input, to_device
+from lightning_compress._inputs import call_module, check_default_input, first_input, to_device
 from lightning_compress._positions import CalibrationMaskError, PositionFilter
 from lightning_compress.low_rank.factorize import (
     FACTORIZED,
@@ -688,7 +688,10 @@ def _call_on_batch(
     device: torch.device,
     positions: PositionFilter | None = None,
 ) -> None:
-    """Call ``model`` on the model input of ``batch``, through ``positions`` (its first call probes the layouts)."""
+    """Call ``model`` on the model input of ``batch``, through ``positions`` (its first call probes the layouts); a
+    dict batch whose default input leaves out an argument of the forward is refused (:func:`check_default_input`)."""
+    if calibration_input is None:
+        check_default_input(model, batch)
     inputs = to_device(model_input(batch, calibration_input), device)
     try:
         (positions or PositionFilter(None)).run(partial(call_module, model), inputs)

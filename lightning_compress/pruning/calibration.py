@@ -42,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress._inputs import call_module, detach_input, first_batches, first_input, to_device
+from lightning_compress._inputs import (
+    call_module,
+    check_default_input,
+    detach_input,
+    first_batches,
+    first_input,
+    to_device,
+)
 from lightning_compress._positions import PositionFilter
 from lightning_compress.pruning.masks import _kept_after_pruning, nm_keep
 from lightning_compress.stats import _eval_mode
@@ -296,6 +303,8 @@ def check_calibration_input(
     batches = first_batches(loader) if config.calibrated else []
     if not batches:
         return
+    if config.calibration_input is None:
+        check_default_input(model, batches[0])
     try:
         example = next(calibration_inputs(batches[:1], config.calibration_input, first_input))
         device = next(model.parameters(), torch.empty(0)).device

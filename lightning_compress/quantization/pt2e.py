@@ -64,8 +64,13 @@ def _x86_quantizer(is_qat: bool) -> Any:
 
 
 def _batch_dim_spec(value: Any) -> Any:
+    # Float inputs: the batch dimension; integer inputs (token ids, attention masks): every dimension, so that
+    # batches padded to their own longest sequence run through one graph.
     if isinstance(value, Tensor):
-        return {0: torch.export.Dim.AUTO} if value.dim() > 0 else None
+        if value.dim() == 0:
+            return None
+        dims = range(value.dim()) if not value.is_floating_point() else (0,)
+        return {d: torch.export.Dim.AUTO for d in dims}
     if isinstance(value, list | tuple):
         return type(value)(_batch_dim_spec(v) for v in value)
     if isinstance(value, dict):
@@ -74,7 +79,8 @@ def _batch_dim_spec(value: Any) -> Any:
 
 
 def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Dimension 0 of every input tensor may vary (the batch), so one export serves every batch size."""
+    """Dimension 0 of every input tensor may vary (the batch), so one export serves every batch size, and every
+    dimension of an integer one (a sequence of token ids of any length)."""
     if not kwargs:
         return tuple(_batch_dim_spec(a) for a in args)
     try:
@@ -169,7 +175,9 @@ def separate_repeated_calls(graph: GraphModule) -> list[str]:
 def export_for_quantization(
     module: nn.Module, args: tuple, kwargs: dict | None = None, *, what: str | None = None, name: str = ""
 ) -> GraphModule:
-    """Export ``module`` with torch.export (batch dimension dynamic) into a graph the PT2E quantizers accept.
+    """Export ``module`` with torch.export into a graph the PT2E quantizers accept: the batch dimension of float
+    inputs and every dimension of integer inputs (token ids, masks: batches padded to their longest sequence) may
+    vary, the other sizes are the example's.
 
     Args:
         module: the module to export, in the train/eval mode the graph should have.
@@ -380,10 +388,20 @@ class QuantizedGraphModule(nn.Module):
         self.sync()
         args, kwargs = _as_float32(args), _as_float32(kwargs)
         device = _device_type([*args, *kwargs.values()])
-        if not torch.is_autocast_enabled(device):  # e.g. while torch.export traces it: no autocast region
-            return self.graph(*args, **kwargs)
-        with torch.autocast(device, enabled=False):
-            return self.graph(*args, **kwargs)
+        try:
+            if not torch.is_autocast_enabled(device):  # e.g. while torch.export traces it: no autocast region
+                return self.graph(*args, **kwargs)
+            with torch.autocast(device, enabled=False):
+                return self.graph(*args, **kwargs)
+        except (AssertionError, RuntimeError) as err:
+            if "Guard failed" not in str(err):
+                raise
+            raise ValueError(
+                f"The int8 graph was exported for inputs of the example input's sizes, and this call's inputs differ "
+                f"from them in a dimension that is not the batch ({err}). Only the batch dimension of float inputs "
+                "and every dimension of integer inputs (token ids, masks) may vary: pad every batch to the example "
+                "input's sizes, or quantize with a low-bit scheme (scheme='int8-dynamic-intx'), which takes any shape."
+            ) from err
 
     def extra_repr(self) -> str:
         return "converted int8" if self.converted else "fake-quantized"
