@@ -16,6 +16,7 @@ import copy
 import inspect
 import math
 import os
+import pickle
 import stat
 import tempfile
 from collections import OrderedDict
@@ -371,7 +372,14 @@ def _batch_dynamic(plain: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
 
 
 def _write_torch(plain: nn.Module, args: tuple, kwargs: dict, file: str) -> None:
-    torch.save(plain, file)
+    try:
+        torch.save(plain, file)
+    except (AttributeError, TypeError, pickle.PicklingError) as err:
+        raise ValueError(
+            f"`format='torch'` pickles the whole module, and this one cannot be pickled ({type(err).__name__}: "
+            f"{err}; torchao's low-bit weights, for one, cannot). Use `format='export'` or `format='onnx'`, or "
+            "save its `state_dict()`."
+        ) from err
 
 
 def _write_export(plain: nn.Module, args: tuple, kwargs: dict, file: str) -> None:

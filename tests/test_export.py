@@ -404,3 +404,36 @@ def test_a_model_quantized_with_default_arguments_exports_in_every_format(tmp_pa
         assert result.max_abs_diff <= result.tolerance, fmt
     loaded = torch.export.load(str(tmp_path / "whole.pt2")).module()
     assert torch.equal(loaded(x), reference)
+
+
+def test_a_module_that_cannot_be_pickled_is_refused_by_the_torch_format_and_exports_in_the_others(tmp_path):
+    from lightning_compress.quantization import quantize_low_bit
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = quantize_low_bit(net, "intx-weight-only", bits=4, group_size=32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"`format='torch'` pickles the whole module.*`format='export'`"):
+        export(model, tmp_path / "m.pt", "torch", x)
+    assert os.listdir(tmp_path) == []
+    assert export(model, tmp_path / "m.pt2", "export", x).max_abs_diff < 1e-5
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        return self.fc(self.emb(ids) * mask.unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("fmt", ["export", "onnx"])
+def test_token_models_export_for_any_sequence_length(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    # Token ids and an integer attention mask, as a tokenizer gives them.
+    example = (torch.randint(0, 10, (2, 6)), torch.ones(2, 6, dtype=torch.long))
+    longer = (torch.randint(0, 10, (3, 11)), torch.ones(3, 11, dtype=torch.long))
+    result = export(model, tmp_path / f"m.{fmt}", fmt, example, check_inputs=[longer])
+    assert result.max_abs_diff < 1e-5
