@@ -477,3 +477,43 @@ def test_groups_that_cut_tied_weights_are_refused_and_named():
         NoChannelGroupError, match=r"cannot remove channels of tied weights .*`exclude=\['4', '6'\]`"
     ):
         StructuredPruner(tied, torch.randn(1, 4), modules=["4", "6"], round_to=1, strict=False)
+
+
+class HandWrittenAttention(nn.Module):
+    """Attention written with nn.Linear q/k/v/o and a view into heads (as Hugging Face models do), then an MLP
+    whose tokens are flattened with ``reshape(-1, C)`` (the channel dimension kept whole)."""
+
+    def __init__(self, dim=16, heads=2, head_dim=None):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        d = self.head_dim or -1  # a hard-coded head size, or one the view infers
+        q, k, v = (f(x).view(b, t, self.heads, d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        attended = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+        x = x + self.o(attended.transpose(1, 2).reshape(b, t, c))
+        hidden = torch.relu(self.fc1(x.reshape(-1, c)))
+        return x + self.fc2(hidden).view(b, t, c)
+
+
+@pytest.mark.parametrize("head_dim", [8, None], ids=["fixed_head_size", "inferred_head_size"])
+def test_channels_viewed_into_attention_heads_are_left_alone_and_a_token_reshape_is_not(head_dim):
+    # Removing single q/k/v channels would break the fixed view (8) or shift the head boundaries (-1).
+    from lightning_compress.pruning.structured import NoChannelGroupError
+
+    torch.manual_seed(0)
+    model, x = HandWrittenAttention(head_dim=head_dim).eval(), torch.randn(2, 5, 16)
+    with pytest.raises(NoChannelGroupError, match=r"'q' has no prunable channel group .*view/reshape that splits"):
+        StructuredPruner(model, x, modules=["q", "fc1"])
+    pruner = StructuredPruner(model, x, round_to=1)
+    assert "view/reshape that splits or merges the channel dimension" in pruner.skipped["q"]
+    assert pruner.roots == ["fc1"]  # the MLP's neurons pass `reshape(-1, C)`, which keeps the channels whole
+    masks, plan = pruner.compute_masks(model, 0.5)
+    apply(model, masks)
+    pruned = pruner.materialize(copy.deepcopy(model), plan)
+    assert pruned.fc1.out_features == 32 and pruned.q.out_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=0)

@@ -51,6 +51,41 @@ _NO_PARAMS = {
 _CUTS = {tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE}
 
 
+def _whole_dimension(before: Sequence[int], after: Sequence[int], dim: int) -> bool:
+    """Whether dimension ``dim`` of a tensor shaped ``before`` is one whole dimension of its view shaped ``after``.
+
+    Example::
+
+        >>> _whole_dimension((2, 5, 32), (10, 32), 2), _whole_dimension((2, 5, 32), (2, 5, 4, 8), 2)
+        (True, False)
+    """
+    prefix, running = math.prod(before[:dim]), 1
+    for size in after:
+        if running == prefix and size == before[dim]:
+            return True
+        running *= size
+    return False
+
+
+def _cuts_channels(node: Any, channels: int) -> bool:
+    """Whether a view/reshape node of the dependency graph splits or merges the channels it passes (a projection's
+    outputs viewed as ``(heads, head_dim)``): removal would then change the sizes the forward hard-codes, or shift
+    the head boundaries. A flatten torch-pruning maps itself (a convolution's ``(C, H, W)`` into a Linear) does not
+    count; a view whose shapes autograd does not record does."""
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    if any(isinstance(d.index_mapping[0], _FlattenIndexMapping) for d in node.dependencies):
+        return False
+    grad_fn = node.grad_fn
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    metadata = getattr(grad_fn, "_input_metadata", None)
+    if before is None or not metadata:
+        return True
+    before, after = [int(n) for n in before], [int(n) for n in metadata[0].shape]
+    dims = [d for d, n in enumerate(before) if n == channels]
+    return not dims or not all(_whole_dimension(before, after, d) for d in dims)
+
+
 class NoChannelGroupError(ValueError):
     """The traced model has no channel group to prune among the selected layers (tracing itself worked)."""
 
@@ -257,6 +292,11 @@ def _describe(
             reason = reason or (
                 "its channels pass through a split/chunk/slice of the channel dimension, whose sizes are fixed "
                 "in the forward code"
+            )
+        if node.type == tp.ops.OPTYPE.RESHAPE and _cuts_channels(node, size):
+            reason = reason or (
+                "its channels pass through a view/reshape that splits or merges the channel dimension (e.g. into "
+                "attention heads), whose sizes are fixed in the forward code"
             )
         if node.type in _NO_PARAMS:
             continue
