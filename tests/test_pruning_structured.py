@@ -506,7 +506,9 @@ def test_channels_viewed_into_attention_heads_are_left_alone_and_a_token_reshape
 
     torch.manual_seed(0)
     model, x = HandWrittenAttention(head_dim=head_dim).eval(), torch.randn(2, 5, 16)
-    with pytest.raises(NoChannelGroupError, match=r"'q' has no prunable channel group .*view/reshape that splits"):
+    with pytest.raises(
+        NoChannelGroupError, match=r"'q' has no prunable channel group .*view/reshape that splits"
+    ):
         StructuredPruner(model, x, modules=["q", "fc1"])
     pruner = StructuredPruner(model, x, round_to=1)
     assert "view/reshape that splits or merges the channel dimension" in pruner.skipped["q"]
