@@ -399,6 +399,40 @@ def _write_onnx(plain: nn.Module, args: tuple, kwargs: dict, file: str) -> None:
     assert program is not None
     # One self-contained file: external weight files would keep the temporary name they were written under.
     program.save(file, external_data=False)
+    _unshare_quantization_parameters(file)
+
+
+def _unshare_quantization_parameters(file: str) -> None:
+    """Give every QuantizeLinear / DequantizeLinear node its own scale and zero-point initializers.
+
+    The exporter shares one initializer among the nodes that quantize with the same parameters (both inputs of a
+    residual add); onnxruntime's Q/DQ fusion with ``session.x64quantprecision`` then fails to create the session
+    ("Attempt to replace the existing tensor"). Copies of these scalars and per-channel vectors cost a few bytes.
+    """
+    import onnx
+
+    model = onnx.load(file)
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for position in (1, 2):  # scale, zero point
+            if position >= len(node.input) or node.input[position] not in initializers:
+                continue
+            name = node.input[position]
+            if name not in seen:
+                seen.add(name)
+                continue
+            copies += 1
+            duplicate = copy.deepcopy(initializers[name])
+            duplicate.name = f"{name}_copy{copies}"
+            graph.initializer.append(duplicate)
+            node.input[position] = duplicate.name
+    if copies:
+        onnx.save(model, file)
 
 
 _WRITERS = {"torch": _write_torch, "export": _write_export, "onnx": _write_onnx}

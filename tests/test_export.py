@@ -437,3 +437,27 @@ def test_token_models_export_for_any_sequence_length(tmp_path, fmt):
     longer = (torch.randint(0, 10, (3, 11)), torch.ones(3, 11, dtype=torch.long))
     result = export(model, tmp_path / f"m.{fmt}", fmt, example, check_inputs=[longer])
     assert result.max_abs_diff < 1e-5
+
+
+def test_an_int8_model_with_residual_adds_exports_to_onnx_and_loads_in_onnxruntime(tmp_path):
+    import onnxruntime
+
+    from examples.models import residual_cnn
+    from lightning_compress.export import ONNX_QUANTIZED_SESSION_CONFIG
+    from lightning_compress.quantization.pt2e import convert_int8
+
+    torch.manual_seed(0)
+    x = _images(16, 0)
+    prepared = prepare_int8_qat(residual_cnn(widths=(8, 16)).eval(), (x,))
+    for seed in range(4):  # the observers see a few batches
+        prepared(_images(16, seed))
+    converted = convert_int8(prepared)
+    result = export(converted, tmp_path / "m.onnx", "onnx", x)
+    assert result.quantized and result.argmax_agreement >= 0.98
+    # The session options the check used, as deployment would (they made onnxruntime fail on shared parameters).
+    options = onnxruntime.SessionOptions()
+    for key, value in ONNX_QUANTIZED_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    session = onnxruntime.InferenceSession(result.path, options, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert out.shape == (16, 10)
