@@ -281,6 +281,7 @@ def _describe(
     bn_params: set[str] = set()
     reason: str | None = None
     exact = True
+    reshaped = False
     for item in group:
         dep = item.dep
         node, handler = dep.target, dep.handler
@@ -293,11 +294,7 @@ def _describe(
                 "its channels pass through a split/chunk/slice of the channel dimension, whose sizes are fixed "
                 "in the forward code"
             )
-        if node.type == tp.ops.OPTYPE.RESHAPE and _cuts_channels(node, size):
-            reason = reason or (
-                "its channels pass through a view/reshape that splits or merges the channel dimension (e.g. into "
-                "attention heads), whose sizes are fixed in the forward code"
-            )
+        reshaped = reshaped or (node.type == tp.ops.OPTYPE.RESHAPE and _cuts_channels(node, size))
         if node.type in _NO_PARAMS:
             continue
         if isinstance(target, nn.Parameter):
@@ -331,6 +328,11 @@ def _describe(
     order = {n: i for i, n in enumerate(names.values())}
     producers = sorted(dict.fromkeys(producers), key=lambda n: order.get(n, len(order)))
     consumers = sorted(dict.fromkeys(consumers), key=lambda n: order.get(n, len(order)))
+    if reason is None and reshaped:  # after the reasons that name a layer
+        reason = (
+            "its channels pass through a view/reshape that splits or merges the channel dimension (e.g. into "
+            "attention heads), whose sizes are fixed in the forward code"
+        )
     if reason is None and tied:
         shared = sorted({n for p in tied for n in tied_names[p]})
         return _Candidate(
