@@ -757,19 +757,27 @@ def _two_input_loader(kind):
 
 
 @pytest.mark.parametrize(
-    ("kind", "fix"),
+    ("kind", "fix", "error", "match"),
     [
-        ("tuple", lambda batch: (batch[0], batch[1])),
-        ("dict", lambda batch: {"x": batch["x"], "mask": batch["mask"]}),
+        (
+            "tuple",
+            lambda batch: (batch[0], batch[1]),
+            TypeError,
+            r"calibrate.*pass `calibration_input`, a function from a training batch",
+        ),
+        (
+            "dict",  # the forward names the batch's other entry: refused before the model runs
+            lambda batch: {"x": batch["x"], "mask": batch["mask"]},
+            ValueError,
+            r"their `x` alone, but the model's forward also takes `mask`.*Pass `calibration_input`",
+        ),
     ],
 )
-def test_a_two_argument_forward_points_at_calibration_input(tmp_path, kind, fix):
+def test_a_two_argument_forward_points_at_calibration_input(tmp_path, kind, fix, error, match):
     counter = RecordSteps()
     lowrank = LowRankReplacement(rank=8, modules="hidden", verbose=False)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[lowrank, counter])
-    with pytest.raises(
-        TypeError, match=r"calibrate.*pass `calibration_input`, a function from a training batch"
-    ):
+    with pytest.raises(error, match=match):
         trainer.fit(TwoInputs(), _two_input_loader(kind))
     assert counter.steps == []
     lowrank = LowRankReplacement(rank=8, modules="hidden", calibration_input=fix, verbose=False)

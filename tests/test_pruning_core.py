@@ -191,3 +191,22 @@ def test_load_pruned_checkpoint_replays_the_plan_on_a_fresh_model():
 
 def test_the_hint_prefix_is_the_one_checkpoints_use():
     assert HINT_PREFIX == _lightning.HINT_PREFIX
+
+
+def test_load_pruned_checkpoint_rebuilds_factorized_layers_before_replaying_the_plan():
+    from lightning_compress.low_rank import factorize
+
+    # A LowRankReplacement ran before the pruning: the plan names the factors' channels.
+    model = _mlp()
+    model[2] = factorize(model[2], rank=8)
+    plan = prune_(
+        model, PruningConfig(amount=0.5, mode="structured", round_to=1), example_input=torch.randn(1, 16)
+    )
+    assert any(root.startswith("2.") for root in plan.removed)
+    state = {"mode": "structured", "plan": plan.removed, "materialized": True}
+    low_rank = {"layers": {"2": {"kind": "linear", "rank": 8}}}  # the rank before the pruning cut it
+    callbacks = {"LowRankReplacement{'rank': 8}": low_rank, "GradualPruning{'mode': 'structured'}": state}
+    checkpoint = {"state_dict": model.state_dict(), "callbacks": callbacks}
+    fresh = load_pruned_checkpoint(_mlp(), checkpoint, example_input=torch.randn(1, 16))
+    x = torch.randn(4, 16)
+    assert fresh[2].first.out_features == model[2].first.out_features and torch.equal(fresh(x), model(x))

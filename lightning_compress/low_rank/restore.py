@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_compress._checkpoints import drop_checkpoint_hints
@@ -81,6 +82,65 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
         set_submodule(model, name, replacement)
         rebuilt.append(name)
     return rebuilt
+
+
+def restore_low_rank_layers(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """:func:`restore_low_rank` from the record ``LowRankReplacement`` keeps in its state (``{name: {"kind",
+    "rank"}}``, its ``layers``) rather than from the weights' names: for a checkpoint whose weights another scheme
+    renamed (an int8 graph holds them as ``_frozen_param<i>``). Returns the names of the rebuilt layers.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv2d(4, 6, 3))
+        >>> restore_low_rank_layers(net, {"0": {"kind": "linear", "rank": 3}, "2": {"kind": "tucker", "rank": [2, 4]}})
+        ['0', '2']
+        >>> net[0].first.out_features, tuple(net[2].core.weight.shape)
+        (3, (4, 2, 3, 3))
+    """
+    modules = dict(model.named_modules())
+    shapes: dict[str, Any] = {}
+    for name, layer in layers.items():
+        module, rank, key = modules.get(name), layer["rank"], f"{name}."
+        if module is None:
+            continue
+        kind = layer["kind"]
+        # Only the sizes `_saved_rank` reads and the bias `_empty_like` looks for: placeholders without storage.
+        if kind == "tucker":
+            shapes[key + "first.weight"] = torch.empty(rank[0], 0, device="meta")
+            shapes[key + "core.weight"] = torch.empty(rank[1], 0, device="meta")
+            last = "last"
+        elif kind == "depthwise":
+            shapes[key + "depthwise.weight"] = torch.empty(_in_channels(module) * rank, 0, device="meta")
+            last = "pointwise"
+        else:
+            shapes[key + "first.weight"] = torch.empty(rank, 0, device="meta")
+            last = "second"
+        if _has_bias(module):
+            shapes[f"{key}{last}.bias"] = torch.empty(0, device="meta")
+    return restore_low_rank(model, shapes)
+
+
+def restore_low_rank_of_checkpoint(
+    model: nn.Module, checkpoint: Mapping[str, Any], state_dict: Mapping[str, Any]
+) -> list[str]:
+    """Give ``model`` the factorized layers of a Lightning checkpoint, as the fit that wrote it first built them:
+    from the state of its ``LowRankReplacement`` callbacks (:func:`restore_low_rank_layers`; the ranks a later
+    structured pruning may have cut are the weights' shapes, not these), else from ``state_dict``'s names
+    (:func:`restore_low_rank`). Returns the names of the rebuilt layers."""
+    records = [
+        state["layers"]
+        for key, state in (checkpoint.get("callbacks") or {}).items()
+        if str(key).startswith("LowRankReplacement") and state.get("layers")
+    ]
+    if not records:
+        return restore_low_rank(model, state_dict)
+    return [name for layers in records for name in restore_low_rank_layers(model, layers)]
+
+
+def _has_bias(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        return module.bias is not None
+    return any(name.endswith("bias") for name, _ in module.named_parameters())
 
 
 def load_hook(checkpoint_path: Callable[[], Any]) -> Callable[..., None]:

@@ -1128,22 +1128,70 @@ def load_pruned_checkpoint(
         >>> load_pruned_checkpoint(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ckpt)[0]
         Linear(in_features=4, out_features=8, bias=True)
     """
+    from lightning_compress.low_rank.restore import restore_low_rank_of_checkpoint
+
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = dict(checkpoint["state_dict"])
     drop_checkpoint_hints(state_dict)
-    plan: dict[str, list[int]] = {}
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith("GradualPruning") and state.get("mode") == "structured":
-            plan.update({root: list(idxs) for root, idxs in state["plan"].items() if idxs})
+    # A LowRankReplacement before the pruning: its factors hold some of the plan's roots.
+    restore_low_rank_of_checkpoint(model, checkpoint, state_dict)
+    plan = pruning_plan(checkpoint)
     if not plan:
         model.load_state_dict(state_dict)
         return model
+    structure = _replay_structure(model, plan, example_input)
+    if _same_shapes(model, state_dict):
+        # Written while pruning: load the weights first, then remove the channels and heads.
+        model.load_state_dict(state_dict)
+        return structure.materialize(model, plan)
+    structure.materialize(model, plan)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def pruning_plan(checkpoint: Mapping[str, Any]) -> dict[str, list[int]]:
+    """The channels and heads (``{root: indices}``) the structured ``GradualPruning`` callbacks of a checkpoint's
+    fit removed or planned to remove (empty without one)."""
+    plan: dict[str, list[int]] = {}
+    for state in _structured_states(checkpoint):
+        plan.update({root: list(idxs) for root, idxs in state["plan"].items() if idxs})
+    return plan
+
+
+def _structured_states(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        state
+        for key, state in (checkpoint.get("callbacks") or {}).items()
+        if str(key).startswith("GradualPruning") and state.get("mode") == "structured"
+    ]
+
+
+def rebuild_pruned_structure(
+    model: nn.Module, checkpoint: Mapping[str, Any], example_input: Any = None
+) -> nn.Module:
+    """Remove from a freshly built ``model`` the channels and heads that the checkpoint's structured
+    ``GradualPruning`` had removed when it was written (its state says so), tracing ``model`` on ``example_input``
+    (default: ``model.example_input_array``); no weights are loaded, so the weights may be held under another
+    scheme's names (a quantized graph's). A checkpoint written while pruning (full shapes) or without structured
+    pruning leaves ``model`` as it is."""
+    plan = pruning_plan(checkpoint)
+    if not plan or not any(state.get("materialized") for state in _structured_states(checkpoint)):
+        return model
+    return _replay_structure(model, plan, example_input).materialize(model, plan)
+
+
+def _same_shapes(model: nn.Module, state_dict: Mapping[str, Any]) -> bool:
+    current = model.state_dict()
+    return all(current[k].shape == v.shape for k, v in state_dict.items() if k in current)
+
+
+def _replay_structure(model: nn.Module, plan: Mapping[str, Sequence[int]], example_input: Any) -> _Structure:
     example = example_input if example_input is not None else getattr(model, "example_input_array", None)
     if example is None:
         raise ValueError("Replaying structured pruning traces the model: pass `example_input`.")
     named = dict(model.named_modules())
-    structure = _Structure(
+    return _Structure(
         model,
         example,
         [(name, named[name]) for name in plan],
@@ -1152,14 +1200,6 @@ def load_pruned_checkpoint(
         scope="layer",
         round_to=1,
     )
-    current = model.state_dict()
-    if all(current[k].shape == v.shape for k, v in state_dict.items() if k in current):
-        # Written while pruning: load the weights first, then remove the channels and heads.
-        model.load_state_dict(state_dict)
-        return structure.materialize(model, plan)
-    structure.materialize(model, plan)
-    model.load_state_dict(state_dict)
-    return model
 
 
 class _Structure:

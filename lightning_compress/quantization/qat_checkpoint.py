@@ -12,6 +12,8 @@ from torch import nn
 
 from lightning_compress._inputs import to_device
 from lightning_compress._lightning import detach_input, drop_checkpoint_hints
+from lightning_compress.low_rank.restore import restore_low_rank_of_checkpoint
+from lightning_compress.pruning.core import rebuild_pruned_structure
 from lightning_compress.quantization.qat_core import QuantizationConfig, qat_parts
 
 # An entry added to the saved ``state_dict`` of a model QuantizationAwareTraining changed: loading the checkpoint
@@ -82,6 +84,10 @@ def load_qat_checkpoint(
     # The modules' versions: without them torchao's observers load as an old version (their `eps` is reset).
     state_dict._metadata = getattr(checkpoint["state_dict"], "_metadata", {})  # type: ignore[attr-defined]
     drop_checkpoint_hints(state_dict)
+    # The structure the earlier schemes of the fit left, before the quantized part is exported from it: factorized
+    # layers (their names are in the weights), then removed channels (the pruning plan, traced on the float model).
+    restore_low_rank_of_checkpoint(model, checkpoint, state_dict)
+    rebuild_pruned_structure(model, checkpoint)
     parts.prepare_for_checkpoint(model, state_dict, "", fitting=False)
     model.load_state_dict(state_dict)
     return model
