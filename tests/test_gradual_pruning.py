@@ -130,6 +130,23 @@ def test_end_at_the_last_step_still_reaches_the_amount(tmp_path, digits):
         assert int((layer.weight == 0).sum()) == round(0.8 * layer.weight.numel())
 
 
+def test_an_end_past_the_fit_warns_that_the_ramp_is_steeper(tmp_path, digits):
+    steps = 6  # `end="step:6"` is the end of this fit: no warning; a later step is
+    for end, warns in (("step:6", False), ("step:100", True), ("epoch:1", False), ("epoch:3", True)):
+        pruning = GradualPruning(amount=0.5, start=0.0, end=end, modules=nn.Linear)
+        trainer = pl.Trainer(
+            **trainer_kwargs(tmp_path, max_steps=steps, limit_train_batches=steps), callbacks=[pruning]
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = ImageClassifier("small_cnn")
+            trainer.fit(model, datamodule=digits)
+        steeper = [w for w in caught if "past the end of this fit (step 5 is its last)" in str(w.message)]
+        assert len(steeper) == warns, end
+        for layer in (model.net[8], model.net[10]):  # the amount is reached all the same
+            assert int((layer.weight == 0).sum()) == round(0.5 * layer.weight.numel())
+
+
 def test_nm_two_four_keeps_two_of_every_four(tmp_path, digits):
     pruning = GradualPruning(mode="2:4", start=0.0, modules=nn.Linear)
     model = ImageClassifier("small_cnn")

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress import _checks, _lightning
@@ -173,6 +173,12 @@ class GradualPruning(CompressionCallback):
         ramp = (self.initial_amount, self.schedule, self.frequency, self.start, self._plan.final_amount)
         steps = trainer.estimated_stepping_batches  # inf for a fit of unknown length
         self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp)
+        if isinstance(self.end, str) and self.mode != "N:M" and end > self._schedule.end + 1:
+            rank_zero_warn(
+                f"`end={self.end!r}` is optimizer step {end}, past the end of this fit (step "
+                f"{self._schedule.end} is its last): the amount is reached at step {self._schedule.end}, on a steeper "
+                "ramp than asked. Lower `end`, or train longer."
+            )
         layers, loader = self._plan.calibrated_layers(), training_loader(trainer)
         calibration.check_calibration_input(pl_module, loader, self.config, layers)
         if reasons := self._plan.skipped_reasons():
