@@ -190,29 +190,60 @@ def test_int8_graphs_take_token_batches_of_any_length_and_float_inputs_of_other_
         graph(torch.randn(2, 6, 8))
 
 
-def test_qat_with_lightnings_default_model_summary(tmp_path):
-    class Classifier(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 4))
-            self.example_input_array = torch.randn(2, 16)
+class _TinyClassifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 4))
+        self.example_input_array = torch.randn(2, 16)
 
-        def forward(self, x):
-            return self.net(x)
+    def forward(self, x):
+        return self.net(x)
 
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    pl.seed_everything(0, verbose=False)
+
+def _tiny_loader():
     data = torch.utils.data.TensorDataset(torch.randn(32, 16), torch.randint(0, 4, (32,)))
-    model, qat = Classifier(), QuantizationAwareTraining()
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def test_qat_with_lightnings_default_model_summary(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model, qat = _TinyClassifier(), QuantizationAwareTraining()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, enable_model_summary=True), callbacks=[qat])
-    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.fit(model, _tiny_loader())
     assert trainer.global_step == 3 and isinstance(model.net, QuantizedGraphModule) and model.net.converted
+
+
+class _StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic-intx"])
+def test_a_fit_stopped_before_start_keeps_the_float_model_and_says_so(tmp_path, scheme):
+    # EarlyStopping or max_time can end the fit before any step trained with quantization: nothing to convert with.
+    pl.seed_everything(0, verbose=False)
+    model = _TinyClassifier()
+    qat = QuantizationAwareTraining(
+        scheme=scheme, start="step:6", **({"group_size": 16} if scheme != "int8" else {})
+    )
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, max_epochs=3), callbacks=[qat, _StopAt(4)])
+    with pytest.warns(
+        UserWarning, match=r"stopped at step 4, before `start='step:6'` \(step 6\).*stays float"
+    ):
+        trainer.fit(model, _tiny_loader())
+    assert trainer.global_step == 4 and not qat.converted
+    assert type(model.net[0]) is nn.Linear and model.net[0].weight.dtype == torch.float32
+    model(torch.randn(3, 16))  # the float model runs
 
 
 def test_naive_save_of_the_converted_graph_is_larger_than_fp32_and_ours_is_four_times_smaller(tmp_path):
