@@ -1223,6 +1223,16 @@ def check_low_rank_later(me: Any, callbacks: Sequence[Any], world_size: int) -> 
         )
 
 
+def check_start_within_fit(start: Any, step: int, total: float, what: str) -> None:
+    """The step of ``start`` comes before the end of the fit (``total`` steps; not finite: unknown, unchecked);
+    ``what`` says what would never happen."""
+    if math.isfinite(total) and step >= total:
+        raise ValueError(
+            f"`start={start!r}` is step {step}, but this fit ends after {int(total)} steps: {what}. Give an earlier "
+            "`start`."
+        )
+
+
 def check_low_rank_start_step(start: Any, step: int, total: int) -> None:
     """The step of ``start`` comes before the end of the fit (``total`` steps)."""
     if step >= total:

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from examples.models import ImageClassifier
-from lightning_compress import CompressionMonitor, GradualPruning
+from lightning_compress import BinaryWeights, CompressionMonitor, GradualPruning
 from lightning_compress.quantization.weight_sharing import (
     WeightSharing,
     WeightSharingConfig,
@@ -364,3 +364,44 @@ def test_selection_without_weights_fails_at_setup(tmp_path, digits):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[WeightSharing(modules="decoder.*")])
     with pytest.raises(ValueError, match="`modules`: no name 'decoder.\\*'"):
         trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+
+
+def test_with_pruning_and_default_arguments_the_sharing_waits_for_the_amount(tmp_path, digits):
+    # Clustered at step 0, the weights pruned later were set back to their shared values after every step.
+    pruning, sharing = GradualPruning(amount=0.5, modules=nn.Linear), WeightSharing(modules=nn.Linear)
+    model = ImageClassifier("small_cnn")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[sharing, pruning])
+    trainer.fit(model, datamodule=digits)
+    assert sharing._start_step == pruning.ramp_end > 0
+    for name in ("net.8.weight", "net.10.weight"):
+        weight = dict(model.named_parameters())[name].detach()
+        assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3), name
+        assert torch.equal(weight == 0, ~sharing.kept[name])
+
+
+@pytest.mark.parametrize(
+    ("sharing", "match"),
+    [
+        (
+            lambda: WeightSharing(modules=nn.Linear, start=0.1),
+            r"`start=0.1` clusters the weights at step 2, before GradualPruning reaches its amount at step 8.*"
+            r"Leave `start` unset",
+        ),
+        (
+            lambda: WeightSharing(start="step:40"),
+            r"`start='step:40'` is step 40, but this fit ends after 20 steps",
+        ),
+        (
+            lambda: BinaryWeights(start="epoch:3"),
+            r"`start='epoch:3'` is step 60, but this fit ends after 20 steps",
+        ),
+    ],
+    ids=["before_the_pruning_ends", "sharing_past_the_fit", "binary_past_the_fit"],
+)
+def test_a_start_that_would_leave_the_weights_unshared_fails_at_setup(tmp_path, digits, sharing, match):
+    pruning = GradualPruning(amount=0.5, modules=nn.Linear, end=0.4)
+    record = RecordSteps()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[pruning, sharing(), record])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert record.steps == []

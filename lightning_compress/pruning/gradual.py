@@ -152,6 +152,12 @@ class GradualPruning(CompressionCallback):
     def state_key_fields(self) -> dict[str, Any]:
         return dict(self._key)
 
+    @property
+    def ramp_end(self) -> int | None:
+        """The optimizer step of this fit at which the masks reach their final amount (``None`` before setup)."""
+        schedule = getattr(self, "_schedule", None)
+        return None if schedule is None else schedule.end
+
     def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # `Trainer.test(ckpt_path=...)` loads a checkpoint that may carry the hint for `load_from_checkpoint` users.
         self.track_hook(core.accept_pruned_checkpoints(pl_module))

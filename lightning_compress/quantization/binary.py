@@ -111,6 +111,12 @@ class BinaryWeights(CompressionCallback):
         self._layers = binarize_(pl_module, self.config, enabled=False)
         self.finalized = False
         self._start_step = self.step_of(trainer, self.start, "start")
+        _checks.check_start_within_fit(
+            self.start,
+            self._start_step,
+            trainer.estimated_stepping_batches,
+            "no step would train the binary weights",
+        )
         core.set_enabled(self._layers, self._start_step == 0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_compress import _checks
 from lightning_compress._events import record_event
-from lightning_compress.callback import SHARE_VALUES, CompressionCallback
+from lightning_compress.callback import SHARE_VALUES, CompressionCallback, compression_callbacks
 from lightning_compress.quantization import weight_sharing_core as core
 from lightning_compress.quantization.weight_sharing_core import (
     INITS,
@@ -78,7 +79,9 @@ class WeightSharing(CompressionCallback):
 
     Args:
         bits: bits per shared-value index (``2**bits`` clusters), 1 to 16.
-        start: when the weights are clustered (fraction of training, ``"step:N"`` or ``"epoch:N"``).
+        start: when the weights are clustered (fraction of training, ``"step:N"`` or ``"epoch:N"``); ``None``: at
+            the first step, or, with ``GradualPruning`` in the same fit, at the step its amount is reached (prune,
+            then share); an earlier one is refused at setup.
         modules: layers to share (types and/or name patterns).
         exclude: layers to leave alone.
         min_params: leave out layers with fewer parameters.
@@ -105,7 +108,7 @@ class WeightSharing(CompressionCallback):
     def __init__(
         self,
         bits: int = 5,
-        start: Point = 0.0,
+        start: Point | None = None,
         modules: Selector = (nn.Conv2d, nn.Linear),
         exclude: Selector = None,
         min_params: int = 0,
@@ -124,7 +127,7 @@ class WeightSharing(CompressionCallback):
             iterations=iterations,
             seed=seed,
         )
-        self.start = validate_point(start, "start")
+        self.start = None if start is None else validate_point(start, "start")
         self.bits, self.selection, self.init = bits, self.config.selection, init
         self.index_bits, self.iterations, self.seed = index_bits, iterations, seed
         self.shared = SharedWeights(bits)
@@ -162,8 +165,30 @@ class WeightSharing(CompressionCallback):
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_compress.pruning.gradual import GradualPruning
+
         self._params = core.weight_parameters(pl_module, self.selection)
+        # Pruning in the same fit (set up before, in effect order) must be done before the values are shared:
+        # a weight pruned after clustering would be set back to its shared value after every step.
+        ramps = [c.ramp_end for c in compression_callbacks(trainer) if isinstance(c, GradualPruning)]
+        pruned = max((end for end in ramps if end is not None), default=None)
+        if self.start is None:
+            self._start_step = pruned if pruned is not None else 0
+            return
         self._start_step = self.step_of(trainer, self.start, "start")
+        _checks.check_start_within_fit(
+            self.start,
+            self._start_step,
+            trainer.estimated_stepping_batches,
+            "the weights would never be shared",
+        )
+        if pruned is not None and self._start_step < pruned:
+            raise ValueError(
+                f"`start={self.start!r}` clusters the weights at step {self._start_step}, before GradualPruning "
+                f"reaches its amount at step {pruned}: the weights it prunes after would be set back to their "
+                f"shared values, and the sparsity would stay below `amount`. Leave `start` unset (it then starts "
+                f"at step {pruned}) or give `start='step:{pruned}'` or later."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.remove_hooks()
