@@ -933,3 +933,17 @@ def test_ddp_two_processes_train_and_agree_on_the_quantization_at_conversion(tmp
     for name, value in rank0["converted"].items():
         assert torch.equal(value, rank1["converted"][name]), name
     assert rank0["parity"]["relative_error"] < 0.02
+
+
+def test_a_new_qat_callback_on_a_model_converted_by_an_earlier_fit_names_the_fix(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = _TinyClassifier()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[QuantizationAwareTraining()]).fit(
+        model, _tiny_loader()
+    )
+    assert model.net.converted
+    again = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[QuantizationAwareTraining()])
+    with pytest.raises(
+        ValueError, match=r"\['net'\] already holds an int8 graph .*Pass the callback of that fit"
+    ):
+        again.fit(model, _tiny_loader())

@@ -146,7 +146,15 @@ class Int8Parts(QATParts):
             }
 
     def restore_float(self, model: nn.Module) -> None:
-        for name in self.graphs(model):
+        graphs = self.graphs(model)
+        if missing := [name for name in graphs if name not in self.floats]:
+            raise ValueError(
+                f"{missing} already hold{'s' if len(missing) == 1 else ''} an int8 graph converted by an earlier "
+                "QuantizationAwareTraining, whose float layers this one does not have: an int8 graph cannot be "
+                "trained again. Pass the callback of that fit again (it keeps the float layers), or build the model "
+                "anew and load float weights."
+            )
+        for name in graphs:
             model.set_submodule(name, self.floats[name])
 
     def convert(self, model: nn.Module, ranges: dict[str, Tensor] | None = None) -> None:
