@@ -1223,6 +1223,22 @@ def check_low_rank_later(me: Any, callbacks: Sequence[Any], world_size: int) -> 
         )
 
 
+def check_not_spawned(callback: Any, trainer: Any) -> None:
+    """A callback that changes the model's structure does not run in processes a spawn/fork launcher starts:
+    Lightning copies only the weights back into the launching process's model, which keeps its old structure."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if callback.changes_structure and isinstance(launcher, _MultiProcessingLauncher):
+        raise ValueError(
+            f"{type(callback).__name__} changes the model's structure in the training processes, and this strategy "
+            f"({type(trainer.strategy).__name__}) starts them with multiprocessing (start method "
+            f"{launcher._start_method!r}, as `strategy='ddp_spawn'` and `'ddp_fork'` do): at the end of fit Lightning "
+            "copies only the weights back into this process's model, which keeps its old structure, so the "
+            "compressed model would be lost. Use `strategy='ddp'` (each process runs the script)."
+        )
+
+
 def check_start_within_fit(start: Any, step: int, total: float, what: str) -> None:
     """The step of ``start`` comes before the end of the fit (``total`` steps; not finite: unknown, unchecked);
     ``what`` says what would never happen."""

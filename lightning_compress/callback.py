@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_compress import _checks
 from lightning_compress._events import watch_loss
 from lightning_compress._inputs import first_batches, to_device
 from lightning_compress._inputs import preserved_rng as preserved_rng  # the callbacks draw batches with it
@@ -141,6 +142,7 @@ class CompressionCallback(Callback):
             self.prepare_evaluation(trainer, pl_module, stage)
             return
         self._finalized = False
+        _checks.check_not_spawned(self, trainer)
         if any(getattr(c, "needs_original", False) for c in trainer.callbacks):  # type: ignore[attr-defined]
             remember_original(trainer, pl_module)
         watch_loss(trainer)

@@ -11,7 +11,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import GradualPruning, LowRankReplacement, QuantizationAwareTraining, _lightning
+from lightning_compress import (
+    GradualPruning,
+    KnowledgeDistillation,
+    LowRankReplacement,
+    QuantizationAwareTraining,
+    _checks,
+    _lightning,
+)
 from lightning_compress.callback import (
     QUANTIZE,
     REPLACE_LAYERS,
@@ -269,3 +276,31 @@ def test_drawing_calibration_or_example_batches_leaves_a_seeded_loader_order_as_
         orders.append(record.seen)
     assert len(orders[0]) == 8
     assert orders[1] == orders[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "refused"),
+    [
+        (lambda: QuantizationAwareTraining(), True),
+        (lambda: LowRankReplacement(rank=0.5), True),
+        (lambda: GradualPruning(amount=0.5, mode="structured"), True),
+        (lambda: GradualPruning(amount=0.5), False),  # weight values only: they are copied back
+        (lambda: KnowledgeDistillation(teacher="self"), False),
+    ],
+)
+def test_a_callback_that_changes_the_structure_refuses_a_spawning_strategy(tmp_path, make, refused):
+    # Lightning copies only the trained weights back into the launching process's model (no process is started
+    # here: `setup` is called as the spawned process would).
+    callback = make()
+    spawned = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, default_root_dir=tmp_path
+    )
+    if refused:
+        with pytest.raises(ValueError, match=r"multiprocessing \(start method 'spawn'.*Use `strategy='ddp'`"):
+            callback.setup(spawned, pl.LightningModule(), "fit")  # before anything is prepared
+    else:
+        _checks.check_not_spawned(callback, spawned)
+    launched = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", logger=False, default_root_dir=tmp_path
+    )
+    _checks.check_not_spawned(callback, launched)  # each process runs the script: nothing to copy back
