@@ -547,15 +547,33 @@ def test_max_layer_amount_keeps_part_of_every_layer_and_the_total(tmp_path, digi
     assert sum(int((params[n] == 0).sum()) for n in names) == round(0.9 * total)
 
 
+class SaveAt(Callback):
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
 def test_a_pruned_checkpoint_names_the_loader_to_use(tmp_path, digits):
     from lightning_compress.pruning.gradual import PRUNED_CHECKPOINT_KEY, load_pruned_checkpoint
 
     pruning = GradualPruning(amount=0.5, mode="structured", start=0.0, end=0.5)
     model = ImageClassifier("small_cnn")
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=6), callbacks=[pruning])
+    mid = SaveAt(4, tmp_path / "mid.ckpt")  # written while the channels are masked
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=6), callbacks=[pruning, mid])
     trainer.fit(model, datamodule=digits)
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     assert PRUNED_CHECKPOINT_KEY in torch.load(tmp_path / "final.ckpt", weights_only=False)["state_dict"]
+    # The mid-fit checkpoint (`ckpt_path="best"` of a ModelCheckpoint, say) into the model whose channels are gone:
+    with pytest.raises(
+        RuntimeError, match=r"written while the pruned channels were still masked.*load_pruned"
+    ):
+        trainer.test(model, datamodule=digits, ckpt_path=tmp_path / "mid.ckpt", verbose=False)
+    assert (
+        load_pruned_checkpoint(ImageClassifier("small_cnn"), tmp_path / "mid.ckpt").net[0].out_channels == 8
+    )
     # Lightning's loader into the unpruned class: the error says which helper to use.
     with pytest.raises(
         RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*load_pruned_checkpoint\(YourModule"

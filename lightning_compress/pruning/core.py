@@ -1091,14 +1091,25 @@ def _drop_pruned_hint(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    if PRUNED_CHECKPOINT_KEY not in drop_checkpoint_hints(state_dict, prefix):
-        return
+    hinted = PRUNED_CHECKPOINT_KEY in drop_checkpoint_hints(state_dict, prefix)
     own = module.state_dict()
-    if any(k[len(prefix) :] in own and own[k[len(prefix) :]].shape != v.shape for k, v in state_dict.items()):
+    pairs = [(v, own[k[len(prefix) :]]) for k, v in state_dict.items() if k[len(prefix) :] in own]
+    mismatched = [(saved, current) for saved, current in pairs if saved.shape != current.shape]
+    if not mismatched:
+        return
+    if hinted:
         error_msgs.append(
             f"This checkpoint holds a model whose channels were removed by structured pruning, and "
             f"{type(module).__name__} has the unpruned shapes. Rebuild the pruned model with "
             "`model = load_pruned_checkpoint(YourModule(...), path)` and fit it without `ckpt_path`."
+        )
+    elif all(saved.dim() == current.dim() and saved.numel() > current.numel() for saved, current in mismatched):
+        # e.g. `trainer.test(ckpt_path="best")` after the fit removed the channels of the model in memory
+        error_msgs.append(
+            f"This checkpoint has larger weights than {type(module).__name__}, whose channels structured pruning "
+            "removed: it was written while the pruned channels were still masked (during the fit). Load it into a "
+            "new model with `model = load_pruned_checkpoint(YourModule(...), path)`, which removes them after "
+            "loading, and evaluate that model without `ckpt_path`."
         )
 
 
