@@ -172,6 +172,24 @@ class TiedLM(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
 
 
+class NetClassifier(pl.LightningModule):
+    """``net`` trained on ``(x, y)`` batches with cross entropy and SGD; ``example_input_array`` when given."""
+
+    def __init__(self, net, example_input_array=None, lr=0.1, momentum=0.0):
+        super().__init__()
+        self.net, self.example_input_array, self.lr, self.momentum = net, example_input_array, lr, momentum
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
 class ResidualNet(pl.LightningModule):
     """A small residual CNN with batch norm, held as ``self.net`` (two residual blocks share no ReLU)."""
 

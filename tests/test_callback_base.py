@@ -6,7 +6,7 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import trainer_kwargs
+from conftest import NetClassifier, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,20 +28,9 @@ from lightning_compress.callback import (
 )
 
 
-class Tiny(pl.LightningModule):
+class Tiny(NetClassifier):
     def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        super().__init__(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
 
 
 def loader(n=32, batch_size=8, shuffle=False):

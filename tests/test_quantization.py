@@ -29,7 +29,7 @@ from lightning_compress.quantization.pt2e import (
 from lightning_compress.quantization.qat import QuantizationAwareTraining, check_low_bit_supported
 from lightning_compress.quantization.qat_core import QuantizationConfig, convert_qat, prepare_qat
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, fit_or_resume, trainer_kwargs
+from tests.conftest import NetClassifier, RecordSteps, fit_or_resume, trainer_kwargs
 
 
 def _has_vnni():
@@ -190,21 +190,9 @@ def test_int8_graphs_take_token_batches_of_any_length_and_float_inputs_of_other_
         graph(torch.randn(2, 6, 8))
 
 
-class _TinyClassifier(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 4))
-        self.example_input_array = torch.randn(2, 16)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+def _tiny_classifier():
+    net = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 4))
+    return NetClassifier(net, example_input_array=torch.randn(2, 16))
 
 
 def _tiny_loader():
@@ -214,7 +202,7 @@ def _tiny_loader():
 
 def test_qat_with_lightnings_default_model_summary(tmp_path):
     pl.seed_everything(0, verbose=False)
-    model, qat = _TinyClassifier(), QuantizationAwareTraining()
+    model, qat = _tiny_classifier(), QuantizationAwareTraining()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, enable_model_summary=True), callbacks=[qat])
     trainer.fit(model, _tiny_loader())
     assert trainer.global_step == 3 and isinstance(model.net, QuantizedGraphModule) and model.net.converted
@@ -232,7 +220,7 @@ class _StopAt(Callback):
 def test_a_fit_stopped_before_start_keeps_the_float_model_and_says_so(tmp_path, scheme):
     # EarlyStopping or max_time can end the fit before any step trained with quantization: nothing to convert with.
     pl.seed_everything(0, verbose=False)
-    model = _TinyClassifier()
+    model = _tiny_classifier()
     qat = QuantizationAwareTraining(
         scheme=scheme, start="step:6", **({"group_size": 16} if scheme != "int8" else {})
     )
@@ -937,7 +925,7 @@ def test_ddp_two_processes_train_and_agree_on_the_quantization_at_conversion(tmp
 
 def test_a_new_qat_callback_on_a_model_converted_by_an_earlier_fit_names_the_fix(tmp_path):
     pl.seed_everything(0, verbose=False)
-    model = _TinyClassifier()
+    model = _tiny_classifier()
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[QuantizationAwareTraining()]).fit(
         model, _tiny_loader()
     )
