@@ -1103,7 +1103,9 @@ def _drop_pruned_hint(
             f"{type(module).__name__} has the unpruned shapes. Rebuild the pruned model with "
             "`model = load_pruned_checkpoint(YourModule(...), path)` and fit it without `ckpt_path`."
         )
-    elif all(saved.dim() == current.dim() and saved.numel() > current.numel() for saved, current in mismatched):
+    elif all(
+        saved.dim() == current.dim() and saved.numel() > current.numel() for saved, current in mismatched
+    ):
         # e.g. `trainer.test(ckpt_path="best")` after the fit removed the channels of the model in memory
         error_msgs.append(
             f"This checkpoint has larger weights than {type(module).__name__}, whose channels structured pruning "
