@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_compress.schedules import validate_amount, validate_point
@@ -1237,6 +1237,15 @@ def check_not_spawned(callback: Any, trainer: Any) -> None:
             "copies only the weights back into this process's model, which keeps its old structure, so the "
             "compressed model would be lost. Use `strategy='ddp'` (each process runs the script)."
         )
+
+
+def qat_stopped_early(step: int, start: Any, steps: Mapping[str, int | None]) -> str:
+    """The warning for a fit that stopped at ``step``, before QAT's ``start`` (``steps["start"]``)."""
+    return (
+        f"QuantizationAwareTraining: the fit stopped at step {step}, before `start={start!r}` (step "
+        f"{steps['start'] or 0}), so no step trained with quantization and there are no ranges to convert with: the "
+        "model stays float. Lower `start`, or let the fit run past it."
+    )
 
 
 def check_start_within_fit(start: Any, step: int, total: float, what: str) -> None:

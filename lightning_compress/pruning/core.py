@@ -905,13 +905,15 @@ def pruning_schedule(
     frequency: int | None = None,
     start_point: Point | None = None,
     final: float | None = None,
+    end_point: Point | None = None,
 ) -> Schedule:
     """The amount over optimizer steps: from ``initial`` at step ``start`` to ``final`` (default ``config.amount``;
     with ``layer_amounts``, :attr:`PruningPlan.final_amount`) at ``end``.
 
     ``steps`` is the length of the fit (``None``, or not finite: unknown): a ``start`` past its last step is an
     error (named by ``start_point``, the value the user gave), and since masks are updated before a step runs, an
-    ``end`` at or past it moves onto the last step, so that the amount is reached. N:M applies its pattern whole
+    ``end`` at or past it moves onto the last step, so that the amount is reached (an ``end_point`` given in steps
+    or epochs beyond the fit's end warns). N:M applies its pattern whole
     at ``start``.
     ``frequency`` (steps between updates) defaults to 20 updates over the ramp.
 
@@ -929,6 +931,14 @@ def pruning_schedule(
             raise ValueError(
                 f"`start={start_point if start_point is not None else start!r}` is optimizer step {start}, but this "
                 f"fit has {steps} steps (0 to {steps - 1}): pruning would never happen."
+            )
+        if isinstance(end_point, str) and not nm and end > steps:
+            warnings.warn(
+                f"`end={end_point!r}` is optimizer step {end}, past the end of this fit (step {steps - 1} is its "
+                f"last): the amount is reached at step {steps - 1}, on a steeper ramp than asked. Lower `end`, or "
+                "train longer.",
+                UserWarning,
+                stacklevel=2,
             )
         end = min(end, steps - 1)
     frequency = 1 if nm else frequency or max(1, (end - start) // 20)

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_compress import _checks, _lightning
@@ -53,8 +53,7 @@ class GradualPruning(CompressionCallback):
         layer_amounts: ``{layer name: amount}``: each named layer's final fraction, see ``PruningConfig``.
         calibration_batches: ``"wanda"``/``"sparsegpt"``: training batches the model runs on before each update.
         calibration_input: a function from a training batch to the model's input, see ``PruningConfig``.
-        calibration_mask: a function from that input to a ``(batch, positions)`` mask of the positions that
-            count (not the padding, e.g. ``lambda x: x["attention_mask"]``), see ``PruningConfig``.
+        calibration_mask: a function from that input to a ``(batch, positions)`` mask of the positions that count.
 
     Example::
 
@@ -152,12 +151,6 @@ class GradualPruning(CompressionCallback):
     def state_key_fields(self) -> dict[str, Any]:
         return dict(self._key)
 
-    @property
-    def ramp_end(self) -> int | None:
-        """The optimizer step of this fit at which the masks reach their final amount (``None`` before setup)."""
-        schedule = getattr(self, "_schedule", None)
-        return None if schedule is None else schedule.end
-
     def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # `Trainer.test(ckpt_path=...)` loads a checkpoint that may carry the hint for `load_from_checkpoint` users.
         self.track_hook(core.accept_pruned_checkpoints(pl_module))
@@ -178,13 +171,8 @@ class GradualPruning(CompressionCallback):
         self._plan = core.PruningPlan(pl_module, self.config, example, caller="GradualPruning", quiet=quiet)
         ramp = (self.initial_amount, self.schedule, self.frequency, self.start, self._plan.final_amount)
         steps = trainer.estimated_stepping_batches  # inf for a fit of unknown length
-        self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp)
-        if isinstance(self.end, str) and self.mode != "N:M" and end > self._schedule.end + 1:
-            rank_zero_warn(
-                f"`end={self.end!r}` is optimizer step {end}, past the end of this fit (step "
-                f"{self._schedule.end} is its last): the amount is reached at step {self._schedule.end}, on a steeper "
-                "ramp than asked. Lower `end`, or train longer."
-            )
+        self._schedule: Schedule = core.pruning_schedule(self.config, start, end, steps, *ramp, self.end)
+        self.ramp_end = self._schedule.end
         layers, loader = self._plan.calibrated_layers(), training_loader(trainer)
         calibration.check_calibration_input(pl_module, loader, self.config, layers)
         if reasons := self._plan.skipped_reasons():

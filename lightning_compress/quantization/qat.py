@@ -251,15 +251,9 @@ class QuantizationAwareTraining(CompressionCallback):
             self._apply_phase(trainer, pl_module)
         if not self.finalize_at_end or self._parts.state(pl_module) != "prepared":
             return
-        start = self._steps["start"] or 0
-        if trainer.global_step <= start:  # stopped early (EarlyStopping, max_time): no step was quantized
+        if trainer.global_step <= (self._steps["start"] or 0):  # stopped early (EarlyStopping, max_time)
             self._parts.restore_float(pl_module)
-            rank_zero_warn(
-                f"QuantizationAwareTraining: the fit stopped at step {trainer.global_step}, before `start="
-                f"{self.start!r}` (step {start}), so no step trained with quantization and there are no ranges to "
-                "convert with: the model stays float. Lower `start`, or let the fit run past it."
-            )
-            return
+            return rank_zero_warn(_checks.qat_stopped_early(trainer.global_step, self.start, self._steps))
         loader = trainer.val_dataloaders
         batches = first_batches(loader[0] if isinstance(loader, list | tuple) and loader else loader)
         inputs = self._parts.target_inputs(pl_module, qat_core.parity_input(batches, self._parts.example))
