@@ -1251,7 +1251,7 @@ def qat_stopped_early(step: int, start: Any, steps: Mapping[str, int | None]) ->
 def check_start_within_fit(start: Any, step: int, total: float, what: str) -> None:
     """The step of ``start`` comes before the end of the fit (``total`` steps; not finite: unknown, unchecked);
     ``what`` says what would never happen."""
-    if math.isfinite(total) and step >= total:
+    if math.isfinite(total) and total >= 0 and step >= total:  # -1 or inf: a fit of unknown length
         raise ValueError(
             f"`start={start!r}` is step {step}, but this fit ends after {int(total)} steps: {what}. Give an earlier "
             "`start`."

@@ -35,6 +35,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -1084,11 +1085,13 @@ def _max_abs_diff(a: nn.Module, b: nn.Module, example: Any) -> float:
 # -- checkpoints of a model whose channels were removed ------------------------------------------------------
 
 
-def accept_pruned_checkpoints(module: nn.Module) -> Any:
+def accept_pruned_checkpoints(module: nn.Module, evaluating: bool = False) -> Any:
     """Let ``module.load_state_dict`` take checkpoints that carry :data:`PRUNED_CHECKPOINT_KEY`: the key is
-    dropped, and loading one into a module with the unpruned shapes explains how to rebuild it. Returns the
+    dropped, and loading one into a module with the unpruned shapes explains how to rebuild it; when
+    ``evaluating`` (``Trainer.test/validate/predict(ckpt_path=...)``), so does loading a checkpoint with larger
+    weights (written while the channels were masked) into a module whose channels were removed. Returns the
     hook's handle (``handle.remove()`` removes it)."""
-    return module.register_load_state_dict_pre_hook(_drop_pruned_hint)
+    return module.register_load_state_dict_pre_hook(partial(_drop_pruned_hint, evaluating=evaluating))
 
 
 def _drop_pruned_hint(
@@ -1100,6 +1103,7 @@ def _drop_pruned_hint(
     missing_keys: list[str],
     unexpected_keys: list[str],
     error_msgs: list[str],
+    evaluating: bool = False,
 ) -> None:
     hinted = PRUNED_CHECKPOINT_KEY in drop_checkpoint_hints(state_dict, prefix)
     own = module.state_dict()
@@ -1113,7 +1117,7 @@ def _drop_pruned_hint(
             f"{type(module).__name__} has the unpruned shapes. Rebuild the pruned model with "
             "`model = load_pruned_checkpoint(YourModule(...), path)` and fit it without `ckpt_path`."
         )
-    elif all(
+    elif evaluating and all(
         saved.dim() == current.dim() and saved.numel() > current.numel() for saved, current in mismatched
     ):
         # e.g. `trainer.test(ckpt_path="best")` after the fit removed the channels of the model in memory

@@ -153,7 +153,7 @@ class GradualPruning(CompressionCallback):
 
     def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # `Trainer.test(ckpt_path=...)` loads a checkpoint that may carry the hint for `load_from_checkpoint` users.
-        self.track_hook(core.accept_pruned_checkpoints(pl_module))
+        self.track_hook(core.accept_pruned_checkpoints(pl_module, evaluating=True))
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every fit prunes its own model from scratch (a resumed fit then loads its state from the checkpoint).
