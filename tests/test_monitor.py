@@ -17,7 +17,7 @@ from lightning_compress import CompressionMonitor
 from lightning_compress.callback import CompressionCallback
 from lightning_compress.stats import TensorFormat, count_parameters
 from tests._ddp import run_worker
-from tests.conftest import RecordSteps, trainer_kwargs
+from tests.conftest import NetClassifier, RecordSteps, trainer_kwargs
 
 
 class ZeroHalfOfFirstLinear(CompressionCallback):
@@ -196,25 +196,14 @@ def test_every_constructor_argument_has_a_row():
     assert covered == set(inspect.signature(CompressionMonitor).parameters)
 
 
-class TinyNet(pl.LightningModule):
+class TinyNet(NetClassifier):
     """Conv 1->2 (3x3) on 1x5x5 then Linear 18->3: 2*3*3 positions * 9 + 18*3 = 216 MACs per sample."""
 
     def __init__(self, example_batch=1):
-        super().__init__()
-        self.net = torch.nn.Sequential(
+        net = torch.nn.Sequential(
             torch.nn.Conv2d(1, 2, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(18, 3)
         )
-        self.example_input_array = torch.zeros(example_batch, 1, 5, 5)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        super().__init__(net, example_input_array=torch.zeros(example_batch, 1, 5, 5))
 
 
 def _tiny_loader():

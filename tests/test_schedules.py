@@ -17,7 +17,7 @@ from lightning_compress.schedules import (
     validate_amount,
     validate_point,
 )
-from tests.conftest import RecordSteps, trainer_kwargs
+from tests.conftest import NetClassifier, RecordSteps, trainer_kwargs
 
 
 def test_agp_matches_zhu_and_gupta_published_values():
@@ -191,25 +191,13 @@ class _Stream(torch_data.IterableDataset):
             yield torch.randn(4, generator=generator), torch.randint(0, 2, (), generator=generator)
 
 
-class _Tiny(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+def _tiny():
+    return NetClassifier(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
 
 
 def _stream_fit(tmp_path, callback, **overrides):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=[callback])
-    trainer.fit(_Tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
+    trainer.fit(_tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
     return trainer
 
 
@@ -252,7 +240,7 @@ def test_fractions_of_a_fit_of_unknown_length_fail_at_setup_with_the_fix(tmp_pat
     steps = RecordSteps()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path), callbacks=[_callback(name, **kwargs), steps])
     with pytest.raises(ValueError, match=UNKNOWN_LENGTH):
-        trainer.fit(_Tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
+        trainer.fit(_tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
     assert steps.steps == []
 
 
@@ -265,7 +253,7 @@ def test_fractions_count_from_max_steps_when_the_data_has_no_length(tmp_path):
     sharing = _callback("WeightSharing", start=0.5)
     kd = _callback("KnowledgeDistillation", start=0.25, end=0.75)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, max_epochs=-1), callbacks=[sharing, kd])
-    trainer.fit(_Tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
+    trainer.fit(_tiny(), torch_data.DataLoader(_Stream(), batch_size=4))
     assert trainer.global_step == 8
     assert sharing._start_step == 4
     assert (kd._alpha_schedule.start, kd._alpha_schedule.end) == (2, 6)
