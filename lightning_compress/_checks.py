@@ -1248,23 +1248,23 @@ def qat_stopped_early(step: int, start: Any, steps: Mapping[str, int | None]) ->
     )
 
 
-def check_start_within_fit(start: Any, step: int, total: float, what: str) -> None:
-    """The step of ``start`` comes before the end of the fit (``total`` steps; not finite: unknown, unchecked);
-    ``what`` says what would never happen."""
-    if math.isfinite(total) and total >= 0 and step >= total:  # -1 or inf: a fit of unknown length
+def check_start_within_fit(
+    start: Any, step: int, total: float, what: str, fix: str = "Give an earlier `start`."
+) -> None:
+    """The step of ``start`` comes before the end of the fit (``total`` steps; -1 or not finite: unknown,
+    unchecked); ``what`` says what would never happen, ``fix`` what to do."""
+    if math.isfinite(total) and total >= 0 and step >= total:
         raise ValueError(
-            f"`start={start!r}` is step {step}, but this fit ends after {int(total)} steps: {what}. Give an earlier "
-            "`start`."
+            f"`start={start!r}` is step {step}, but this fit ends after {int(total)} steps: {what}. {fix}"
         )
 
 
 def check_low_rank_start_step(start: Any, step: int, total: int) -> None:
     """The step of ``start`` comes before the end of the fit (``total`` steps)."""
-    if step >= total:
-        raise ValueError(
-            f"`start={start!r}` is step {step}, but this fit ends after {total} steps: the layers would never be "
-            "replaced. Give an earlier `start`, or leave it out to replace in `setup`."
-        )
+    check_start_within_fit(
+        start, step, total, "the layers would never be replaced",
+        "Give an earlier `start`, or leave it out to replace in `setup`.",
+    )  # fmt: skip
 
 
 def check_low_rank_optimized(start: Any, outside: Sequence[str]) -> None:

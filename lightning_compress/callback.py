@@ -90,9 +90,8 @@ class CompressionCallback(Callback):
     effect_order: ClassVar[int | None] = None
     selects_layers: ClassVar[bool] = False
     changes_structure: ClassVar[bool] = False
-    ramp_end: int | None = (
-        None  # the optimizer step a ramp reaches its final value at in this fit (from setup)
-    )
+    # The optimizer step at which a ramp (GradualPruning's amount) reaches its final value in this fit, from setup.
+    ramp_end: int | None = None
     needs_original: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

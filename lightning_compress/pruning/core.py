@@ -1107,8 +1107,10 @@ def _drop_pruned_hint(
 ) -> None:
     hinted = PRUNED_CHECKPOINT_KEY in drop_checkpoint_hints(state_dict, prefix)
     own = module.state_dict()
-    pairs = [(v, own[k[len(prefix) :]]) for k, v in state_dict.items() if k[len(prefix) :] in own]
-    mismatched = [(saved, current) for saved, current in pairs if saved.shape != current.shape]
+    found = ((v, own.get(k[len(prefix) :])) for k, v in state_dict.items())
+    mismatched = [
+        (saved, current) for saved, current in found if current is not None and saved.shape != current.shape
+    ]
     if not mismatched:
         return
     if hinted:

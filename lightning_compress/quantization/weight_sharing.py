@@ -168,8 +168,8 @@ class WeightSharing(CompressionCallback):
         self._params = core.weight_parameters(pl_module, self.selection)
         # Pruning in the same fit (set up before, in effect order) must be done before the values are shared:
         # a weight pruned after clustering would be set back to its shared value after every step.
-        ramps = [getattr(c, "ramp_end", None) for c in compression_callbacks(trainer)]
-        pruned = max((end for end in ramps if end is not None), default=None)
+        ramps = [c.ramp_end for c in compression_callbacks(trainer) if c.ramp_end is not None]
+        pruned = max(ramps, default=None)
         if self.start is None:
             self._start_step = pruned if pruned is not None else 0
             return
