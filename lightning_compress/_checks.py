@@ -208,6 +208,32 @@ def check_allocation(arguments: Any, key: str, owner: str) -> Any:
     return arguments[key]
 
 
+def check_levels_not_given(taker: Any, argument: str) -> None:
+    """A budget hands ``taker`` its per-layer levels as ``argument``: none of the levels the user gave ``taker``
+    (its ``given_levels``) may be set, or the budget's would silently replace them.
+
+    Example::
+
+        >>> class GradualPruning:
+        ...     given_levels = {"amount": 0.5, "layer_amounts": None}
+        >>> check_levels_not_given(GradualPruning(), "layer_amounts")
+        Traceback (most recent call last):
+        ...
+        ValueError: GradualPruning(amount=0.5) and CompressionBudget both set how much to compress: the budget gives every layer its own level (as `layer_amounts`) for its `target`, which would replace amount=0.5. Leave `amount` unset (the budget's `target` sets the overall level), or remove the CompressionBudget.
+    """
+    given = {name: value for name, value in getattr(taker, "given_levels", {}).items() if value is not None}
+    if given:
+        shown, names = (
+            ", ".join(f"{k}={v!r}" for k, v in given.items()),
+            " and ".join(f"`{k}`" for k in given),
+        )
+        raise ValueError(
+            f"{type(taker).__name__}({shown}) and CompressionBudget both set how much to compress: the budget gives "
+            f"every layer its own level (as `{argument}`) for its `target`, which would replace {shown}. Leave "
+            f"{names} unset (the budget's `target` sets the overall level), or remove the CompressionBudget."
+        )
+
+
 # -- weight sharing --
 
 
@@ -628,13 +654,15 @@ def check_taylor_setup(criterion: str, start_step: int, automatic_optimization: 
         )
 
 
-def check_taylor_gradients(grads: Any) -> None:
-    """``criterion="taylor"`` decides on gradients summed since the last decision: some must have been seen."""
+def check_taylor_gradients(grads: dict[str, Any]) -> dict[str, Any]:
+    """``criterion="taylor"`` decides on gradients summed since the last decision: some must have been seen
+    (returns ``grads``)."""
     if not grads:
         raise ValueError(
             "`criterion='taylor'` needs gradients before the first pruning step, but none were seen. "
             "Start pruning after at least one optimizer step (e.g. `start='step:1'` or later)."
         )
+    return grads
 
 
 def check_pruning_precision(kind: str, precision: str) -> None:
@@ -1248,14 +1276,29 @@ def qat_stopped_early(step: int, start: Any, steps: Mapping[str, int | None]) ->
     )
 
 
+def stopped_early(callback: Any, stopped: int, argument: str, step: int, undone: str) -> str:
+    """The warning for a fit that stopped at step ``stopped``, before ``callback``'s ``argument`` (at ``step``)
+    did what it was for (``undone``)."""
+    name, value = type(callback).__name__, getattr(callback, argument)
+    return (
+        f"{name}: the fit stopped at step {stopped} (EarlyStopping, `max_time` or `should_stop`), before "
+        f"`{argument}={value!r}` (step {step}): {undone}. Let the fit run longer, or give an earlier `{argument}`."
+    )
+
+
 def check_start_within_fit(
-    start: Any, step: int, total: float, what: str, fix: str = "Give an earlier `start`."
+    start: Any,
+    step: int,
+    total: float,
+    what: str,
+    fix: str = "Give an earlier `start`.",
+    argument: str = "start",
 ) -> None:
-    """The step of ``start`` comes before the end of the fit (``total`` steps; -1 or not finite: unknown,
-    unchecked); ``what`` says what would never happen, ``fix`` what to do."""
+    """The step of ``start`` (the value of ``argument``) comes before the end of the fit (``total`` steps; -1 or
+    not finite: unknown, unchecked); ``what`` says what would never happen, ``fix`` what to do."""
     if math.isfinite(total) and total >= 0 and step >= total:
         raise ValueError(
-            f"`start={start!r}` is step {step}, but this fit ends after {int(total)} steps: {what}. {fix}"
+            f"`{argument}={start!r}` is step {step}, but this fit ends after {int(total)} steps: {what}. {fix}"
         )
 
 
@@ -1463,9 +1506,10 @@ def check_qat_neighbours(
         )
         if caught:
             part = f"`module={module!r}`" if module else f"each child the forward calls ({', '.join(parts)})"
+            own = getattr(callback, "without_hooks", "Distill the logits only (no `features`)")
             raise ValueError(
                 f"{name} reads the layers {caught[:3]} with forward hooks, but QuantizationAwareTraining("
                 f"scheme='int8') runs {part} as one exported graph that calls no submodule, so the hooks would "
-                "never fire. Distill the logits only (no `features`), quantize a submodule that does not contain "
-                "those layers (`module=...`), or use a low-bit scheme (`scheme='intx-weight-only'`)."
+                f"never fire. {own}, quantize a submodule that does not contain those layers (`module=...`), or "
+                "use a low-bit scheme (`scheme='intx-weight-only'`)."
             )

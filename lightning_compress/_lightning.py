@@ -14,10 +14,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress._checkpoints import HINT_PREFIX, add_checkpoint_hint, drop_checkpoint_hints  # noqa: F401
-from lightning_compress._inputs import detach_input, first_input, to_device  # noqa: F401  (re-exported)
+from lightning_compress._inputs import detach_input, first_batches, first_input, preserved_rng, to_device  # noqa: F401
 from lightning_compress.schedules import Point, Schedule, ScheduleFn, resolve_point
 
 # One frozen copy of the model as it was before any callback changed it, per Trainer. Every callback that
@@ -104,6 +106,46 @@ def build_schedule(
         schedule=schedule,
         frequency=frequency,
     )
+
+
+class StepsPerBatchCheck(Callback):
+    """Warns once when ``trainer.global_step`` advances more than one step per training batch (manual
+    optimization stepping several optimizers) in a fit whose length counts batches (no ``max_steps``): the
+    schedules count ``global_step``, so fractions of training and ``"epoch:N"`` resolve to steps that come
+    that many times too early. Added by the compression callbacks in ``setup`` (see :func:`check_steps_per_batch`).
+    """
+
+    def __init__(self) -> None:
+        self.before, self.warned = 0, False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        steps = trainer.global_step - self.before
+        if steps > 1 and not self.warned:
+            self.warned = True
+            rank_zero_warn(
+                f"`trainer.global_step` advanced {steps} steps in one training batch (manual optimization "
+                f"stepping {steps} optimizers), but this fit's length counts batches "
+                f"({trainer.estimated_stepping_batches} steps): the compression schedules count `global_step`, so "
+                f"`start`/`end` given as fractions of training or as 'epoch:N' take effect {steps}x too early. "
+                "Set `Trainer(max_steps=...)` in `global_step` units (fractions then count from it), or give "
+                "'step:N' values."
+            )
+
+
+def mean_over_processes(trainer: pl.Trainer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each of ``tensors`` averaged over the fit's processes (itself in a single process)."""
+    return {name: trainer.strategy.reduce(tensor, reduce_op="mean") for name, tensor in tensors.items()}
+
+
+def check_steps_per_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Add a :class:`StepsPerBatchCheck` to a fit with manual optimization and no ``max_steps`` (once)."""
+    if pl_module.automatic_optimization or trainer.max_steps != -1:
+        return
+    if not any(isinstance(c, StepsPerBatchCheck) for c in trainer.callbacks):  # type: ignore[attr-defined]
+        trainer.callbacks.append(StepsPerBatchCheck())  # type: ignore[attr-defined]
 
 
 def replace_parameters(trainer: pl.Trainer, replaced: dict[nn.Parameter, list[nn.Parameter]]) -> None:
@@ -251,3 +293,16 @@ def float_view(pl_module: nn.Module) -> Iterator[None]:
         return
     with view(pl_module):
         yield
+
+
+@contextlib.contextmanager
+def calibration_inputs(
+    trainer: pl.Trainer, loader: Any, count: int, to_input: Callable[[Any], Any] | None = None
+) -> Iterator[Iterator[Any]]:
+    """This rank's share of the first ``count`` batches of ``loader`` as model inputs (``to_input(batch)``, by
+    default :func:`first_input`), converted as the trainer's precision converts inputs; run them inside the
+    context (the precision's forward context, the global random state left as it was)."""
+    precision = trainer.strategy.precision_plugin
+    batches = first_batches(loader, trainer.global_rank, count, trainer.world_size)
+    with preserved_rng(), precision.forward_context():
+        yield (precision.convert_input((to_input or first_input)(batch)) for batch in batches)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress import _checks
@@ -37,6 +38,7 @@ from lightning_compress._inputs import first_batches, to_device
 from lightning_compress._inputs import preserved_rng as preserved_rng  # the callbacks draw batches with it
 from lightning_compress._lightning import (
     LIGHTNING_HOOKS,
+    check_steps_per_batch,
     detach_input,
     first_input,
     forget_original,
@@ -109,6 +111,9 @@ class CompressionCallback(Callback):
     # The scheme whose per-layer levels this callback takes from a `CompressionBudget` (see `accept_allocation`):
     # "prune", "prune_structured", "low_rank" or "quantize"; None: it takes none.
     budget_scheme: ClassVar[str | None] = None
+    # The levels the user gave as arguments (e.g. ``{"amount": 0.5, "layer_amounts": None}``): a budget refuses to
+    # replace any that is not None.
+    given_levels: Mapping[str, Any] = {}
 
     def accept_allocation(self, arguments: dict[str, Any]) -> None:
         """Take the per-layer levels a budget chose (e.g. ``{"layer_amounts": {...}}``), before :meth:`prepare`."""
@@ -137,6 +142,11 @@ class CompressionCallback(Callback):
     def release(self) -> None:
         """Drop what the fit held (called at teardown and on an exception, after the hooks are removed)."""
 
+    def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
+        """``(argument, its step, what is left undone)`` when the fit stopped before the step of that argument
+        (EarlyStopping, ``max_time``): warned about at the end of training. ``None``: nothing is left undone."""
+        return None
+
     # -- the lifecycle ---------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -148,6 +158,7 @@ class CompressionCallback(Callback):
         if any(getattr(c, "needs_original", False) for c in trainer.callbacks):  # type: ignore[attr-defined]
             remember_original(trainer, pl_module)
         watch_loss(trainer)
+        check_steps_per_batch(trainer, pl_module)
         self.prepare(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,6 +173,9 @@ class CompressionCallback(Callback):
         if getattr(self, "_finalized", True):
             return
         self._finalized = True
+        if (undone := self.unfinished(trainer)) is not None:
+            argument, step, what = undone
+            rank_zero_warn(_checks.stopped_early(self, trainer.global_step, argument, step, what))
         self.remove_hooks()
         self.finalize(trainer, pl_module)
 
@@ -212,6 +226,16 @@ class CompressionCallback(Callback):
         device = next(pl_module.parameters(), torch.empty(0)).device
         return to_device(detach_input(example, max_batch=max_batch), device)
 
+    @staticmethod
+    def example_source(given: Any, pl_module: pl.LightningModule, batch_note: str = "") -> str:
+        """Where :meth:`example_input` takes its example from (for messages); ``batch_note`` follows the
+        training batch."""
+        if given is not None:
+            return "`example_input`"
+        if getattr(pl_module, "example_input_array", None) is not None:
+            return "the LightningModule's `example_input_array`"
+        return f"the first training batch's model input {batch_note}".rstrip()
+
     def track_hook(self, handle: Any) -> Any:
         """Remember a hook handle (module or optimizer hook) so that :meth:`remove_hooks` removes it."""
         self.__dict__.setdefault("_handles", []).append(handle)
@@ -241,18 +265,18 @@ class CompressionCallback(Callback):
         """Log ``values`` under :attr:`prefix` from a training hook (per step, or per epoch when ``epoch``).
 
         ``per_layer`` maps a statistic to ``{layer or parameter name: value}``, logged under
-        ``<prefix>per_layer/<statistic>/<name>``.
+        ``<prefix>per_layer/<statistic>/<name>``. Per-epoch values are the same on every process; with
+        several, they are averaged over them (``sync_dist``), as Lightning asks of epoch-level values.
         """
-        for name, value in values.items():
-            pl_module.log(self.prefix + name, _loggable(value), on_step=not epoch, on_epoch=epoch)
+        trainer = getattr(pl_module, "_trainer", None)
+        when = dict(
+            on_step=not epoch, on_epoch=epoch, sync_dist=epoch and getattr(trainer, "world_size", 1) > 1
+        )
+        names = {self.prefix + name: value for name, value in values.items()}
         for stat, layers in (per_layer or {}).items():
-            for name, value in layers.items():
-                pl_module.log(
-                    f"{self.prefix}per_layer/{stat}/{name}",
-                    _loggable(value),
-                    on_step=not epoch,
-                    on_epoch=epoch,
-                )
+            names.update({f"{self.prefix}per_layer/{stat}/{name}": value for name, value in layers.items()})
+        for name, value in names.items():
+            pl_module.log(name, _loggable(value), **when)
 
     def log_to_loggers(self, trainer: pl.Trainer, values: Mapping[str, float]) -> None:
         """Write ``values`` (under :attr:`prefix`) to every logger directly, from hooks where ``log`` is not

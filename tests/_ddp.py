@@ -35,8 +35,9 @@ def ddp_trainer(callbacks, **overrides) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **trainer_kwargs(None, **{**defaults, **overrides}))
 
 
-def run_worker(name: str, out_dir: Path, timeout: float = 600) -> None:
-    """Run ``tests/<name>`` with 2 processes; fail with the worker's own error output if it fails."""
+def run_worker(name: str, out_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/<name>`` with 2 processes; fail with the worker's own error output if it fails (else return
+    the finished process, its output captured)."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / name), str(out_dir)],
         cwd=ROOT,
@@ -46,3 +47,4 @@ def run_worker(name: str, out_dir: Path, timeout: float = 600) -> None:
         timeout=timeout,
     )
     assert result.returncode == 0, f"{name} exited with {result.returncode}:\n{result.stderr[-5000:]}"
+    return result

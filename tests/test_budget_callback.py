@@ -6,11 +6,11 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import trainer_kwargs
+from conftest import RecordSteps, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_compress import CompressionBudget
+from lightning_compress import CompressionBudget, GradualPruning, LowRankReplacement
 from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback
 
 
@@ -127,6 +127,32 @@ def test_accuracy_aware_mode_keeps_the_most_compression_within_the_drop(tmp_path
 def test_a_fit_without_exactly_one_taker_fails_before_any_step(tmp_path, digits, callbacks, match):
     with pytest.raises(ValueError, match=match):
         fit(tmp_path, digits, callbacks(), max_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "taker", "match"),
+    [
+        ("prune", lambda: GradualPruning(amount=0.5), r"GradualPruning\(amount=0.5\) and CompressionBudget"),
+        (
+            "prune_structured",
+            lambda: GradualPruning(mode="structured", layer_amounts={"net.1": 0.5}),
+            r"GradualPruning\(layer_amounts=\{'net.1': 0.5\}\) .*Leave `layer_amounts` unset",
+        ),
+        (
+            "low_rank",
+            lambda: LowRankReplacement(rank=0.5),
+            r"LowRankReplacement\(rank=0.5\) .*\(as `layer_ranks`\) .*Leave `rank` unset",
+        ),
+    ],
+)
+def test_a_level_given_to_the_taker_is_refused_before_the_budget_measures(
+    tmp_path, digits, scheme, taker, match
+):
+    # The budget would silently replace it with its own per-layer levels.
+    budget, steps = CompressionBudget(scheme, target=0.5, verbose=False, plots=False), RecordSteps()
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, digits, [budget, taker(), steps], max_steps=1)
+    assert budget.plan is None and steps.steps == []
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from lightning_compress import (
     KnowledgeDistillation,
     LowRankReplacement,
     QuantizationAwareTraining,
+    StochasticDepth,
     WeightSharing,
 )
 from lightning_compress.callback import compression_callbacks
@@ -21,7 +22,13 @@ from lightning_compress.quantization.pt2e import convert_int8, prepare_int8_qat
 from lightning_compress.stats import count_macs
 from tests.conftest import RecordSteps, ResidualNet, trainer_kwargs
 
-EFFECT_ORDER = ["LowRankReplacement", "GradualPruning", "KnowledgeDistillation", "QuantizationAwareTraining"]
+EFFECT_ORDER = [
+    "StochasticDepth",
+    "LowRankReplacement",
+    "GradualPruning",
+    "KnowledgeDistillation",
+    "QuantizationAwareTraining",
+]
 
 
 def _fit(tmp_path, digits, callbacks, model=None, **overrides):
@@ -108,6 +115,12 @@ REFUSED = [
         id="binary+int8-qat",
     ),
     pytest.param(
+        # The drop hooks rewrite the blocks' outputs: inside the exported graph they would never run.
+        lambda: [StochasticDepth(verbose=False), QuantizationAwareTraining()],
+        ["StochasticDepth", "QuantizationAwareTraining", "net.3", "Only remove blocks (`survival=1.0`"],
+        id="depth-drop+int8-qat",
+    ),
+    pytest.param(
         lambda: [GradualPruning(amount=0.5), BinaryWeights()],
         ["GradualPruning", "BinaryWeights", "Use one of them"],
         id="pruning+binary",
@@ -151,6 +164,8 @@ def _check(callback, model, trainer):
         assert callback.codebooks
     elif name == "BinaryWeights":
         assert callback.finalized
+    elif name == "StochasticDepth":
+        assert callback.removed == ["net.3"] and callback.plan.macs_ratio > 1.0
     elif name == "CompressionMonitor":
         assert callback.before is not None
 
@@ -184,6 +199,11 @@ SUPPORTED = {
     "unstructured+weight-sharing": lambda: [WeightSharing(), GradualPruning(amount=0.5)],
     "low-rank+weight-sharing": lambda: [WeightSharing(), LowRankReplacement(rank=0.5, verbose=False)],
     "int8+monitor": lambda: [CompressionMonitor(), QuantizationAwareTraining()],
+    "low-rank+binary": lambda: [BinaryWeights(), LowRankReplacement(rank=0.5, verbose=False)],
+    "depth-removal+int8": lambda: [
+        QuantizationAwareTraining(),
+        StochasticDepth(survival=1.0, remove=1, verbose=False),
+    ],
 }
 
 

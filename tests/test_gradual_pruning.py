@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from examples.models import ImageClassifier
-from lightning_compress import GradualPruning
+from lightning_compress import GradualPruning, _lightning
 from lightning_compress.schedules import Schedule
 from tests._ddp import run_worker
 from tests.conftest import RecordSteps, SGDClassifier, TiedLM, fit_or_resume, trainer_kwargs
@@ -443,7 +443,7 @@ def test_a_run_resumed_after_the_ramp_still_logs_its_sparsity(tmp_path, digits):
     assert all(float(r["pruning/weight_sparsity"]) == pytest.approx(0.6, abs=1e-3) for r in rows)
 
 
-def test_taylor_scores_are_averaged_over_processes_before_the_decision():
+def test_taylor_scores_are_averaged_over_processes_before_the_decision(tmp_path, digits, monkeypatch):
     calls = []
 
     class Strategy:
@@ -451,9 +451,17 @@ def test_taylor_scores_are_averaged_over_processes_before_the_decision():
             calls.append(reduce_op)
             return tensor * 2  # what another rank's scores would add
 
-    pruning = GradualPruning(amount=0.5, mode="structured", criterion="taylor", start="step:1")
-    reduced = pruning._reduced_taylor(SimpleNamespace(strategy=Strategy()), {"net.0.weight": torch.ones(3)})
-    assert calls == ["mean"] and torch.equal(reduced["net.0.weight"], torch.full((3,), 2.0))
+    reduced = _lightning.mean_over_processes(SimpleNamespace(strategy=Strategy()), {"w": torch.ones(3)})
+    assert calls == ["mean"] and torch.equal(reduced["w"], torch.full((3,), 2.0))
+    # The decision takes the averaged scores.
+    averaged = []
+    monkeypatch.setattr(
+        _lightning, "mean_over_processes", lambda trainer, scores: averaged.append(sorted(scores)) or scores
+    )
+    pruning = GradualPruning(amount=0.5, mode="structured", criterion="taylor", start="step:1", end="step:2")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3), callbacks=[pruning])
+    trainer.fit(ImageClassifier("small_cnn"), datamodule=digits)
+    assert len(averaged) == 2 and "net.0.weight" in averaged[0]
 
 
 def test_structured_leaves_excluded_layers_whole(tmp_path, digits):
@@ -627,3 +635,45 @@ def test_gradual_pruning_alone_keeps_no_copy_of_the_model(tmp_path, digits):
     assert check.copies == [False] * 4
     assert not pruning.needs_original and pruning.changes_structure and pruning.selects_layers
     assert not GradualPruning(amount=0.5).changes_structure
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization stepping two optimizers per batch (as a GAN does): ``global_step`` advances by two."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.body, self.head = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x.flatten(1))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.body.parameters(), lr=0.05), torch.optim.SGD(
+            self.head.parameters(), lr=0.05
+        )
+
+
+@pytest.mark.parametrize("max_steps", [-1, 12])
+def test_two_optimizers_stepped_per_batch_warn_that_fractions_come_early(tmp_path, digits, max_steps):
+    # 6 batches step 12 times: a fit counted in batches (no max_steps) resolves end=1.0 to step 6, half way.
+    pruning = GradualPruning(amount=0.5, start=0.0, end=1.0, frequency=1)
+    overrides = dict(limit_train_batches=6, max_steps=max_steps, max_epochs=1 if max_steps == -1 else -1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=[pruning])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TwoOptimizers(), datamodule=digits)
+    early = [str(w.message) for w in caught if "advanced 2 steps in one training batch" in str(w.message)]
+    assert trainer.global_step == 12 and pruning.current_amount == pytest.approx(0.5, abs=0.01)
+    if max_steps == -1:
+        assert len(early) == 1 and "take effect 2x too early" in early[0] and "max_steps" in early[0]
+        assert pruning._schedule.end == 5  # the ramp ended at step 5 of 12
+    else:  # max_steps counts global steps, as the schedules do: the ramp ends on the last step
+        assert early == [] and pruning._schedule.end == 11

@@ -151,6 +151,7 @@ class CompressionBudget(CompressionCallback):
                 f"the scheme; this fit has {len(takers)}{f' ({found})' if found else ''}. Add exactly one "
                 f"{APPLIED_BY[scheme]} to `Trainer(callbacks=...)`."
             )
+        _checks.check_levels_not_given(takers[0], ALLOCATED_ARGUMENT[scheme])
         if scheme == "quantize":
             # The layers are those the low-bit callback selects; it quantizes a layer to its `bits` or leaves it
             # in float: the two levels to measure, unless given.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from lightning_compress import _checks
 from lightning_compress._checkpoints import add_checkpoint_hint, drop_checkpoint_hints
 from lightning_compress._events import record_event
-from lightning_compress._lightning import replace_parameters
+from lightning_compress._lightning import float_view, replace_parameters
 from lightning_compress.callback import (
     REMOVE_BLOCKS,
     CompressionCallback,
@@ -81,6 +80,8 @@ class StochasticDepth(CompressionCallback):
     prefix = "depth/"
     effect_order = REMOVE_BLOCKS  # before every callback that selects or replaces layers
     changes_structure = True
+    # What to do instead when int8 QAT refuses the drop hooks (see `hooked_layers`).
+    without_hooks = "Only remove blocks (`survival=1.0` with `remove` or `target_macs`)"
 
     def __init__(
         self,
@@ -151,17 +152,15 @@ class StochasticDepth(CompressionCallback):
             self._remove(trainer, pl_module)
             return
         self._remove_step = self.step_of(trainer, self.remove_at, "remove_at")
-        total = trainer.estimated_stepping_batches
-        if math.isfinite(total) and 0 <= total <= self._remove_step:
-            raise ValueError(
-                f"`remove_at={self.remove_at!r}` is step {self._remove_step}, but this fit ends after {int(total)} "
-                "steps: no block would be removed. Give an earlier `remove_at`, or leave it out to remove in `setup`."
-            )
+        fix = "Give an earlier `remove_at`, or leave it out to remove in `setup`."
+        total, what = trainer.estimated_stepping_batches, "no block would be removed"
+        _checks.check_start_within_fit(self.remove_at, self._remove_step, total, what, fix, "remove_at")
         core.check_removal(pl_module, self.blocks, self._example, config.remove, config.target_macs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed fit rebuilt the structure from the checkpoint: it must be the one its state records.
-        identity = core.removed_in(pl_module, self.blocks)
+        with float_view(pl_module):  # the blocks by name, also when a graph runs them
+            identity = core.removed_in(pl_module, self.blocks)
         if sorted(identity) != sorted(self.removed):
             raise RuntimeError(
                 f"StochasticDepth recorded the removed blocks {self.removed}, but the model has {identity} as "
@@ -203,6 +202,15 @@ class StochasticDepth(CompressionCallback):
     ) -> None:
         if self.removed:
             add_checkpoint_hint(checkpoint, core.checkpoint_hint(self.removed))
+
+    def hooked_layers(self) -> list[str]:
+        """The blocks whose outputs the drop hooks rewrite while training (none with ``survival=1.0``)."""
+        return [] if self._drop is None else [n for n, p in self._drop.probabilities.items() if p < 1.0]
+
+    def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
+        if self._remove_step is not None and not self.removed:
+            return "remove_at", self._remove_step, "no block was removed"
+        return None
 
     def release(self) -> None:
         self._drop: DepthDrop | None = None

@@ -131,6 +131,7 @@ class LowRankReplacement(CompressionCallback):
             calibration_batches, damping, exponent, layer_ranks, calibration_mask=calibration_mask,
         )  # fmt: skip
         self._given_ranks = self.config.layer_ranks  # the checkpoint key holds the user's, not a budget's
+        self.given_levels = {"rank": rank, "energy": energy, "budget": budget, "layer_ranks": layer_ranks}
         self.calibration_input = _checks.check_calibration_input(calibration_input)
         self.per_layer = _checks.check_bool(per_layer, "per_layer")
         self.verbose = _checks.check_bool(verbose, "verbose")
@@ -215,6 +216,11 @@ class LowRankReplacement(CompressionCallback):
         if self.layers:
             add_checkpoint_hint(checkpoint, CHECKPOINT_HINT)
 
+    def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
+        if self._start_step is not None and not self.layers:
+            return "start", self._start_step, "no layer was factorized"
+        return None
+
     def release(self) -> None:
         self._targets: LowRankTargets | None = None
         self._result: LowRankResult | None = None
@@ -229,13 +235,7 @@ class LowRankReplacement(CompressionCallback):
         with preserved_rng(loader):
             example = self.example_input(trainer, pl_module, self._example_input, 1, self._model_input)
             _checks.check_low_rank_data(self.config, loader is not None, example is not None)
-            source = (
-                "`example_input`"
-                if self._example_input is not None
-                else "the LightningModule's `example_input_array`"
-                if pl_module.example_input_array is not None
-                else "the first training batch's model input (see `calibration_input`)"
-            )
+            source = self.example_source(self._example_input, pl_module, "(see `calibration_input`)")
             return core.find_targets(
                 pl_module, self.config, example, loader, calibration_input=self.calibration_input,
                 collective=_collective(trainer), example_source=source, check_calibration=check_calibration,

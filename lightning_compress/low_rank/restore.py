@@ -210,6 +210,8 @@ def check_recorded_ranks(
         ...
         RuntimeError: The low-rank replacement recorded layer 'fc' at rank 4, but the model has rank 3. The checkpoint and the callback's state disagree.
     """
+    # A weight a later callback reparametrizes (binary weights) is saved as `<layer>.parametrizations.weight.original`.
+    shapes = {k.replace(".parametrizations.", ".").removesuffix(".original"): v for k, v in shapes.items()}
     for name, layer in layers.items():
         rank = rank_in_state(shapes, name, layer.get("in_channels"))
         if rank != (tuple(layer["rank"]) if isinstance(layer["rank"], list) else layer["rank"]):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_compress import _checks, _lightning
 from lightning_compress._events import record_event
-from lightning_compress._inputs import first_batches, first_input_or_none, preserved_rng
+from lightning_compress._inputs import first_input_or_none
 from lightning_compress.callback import REMOVE_WEIGHTS, CompressionCallback, training_loader
 from lightning_compress.pruning import calibration, core
 from lightning_compress.pruning.core import PRUNED_CHECKPOINT_KEY, load_pruned_checkpoint
@@ -104,6 +104,7 @@ class GradualPruning(CompressionCallback):
         # The checkpoint key holds the user's arguments (a budget's `accept_allocation` does not change it).
         self._key = {"mode": self.mode, "amount": self.amount, "selection": str(self.selection)}
         self._key |= {} if layer_amounts is None else {"layer_amounts": self.layer_amounts}
+        self.given_levels = {"amount": amount, "layer_amounts": layer_amounts}
         self.initial_amount = _checks.check_initial_amount(initial_amount, config.amount, config.kind, mode)
         ramp = _checks.check_pruning_ramp(schedule, start, end, frequency)
         self.schedule, self.start, self.end, self.frequency = ramp
@@ -212,7 +213,8 @@ class GradualPruning(CompressionCallback):
 
     def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
         plan: core.PruningPlan = self._plan  # type: ignore[assignment]
-        grads = self._reduced_taylor(trainer, plan.grads) if self.criterion == "taylor" else None
+        grads = _checks.check_taylor_gradients(plan.grads) if self.criterion == "taylor" else None
+        grads = grads and _lightning.mean_over_processes(trainer, grads)
         # The float layers under the names recorded at setup, also when a graph runs them.
         with _lightning.float_view(pl_module):
             if self.config.calibrated:
@@ -226,17 +228,9 @@ class GradualPruning(CompressionCallback):
 
     def _calibrate(self, trainer: pl.Trainer, plan: core.PruningPlan) -> None:
         # Each rank runs its share of the first training batches, the sums added over the ranks.
-        share = (trainer.global_rank, self.config.calibration_batches, trainer.world_size)
-        precision, mapping = trainer.strategy.precision_plugin, self.config.calibration_input
-        batches = first_batches(training_loader(trainer), *share)
-        with preserved_rng(), precision.forward_context():
-            inputs = calibration.calibration_inputs(batches, mapping, _lightning.first_input)
-            inputs = map(precision.convert_input, inputs)
+        count, to_input = self.config.calibration_batches, self.config.calibration_input
+        with _lightning.calibration_inputs(trainer, training_loader(trainer), count, to_input) as inputs:
             plan.calibrate(inputs, reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
-
-    def _reduced_taylor(self, trainer: pl.Trainer, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        _checks.check_taylor_gradients(grads)
-        return {name: trainer.strategy.reduce(score, reduce_op="mean") for name, score in grads.items()}
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -275,6 +269,12 @@ class GradualPruning(CompressionCallback):
             removed = sum(len(v) for v in self.plan.values())
             rank_zero_info(f"GradualPruning removed {removed} channels and heads (output change {diff:.2e}).")
         self.materialized = True
+
+    def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
+        ramp, last, now = getattr(self, "_schedule", None), self.last_update_step, self.current_amount
+        if ramp is not None and (last is None or last < ramp.end):
+            return "end", ramp.end, f"the amount is {now:.3g} of {ramp.final:.3g}"
+        return None
 
     def release(self) -> None:
         self._last_input = None

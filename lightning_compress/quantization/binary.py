@@ -148,6 +148,11 @@ class BinaryWeights(CompressionCallback):
             make_permanent_(self._layers)
             self.finalized = True
 
+    def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
+        if trainer.global_step <= self._start_step:  # the weights are still made binary at the end
+            return "start", self._start_step, "no step trained binary weights"
+        return None
+
     def storage_formats(self, pl_module: pl.LightningModule) -> dict[str, TensorFormat]:
         """Each quantized weight at 1 (binary) or 2 (ternary) bits plus one fp32 scale per output channel."""
         return core.storage_formats(self._layers, self.bits, permanent=self.finalized)

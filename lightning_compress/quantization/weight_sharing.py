@@ -216,6 +216,11 @@ class WeightSharing(CompressionCallback):
             f"(relative change {self.quantization_error:.3g})."
         )
 
+    def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
+        if not self.clustered:
+            return "start", self._start_step, "no weight was clustered"
+        return None
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
