@@ -208,6 +208,22 @@ def test_qat_with_lightnings_default_model_summary(tmp_path):
     assert trainer.global_step == 3 and isinstance(model.net, QuantizedGraphModule) and model.net.converted
 
 
+def test_fake_quant_is_logged_for_the_batch_that_trained_with_it(tmp_path):
+    # The batch at step 1 trains in float: its row says so (its end sees `global_step` already at 2).
+    logger = CSVLogger(tmp_path, name="csv")
+    kwargs = trainer_kwargs(tmp_path, max_steps=4, logger=logger, log_every_n_steps=1)
+    trainer = pl.Trainer(**kwargs, callbacks=[QuantizationAwareTraining(start="step:2")])
+    trainer.fit(_tiny_classifier(), _tiny_loader())
+    with open(f"{logger.log_dir}/metrics.csv") as file:
+        rows = [r for r in csv.DictReader(file) if r.get("quantization/fake_quant")]
+    assert [(int(r["step"]), float(r["quantization/fake_quant"])) for r in rows] == [
+        (0, 0.0),
+        (1, 0.0),
+        (2, 1.0),
+        (3, 1.0),
+    ]
+
+
 class _StopAt(Callback):
     def __init__(self, step):
         self.step = step

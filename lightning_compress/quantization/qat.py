@@ -231,11 +231,13 @@ class QuantizationAwareTraining(CompressionCallback):
         self._apply_phase(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        fake_quant = self._apply_phase(trainer, pl_module)
+        self._fake_quant = fake_quant = self._apply_phase(
+            trainer, pl_module
+        )  # logged for this batch at its end
         self._recorder.active = fake_quant and trainer.global_step % self.log_every_n_steps == 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        values = {"fake_quant": float(trainer.global_step >= (self._steps["start"] or 0))}
+        values = {"fake_quant": float(self._fake_quant)}
         if self._recorder.active:
             self._recorder.active = False
             values.update({f"{kind}_error": error for kind, error in self._recorder.pop().items()})
