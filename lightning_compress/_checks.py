@@ -1435,8 +1435,18 @@ def check_qat_precision(precision: Any) -> None:
 def check_qat_steps(
     points: dict[str, Any], steps: dict[str, int | None], total: int | None, int8: bool, finalize: bool
 ) -> None:
-    """The resolved schedule (``steps``, of the arguments ``points``) in a fit of ``total`` steps."""
+    """The resolved schedule (``steps``, of the arguments ``points``) in a fit of ``total`` steps. Fractions that
+    land on the same step only by rounding in a very short fit (``fast_dev_run``) keep their order: the observers
+    then freeze one step after ``start`` (``steps`` is updated)."""
     start, observers = steps["start"] or 0, steps["freeze_observers"]
+    given = points["freeze_observers"], points["start"] or 0.0
+    if (
+        observers is not None
+        and observers <= start
+        and all(isinstance(p, float) for p in given)
+        and given[0] > given[1]
+    ):
+        steps["freeze_observers"] = observers = start + 1
     if int8 and observers is not None and observers <= start:
         raise ValueError(
             f"`freeze_observers={points['freeze_observers']!r}` (step {observers}) is not after "

@@ -145,8 +145,8 @@ class CompressionMonitor(CompressionCallback):
         self.meter.check(
             original, "example_input" if self.config.example_input is not None else "example_input_array"
         )
-        if self.before is None:
-            self.before = self.meter.stats(original)
+        # Every fit measures its own model (a resumed fit then loads the first run's numbers from its checkpoint).
+        self.before = self.meter.stats(original)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

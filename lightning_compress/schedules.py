@@ -213,10 +213,13 @@ def resolve_point(
         20
         >>> resolve_point("step:7", total_steps=100)
         7
+        >>> resolve_point(0.6, total_steps=1)  # a fraction below 1 stays within the fit, also a very short one
+        0
     """
     point = validate_point(point, name)
     if isinstance(point, float):
-        return round(point * total_steps)
+        step = round(point * total_steps)
+        return min(step, total_steps - 1) if point < 1.0 and total_steps > 0 else step
     kind, value = point.split(":")
     if kind == "step":
         return int(value)

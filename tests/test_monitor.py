@@ -551,3 +551,15 @@ def test_ddp_writes_the_report_into_the_loggers_directory_without_stalling(tmp_p
     report = json.loads((tmp_path / "logs" / "run" / "version_0" / "compression_report.json").read_text())
     assert report["before"]["macs"] == report["after"]["macs"] == 216
     assert [torch.load(tmp_path / f"rank{r}.pt")["report"] for r in (0, 1)] == [True, True]
+
+
+def test_a_monitor_reused_for_another_model_measures_that_model_before(tmp_path):
+    # One monitor in a loop over models: each fit's report starts from its own model, not the first one's.
+    monitor = CompressionMonitor(measure_latency=False, verbose=False)
+    _tiny_fit(tmp_path / "first", monitor, max_steps=1)
+    assert monitor.before.total_params == 2 * 9 + 18 * 3 + 3 and monitor.before.macs == 216
+    wider = TinyNet()
+    wider.net[2] = torch.nn.Linear(18, 5)
+    _tiny_fit(tmp_path / "second", monitor, model=wider, max_steps=1)
+    assert monitor.before.total_params == 2 * 9 + 18 * 5 + 5 and monitor.before.macs == 18 * 9 + 18 * 5
+    assert monitor.report["before"]["total_params"] == monitor.before.total_params

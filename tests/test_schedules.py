@@ -8,6 +8,7 @@ import torch.utils.data as torch_data
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lightning_compress import GradualPruning, QuantizationAwareTraining, WeightSharing
 from lightning_compress.schedules import (
     SCHEDULE_NAMES,
     Schedule,
@@ -17,7 +18,7 @@ from lightning_compress.schedules import (
     validate_amount,
     validate_point,
 )
-from tests.conftest import NetClassifier, RecordSteps, trainer_kwargs
+from tests.conftest import NetClassifier, RecordSteps, ResidualNet, trainer_kwargs
 
 
 def test_agp_matches_zhu_and_gupta_published_values():
@@ -294,3 +295,28 @@ def test_epochs_without_a_known_epoch_length_name_the_argument(tmp_path):
         ValueError, match="`start='epoch:1'` counts epochs, .* Count steps instead: `start='step:N'`"
     ):
         _stream_fit(tmp_path, _callback("WeightSharing", start="epoch:1"))
+
+
+@pytest.mark.parametrize(
+    ("make", "dev_run"),
+    [
+        (lambda: GradualPruning(amount=0.5, start=0.6, end=0.9), True),
+        (lambda: WeightSharing(start=0.6), True),
+        (lambda: QuantizationAwareTraining(start=0.5, freeze_observers=0.8), 3),
+    ],
+    ids=["pruning", "weight-sharing", "qat-observers"],
+)
+def test_fractions_stay_within_a_fast_dev_run(tmp_path, digits, make, dev_run):
+    # 0.6 of a 1-step fit rounds to step 1, past its only step; 0.5 and 0.8 of 3 steps both round to step 2.
+    callback = make()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, fast_dev_run=dev_run), callbacks=[callback])
+    trainer.fit(ResidualNet(), datamodule=digits)
+    assert trainer.global_step == dev_run
+    if isinstance(callback, GradualPruning):
+        assert callback.current_amount == pytest.approx(0.5, abs=0.01)
+    elif isinstance(callback, WeightSharing):
+        assert callback.clustered
+    else:  # started on step 2 (0.5 of 3 rounds to even), observers frozen after it
+        assert (
+            callback._steps["start"] == 2 and callback._steps["freeze_observers"] == 3 and callback.converted
+        )
