@@ -1276,6 +1276,28 @@ def qat_stopped_early(step: int, start: Any, steps: Mapping[str, int | None]) ->
     )
 
 
+def check_no_weight_averaging(name: str, changes_weights: bool, callbacks: Sequence[Any]) -> None:
+    """Lightning's weight averaging (``StochasticWeightAveraging``, ``WeightAveraging``/``EMAWeightAveraging``)
+    keeps an average of the weights and writes it into the model: refused next to a callback that changes the
+    weights or the structure (``changes_weights``), whose zeros, shared values or new layers the average would
+    undo or not fit."""
+    averaging = [type(c).__name__ for c in callbacks if _averages(c)]
+    if changes_weights and averaging:
+        raise ValueError(
+            f"{name} and {averaging[0]} cannot share a fit: {averaging[0]} keeps its own average of the weights "
+            f"and writes it into the model, which undoes what {name} does to the weights (zeros, shared or "
+            "quantized values) or no longer fits its layers once they change shape. Compress in one fit, then "
+            "average the weights in a fit of its own, or leave the averaging out."
+        )
+
+
+_AVERAGING = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
+
+
+def _averages(callback: Any) -> bool:
+    return any(cls.__name__ in _AVERAGING for cls in type(callback).__mro__)
+
+
 def stopped_early(callback: Any, stopped: int, argument: str, step: int, undone: str) -> str:
     """The warning for a fit that stopped at step ``stopped``, before ``callback``'s ``argument`` (at ``step``)
     did what it was for (``undone``)."""

@@ -8,7 +8,7 @@ import functools
 import math
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -133,6 +133,66 @@ class StepsPerBatchCheck(Callback):
                 "Set `Trainer(max_steps=...)` in `global_step` units (fractions then count from it), or give "
                 "'step:N' values."
             )
+
+
+class ModelGuard(Callback):
+    """Gives the LightningModule back the submodules it had before the compression callbacks set up when the fit
+    ends before training: an exception in ``setup``, ``on_fit_start`` or the sanity check, or a tuner trial
+    (``Tuner.lr_find``/``scale_batch_size``, which trains a copy of the run and leaves without finishing it). A
+    fit retried on the same model then starts from the model the user built, not a half-compressed one.
+
+    Added by the compression callbacks in ``setup`` (see :func:`guard_model`) when one of them changes the
+    structure there. The snapshot is dropped when training starts or the fit ends (a tuner trial ends with
+    ``teardown`` alone).
+    """
+
+    def __init__(self, pl_module: nn.Module) -> None:
+        self.module = weakref.ref(pl_module)
+        parts = ("_modules", "_parameters", "_buffers")
+        self.saved: dict[str, dict] | None = copy.deepcopy({k: dict(getattr(pl_module, k)) for k in parts})
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _tuner_trial(trainer):
+            self.saved = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.saved = None  # a fit resumed at its last step does not train, and ends normally
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.restore()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.restore()  # a tuner trial ends with `teardown` alone
+
+    def restore(self) -> None:
+        saved, self.saved, module = self.saved, None, self.module()
+        if saved is None or module is None:
+            return
+        for key, value in saved.items():
+            getattr(module, key).clear()
+            getattr(module, key).update(value)
+        _FLOAT_VIEWS.pop(module, None)  # a graph that ran the float modules is gone with them
+
+
+def _tuner_trial(trainer: pl.Trainer) -> bool:
+    """Whether this fit is a tuner's trial: Lightning's finders that end the fit once they found their value."""
+    names = ("LearningRateFinder", "BatchSizeFinder")
+    return any(type(c).__name__ in names and getattr(c, "_early_exit", False) for c in trainer.callbacks)  # type: ignore[attr-defined]
+
+
+def guard_model(trainer: pl.Trainer, pl_module: nn.Module, callbacks: Iterable[Any]) -> None:
+    """Add a :class:`ModelGuard` of ``pl_module`` for this fit when one of ``callbacks`` changes the structure (or
+    the class) of its layers in ``setup``; once per fit."""
+    if not any(
+        getattr(c, "changes_structure", False) or getattr(c, "reparametrizes", False) for c in callbacks
+    ):
+        return
+    listed = trainer.callbacks  # type: ignore[attr-defined]
+    if any(isinstance(c, ModelGuard) and c.saved is not None for c in listed):
+        return
+    trainer.callbacks = [c for c in listed if not isinstance(c, ModelGuard)] + [ModelGuard(pl_module)]  # type: ignore[attr-defined]
 
 
 def mean_over_processes(trainer: pl.Trainer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

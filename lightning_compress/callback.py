@@ -42,6 +42,7 @@ from lightning_compress._lightning import (
     detach_input,
     first_input,
     forget_original,
+    guard_model,
     in_effect_order,
     log_step,
     remember_original,
@@ -95,6 +96,8 @@ class CompressionCallback(Callback):
     # The optimizer step at which a ramp (GradualPruning's amount) reaches its final value in this fit, from setup.
     ramp_end: int | None = None
     needs_original: ClassVar[bool] = False
+    # It changes the class of the layers it selects in `setup` (a parametrization), without changing the structure.
+    reparametrizes: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,6 +162,12 @@ class CompressionCallback(Callback):
             remember_original(trainer, pl_module)
         watch_loss(trainer)
         check_steps_per_batch(trainer, pl_module)
+        guard_model(trainer, pl_module, compression_callbacks(trainer))
+        removes = bool(
+            getattr(getattr(self, "config", None), "removes", False)
+        )  # StochasticDepth's block removal
+        weights = self.effect_order in (REPLACE_LAYERS, REMOVE_WEIGHTS, SHARE_VALUES, QUANTIZE)
+        _checks.check_no_weight_averaging(type(self).__name__, weights or removes, trainer.callbacks)
         self.prepare(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -81,6 +81,7 @@ class BinaryWeights(CompressionCallback):
     """
 
     prefix = "binary/"
+    reparametrizes = True
     effect_order = SHARE_VALUES
     selects_layers = True
 
