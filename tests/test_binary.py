@@ -240,3 +240,20 @@ def test_a_fit_resumed_at_its_last_step_still_ends_with_plain_quantized_weights(
     assert steps.steps == [] and trainer.global_step == first.global_step == 8
     assert binary.finalized and not parametrize.is_parametrized(model.mid)
     assert all(len(row.abs().unique()) == 1 for row in model.mid.weight.detach())
+
+
+def test_a_checkpoint_written_while_training_tests_in_the_finalized_model(tmp_path, digits):
+    # `trainer.test(ckpt_path=...)` after the fit: the checkpoint holds latent weights, the model binary ones.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
+    model = ImageClassifier("small_cnn")
+    kwargs = trainer_kwargs(tmp_path, max_steps=6, enable_checkpointing=True, limit_test_batches=2)
+    trainer = pl.Trainer(**kwargs, callbacks=[BinaryWeights(), checkpoint])
+    trainer.fit(model, datamodule=digits)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.test(model, datamodule=digits, ckpt_path=str(tmp_path / "epoch=0-step=6.ckpt"), verbose=False)
+    # The last checkpoint's latent weights, made binary: exactly the weights the fit ended with.
+    assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)
+    trainer.test(model, datamodule=digits, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"), verbose=False)
+    weight = model.net[0].weight.detach()
+    assert not torch.equal(weight, final["net.0.weight"])
+    assert all(len(row.abs().unique()) == 1 for row in weight.flatten(1))  # binary: one magnitude per row

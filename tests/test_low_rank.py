@@ -892,3 +892,38 @@ def test_tied_weights_stay_tied_and_the_skipped_layer_is_named_in_a_warning(tmp_
         trainer.fit(model, loader)
     assert model.head.weight is model.embed.weight and type(model.head) is nn.Linear
     assert isinstance(model.hidden, LowRankLinear) and set(lowrank.layers) == {"hidden"}
+
+
+def test_factorized_feed_forward_layers_keep_the_fused_transformer_paths_working():
+    # nn.TransformerEncoderLayer in eval mode (no grad) runs a fused kernel that reads `linear1.weight`/`.bias`,
+    # and nn.TransformerEncoder turns a padded batch into a nested tensor for it.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=128, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 5, 32)
+    result = low_rank_(model, LowRankConfig(rank=0.25, modules=["*.linear1", "*.linear2"]), example_input=x)
+    assert sorted(result.layers) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    assert isinstance(model.layers[0].linear1, LowRankLinear)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():  # the fused paths
+        fused, fused_padded = model(x), model(x, src_key_padding_mask=padding)
+    slow, slow_padded = model(x), model(x, src_key_padding_mask=padding)  # grad enabled: the regular path
+    assert torch.allclose(fused, slow, atol=1e-5)
+    kept = ~padding  # the nested path leaves padded positions at zero
+    assert torch.allclose(fused_padded[kept], slow_padded[kept], atol=1e-5)
+
+
+def test_a_second_replacement_on_a_factorized_model_says_which_layers_were_factorized_before():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 6))
+    x = torch.randn(2, 32)
+    first = low_rank_(model, LowRankConfig(rank=4, modules=["0", "2"]), example_input=x)
+    assert sorted(first.layers) == ["0", "2"]
+    # The one layer left does not get smaller at that rank: the warning says why the others are not there.
+    with pytest.warns(UserWarning, match=r"none of the 1 selected layers .* 2 layers were factorized before"):
+        second = low_rank_(model, LowRankConfig(rank=4), example_input=x)
+    assert second.layers == {} and isinstance(model[0], LowRankLinear)
+    with pytest.raises(
+        ValueError, match=r"can be factorized; 2 layers were factorized before .* or start from"
+    ):
+        low_rank_(model, LowRankConfig(rank=4, modules=["0", "2"]), example_input=x)

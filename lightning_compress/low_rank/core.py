@@ -349,10 +349,14 @@ def find_targets(
             skipped[name] = "not called in the forward pass"
             del layers[name]
     if not layers:
+        before = sum(isinstance(module, FACTORIZED) for module in model.modules())
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items())
         raise ValueError(
-            f"None of the layers selected by {config.selection} can be factorized: "
-            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-            + ". Select Linear or Conv2d layers with `modules`."
+            f"None of the layers selected by {config.selection} can be factorized"
+            + (f": {reasons}" if reasons else "")
+            + (f"; {before} layers were factorized before (an earlier fit or call)" if before else "")
+            + ". Select Linear or Conv2d layers with `modules`"
+            + (", or start from the model before its factorization." if before else ".")
         )
     unnamed = [name for name in layers if name not in (config.layer_ranks or {})]
     _checks.check_low_rank_rule_given(config.rule, config.layer_ranks, unnamed, budget=False)
@@ -447,10 +451,15 @@ def replace_targets(
         )
     if not replaced and collective.rank == 0:
         reasons = "; ".join(f"{name}: {plan[name]}" for name in plan)
+        before = sum(isinstance(module, FACTORIZED) for module in model.modules())
+        earlier = (
+            f" {before} layers were factorized before (an earlier fit or call) and stay as they are."
+            * (before > 0)
+        )
         warnings.warn(
             f"Low-rank replacement replaced no layer: at {config.setting} none of the {len(plan)} selected layers "
-            f"would get smaller ({reasons}). Ask for less (a smaller `rank`/`energy`/`budget`), or select larger "
-            "layers with `modules`.",
+            f"would get smaller ({reasons}).{earlier} Ask for less (a smaller `rank`/`energy`/`budget`), or select "
+            "larger layers with `modules`.",
             UserWarning,
             stacklevel=2,
         )

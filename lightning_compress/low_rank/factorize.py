@@ -105,6 +105,11 @@ class LowRankLinear(nn.Sequential):
         """The ``(out_features, in_features)`` weight this product computes."""
         return self.second.weight @ self.first.weight
 
+    # Read as an `nn.Linear`'s by code that takes the weights of a layer instead of calling it: the eval-mode fused
+    # path of `nn.TransformerEncoderLayer`/`nn.TransformerEncoder` reads `linear1.weight` and `linear1.bias`.
+    weight = property(dense_weight, doc="The dense weight (computed; the parameters are the two factors).")
+    bias = property(lambda self: self.second.bias, doc="The bias (``second``'s).")
+
 
 class LowRankConv2d(nn.Sequential):
     """A convolution as a k×k conv with ``rank`` filters followed by a 1x1 conv (channel decomposition).

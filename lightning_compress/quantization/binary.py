@@ -108,6 +108,10 @@ class BinaryWeights(CompressionCallback):
     def state_key_fields(self) -> dict[str, Any]:
         return {"mode": self.mode, "modules": str(self.selection)}
 
+    def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # `Trainer.test(ckpt_path="best")`: a checkpoint written while training loads into the finalized model.
+        self.track_hook(pl_module.register_load_state_dict_pre_hook(core.permanent_weights_hook(self.mode)))
+
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = binarize_(pl_module, self.config, enabled=False)
         self.finalized = False

@@ -233,6 +233,37 @@ def make_permanent_(layers: Mapping[str, nn.Module]) -> None:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
+_LATENT = ".parametrizations.weight.original"
+
+
+def permanent_weights_hook(mode: str) -> Any:
+    """A ``load_state_dict`` pre-hook: a state dict written while training (each layer's latent weight under
+    ``<layer>.parametrizations.weight.original``) loads into a model whose layers hold their permanent weights
+    (after :func:`make_permanent_`), as the ``mode`` values of those latent weights.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> _ = model.register_load_state_dict_pre_hook(permanent_weights_hook("binary"))
+        >>> latent = torch.tensor([[0.5, -1.0, 1.5], [2.0, -2.0, 2.0]])
+        >>> _ = model.load_state_dict({"0.parametrizations.weight.original": latent, "0.bias": torch.zeros(2)})
+        >>> model[0].weight.data
+        tensor([[ 1., -1.,  1.],
+                [ 2., -2.,  2.]])
+    """
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(_LATENT)]:
+            try:
+                layer = module.get_submodule(key[len(prefix) : -len(_LATENT)])
+            except AttributeError:
+                continue
+            if not parametrize.is_parametrized(layer, "weight"):
+                state_dict[key[: -len(_LATENT)] + ".weight"] = quantize(state_dict.pop(key), mode)
+
+    return hook
+
+
 def storage_formats(layers: Mapping[str, nn.Module], bits: int, permanent: bool) -> dict[str, TensorFormat]:
     """Each quantized weight at ``bits`` bits plus one fp32 scale per output channel, by ``state_dict`` name
     (the latent weight's while parametrized, the plain weight's once ``permanent``)."""
