@@ -253,6 +253,8 @@ def to_plain_torch(model: nn.Module) -> nn.Module:
     - a converted int8 ``QuantizedGraphModule`` becomes its ``torch.fx.GraphModule`` (calling it needs the
       ``quantized_decomposed`` ops: ``import torch.ao.quantization.fx._decomposed`` or ``import torchao``);
     - parametrizations defined here (binary / ternary weights) are baked into the weights;
+    - an ``nn.TransformerEncoderLayer`` with factorized feed-forward layers takes its regular path in eval mode
+      (its fused kernel reads dense weights), and its ``nn.TransformerEncoder`` builds no nested tensors;
     - forward, state-dict and load hooks registered by this package's callbacks are dropped.
 
     Raises:
@@ -303,7 +305,25 @@ def to_plain_torch(model: nn.Module) -> nn.Module:
             elif isinstance(owner, nn.Module) and id(owner) in replaced:
                 vars(module)[key] = getattr(replaced[id(owner)], value.__name__)
     _bake_parametrizations(plain)
+    _regular_transformer_paths(plain)
     return plain
+
+
+def _regular_transformer_paths(model: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer`` in eval mode runs a fused kernel that reads ``linear1.weight`` and
+    ``linear2.weight``, which a factorized (now ``nn.Sequential``) layer does not have: such layers take their
+    regular path, which calls the children, and their encoders build no nested tensor for that kernel."""
+
+    def factorized(layer: nn.Module) -> bool:
+        return isinstance(layer, nn.TransformerEncoderLayer) and not (
+            isinstance(layer.linear1, nn.Linear) and isinstance(layer.linear2, nn.Linear)
+        )
+
+    for module in model.modules():
+        if factorized(module):
+            module.activation_relu_or_gelu = 0  # what the fused path is chosen on (a custom activation has 0)
+        elif isinstance(module, nn.TransformerEncoder) and any(map(factorized, module.layers)):
+            module.use_nested_tensor = False
 
 
 def _package_classes(model: nn.Module) -> list[str]:

@@ -304,6 +304,27 @@ def test_all_four_in_one_fit_give_a_smaller_int8_model_that_stays_accurate(tmp_p
         assert torch.equal(rebuilt(x), model(x))
 
 
+def test_a_post_fit_checkpoint_of_block_removal_and_int8_loads_into_a_fresh_model(tmp_path, digits):
+    from lightning_compress import load_pruned_checkpoint
+
+    callbacks = [StochasticDepth(survival=1.0, remove=1, verbose=False), QuantizationAwareTraining()]
+    model, trainer = _fit(tmp_path, digits, callbacks)
+    trainer.save_checkpoint(tmp_path / "post_fit.ckpt")
+    # The removed block first (from the checkpoint's hint), then the int8 graph of the shallower model.
+    rebuilt = load_qat_checkpoint(ResidualNet(), tmp_path / "post_fit.ckpt").eval()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+    # The pruning loader rebuilds removed blocks too (a checkpoint of block removal alone).
+    depth = StochasticDepth(survival=1.0, remove=1, verbose=False)
+    shallow, trainer = _fit(tmp_path / "depth", digits, [depth])
+    trainer.save_checkpoint(tmp_path / "depth.ckpt")
+    loaded = load_pruned_checkpoint(ResidualNet(), tmp_path / "depth.ckpt").eval()
+    assert isinstance(loaded.net[3], nn.Identity) and depth.removed == ["net.3"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shallow.eval()(x))
+
+
 def test_a_subclass_of_a_compression_callback_keeps_its_place_in_the_order():
     from lightning_compress._lightning import _effect_order
 

@@ -461,3 +461,18 @@ def test_an_int8_model_with_residual_adds_exports_to_onnx_and_loads_in_onnxrunti
     session = onnxruntime.InferenceSession(result.path, options, providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert out.shape == (16, 10)
+
+
+@pytest.mark.parametrize("format", ["torch", "export", "onnx"])
+def test_factorized_transformer_feed_forward_layers_export(tmp_path, format):
+    # nn.TransformerEncoderLayer's eval path reads `linear1.weight`; the plain copy has no such attribute there.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    layer.linear1, layer.linear2 = LowRankLinear(16, 32, rank=4), LowRankLinear(32, 16, rank=4)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    ).eval()
+    x = torch.randn(2, 5, 8)
+    path = tmp_path / f"model.{ {'torch': 'pt', 'export': 'pt2', 'onnx': 'onnx'}[format] }"
+    export(model, path, format, x)  # raises when the file's outputs differ from the model's
+    assert path.stat().st_size > 0 and isinstance(model[1].layers[0].linear1, LowRankLinear)

@@ -1157,11 +1157,14 @@ def load_pruned_checkpoint(
         >>> load_pruned_checkpoint(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ckpt)[0]
         Linear(in_features=4, out_features=8, bias=True)
     """
+    from lightning_compress.depth.core import restore_depth
     from lightning_compress.low_rank.restore import restore_low_rank_of_checkpoint
 
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = dict(checkpoint["state_dict"])
+    # Blocks a StochasticDepth removed before the pruning set up (its hint is read from a copy).
+    restore_depth(model, {"state_dict": dict(state_dict), "callbacks": checkpoint.get("callbacks")})
     drop_checkpoint_hints(state_dict)
     # A LowRankReplacement before the pruning: its factors hold some of the plan's roots.
     restore_low_rank_of_checkpoint(model, checkpoint, state_dict)

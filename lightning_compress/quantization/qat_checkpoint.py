@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_compress._inputs import to_device
 from lightning_compress._lightning import detach_input, drop_checkpoint_hints
+from lightning_compress.depth.core import restore_depth
 from lightning_compress.low_rank.restore import restore_low_rank_of_checkpoint
 from lightning_compress.pruning.core import rebuild_pruned_structure
 from lightning_compress.quantization.qat_core import QuantizationConfig, qat_parts
@@ -83,9 +84,11 @@ def load_qat_checkpoint(
     state_dict = OrderedDict(checkpoint["state_dict"])
     # The modules' versions: without them torchao's observers load as an old version (their `eps` is reset).
     state_dict._metadata = getattr(checkpoint["state_dict"], "_metadata", {})  # type: ignore[attr-defined]
+    # The structure the earlier schemes of the fit left, before the quantized part is exported from it: removed
+    # blocks (their hint), factorized layers (their names are in the weights), then removed channels (the pruning
+    # plan, traced on the float model).
+    restore_depth(model, {"state_dict": dict(state_dict), "callbacks": checkpoint.get("callbacks")})
     drop_checkpoint_hints(state_dict)
-    # The structure the earlier schemes of the fit left, before the quantized part is exported from it: factorized
-    # layers (their names are in the weights), then removed channels (the pruning plan, traced on the float model).
     restore_low_rank_of_checkpoint(model, checkpoint, state_dict)
     rebuild_pruned_structure(model, checkpoint)
     parts.prepare_for_checkpoint(model, state_dict, "", fitting=False)
