@@ -519,3 +519,38 @@ def test_channels_viewed_into_attention_heads_are_left_alone_and_a_token_reshape
     assert pruned.fc1.out_features == 32 and pruned.q.out_features == 16
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=0)
+
+
+class WidthFromInput(nn.Module):
+    """A patch embedding and a block whose attention reads the width from its input (``B, N, C = x.shape``), as
+    timm-style attention does: narrowing the residual stream breaks the head view of the whole q/k/v outputs."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.embed = heads, nn.Linear(8, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2, self.head = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = (
+            f(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        x = x + self.o((torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_a_group_whose_removal_breaks_the_forward_is_left_alone_with_the_error():
+    torch.manual_seed(0)
+    model, x = WidthFromInput().eval(), torch.randn(2, 5, 8)
+    pruner = StructuredPruner(model, x, round_to=1)
+    assert "the forward fails once its channels are removed (RuntimeError: shape" in pruner.skipped["embed"]
+    assert pruner.roots == ["fc1"]  # the MLP's neurons still go
+    masks, plan = pruner.compute_masks(model, 0.5)
+    apply(model, masks)
+    pruned = pruner.materialize(copy.deepcopy(model), plan)
+    assert pruned.fc1.out_features == 32 and pruned.embed.out_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ channels, so zeroed channels still change its statistics until they are removed.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import warnings
@@ -501,6 +502,7 @@ class StructuredPruner:
             else:
                 self.groups.append(cand.group)
 
+        self._leave_out_unremovable(model)
         for name in selected if strict else ():
             if not any(_within(p, [name]) for g in self.groups for p in g.producers):
                 why = [
@@ -526,6 +528,36 @@ class StructuredPruner:
         if self.importance == "bn_scale":
             for group in self.groups:
                 self._bn_slices(group)
+
+    def _leave_out_unremovable(self, model: nn.Module) -> None:
+        """Leave out (with the reason in :attr:`skipped`) the groups whose removal breaks the model's forward, e.g.
+        hand-written attention that reads the head width from its input's shape (``C = x.shape[-1]``) while its
+        q/k/v projections are left whole: checked on a copy with one channel of each group removed, then, if that
+        fails, group by group."""
+
+        def failure(groups: list[ChannelGroup]) -> str | None:
+            kept, self.groups = self.groups, groups
+            try:
+                trial = self.materialize(copy.deepcopy(model).eval(), {g.root: [0] for g in groups})
+                with torch.no_grad():
+                    call_module(trial, to_device(self.example_input, next(trial.parameters()).device))
+                return None
+            except Exception as error:  # whatever the user's forward raises on the narrower model
+                return (
+                    f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                    if str(error)
+                    else type(error).__name__
+                )
+            finally:
+                self.groups = kept
+
+        candidates = [g for g in self.groups if g.size > 1]
+        if not candidates or failure(candidates) is None:
+            return
+        for group in candidates:
+            if (reason := failure([group])) is not None:
+                self.groups.remove(group)
+                self.skipped[group.root] = f"the forward fails once its channels are removed ({reason})"
 
     def __repr__(self) -> str:
         return (
