@@ -20,6 +20,7 @@ from lightning_compress.quantization.binary import (
 )
 from lightning_compress.quantization.binary_core import (
     latent_weight,
+    load_binary_checkpoint,
     set_enabled,
     storage_formats,
     weight_error,
@@ -257,3 +258,9 @@ def test_a_checkpoint_written_while_training_tests_in_the_finalized_model(tmp_pa
     weight = model.net[0].weight.detach()
     assert not torch.equal(weight, final["net.0.weight"])
     assert all(len(row.abs().unique()) == 1 for row in weight.flatten(1))  # binary: one magnitude per row
+    # Without a Trainer, into a fresh model: the checkpoint written while training, and the one after the fit.
+    fresh = load_binary_checkpoint(ImageClassifier("small_cnn"), tmp_path / "epoch=0-step=6.ckpt")
+    assert all(torch.equal(fresh.state_dict()[k], final[k]) for k in final)
+    trainer.save_checkpoint(tmp_path / "post_fit.ckpt")
+    fresh = load_binary_checkpoint(ImageClassifier("small_cnn"), tmp_path / "post_fit.ckpt")
+    assert all(torch.equal(fresh.state_dict()[k], model.state_dict()[k]) for k in final)

@@ -1,7 +1,12 @@
 """Quantization: int8 / low-bit quantization-aware training (torchao), k-means weight sharing, binary/ternary weights."""
 
 from lightning_compress.quantization.binary import BinaryWeights, binarize, ternarize
-from lightning_compress.quantization.binary_core import BinaryConfig, binarize_, make_permanent_
+from lightning_compress.quantization.binary_core import (
+    BinaryConfig,
+    binarize_,
+    load_binary_checkpoint,
+    make_permanent_,
+)
 from lightning_compress.quantization.low_bit import degradation_recovered, quantize_low_bit
 from lightning_compress.quantization.pt2e import (
     QuantizedGraphModule,
@@ -45,6 +50,7 @@ __all__ = [
     "huffman_encode",
     "kmeans_1d",
     "layer_storage",
+    "load_binary_checkpoint",
     "load_qat_checkpoint",
     "load_quantized",
     "make_permanent_",

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress import _checks
+from lightning_compress._checkpoints import drop_checkpoint_hints
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
 
@@ -262,6 +264,44 @@ def permanent_weights_hook(mode: str) -> Any:
                 state_dict[key[: -len(_LATENT)] + ".weight"] = quantize(state_dict.pop(key), mode)
 
     return hook
+
+
+def load_binary_checkpoint(
+    model: nn.Module, checkpoint: Mapping[str, Any] | str | os.PathLike, mode: str | None = None
+) -> nn.Module:
+    """Load a Lightning checkpoint of a fit with ``BinaryWeights`` into ``model`` (e.g. a freshly built one), which
+    then holds plain binary/ternary weights: written after the fit, the checkpoint holds them; written while
+    training (``ModelCheckpoint``'s best or last), it holds the latent weights, made binary/ternary here with
+    the ``mode`` the callback recorded (or the one given). Returns ``model``.
+
+    Example::
+
+        >>> latent = torch.tensor([[0.5, -1.0, 1.5], [2.0, -2.0, 2.0]])
+        >>> state = {"0.parametrizations.weight.original": latent, "0.bias": torch.zeros(2)}
+        >>> checkpoint = {"state_dict": state, "callbacks": {"BinaryWeights{'mode': 'binary'}": {"mode": "binary"}}}
+        >>> load_binary_checkpoint(nn.Sequential(nn.Linear(3, 2)), checkpoint)[0].weight.data
+        tensor([[ 1., -1.,  1.],
+                [ 2., -2.,  2.]])
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    recorded = [
+        s.get("mode") for k, s in (checkpoint.get("callbacks") or {}).items() if k.startswith("BinaryWeights")
+    ]
+    state_dict = dict(checkpoint["state_dict"])
+    drop_checkpoint_hints(state_dict)  # those other callbacks of the fit wrote
+    mode = mode or next((m for m in recorded if m), None)
+    if mode is None and any(key.endswith(_LATENT) for key in state_dict):
+        raise ValueError(
+            "The checkpoint holds latent weights but no BinaryWeights state says how they were quantized: pass "
+            "`mode='binary'` or `mode='ternary'`."
+        )
+    handle = model.register_load_state_dict_pre_hook(permanent_weights_hook(mode or "binary"))
+    try:
+        model.load_state_dict(state_dict)
+    finally:
+        handle.remove()
+    return model
 
 
 def storage_formats(layers: Mapping[str, nn.Module], bits: int, permanent: bool) -> dict[str, TensorFormat]:
