@@ -145,6 +145,11 @@ class CompressionCallback(Callback):
     def release(self) -> None:
         """Drop what the fit held (called at teardown and on an exception, after the hooks are removed)."""
 
+    @property
+    def changes_weights(self) -> bool:
+        """It changes the weights' values or replaces layers in this fit: what weight averaging would undo."""
+        return self.effect_order in (REPLACE_LAYERS, REMOVE_WEIGHTS, SHARE_VALUES, QUANTIZE)
+
     def unfinished(self, trainer: pl.Trainer) -> tuple[str, int, str] | None:
         """``(argument, its step, what is left undone)`` when the fit stopped before the step of that argument
         (EarlyStopping, ``max_time``): warned about at the end of training. ``None``: nothing is left undone."""
@@ -163,11 +168,7 @@ class CompressionCallback(Callback):
         watch_loss(trainer)
         check_steps_per_batch(trainer, pl_module)
         guard_model(trainer, pl_module, compression_callbacks(trainer))
-        removes = bool(
-            getattr(getattr(self, "config", None), "removes", False)
-        )  # StochasticDepth's block removal
-        weights = self.effect_order in (REPLACE_LAYERS, REMOVE_WEIGHTS, SHARE_VALUES, QUANTIZE)
-        _checks.check_no_weight_averaging(type(self).__name__, weights or removes, trainer.callbacks)
+        _checks.check_no_weight_averaging(type(self).__name__, self.changes_weights, trainer.callbacks)
         self.prepare(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -80,8 +80,8 @@ class StochasticDepth(CompressionCallback):
     prefix = "depth/"
     effect_order = REMOVE_BLOCKS  # before every callback that selects or replaces layers
     changes_structure = True
-    # What to do instead when int8 QAT refuses the drop hooks (see `hooked_layers`).
-    without_hooks = "Only remove blocks (`survival=1.0` with `remove` or `target_macs`)"
+    without_hooks = "Only remove blocks (`survival=1.0` with `remove` or `target_macs`)"  # see hooked_layers
+    changes_weights = property(lambda self: self.config.removes)  # dropping only rewrites the outputs
 
     def __init__(
         self,

@@ -1163,9 +1163,8 @@ def load_pruned_checkpoint(
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = dict(checkpoint["state_dict"])
-    # Blocks a StochasticDepth removed before the pruning set up (its hint is read from a copy).
-    restore_depth(model, {"state_dict": dict(state_dict), "callbacks": checkpoint.get("callbacks")})
-    drop_checkpoint_hints(state_dict)
+    # Blocks a StochasticDepth removed before the pruning set up; every hint is dropped from `state_dict` then.
+    restore_depth(model, {"state_dict": state_dict, "callbacks": checkpoint.get("callbacks")})
     # A LowRankReplacement before the pruning: its factors hold some of the plan's roots.
     restore_low_rank_of_checkpoint(model, checkpoint, state_dict)
     plan = pruning_plan(checkpoint)

@@ -231,9 +231,8 @@ class QuantizationAwareTraining(CompressionCallback):
         self._apply_phase(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._fake_quant = fake_quant = self._apply_phase(
-            trainer, pl_module
-        )  # logged for this batch at its end
+        # Logged for this batch at its end, when `global_step` has already moved on.
+        self._fake_quant = fake_quant = self._apply_phase(trainer, pl_module)
         self._recorder.active = fake_quant and trainer.global_step % self.log_every_n_steps == 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_compress._inputs import to_device
-from lightning_compress._lightning import detach_input, drop_checkpoint_hints
+from lightning_compress._lightning import detach_input
 from lightning_compress.depth.core import restore_depth
 from lightning_compress.low_rank.restore import restore_low_rank_of_checkpoint
 from lightning_compress.pruning.core import rebuild_pruned_structure
@@ -87,8 +87,9 @@ def load_qat_checkpoint(
     # The structure the earlier schemes of the fit left, before the quantized part is exported from it: removed
     # blocks (their hint), factorized layers (their names are in the weights), then removed channels (the pruning
     # plan, traced on the float model).
-    restore_depth(model, {"state_dict": dict(state_dict), "callbacks": checkpoint.get("callbacks")})
-    drop_checkpoint_hints(state_dict)
+    restore_depth(
+        model, {"state_dict": state_dict, "callbacks": checkpoint.get("callbacks")}
+    )  # drops every hint
     restore_low_rank_of_checkpoint(model, checkpoint, state_dict)
     rebuild_pruned_structure(model, checkpoint)
     parts.prepare_for_checkpoint(model, state_dict, "", fitting=False)
