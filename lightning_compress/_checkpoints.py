@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+from torch import nn
 
 # -- hints in checkpoints of a model whose structure a callback changed ------------------------------------
 # Loading such a checkpoint into the freshly built class (Lightning's `load_from_checkpoint`, strict) fails, and
@@ -32,3 +34,28 @@ def drop_checkpoint_hints(state_dict: dict[str, Any], prefix: str = "") -> list[
     for key in hints:
         del state_dict[key]
     return [key[len(prefix) :] for key in hints]
+
+
+# The models a loader of this package has built: each one's `configure_model` runs once, whichever loader (or
+# loader inside another loader) sees it first.
+_CONFIGURED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def configure_fresh_model(model: nn.Module) -> None:
+    """Build the layers of a fresh LightningModule that creates them in ``configure_model`` (as Lightning's
+    ``load_from_checkpoint`` does) before a loader rebuilds the structure a checkpoint holds; once per model.
+
+    Example::
+
+        >>> class Lazy(nn.Module):
+        ...     def configure_model(self):
+        ...         self.net = nn.Linear(2, 2)
+        >>> model = Lazy()
+        >>> configure_fresh_model(model); configure_fresh_model(model)
+        >>> first = model.net; configure_fresh_model(model); model.net is first
+        True
+    """
+    configure = getattr(model, "configure_model", None)
+    if callable(configure) and model not in _CONFIGURED:
+        _CONFIGURED.add(model)
+        configure()

@@ -43,6 +43,49 @@ def forget_original(trainer: pl.Trainer) -> None:
     _ORIGINALS.pop(trainer, None)
 
 
+def defines_configure_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a LightningModule that builds (some of) its layers in ``configure_model``."""
+    hook = getattr(type(model), "configure_model", None)
+    return isinstance(model, pl.LightningModule) and hook is not pl.LightningModule.configure_model
+
+
+def _identities(model: nn.Module) -> list[tuple[str, int]]:
+    modules = [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)]
+    return modules + [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
+
+
+def build_model(trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
+    """Run the LightningModule's ``configure_model`` now, in the contexts Lightning runs it in.
+
+    Lightning calls ``configure_model`` after the callbacks' ``setup``; the callbacks select and change the layers
+    in ``setup``, so a model that builds its layers there is built first. Lightning asks the hook to be idempotent
+    (it calls it again, at every stage); one that builds new layers at its second call would drop what the
+    callbacks did, so it is called twice here and refused when the second call changes the model.
+    """
+    if not defines_configure_model(pl_module):
+        return
+    for call in ("first", "second"):
+        before = _identities(pl_module)
+        if trainer is None:
+            pl_module.configure_model()  # type: ignore[operator]
+        else:
+            strategy = trainer.strategy
+            with (
+                strategy.tensor_init_context(),
+                strategy.model_sharded_context(),
+                trainer.precision_plugin.module_init_context(),
+            ):
+                pl_module.configure_model()  # type: ignore[operator]
+        if call == "second" and _identities(pl_module) != before:
+            name = type(pl_module).__name__
+            raise ValueError(
+                f"`{name}.configure_model` built new layers when called a second time. Lightning calls it again "
+                "after the compression callbacks set up (and at every `validate`/`test`/`predict`), which would "
+                "drop the layers they changed. Make it idempotent, as Lightning asks: build only what is "
+                "missing, e.g. `if self.net is not None: return` at its start."
+            )
+
+
 def training_steps(trainer: pl.Trainer) -> tuple[int, int | None]:
     """Optimizer steps of the whole fit and per epoch (``None`` when unknown, e.g. an infinite loader).
 

@@ -38,6 +38,7 @@ from lightning_compress._inputs import first_batches, to_device
 from lightning_compress._inputs import preserved_rng as preserved_rng  # the callbacks draw batches with it
 from lightning_compress._lightning import (
     LIGHTNING_HOOKS,
+    build_model,
     check_steps_per_batch,
     detach_input,
     first_input,
@@ -158,6 +159,8 @@ class CompressionCallback(Callback):
     # -- the lifecycle ---------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Layers the LightningModule builds in `configure_model`, which Lightning calls after the callbacks' setup.
+        build_model(trainer, pl_module)
         if stage != "fit":
             self.prepare_evaluation(trainer, pl_module, stage)
             return

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_compress import _checks
-from lightning_compress._checkpoints import HINT_PREFIX, drop_checkpoint_hints
+from lightning_compress._checkpoints import HINT_PREFIX, configure_fresh_model, drop_checkpoint_hints
 from lightning_compress._inputs import call_module, first_input, input_shapes, to_device
 from lightning_compress.selection import Selector
 from lightning_compress.stats import count_macs_per_sample
@@ -925,6 +925,7 @@ def restore_depth(
         >>> fresh.load_state_dict(checkpoint["state_dict"])
         <All keys matched successfully>
     """
+    configure_fresh_model(model)
     if isinstance(checkpoint, str | os.PathLike):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint

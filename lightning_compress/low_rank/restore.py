@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress._checkpoints import drop_checkpoint_hints
+from lightning_compress._checkpoints import configure_fresh_model, drop_checkpoint_hints
 from lightning_compress.low_rank.factorize import (
     FACTORIZED,
     DepthwiseSeparableConv2d,
@@ -62,6 +62,7 @@ def restore_low_rank(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
         >>> fresh.load_state_dict(trained.state_dict())
         <All keys matched successfully>
     """
+    configure_fresh_model(model)
     if isinstance(state_dict, MutableMapping):
         drop_checkpoint_hints(state_dict, prefix)
     rebuilt = []

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress import _checks
-from lightning_compress._checkpoints import HINT_PREFIX, drop_checkpoint_hints  # noqa: F401  (HINT_PREFIX re-exported)
+from lightning_compress._checkpoints import HINT_PREFIX, configure_fresh_model, drop_checkpoint_hints  # noqa: F401  (HINT_PREFIX re-exported)
 from lightning_compress._inputs import call_module, detach_input, to_device
 from lightning_compress.pruning.calibration import (
     CALIBRATED_CRITERIA,
@@ -1160,6 +1160,7 @@ def load_pruned_checkpoint(
     from lightning_compress.depth.core import restore_depth
     from lightning_compress.low_rank.restore import restore_low_rank_of_checkpoint
 
+    configure_fresh_model(model)
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state_dict = dict(checkpoint["state_dict"])

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress import _checks
-from lightning_compress._checkpoints import drop_checkpoint_hints
+from lightning_compress._checkpoints import configure_fresh_model, drop_checkpoint_hints
 from lightning_compress.selection import ModuleSelection, Selector
 from lightning_compress.stats import TensorFormat
 
@@ -283,6 +283,7 @@ def load_binary_checkpoint(
         tensor([[ 1., -1.,  1.],
                 [ 2., -2.,  2.]])
     """
+    configure_fresh_model(model)
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     recorded = [

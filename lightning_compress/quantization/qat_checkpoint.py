@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress._checkpoints import configure_fresh_model
 from lightning_compress._inputs import to_device
 from lightning_compress._lightning import detach_input
 from lightning_compress.depth.core import restore_depth
@@ -53,6 +54,7 @@ def load_qat_checkpoint(
         ...
         ValueError: The checkpoint holds no QuantizationAwareTraining state (it was written by a fit without it): load it with `model.load_state_dict(checkpoint['state_dict'])` or `load_from_checkpoint`.
     """
+    configure_fresh_model(model)
     if not isinstance(checkpoint, Mapping):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     callbacks = checkpoint.get("callbacks") or {}
