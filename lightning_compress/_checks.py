@@ -1518,6 +1518,29 @@ def check_qat_checkpoint(state: dict[str, Any], scheme: str, bits: int) -> None:
         )
 
 
+def check_one_mode(part: str, eval_layers: Mapping[str, str]) -> None:
+    """Int8 QAT trains a part as one exported graph, in one mode: refuse a part holding batch norm or dropout the
+    user put in eval mode (a frozen backbone), which the graph would train (``eval_layers``: ``{name: type}``).
+
+    Example::
+
+        >>> check_one_mode("Net.net (`module=None`)", {"net.1": "BatchNorm2d"})
+        Traceback (most recent call last):
+        ...
+        ValueError: QuantizationAwareTraining(scheme='int8') trains Net.net (`module=None`) as one exported graph, in one mode, but its layers net.1 (BatchNorm2d) are in eval mode while the fit trains: the graph would train them (batch norm normalizing with batch statistics and updating its running statistics, dropout dropping). Put them in train mode (`.train()`) and give `freeze_bn=0.0` to keep every batch norm of the part at its running statistics, or quantize only a part that trains (`module=...`).
+    """
+    if eval_layers:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in list(eval_layers.items())[:4])
+        more = f" and {len(eval_layers) - 4} more" if len(eval_layers) > 4 else ""
+        raise ValueError(
+            f"QuantizationAwareTraining(scheme='int8') trains {part} as one exported graph, in one mode, but its "
+            f"layers {listed}{more} are in eval mode while the fit trains: the graph would train them (batch norm "
+            "normalizing with batch statistics and updating its running statistics, dropout dropping). Put them "
+            "in train mode (`.train()`) and give `freeze_bn=0.0` to keep every batch norm of the part at its "
+            "running statistics, or quantize only a part that trains (`module=...`)."
+        )
+
+
 def check_qat_neighbours(
     callbacks: Sequence[Any], parts: Sequence[str], module: str | None, share_values: int
 ) -> None:

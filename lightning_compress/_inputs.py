@@ -46,6 +46,36 @@ def to_device(example: Any, device: torch.device | str) -> Any:
     return example
 
 
+def for_module(example: Any, module: nn.Module) -> Any:
+    """An example input moved to ``module``'s device, its floating-point tensors cast to the dtype of ``module``'s
+    floating-point weights (as Lightning casts the batches of a ``precision="bf16-true"`` fit).
+
+    Example::
+
+        >>> for_module((torch.ones(1), torch.ones(1, dtype=torch.long)), nn.Linear(1, 1).bfloat16())
+        (tensor([1.], dtype=torch.bfloat16), tensor([1]))
+    """
+    device = next(module.parameters(), torch.empty(0)).device
+    return cast_floating(to_device(example, device), weights_dtype(module))
+
+
+def weights_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (``None`` without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def cast_floating(example: Any, dtype: torch.dtype | None) -> Any:
+    """The floating-point tensors of an example input (a tensor, tuple/list or mapping of them) cast to ``dtype``
+    (none when ``dtype`` is ``None``); the others as they are."""
+    if isinstance(example, torch.Tensor):
+        return example.to(dtype) if dtype is not None and example.is_floating_point() else example
+    if isinstance(example, Mapping):
+        return {k: cast_floating(v, dtype) for k, v in example.items()}
+    if isinstance(example, list | tuple):
+        return type(example)(cast_floating(e, dtype) for e in example)
+    return example
+
+
 def input_shapes(example: Any) -> Any:
     """The shape of an example input, or of each tensor in it, for error messages.
 

@@ -6,15 +6,19 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -27,11 +31,20 @@ from lightning_compress.schedules import Point, Schedule, ScheduleFn, resolve_po
 _ORIGINALS: weakref.WeakKeyDictionary[pl.Trainer, nn.Module] = weakref.WeakKeyDictionary()
 
 
+def at_fit_precision(trainer: pl.Trainer, module: nn.Module) -> nn.Module:
+    """``module`` converted in place as Lightning converts the fit's LightningModule after the callbacks' setup:
+    its floating-point weights to ``bfloat16``/``float16``/``float64`` with ``precision="bf16-true"``/``"16-true"``
+    /``"64-true"``; unchanged with any other precision (mixed precision keeps fp32 weights)."""
+    plugin = trainer.precision_plugin
+    return plugin.convert_module(module) if isinstance(plugin, HalfPrecision | DoublePrecision) else module
+
+
 def remember_original(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
-    """Return the frozen copy of ``pl_module`` taken before the first compression change of this fit."""
+    """Return the frozen copy of ``pl_module`` taken before the first compression change of this fit, at the fit's
+    precision (the model the fit would train without compression)."""
     original = _ORIGINALS.get(trainer)
     if original is None:
-        original = copy.deepcopy(pl_module)
+        original = at_fit_precision(trainer, copy.deepcopy(pl_module))
         original.eval()
         original.requires_grad_(False)
         _ORIGINALS[trainer] = original
@@ -54,36 +67,62 @@ def _identities(model: nn.Module) -> list[tuple[str, int]]:
     return modules + [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
 
 
-def build_model(trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
-    """Run the LightningModule's ``configure_model`` now, in the contexts Lightning runs it in.
+def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
+    """Run the LightningModule's ``configure_model`` now when it builds layers, in the contexts Lightning uses.
 
     Lightning calls ``configure_model`` after the callbacks' ``setup``; the callbacks select and change the layers
-    in ``setup``, so a model that builds its layers there is built first. Lightning asks the hook to be idempotent
-    (it calls it again, at every stage); one that builds new layers at its second call would drop what the
-    callbacks did, so it is called twice here and refused when the second call changes the model.
+    in ``setup``, so a model that builds (some of) its layers there is built first. Whether it does is tried on a
+    copy: a hook that adds no parameter (it returns early, or wraps the layers it has, as ``torch.compile``) is left
+    to Lightning. Lightning asks the hook to be idempotent (it calls it again, at every stage); one that builds new
+    layers at its second call would drop what the callbacks did, so it is called twice and refused then.
     """
     if not defines_configure_model(pl_module):
         return
-    for call in ("first", "second"):
-        before = _identities(pl_module)
-        if trainer is None:
-            pl_module.configure_model()  # type: ignore[operator]
-        else:
-            strategy = trainer.strategy
-            with (
-                strategy.tensor_init_context(),
-                strategy.model_sharded_context(),
-                trainer.precision_plugin.module_init_context(),
-            ):
-                pl_module.configure_model()  # type: ignore[operator]
-        if call == "second" and _identities(pl_module) != before:
-            name = type(pl_module).__name__
-            raise ValueError(
-                f"`{name}.configure_model` built new layers when called a second time. Lightning calls it again "
-                "after the compression callbacks set up (and at every `validate`/`test`/`predict`), which would "
-                "drop the layers they changed. Make it idempotent, as Lightning asks: build only what is "
-                "missing, e.g. `if self.net is not None: return` at its start."
-            )
+
+    def configure(module: nn.Module) -> None:
+        strategy = trainer.strategy
+        with (
+            strategy.tensor_init_context(),
+            strategy.model_sharded_context(),
+            trainer.precision_plugin.module_init_context(),
+        ):
+            module.configure_model()  # type: ignore[operator]
+
+    trial = copy.deepcopy(pl_module)
+    configure(trial)
+    if len(list(trial.parameters())) == len(list(pl_module.parameters())):
+        return
+    configure(pl_module)
+    before = _identities(pl_module)
+    configure(pl_module)
+    if _identities(pl_module) != before:
+        name = type(pl_module).__name__
+        raise ValueError(
+            f"`{name}.configure_model` built new layers when called a second time. Lightning calls it again "
+            "after the compression callbacks set up (and at every `validate`/`test`/`predict`), which would "
+            "drop the layers they changed. Make it idempotent, as Lightning asks: build only what is "
+            "missing, e.g. `if self.net is not None: return` at its start."
+        )
+
+
+def run_directory(trainer: pl.Trainer) -> Path | None:
+    """This run's own directory for the files a callback writes (the report, its plots): the first logger's
+    versioned ``log_dir`` for TensorBoard and CSV, else ``<save_dir>/<name>/<version>``, where Lightning's
+    ``ModelCheckpoint`` writes (MLflow: experiment and run id; W&B: project and run id). ``None`` without a logger,
+    or when the logger keeps nothing on the local disk (a remote MLflow server). A collective call under DDP."""
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    if isinstance(logger, TensorBoardLogger | CSVLogger):
+        folder = trainer.log_dir
+    else:
+        folder = None
+        if logger.save_dir is not None:
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            folder = os.path.join(logger.save_dir, str(logger.name), version)
+        folder = trainer.strategy.broadcast(folder)
+    return None if folder is None else Path(folder)
 
 
 def training_steps(trainer: pl.Trainer) -> tuple[int, int | None]:

@@ -14,6 +14,7 @@ __all__ = [
     "report_figures",
     "require_matplotlib",
     "send_figure",
+    "send_file",
     "send_text",
     "size_figure",
     "steps_figure",
@@ -228,10 +229,19 @@ def write_figures(
     return written
 
 
+def _wandb(logger: Any) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
 def send_figure(loggers: Iterable[Any], tag: str, figure: Any, step: int = 0) -> None:
     """Send ``figure`` to the loggers that take figures: TensorBoard's ``add_figure`` (under ``tag``), MLflow's
-    ``log_figure`` (as ``<tag>.png``); the others are skipped."""
+    ``log_figure`` (as ``<tag>.png``), W&B's ``log_image`` (under ``tag``); the others are skipped."""
     for logger in loggers:
+        if _wandb(logger):
+            logger.log_image(key=tag, images=[figure], step=step)
+            continue
         experiment = logger.experiment
         if hasattr(experiment, "add_figure"):  # TensorBoard
             experiment.add_figure(tag, figure, global_step=step, close=False)
@@ -241,11 +251,25 @@ def send_figure(loggers: Iterable[Any], tag: str, figure: Any, step: int = 0) ->
 
 def send_text(loggers: Iterable[Any], tag: str, text: str, step: int = 0) -> None:
     """Send ``text`` (a table) to the loggers that take text: TensorBoard's ``add_text`` (under ``tag``, as a
-    preformatted block), MLflow's ``log_text`` (as ``<tag>.txt``); the others are skipped."""
+    preformatted block), MLflow's ``log_text`` (as ``<tag>.txt``), W&B's ``log_text`` (a one-cell table under
+    ``tag``); the others are skipped."""
     for logger in loggers:
+        if _wandb(logger):
+            logger.log_text(key=tag, columns=["text"], data=[[text]], step=step)
+            continue
         experiment = logger.experiment
         if hasattr(experiment, "add_text"):  # TensorBoard
             block = "\n".join(f"    {line}" for line in text.splitlines())
             experiment.add_text(tag, block, global_step=step)
         elif hasattr(experiment, "log_text") and getattr(logger, "run_id", None):  # MLflow
             experiment.log_text(logger.run_id, text, f"{tag}.txt")
+
+
+def send_file(loggers: Iterable[Any], path: Path, folder: str) -> None:
+    """Attach the file ``path`` to the run of the loggers that keep files: an MLflow artifact under ``folder``, a
+    W&B run file (``<name>`` at the top of the run's files); the others keep their files in their own directory."""
+    for logger in loggers:
+        if _wandb(logger):
+            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+        elif hasattr(logger.experiment, "log_artifact") and getattr(logger, "run_id", None):  # MLflow
+            logger.experiment.log_artifact(logger.run_id, str(path), folder)

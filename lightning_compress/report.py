@@ -21,9 +21,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_compress import _checks
-from lightning_compress._lightning import detach_input, first_input
+from lightning_compress._lightning import detach_input, first_input, run_directory
 from lightning_compress.callback import CompressionCallback
 from lightning_compress.export import check_writable
+from lightning_compress.plots import send_file
 from lightning_compress.reporting import (
     LATENCY_MODES,
     REPORT_FILE,
@@ -195,6 +196,7 @@ class CompressionMonitor(CompressionCallback):
         path = self._report_target
         if path is not None:
             write_report(path, report)
+            send_file(trainer.loggers, path, f"{self.prefix}report")
         if self.config.plots:
             from lightning_compress.plots import write_figures
 
@@ -273,9 +275,8 @@ class CompressionMonitor(CompressionCallback):
             return Path(self.config.report_path)
         # Without a logger there is no run directory: writing to the working directory would overwrite the
         # previous run's report.
-        if not trainer.loggers or trainer.log_dir is None:
-            return None
-        return Path(trainer.log_dir) / REPORT_FILE
+        folder = run_directory(trainer)
+        return None if folder is None else folder / REPORT_FILE
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_compress import _checks
-from lightning_compress._inputs import call_module, input_shapes, to_device
+from lightning_compress._inputs import call_module, for_module, input_shapes
 from lightning_compress.export import atomic_write
 from lightning_compress.stats import (
     CompressionStats,
@@ -141,9 +141,8 @@ class ModelMeter:
         key = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        device = next(module.parameters(), torch.empty(0)).device
         try:
-            macs: int | None = count_macs(module, to_device(self.example, device))
+            macs: int | None = count_macs(module, for_module(self.example, module))
         except (
             Exception
         ) as err:  # a traced/quantized graph the counter cannot run: report, don't fail training
@@ -162,10 +161,9 @@ class ModelMeter:
         than as missing numbers at the end."""
         if self.example is None:
             return
-        device = next(model.parameters(), torch.empty(0)).device
         try:
             with torch.no_grad():
-                call_module(model, to_device(self.example, device))
+                call_module(model, for_module(self.example, model))
         except Exception as err:
             raise ValueError(
                 f"`{argument}` of shape {input_shapes(self.example)} (its first sample) was rejected by "
@@ -330,7 +328,7 @@ def measure_latency_pair(
     models = {"before": deployable(original, mode), "after": deployable(final, mode)}
     rows = []
     for size in sorted({1, batch_size or 1}):
-        inputs = to_device(repeat_sample(example, size), device)
+        inputs = for_module(repeat_sample(example, size), final)
         if mode == "compiled":
             # The first call compiles (seconds): outside the timings.
             with torch.no_grad():

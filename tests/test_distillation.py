@@ -450,6 +450,28 @@ def test_teacher_precision_bf16_runs_the_teacher_in_bf16(tmp_path, digits):
     assert math.isfinite(recorder.rows[-1]["distillation/kl"])
 
 
+def test_a_bf16_true_fit_runs_its_teachers_and_the_report_at_its_precision(tmp_path, digits):
+    from lightning_compress import CompressionMonitor, compression_stats
+
+    # A "self" teacher (the shared copy the monitor reports as "before") and a given float32 teacher module.
+    kd_self, kd_given = (
+        KnowledgeDistillation("self", alpha=0.5),
+        KnowledgeDistillation(_narrow_teacher(), alpha=0.5),
+    )
+    monitor = CompressionMonitor(latency_repeats=2, verbose=False)
+    recorder = Recorder()
+    _fit(tmp_path, digits, [kd_self, monitor, recorder], limit_train_batches=3, precision="bf16-true")
+    _fit(tmp_path, digits, [kd_given], limit_train_batches=2, precision="bf16-true")
+    for kd in (kd_self, kd_given):
+        assert {p.dtype for p in kd._teacher.parameters()} == {torch.bfloat16}
+    assert math.isfinite(recorder.rows[-1]["distillation/kl"])
+    # Nothing was compressed: "before" is the model the fit trains without compression, in bf16 as well.
+    report = monitor.report
+    float32_bytes = compression_stats(ImageClassifier("small_cnn")).dense_bytes
+    assert report["before"]["dense_bytes"] == report["after"]["dense_bytes"] < 0.6 * float32_bytes
+    assert [row["batch_size"] for row in report["latency"]] == [1]
+
+
 class ManualClassifier(ImageClassifier):
     def __init__(self, kd=None, **kwargs):
         super().__init__(**kwargs)

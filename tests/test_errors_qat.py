@@ -168,6 +168,13 @@ AT_SETUP = [
         {},
         r"`modules`: no module named 'net.9' in ImageClassifier",
     ),
+    (
+        "frozen_backbone",
+        {},
+        {},
+        r"trains ImageClassifier.net .* its layers net.1 \(BatchNorm2d\), net.4 \(BatchNorm2d\) are in eval mode"
+        r".*`freeze_bn=0.0`",
+    ),
     ("small_cnn", {"module": "net", "start": 1.0}, {}, r"without ever training with quantization"),
     ("small_cnn", {"module": "net", "start": 0.5, "freeze_observers": 0.2}, {}, r"frozen before"),
     (
@@ -192,7 +199,11 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, kwarg
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, **trainer_args), callbacks=[QuantizationAwareTraining(**kwargs), counter]
     )
-    module = Embedder() if model == "embedder" else ImageClassifier(model)
+    module = (
+        Embedder() if model == "embedder" else ImageClassifier(model.replace("frozen_backbone", "small_cnn"))
+    )
+    if model == "frozen_backbone":
+        module.net[:6].eval()  # fine-tuning the head on a backbone whose batch norm keeps its statistics
     with pytest.raises(ValueError, match=match):
         if model == "embedder":
             trainer.fit(module, _token_loader())

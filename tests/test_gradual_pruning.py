@@ -268,8 +268,11 @@ def test_structured_removes_channels_and_the_pruned_model_matches_the_masked_one
     model = ImageClassifier("small_cnn")
     dense_params = count_parameters(model)
     dense_macs = count_macs(model, model.example_input_array)
+    model.net[4].eval()  # a frozen batch norm
+    modes = [m.training for m in model.modules()]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[pruning, record])
     trainer.fit(model, datamodule=digits)
+    assert [m.training for m in model.modules()] == modes  # a second fit trains as the first did
     # Conv 16 -> 8 and 32 -> 16 channels, the hidden Linear 64 -> 32 features; the classifier keeps its 10 outputs.
     assert [model.net[0].out_channels, model.net[3].out_channels] == [8, 16]
     assert (model.net[8].in_features, model.net[8].out_features, model.net[10].out_features) == (256, 32, 10)

@@ -1,6 +1,9 @@
-"""Logged names and steps as real trackers receive them: MLflow's file store, TensorBoard, CSV."""
+"""Logged names and steps as real trackers receive them: MLflow's file store, TensorBoard, CSV, W&B offline."""
 
 import csv
+import json
+import struct
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -299,6 +302,7 @@ def test_report_plots_reach_mlflow_as_image_artifacts(tmp_path, digits, monkeypa
     client = mlflow.tracking.MlflowClient(uri)
     listed = client.list_artifacts(logger.run_id, "compression/report")
     assert sorted(a.path for a in listed) == [
+        "compression/report/compression_report.json",
         "compression/report/layers.png",
         "compression/report/sizes.png",
         "compression/report/steps.png",
@@ -306,7 +310,75 @@ def test_report_plots_reach_mlflow_as_image_artifacts(tmp_path, digits, monkeypa
     local = client.download_artifacts(logger.run_id, "compression/report/steps.png", str(tmp_path / "get"))
     with Image.open(local) as image:
         assert image.format == "PNG" and image.width > 500
-    assert all(a.file_size > 10_000 for a in listed)
+    assert all(a.file_size > 10_000 for a in listed if a.path.endswith(".png"))
+    # The report file is the run's: in its own directory (where Lightning puts the run's checkpoints), and an
+    # artifact of the run.
+    run_folder = tmp_path / "mlruns" / logger.experiment_id / logger.run_id
+    assert monitor._report_target == run_folder / "compression_report.json"
+    local = client.download_artifacts(
+        logger.run_id, "compression/report/compression_report.json", str(tmp_path)
+    )
+    assert json.loads(Path(local).read_text())["summary"] == monitor.report["summary"]
+
+
+def _wandb_records(folder):
+    """The records of the W&B offline run under ``folder``: its ``.wandb`` file, a LevelDB-style log of 32 KiB
+    blocks of protobuf ``Record`` fragments after a 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(folder).glob("wandb/offline-run-*/run-*.wandb")
+    data, position, pending = path.read_bytes(), 7, b""
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if left < 7 or (length == 0 and kind == 0):
+            position += left  # the block's zero padding
+            continue
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or its last fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_metrics_the_report_and_its_plots_reach_wandb_and_read_back(tmp_path, digits, monkeypatch):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="compress", save_dir=str(tmp_path), offline=True)
+    monitor = CompressionMonitor(log_every_n_steps=1, measure_latency=False, verbose=False, plots=True)
+    pruning = GradualPruning(amount=0.5, end=0.5, frequency=1, modules=nn.Conv2d)
+    _, model = _fit(tmp_path, digits, [pruning, monitor], logger, batches=2)
+    run_id = logger.version
+    wandb.finish()
+
+    history, files = {}, []
+    for record in _wandb_records(tmp_path):
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            history.update(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+            )
+        elif record.WhichOneof("record_type") == "files":
+            files += [file.path for file in record.files.files]
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    assert "compression/nonzero_params" in history, sorted(history)
+    assert history["compression/nonzero_params"] == nonzero
+    assert history["pruning/weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert history["compression/final/size_ratio"] == pytest.approx(monitor.report["summary"]["size_ratio"])
+    for figure in ("steps", "layers", "sizes"):
+        assert history[f"compression/report/{figure}/_type"] == "images/separated"
+        (image,) = history[f"compression/report/{figure}/filenames"]
+        assert image.startswith(f"media/images/compression/report/{figure}_") and image in files
+    assert "compression_report.json" in files
+    assert monitor._report_target == tmp_path / "compress" / run_id / "compression_report.json"
+    (uploaded,) = tmp_path.glob("wandb/offline-run-*/files/compression_report.json")
+    assert json.loads(uploaded.read_text())["summary"] == monitor.report["summary"]
 
 
 def test_with_gradient_accumulation_every_callback_logs_on_the_steps_of_the_loss(tmp_path, digits):

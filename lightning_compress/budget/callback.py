@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_compress import _checks
 from lightning_compress._inputs import first_batches, first_input, to_device
+from lightning_compress._lightning import run_directory
 from lightning_compress.budget import core
 from lightning_compress.budget.allocation import ALLOCATED_ARGUMENT, Allocation
 from lightning_compress.budget.core import BudgetConfig, BudgetPlan
@@ -252,7 +253,7 @@ class CompressionBudget(CompressionCallback):
         values.update({f"per_layer/level/{name}": float(v) for name, v in allocation.levels.items()})
         self.log_to_loggers(trainer, values)
         if self.plots:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            folder = run_directory(trainer) or Path(trainer.default_root_dir)
             self.figure_path = plan.sensitivity.plot(folder / "sensitivity.png")
             figure = plan.sensitivity.figure()
             send_figure(trainer.loggers, "budget/sensitivity", figure)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lightning_compress import _checks
-from lightning_compress._lightning import build_schedule
+from lightning_compress._lightning import at_fit_precision, build_schedule
 from lightning_compress.callback import DISTILL, CompressionCallback
 from lightning_compress.distillation.core import (
     FEATURE_LOSSES,  # noqa: F401  (re-exported)
@@ -24,10 +24,9 @@ from lightning_compress.distillation.core import (
     check_example,
     check_optimized,
     check_wrapper,
-    freeze_teacher,
 )
 from lightning_compress.distillation.losses import mix_losses
-from lightning_compress.distillation.teacher import check_same_teacher, fingerprint, load_teacher
+from lightning_compress.distillation.teacher import check_same_teacher, choose_teacher, fingerprint
 from lightning_compress.schedules import Point, Schedule, ScheduleFn, resolve_schedule
 
 ADAPTERS_ATTRIBUTE = "distillation_adapters"
@@ -150,14 +149,9 @@ class KnowledgeDistillation(CompressionCallback):
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.config
-        if isinstance(self.teacher, nn.Module):
-            teacher = self.teacher
-        elif self.needs_original:  # the shared original copy, unless the teacher's dtype differs
-            teacher = self.original(trainer, pl_module)
-            teacher = copy.deepcopy(teacher) if config.teacher_dtype is not None else teacher
-        else:
-            teacher = load_teacher(self.teacher, self.teacher_class)
-        self._teacher = freeze_teacher(teacher, config)
+        original = lambda: self.original(trainer, pl_module)  # noqa: E731
+        convert = functools.partial(at_fit_precision, trainer)
+        self._teacher = choose_teacher(self.teacher, self.teacher_class, original, config, convert)
         check_apart(pl_module, self._teacher)
         DistillationCapture(pl_module, self._teacher, config).check_names()
         ramps = ((self.initial_alpha, self.alpha), (self.initial_temperature, self.temperature))

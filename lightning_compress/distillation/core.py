@@ -21,7 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress import _checks
-from lightning_compress._inputs import call_module, detach_input, input_shapes, named_arguments, to_device
+from lightning_compress._inputs import (
+    call_module,
+    cast_floating,
+    detach_input,
+    input_shapes,
+    named_arguments,
+    to_device,
+    weights_dtype,
+)
 from lightning_compress._positions import CalibrationMaskError, input_layout, kept_rows, position_mask
 from lightning_compress.distillation.losses import (
     attention_transfer_loss,
@@ -450,9 +458,8 @@ class DistillationCapture:
         device = _device(self.teacher)
         if device is not None:
             args, kwargs = to_device((args, kwargs), device)
-        dtype = self.config.teacher_dtype
-        if dtype is not None:
-            args, kwargs = _cast_floating((args, kwargs), dtype)
+        # The teacher's own precision, else its weights' (the student's input is cast to what the fit trains at).
+        args, kwargs = cast_floating((args, kwargs), self.config.teacher_dtype or weights_dtype(self.teacher))
         self._teacher_features = {}
         self._teacher_running = True
         try:
@@ -729,13 +736,3 @@ def _check_finite(tensor: Tensor, what: str) -> None:
             f"{what.capitalize()} contain NaN or infinite values. A teacher must produce finite outputs: check "
             "its weights, and with a low `teacher_precision` try '32-true'."
         )
-
-
-def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple | list):
-        return type(value)(_cast_floating(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast_floating(v, dtype) for k, v in value.items()}
-    return value

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.distillation.core import DistillationConfig, freeze_teacher
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+
+def choose_teacher(
+    teacher: nn.Module | str,
+    teacher_class: type[pl.LightningModule] | None,
+    original: Callable[[], nn.Module],
+    config: DistillationConfig,
+    at_fit_precision: Callable[[nn.Module], nn.Module],
+) -> nn.Module:
+    """The frozen teacher of a fit: the module given, the shared copy ``original()`` for ``"self"`` (a copy of it
+    when the teacher has a precision of its own), or the one a checkpoint path holds. Without a precision of its
+    own it runs at the student's: its weights converted as the fit converts the student (``at_fit_precision``)."""
+    if isinstance(teacher, nn.Module):
+        chosen = teacher
+    elif teacher == "self":
+        chosen = original() if config.teacher_dtype is None else copy.deepcopy(original())
+    else:
+        chosen = load_teacher(teacher, teacher_class)
+    return freeze_teacher(chosen if config.teacher_dtype is not None else at_fit_precision(chosen), config)
 
 
 def load_teacher(path: str, teacher_class: type[pl.LightningModule] | None) -> nn.Module:

@@ -849,7 +849,7 @@ class PruningPlan:
         """Make the pruning permanent in ``model`` (default: the plan's) and drop the masks.
 
         Unstructured and N:M: the weights already hold the zeros, nothing else changes. Structured: the removed
-        channels and heads go for real (torch-pruning), ``model`` is left in eval mode, and the largest output
+        channels and heads go for real (torch-pruning), every module keeps its train/eval mode, and the largest output
         difference to the masked model on the example input and on ``check_inputs`` (inputs the model may
         reject are skipped) is returned, also as :attr:`max_abs_diff`; a difference above 1e-4 is warned about.
         """
@@ -858,6 +858,7 @@ class PruningPlan:
         if self.structure is not None and self.removed:
             masked = copy.deepcopy(model).eval()
             self.structure.materialize(model, self.removed)
+            modes = {module: module.training for module in model.modules()}
             model.eval()
             with torch.no_grad():
                 diff = _max_abs_diff(masked, model, self.example)
@@ -865,6 +866,8 @@ class PruningPlan:
                     # A model that takes more than a batch's first element is checked on the example only.
                     with contextlib.suppress(TypeError, ValueError, RuntimeError):
                         diff = max(diff, _max_abs_diff(masked, model, inputs))
+            for module, training in modes.items():  # compared in eval mode, given back in the mode it had
+                module.training = training
             if diff > 1e-4 and not self.quiet:
                 warnings.warn(
                     f"Removing the pruned channels changed the outputs by up to {diff:.3g}: the masked and the "

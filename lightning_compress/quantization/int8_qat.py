@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress import _checks
 from lightning_compress._inputs import call_module
 from lightning_compress.export import to_plain_torch
 from lightning_compress.quantization.pt2e import (
@@ -45,6 +46,13 @@ from lightning_compress.quantization.qat_core import (
     train_mode,
 )
 from lightning_compress.stats import compare_latency
+
+
+def _eval_mode(module: nn.Module) -> bool:
+    """A layer that computes differently in eval mode (batch norm, dropout) and is in it."""
+    mode_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return isinstance(module, mode_dependent) and not module.training
+
 
 # The layers the X86 inductor quantizer quantizes the weights of.
 QUANTIZABLE = (
@@ -118,6 +126,11 @@ class Int8Parts(QATParts):
             if name in inputs:  # with `module=None`, the children the forward calls
                 args, kwargs = inputs[name]
                 label = what if self.config.module else f"{type(model).__name__}.{name} (`module=None`)"
+                if model.training:  # a fit: the graph trains every layer of the part in one mode
+                    modes = {
+                        f"{name}.{n}": type(m).__name__ for n, m in part.named_modules() if _eval_mode(m)
+                    }
+                    _checks.check_one_mode(label, modes)
                 with train_mode(part, True):
                     graph = prepare_int8_qat(part, args, kwargs, what=label, name=name)
                 if quantized_weight_names(graph.graph):
