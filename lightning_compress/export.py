@@ -394,11 +394,11 @@ def _batch_dynamic(plain: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
 def _write_torch(plain: nn.Module, args: tuple, kwargs: dict, file: str) -> None:
     try:
         torch.save(plain, file)
-    except (AttributeError, TypeError, pickle.PicklingError) as err:
+    except (AttributeError, TypeError, RuntimeError, pickle.PicklingError) as err:
         raise ValueError(
             f"`format='torch'` pickles the whole module, and this one cannot be pickled ({type(err).__name__}: "
-            f"{err}; torchao's low-bit weights, for one, cannot). Use `format='export'` or `format='onnx'`, or "
-            "save its `state_dict()`."
+            f"{err}; torchao's low-bit weights and parametrized layers such as weight_norm, for two, cannot). Use "
+            "`format='export'` or `format='onnx'`, or save its `state_dict()`."
         ) from err
 
 

@@ -77,6 +77,28 @@ def test_prune_structured_removes_channels_and_keeps_the_outputs():
     assert sum(map(len, plan.removed.values())) == 32  # the history stays for checkpoints
 
 
+def test_layers_with_a_parametrized_weight_are_left_out_with_a_reason():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from lightning_compress import export
+
+    model = _mlp()
+    model[2] = weight_norm(model[2])  # its `weight` is computed from `g` and `v` at each call
+    with pytest.warns(
+        UserWarning, match=r"leaves out \['2'\]: their `weight` is computed .*remove_parametrizations"
+    ):
+        plan = prune_(model, PruningConfig(amount=0.5))
+    assert plan.amount == 0.5
+    assert [_zeros(model[i].weight) for i in (0, 2, 4)] == [256, 0, 64]
+    # Structured: the channel groups through it are left out, with the reason (here: both hidden groups).
+    model, x = _mlp(), torch.randn(2, 16)
+    model[2] = weight_norm(model[2])
+    with pytest.raises(ValueError, match=r"no prunable channel group \('0': '2' has a parametrized weight"):
+        PruningPlan(model, PruningConfig(amount=0.5, mode="structured", round_to=1), x[:1])
+    with pytest.raises(ValueError, match=r"`format='torch'` pickles the whole module.*parametrized"):
+        export(model, "unused.pt", "torch", x)
+
+
 def test_masks_only_grow_and_the_plan_survives_a_state_dict_round_trip():
     model = _mlp()
     config = PruningConfig(amount=0.8, criterion="random", seed=3)

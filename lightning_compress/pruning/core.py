@@ -304,7 +304,7 @@ class PruningPlan:
         _checks.check_pruning_amount_given(config.mode, config.amount, config.layer_amounts)
         selected = config.selection.select(model)
         if config.kind != "structured":
-            selected = self._with_attention(model, selected)
+            selected = self._with_attention(model, _without_parametrized(selected, self.quiet))
         names = [name for name, _ in selected]
         _checks.check_layer_names(config.layer_amounts, names, "layer_amounts", config.selection)
         with self._warnings():
@@ -1008,6 +1008,21 @@ def prune_(
     if finalize:
         plan.finalize()
     return plan
+
+
+def _without_parametrized(selected: list[tuple[str, nn.Module]], quiet: bool) -> list[tuple[str, nn.Module]]:
+    """``selected`` without the layers whose weight a parametrization computes at each call (``weight_norm``,
+    ``spectral_norm``): a mask on that weight would never reach the layer. Warned about."""
+    left_out = [name for name, module in selected if parametrize.is_parametrized(module, "weight")]
+    if left_out and not quiet:
+        warnings.warn(
+            f"GradualPruning leaves out {left_out}: their `weight` is computed from other tensors at each call (a "
+            "parametrization such as weight_norm or spectral_norm), so a mask on it would not reach the layer. To "
+            "prune them, remove the parametrization before the fit (`torch.nn.utils.parametrize."
+            "remove_parametrizations(layer, 'weight')`); to silence this, leave them out with `exclude=`.",
+            stacklevel=3,
+        )
+    return [(name, module) for name, module in selected if name not in left_out]
 
 
 def _weight_names(module: nn.Module) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch_pruning.pruner import function as tp_function
 
 from lightning_compress._inputs import call_module, to_device
@@ -307,6 +308,11 @@ def _describe(
             (producers if is_out else consumers).append(name)
             if _grouped_conv(target):
                 reason = reason or f"{name!r} is a grouped convolution (groups={target.groups})"
+                continue
+            if parametrize.is_parametrized(target):
+                reason = (
+                    reason or f"{name!r} has a parametrized weight (e.g. weight_norm), computed at each call"
+                )
                 continue
             found = _module_slices(target, handler, node.pruning_dim)
             if isinstance(found, str):
