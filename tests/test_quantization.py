@@ -951,3 +951,30 @@ def test_a_new_qat_callback_on_a_model_converted_by_an_earlier_fit_names_the_fix
         ValueError, match=r"\['net'\] already holds an int8 graph .*Pass the callback of that fit"
     ):
         again.fit(model, _tiny_loader())
+
+
+def test_int8_weights_the_conversion_leaves_in_float_are_not_counted_as_int8():
+    from lightning_compress.quantization.int8_qat import Int8Parts
+
+    class Sequence1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean(-1))
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("net", Sequence1d())
+    parts = Int8Parts(QuantizationConfig())
+    parts.example = torch.randn(2, 4, 16)
+    parts.prepare(model)
+    model(torch.randn(8, 4, 16))  # the observers see data
+    assert sorted(parts.weight_names) == ["net.conv.weight", "net.fc.weight"]  # both train fake-quantized
+    assert parts.float_layers == 2
+    with pytest.warns(UserWarning, match=r"left \['net.conv.weight'\] in float32: the x86 int8 backend"):
+        parts.convert(model)
+    assert list(parts.weight_names) == ["net.fc.weight"]
+    sizes = parts.sizes(model, list(parts.weight_names))
+    assert sizes["layers_quantized"] == 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,18 @@ from lightning_compress.quantization.qat_core import (
     train_mode,
 )
 from lightning_compress.stats import compare_latency
+
+
+def _holds_float(graph: nn.Module, path: str) -> bool:
+    """Whether ``graph`` still holds a floating-point tensor under ``path`` (a weight left unquantized)."""
+    try:
+        tensor = graph.get_parameter(path)
+    except AttributeError:
+        try:
+            tensor = graph.get_buffer(path)
+        except AttributeError:
+            return False
+    return tensor.is_floating_point()
 
 
 def _eval_mode(module: nn.Module) -> bool:
@@ -143,7 +156,7 @@ class Int8Parts(QATParts):
                 "layers, or leave QuantizationAwareTraining out for this model."
             )
         self.floats = {name: candidates[name] for name in graphs}
-        self.float_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in self.target(model).modules())
+        self.float_layers = sum(isinstance(m, QUANTIZABLE) for m in self.target(model).modules())
         self.install(model, graphs)
 
     def install(self, model: nn.Module, graphs: dict[str, QuantizedGraphModule]) -> None:
@@ -180,8 +193,26 @@ class Int8Parts(QATParts):
                 if not own and len(self.graphs(model)) == 1:  # recorded from one graph of the whole forward
                     own = ranges
                 graph.load_state_dict(own, strict=False)
+            weights = list(quantized_weight_names(graph.graph))  # the conversion rewrites the graph
             converted[name] = convert_int8(graph)
+            stayed = [w for w in weights if _holds_float(converted[name].graph, w)]
+            self._left_float(name, stayed)
         self.install(model, converted)
+
+    def _left_float(self, name: str, weights: list[str]) -> None:
+        """Weights the conversion left in float (the int8 backend has no kernel for their layer, e.g. Conv1d)
+        are no longer counted as int8, and said once."""
+        scope = f"{name}." if name else ""
+        stayed = [f"{scope}{w}" for w in weights if f"{scope}{w}" in self.weight_names]
+        for weight in stayed:
+            del self.weight_names[weight]
+        if stayed:
+            warnings.warn(
+                f"The int8 conversion left {stayed} in float32: the x86 int8 backend has no kernel for their layers "
+                "(it converts nn.Conv2d and nn.Linear). They trained with fake-quantized weights and now run in "
+                "float32; the sizes and the report count them as float32.",
+                stacklevel=2,
+            )
 
     def ensure(self, model: nn.Module, want: str) -> None:
         # The converted graph bakes the activation ranges into its code, and a converted state dict does not hold

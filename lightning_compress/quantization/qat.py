@@ -27,7 +27,6 @@ from lightning_compress.export import check_writable
 from lightning_compress.quantization import qat_core
 from lightning_compress.quantization.int8_qat import float_copy, ship_int8, whole_forward_graph
 from lightning_compress.quantization.low_bit import check_low_bit_supported, low_bit_config
-from lightning_compress.quantization.pt2e import convert_int8
 from lightning_compress.quantization.qat_checkpoint import CHECKPOINT_HINT, load_qat_checkpoint
 from lightning_compress.quantization.qat_core import SCHEMES, QuantizationConfig
 from lightning_compress.quantization.qat_core import ErrorRecorder as _ErrorRecorder
@@ -264,11 +263,7 @@ class QuantizationAwareTraining(CompressionCallback):
         before = qat_core.run(target(), inputs)
         ship = self.scheme == "int8" and trainer.is_global_zero and (self.export_path or self.measure)
         reference = float_copy(self._parts, pl_module) if ship else None  # type: ignore[arg-type]
-        if self.scheme == "int8":
-            graphs = self._parts.graphs(pl_module).items()  # type: ignore[attr-defined]
-            self._parts.install(pl_module, {name: convert_int8(g) for name, g in graphs})  # type: ignore[attr-defined]
-        else:
-            self._parts.convert(pl_module)
+        self._parts.convert(pl_module)
         self.converted, failure = True, None
         self.parity = qat_core.parity(before, qat_core.run(target(), inputs))
         if ship:
