@@ -523,6 +523,50 @@ def test_tied_embedding_and_output_weights_train_as_one_tensor_and_convert(tmp_p
         assert callback.parity["max_abs_diff"] < 1e-5
 
 
+class _TiedNet(nn.Module):
+    def __init__(self, embed, body, head):
+        super().__init__()
+        self.embed, self.body, self.head = embed, body, head
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(self.embed(x)))).mean(1)
+
+
+class TiedInOneChild(TiedLM):
+    """:class:`TiedLM` with its three layers in one child, which int8 QAT exports as one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _TiedNet(self.embed, self.body, self.head)
+        del self.embed, self.body, self.head
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_tied_weights_resume_mid_qat_exactly_and_load_into_a_fresh_model(tmp_path):
+    def run(folder, ckpt_path=None, checkpoint=None):
+        torch.manual_seed(0)
+        model, record = TiedInOneChild(), RecordTie()
+        callbacks = [QuantizationAwareTraining(start=0.25, freeze_observers=0.75), record, checkpoint]
+        kwargs = trainer_kwargs(folder, max_epochs=2, enable_checkpointing=checkpoint is not None)
+        trainer = pl.Trainer(**kwargs, callbacks=[c for c in callbacks if c is not None])
+        trainer.fit(model, _token_loader(64), _token_loader(32), ckpt_path=ckpt_path)
+        return model, record
+
+    full, _ = run(tmp_path / "full", checkpoint=ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1))
+    written = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    resumed, record = run(tmp_path / "resumed", ckpt_path=written)
+    assert record.parameters == record.in_optimizer == 16 * 8 + 8 * 8 + 8  # still one shared tensor
+    assert full.state_dict().keys() == resumed.state_dict().keys()
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    # The checkpoint written while training loads into a fresh model: the fake-quantized model at epoch 0.
+    fresh = load_qat_checkpoint(TiedInOneChild(), written)
+    saved = torch.load(written, weights_only=False)["state_dict"]
+    assert torch.equal(fresh.state_dict()["net.head.weight"], saved["net.head.weight"])
+
+
 # -- memory ----------------------------------------------------------------------------------------------
 
 

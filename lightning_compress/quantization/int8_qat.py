@@ -345,6 +345,8 @@ class Int8Parts(QATParts):
                 "test the returned model without `ckpt_path`), or pass a checkpoint written during training."
             )
         self.ensure(model, want)
+        for name, graph in self.graphs(model).items():
+            _rename_tied(state_dict, f"{prefix}{name}.", graph, self.floats.get(name))
         if want == "converted":
             # A graph rebuilt from a fresh float model is converted with quantizers that never observed the
             # weights: its per-channel scales have one element, the checkpoint's one per channel. The code does
@@ -356,6 +358,29 @@ class Int8Parts(QATParts):
                         owner, _, attr = key.rpartition(".")
                         parent = graph.get_submodule(owner) if owner else graph
                         parent.register_buffer(attr, torch.empty_like(saved, device=buffer.device))
+
+
+def _rename_tied(
+    state_dict: dict[str, Any], scope: str, graph: nn.Module, float_module: nn.Module | None
+) -> None:
+    """An exported graph may keep one name (or several) for a parameter the float model ties under several (an
+    embedding shared with the output layer), and a graph rebuilt for loading may keep other names than the graph
+    that was saved: the saved tensor goes under every name the graph expects, and under no other."""
+    if float_module is None:
+        return
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in float_module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    expected = set(graph.state_dict())
+    for names in (names for names in aliases.values() if len(names) > 1):
+        saved = [scope + n for n in names if scope + n in state_dict]
+        if not saved or all(scope + n in state_dict for n in names if n in expected):
+            continue
+        tensor = state_dict[saved[0]]
+        for name in names:
+            state_dict.pop(scope + name, None)
+            if name in expected:
+                state_dict[scope + name] = tensor
 
 
 # Where earlier versions put the graph of the whole forward (`module=None`): a child of that name that took
