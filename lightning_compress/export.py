@@ -476,11 +476,19 @@ def _onnx_runner(file: str, config: dict[str, str]) -> Any:
 
 
 def _load(format: str, file: str, config: dict[str, str]) -> Any:
-    if format == "torch":
-        return torch.load(file, weights_only=False)
-    if format == "export":
-        return torch.export.load(file).module()
-    return _onnx_runner(file, config)
+    """The written file loaded back, as its users load it; a file that does not load is an :class:`ExportError`."""
+    others = " or ".join(repr(f) for f in _WRITERS if f != format)
+    try:
+        if format == "torch":
+            return torch.load(file, weights_only=False)
+        if format == "export":
+            return torch.export.load(file).module()
+        return _onnx_runner(file, config)
+    except Exception as err:
+        raise ExportError(
+            f"The {format!r} file was written but does not load back ({type(err).__name__}: {err}), so nothing "
+            f"was written. Use `format={others}`."
+        ) from err
 
 
 def _check_tolerance(value: float | None, name: str) -> None:

@@ -151,12 +151,12 @@ def _arm(point: str, root: Path, callbacks: list[Callback], trainer: pl.Trainer)
 
         pruning._update_masks = update_then_die  # type: ignore[method-assign]
     elif point == "qat_convert":
-        import lightning_compress.quantization.qat as qat_module
+        import lightning_compress.quantization.int8_qat as int8_module
 
         def die_converting(*args: Any, **kwargs: Any) -> Any:
             _die(root, trainer, point, channels_removed=pruning.materialized)
 
-        qat_module.convert_int8 = die_converting  # type: ignore[assignment]
+        int8_module.convert_int8 = die_converting  # type: ignore[assignment]
     elif point != "epoch_boundary":
         raise ValueError(f"KILL_AT={point!r}: choose one of {KILL_POINTS}.")
 

@@ -419,6 +419,23 @@ def test_a_module_that_cannot_be_pickled_is_refused_by_the_torch_format_and_expo
     assert export(model, tmp_path / "m.pt2", "export", x).max_abs_diff < 1e-5
 
 
+def test_a_file_that_does_not_load_back_is_an_export_error_and_nothing_is_written(tmp_path, monkeypatch):
+    # E.g. an int8 graph of an LSTM, whose pickle re-traces on `torch.load` and fails there.
+    from lightning_compress.export import ExportError
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("aten::zeros() Expected a value of type 'List[int]'")
+
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(
+        ExportError,
+        match=r"'torch' file was written but does not load back \(RuntimeError: .*"
+        r"Use `format='export' or 'onnx'`",
+    ):
+        export(nn.Linear(4, 2), tmp_path / "m.pt", "torch", torch.randn(2, 4))
+    assert os.listdir(tmp_path) == []
+
+
 class _Tokens(nn.Module):
     def __init__(self):
         super().__init__()
