@@ -67,6 +67,10 @@ def _identities(model: nn.Module) -> list[tuple[str, int]]:
     return modules + [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
 
 
+# The LightningModule and stage `build_model` last ran for, per Trainer: once per stage, not once per callback.
+_BUILT: weakref.WeakKeyDictionary[pl.Trainer, tuple[weakref.ref, Any]] = weakref.WeakKeyDictionary()
+
+
 def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
     """Run the LightningModule's ``configure_model`` now when it builds layers, in the contexts Lightning uses.
 
@@ -78,6 +82,10 @@ def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
     """
     if not defines_configure_model(pl_module):
         return
+    done = _BUILT.get(trainer)
+    if done is not None and done[0]() is pl_module and done[1] == trainer.state.fn:
+        return  # another compression callback of this fit (or stage) built it, or found nothing to build
+    _BUILT[trainer] = (weakref.ref(pl_module), trainer.state.fn)
 
     def configure(module: nn.Module) -> None:
         strategy = trainer.strategy
@@ -88,10 +96,11 @@ def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
         ):
             module.configure_model()  # type: ignore[operator]
 
-    trial = copy.deepcopy(pl_module)
-    configure(trial)
-    if len(list(trial.parameters())) == len(list(pl_module.parameters())):
-        return
+    if any(True for _ in pl_module.parameters()):  # built in `__init__`, maybe in part: try on a copy
+        trial = copy.deepcopy(pl_module)
+        configure(trial)
+        if len(list(trial.parameters())) == len(list(pl_module.parameters())):
+            return
     configure(pl_module)
     before = _identities(pl_module)
     configure(pl_module)
