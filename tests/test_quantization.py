@@ -3,6 +3,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import lightning.pytorch as pl
@@ -953,7 +954,7 @@ def test_a_new_qat_callback_on_a_model_converted_by_an_earlier_fit_names_the_fix
         again.fit(model, _tiny_loader())
 
 
-def test_int8_weights_the_conversion_leaves_in_float_are_not_counted_as_int8():
+def test_int8_counts_as_quantized_only_the_weights_it_quantizes():
     from lightning_compress.quantization.int8_qat import Int8Parts
 
     class Sequence1d(nn.Module):
@@ -971,10 +972,23 @@ def test_int8_weights_the_conversion_leaves_in_float_are_not_counted_as_int8():
     parts.example = torch.randn(2, 4, 16)
     parts.prepare(model)
     model(torch.randn(8, 4, 16))  # the observers see data
-    assert sorted(parts.weight_names) == ["net.conv.weight", "net.fc.weight"]  # both train fake-quantized
+    # The x86 quantizer has no Conv1d pattern: its weight is never fake-quantized, and stays float32.
+    assert list(parts.weight_names) == ["net.fc.weight"]
     assert parts.float_layers == 2
-    with pytest.warns(UserWarning, match=r"left \['net.conv.weight'\] in float32: the x86 int8 backend"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         parts.convert(model)
     assert list(parts.weight_names) == ["net.fc.weight"]
-    sizes = parts.sizes(model, list(parts.weight_names))
-    assert sizes["layers_quantized"] == 0.5
+    assert model.net.graph.get_parameter("conv.weight").dtype == torch.float32
+    assert parts.sizes(model, list(parts.weight_names))["layers_quantized"] == 0.5
+
+
+def test_only_weights_count_as_quantized_not_a_layer_norm_before_a_quantized_input():
+    from lightning_compress.quantization.pt2e import prepare_int8_qat, quantized_weight_names
+
+    conv_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(36))
+    model = nn.Sequential(*conv_bn, nn.Linear(36, 2))
+    prepared = prepare_int8_qat(model, (torch.randn(2, 1, 5, 5),))
+    # The conv's weight reaches its quantizer through the batch-norm folding; the layer norm's weight only feeds
+    # the activation that the Linear's input quantizer sees.
+    assert sorted(quantized_weight_names(prepared.graph)) == ["0.weight", "5.weight"]

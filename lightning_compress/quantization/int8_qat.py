@@ -208,9 +208,9 @@ class Int8Parts(QATParts):
             del self.weight_names[weight]
         if stayed:
             warnings.warn(
-                f"The int8 conversion left {stayed} in float32: the x86 int8 backend has no kernel for their layers "
-                "(it converts nn.Conv2d and nn.Linear). They trained with fake-quantized weights and now run in "
-                "float32; the sizes and the report count them as float32.",
+                f"The int8 conversion left {stayed} in float32: the x86 int8 backend has no kernel for the pattern "
+                "their layers form (e.g. a Conv1d, or an nn.MultiheadAttention's projections). They trained with "
+                "fake-quantized weights and now run in float32; the sizes and the report count them as float32.",
                 stacklevel=2,
             )
 

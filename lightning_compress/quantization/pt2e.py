@@ -233,6 +233,8 @@ def quantized_weight_names(graph: GraphModule) -> dict[str, str]:
     for node in graph.graph.nodes:
         if node.op != "call_module" or node.target not in quantizers:
             continue
+        if _reads_an_input(node.args[0]):
+            continue  # an activation's quantizer (its input may come from a layer norm with a weight of its own)
         # Walk up through the few ops between a weight and its fake-quantize (conv-BN folding multiplies it).
         frontier, seen = list(node.args[:1]), 0
         while frontier and seen < 8:
@@ -246,6 +248,21 @@ def quantized_weight_names(graph: GraphModule) -> dict[str, str]:
             if current.op == "call_function":
                 frontier.extend(a for a in current.args if isinstance(a, torch.fx.Node))
     return result
+
+
+def _reads_an_input(node: Any) -> bool:
+    """Whether ``node``'s value depends on the graph's inputs (an activation), not only on its parameters and
+    buffers (a weight, possibly multiplied by batch-norm factors)."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if not isinstance(current, torch.fx.Node) or current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return True
+        frontier.extend(current.all_input_nodes)
+    return False
 
 
 # The global module hooks of torch.nn.modules.module: a tracker that installs them (Lightning's model summary counts
