@@ -48,7 +48,7 @@ def to_device(example: Any, device: torch.device | str) -> Any:
 
 def for_module(example: Any, module: nn.Module) -> Any:
     """An example input moved to ``module``'s device, its floating-point tensors cast to the dtype of ``module``'s
-    floating-point weights (as Lightning casts the batches of a ``precision="bf16-true"`` fit).
+    floating-point weights when they share one (as Lightning casts the batches of a ``precision="bf16-true"`` fit).
 
     Example::
 
@@ -60,8 +60,10 @@ def for_module(example: Any, module: nn.Module) -> Any:
 
 
 def weights_dtype(module: nn.Module) -> torch.dtype | None:
-    """The dtype of ``module``'s first floating-point parameter (``None`` without one)."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    """The dtype of ``module``'s floating-point parameters when they all have one (``None`` without any, or for a
+    model that mixes dtypes, whose forward casts by itself)."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def cast_floating(example: Any, dtype: torch.dtype | None) -> Any:

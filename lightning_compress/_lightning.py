@@ -18,7 +18,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -35,8 +34,12 @@ def at_fit_precision(trainer: pl.Trainer, module: nn.Module) -> nn.Module:
     """``module`` converted in place as Lightning converts the fit's LightningModule after the callbacks' setup:
     its floating-point weights to ``bfloat16``/``float16``/``float64`` with ``precision="bf16-true"``/``"16-true"``
     /``"64-true"``; unchanged with any other precision (mixed precision keeps fp32 weights)."""
-    plugin = trainer.precision_plugin
-    return plugin.convert_module(module) if isinstance(plugin, HalfPrecision | DoublePrecision) else module
+    dtype = _TRUE_PRECISIONS.get(str(trainer.precision))
+    return module if dtype is None else module.to(dtype=dtype)
+
+
+# The precisions in which Lightning converts the LightningModule's weights (any strategy's plugin).
+_TRUE_PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 def remember_original(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
@@ -72,13 +75,14 @@ _BUILT: weakref.WeakKeyDictionary[pl.Trainer, tuple[weakref.ref, Any]] = weakref
 
 
 def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
-    """Run the LightningModule's ``configure_model`` now when it builds layers, in the contexts Lightning uses.
+    """Run the LightningModule's ``configure_model`` now when the model has no parameters yet, in the contexts
+    Lightning uses.
 
     Lightning calls ``configure_model`` after the callbacks' ``setup``; the callbacks select and change the layers
-    in ``setup``, so a model that builds (some of) its layers there is built first. Whether it does is tried on a
-    copy: a hook that adds no parameter (it returns early, or wraps the layers it has, as ``torch.compile``) is left
-    to Lightning. Lightning asks the hook to be idempotent (it calls it again, at every stage); one that builds new
-    layers at its second call would drop what the callbacks did, so it is called twice and refused then.
+    in ``setup``, so a model that builds its layers there is built first. A model with parameters already (built
+    in ``__init__``) is left for Lightning to call the hook on (it may wrap the layers, as ``torch.compile``).
+    Lightning asks the hook to be idempotent (it calls it again, at every stage); one that builds new layers at its
+    second call would drop what the callbacks did, so it is called twice and refused then.
     """
     if not defines_configure_model(pl_module):
         return
@@ -96,11 +100,8 @@ def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
         ):
             module.configure_model()  # type: ignore[operator]
 
-    if any(True for _ in pl_module.parameters()):  # built in `__init__`, maybe in part: try on a copy
-        trial = copy.deepcopy(pl_module)
-        configure(trial)
-        if len(list(trial.parameters())) == len(list(pl_module.parameters())):
-            return
+    if any(True for _ in pl_module.parameters()):
+        return  # built in `__init__`: the hook is Lightning's to call (it may wrap the layers, e.g. torch.compile)
     configure(pl_module)
     before = _identities(pl_module)
     configure(pl_module)
@@ -240,7 +241,12 @@ class ModelGuard(Callback):
     def __init__(self, pl_module: nn.Module) -> None:
         self.module = weakref.ref(pl_module)
         parts = ("_modules", "_parameters", "_buffers")
-        self.saved: dict[str, dict] | None = copy.deepcopy({k: dict(getattr(pl_module, k)) for k in parts})
+        try:
+            self.saved: dict[str, dict] | None = copy.deepcopy(
+                {k: dict(getattr(pl_module, k)) for k in parts}
+            )
+        except RuntimeError:  # a model torch cannot copy (`torch.nn.utils.weight_norm`'s hooks): no guard
+            self.saved = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _tuner_trial(trainer):

@@ -484,6 +484,8 @@ def _load(format: str, file: str, config: dict[str, str]) -> Any:
         if format == "export":
             return torch.export.load(file).module()
         return _onnx_runner(file, config)
+    except ImportError:
+        raise  # a missing runtime (onnxruntime): install it
     except Exception as err:
         raise ExportError(
             f"The {format!r} file was written but does not load back ({type(err).__name__}: {err}), so nothing "

@@ -242,7 +242,7 @@ def send_figure(loggers: Iterable[Any], tag: str, figure: Any, step: int = 0) ->
         if _wandb(logger):
             logger.log_image(key=tag, images=[figure], step=step)
             continue
-        experiment = logger.experiment
+        experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_figure"):  # TensorBoard
             experiment.add_figure(tag, figure, global_step=step, close=False)
         elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
@@ -257,7 +257,7 @@ def send_text(loggers: Iterable[Any], tag: str, text: str, step: int = 0) -> Non
         if _wandb(logger):
             logger.log_text(key=tag, columns=["text"], data=[[text]], step=step)
             continue
-        experiment = logger.experiment
+        experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_text"):  # TensorBoard
             block = "\n".join(f"    {line}" for line in text.splitlines())
             experiment.add_text(tag, block, global_step=step)
@@ -271,5 +271,5 @@ def send_file(loggers: Iterable[Any], path: Path, folder: str) -> None:
     for logger in loggers:
         if _wandb(logger):
             logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
-        elif hasattr(logger.experiment, "log_artifact") and getattr(logger, "run_id", None):  # MLflow
+        elif hasattr(getattr(logger, "experiment", None), "log_artifact") and getattr(logger, "run_id", None):
             logger.experiment.log_artifact(logger.run_id, str(path), folder)

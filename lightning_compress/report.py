@@ -204,7 +204,11 @@ class CompressionMonitor(CompressionCallback):
                 report, self.history, path, trainer.loggers, f"{self.prefix}report/", trainer.global_step
             )
         if self.config.verbose:
-            where = f"written to {path}" if path is not None else "no file: no logger and no `report_path`"
+            where = (
+                f"written to {path}"
+                if path is not None
+                else "no file: no `report_path`, no local run directory"
+            )
             rank_zero_info(f"Compression report ({where}):\n{format_report(report)}")
 
     def state_dict(self) -> dict[str, Any]:

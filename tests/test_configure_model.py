@@ -75,3 +75,27 @@ def test_a_configure_model_that_builds_new_layers_each_call_is_refused_at_setup(
     with pytest.raises(ValueError, match=r"`LazyClassifier.configure_model` built new layers .* idempotent"):
         trainer.fit(model, datamodule=digits)
     assert trainer.global_step == 0
+
+
+def test_a_hook_that_reads_the_trainer_builds_the_model_the_callbacks_compress(tmp_path, digits):
+    class SizedByTheTrainer(LazyClassifier):
+        def configure_model(self) -> None:
+            if self.net is None:
+                self.net = small_cnn(
+                    image_size=8, width=8 * self.trainer.max_steps
+                )  # widths from the Trainer
+
+    model = SizedByTheTrainer()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[GradualPruning(amount=0.5)])
+    trainer.fit(model, datamodule=digits)
+    assert model.net[0].out_channels == 16
+    assert (model.net[0].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_example_inputs_are_cast_only_to_the_one_dtype_of_a_model():
+    from lightning_compress._inputs import for_module
+
+    x = torch.randn(2, 4)
+    assert for_module(x, torch.nn.Linear(4, 2).bfloat16()).dtype == torch.bfloat16
+    mixed = torch.nn.Sequential(torch.nn.Embedding(4, 4).bfloat16(), torch.nn.Linear(4, 2))  # casts by itself
+    assert for_module(x, mixed).dtype == torch.float32

@@ -186,6 +186,14 @@ AT_SETUP = [
 ]
 
 
+def test_only_layers_that_compute_differently_in_eval_mode_are_refused_in_eval_mode():
+    from lightning_compress.quantization.int8_qat import _eval_mode
+
+    assert _eval_mode(nn.BatchNorm2d(4).eval()) and _eval_mode(nn.Dropout(0.5).eval())
+    assert not _eval_mode(nn.BatchNorm2d(4, track_running_stats=False).eval())  # batch statistics either way
+    assert not _eval_mode(nn.Dropout(0.0).eval()) and not _eval_mode(nn.BatchNorm2d(4))
+
+
 @pytest.mark.parametrize(("model", "kwargs", "trainer_args", "match"), AT_SETUP)
 def test_bad_setup_fails_before_any_training_step(tmp_path, digits, model, kwargs, trainer_args, match):
     if kwargs.get("scheme") == "int4-weight-only":

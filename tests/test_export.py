@@ -435,6 +435,13 @@ def test_a_file_that_does_not_load_back_is_an_export_error_and_nothing_is_writte
         export(nn.Linear(4, 2), tmp_path / "m.pt", "torch", torch.randn(2, 4))
     assert os.listdir(tmp_path) == []
 
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr(torch, "load", missing)  # a missing runtime is not a file that does not load
+    with pytest.raises(ModuleNotFoundError):
+        export(nn.Linear(4, 2), tmp_path / "m.pt", "torch", torch.randn(2, 4))
+
 
 class _Tokens(nn.Module):
     def __init__(self):

@@ -405,3 +405,22 @@ def test_with_gradient_accumulation_every_callback_logs_on_the_steps_of_the_loss
     # Every second optimizer step, under the index of the step just taken; nothing before the first step.
     assert steps("train_loss") == [1, 3, 5, 7]
     assert steps("pruning/weight_sparsity") == steps("compression/sparsity") == [1, 3, 5, 7]
+
+
+def test_a_logger_without_an_experiment_gets_no_figure_text_or_file(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_compress.plots import send_figure, send_file, send_text
+
+    logger = RecordingLogger()  # a Logger with metrics only
+    assert not hasattr(logger, "experiment")
+    (tmp_path / "report.json").write_text("{}")
+    figure = plt.figure()
+    send_figure([logger], "compression/report/steps", figure)
+    send_text([logger], "budget/tables", "a table")
+    send_file([logger], tmp_path / "report.json", "compression/report")
+    plt.close(figure)
+    assert logger.records == []

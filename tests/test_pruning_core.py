@@ -97,6 +97,12 @@ def test_layers_with_a_parametrized_weight_are_left_out_with_a_reason():
         PruningPlan(model, PruningConfig(amount=0.5, mode="structured", round_to=1), x[:1])
     with pytest.raises(ValueError, match=r"`format='torch'` pickles the whole module.*parametrized"):
         export(model, "unused.pt", "torch", x)
+    # The older hook-based forms too.
+    for older in (torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm):
+        model = _mlp()
+        model[2] = older(model[2])
+        with pytest.warns(UserWarning, match=r"leaves out \['2'\]"):
+            prune_(model, PruningConfig(amount=0.5))
 
 
 def test_masks_only_grow_and_the_plan_survives_a_state_dict_round_trip():

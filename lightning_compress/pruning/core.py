@@ -58,6 +58,7 @@ from lightning_compress.pruning.calibration import (
 from lightning_compress.pruning.masks import (
     CRITERIA,
     apply_masks,
+    computed_weight,
     nm_masks,
     pack_mask,
     unpack_mask,
@@ -1013,7 +1014,7 @@ def prune_(
 def _without_parametrized(selected: list[tuple[str, nn.Module]], quiet: bool) -> list[tuple[str, nn.Module]]:
     """``selected`` without the layers whose weight a parametrization computes at each call (``weight_norm``,
     ``spectral_norm``): a mask on that weight would never reach the layer. Warned about."""
-    left_out = [name for name, module in selected if parametrize.is_parametrized(module, "weight")]
+    left_out = [name for name, module in selected if computed_weight(module)]
     if left_out and not quiet:
         warnings.warn(
             f"GradualPruning leaves out {left_out}: their `weight` is computed from other tensors at each call (a "

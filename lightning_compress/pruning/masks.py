@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_compress.schedules import validate_amount
 
@@ -407,3 +407,15 @@ def unpack_mask(packed: dict) -> Tensor:
     values = _BIT_VALUES.to(bits.device)
     flat = (bits.reshape(-1, 1) & values) != 0
     return flat.reshape(-1)[:numel].reshape(shape)
+
+
+def computed_weight(module: nn.Module) -> bool:
+    """Whether ``module``'s ``weight`` is computed from other tensors at each call: a parametrization
+    (``torch.nn.utils.parametrizations.weight_norm``), or the older hooks (``torch.nn.utils.weight_norm``,
+    ``spectral_norm``)."""
+    from torch.nn.utils import parametrize
+
+    hooks = getattr(module, "_forward_pre_hooks", {}).values()
+    return parametrize.is_parametrized(module, "weight") or any(
+        type(hook).__name__ in ("WeightNorm", "SpectralNorm") for hook in hooks
+    )

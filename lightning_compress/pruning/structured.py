@@ -29,11 +29,10 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch_pruning.pruner import function as tp_function
 
 from lightning_compress._inputs import call_module, to_device
-from lightning_compress.pruning.masks import SCOPES, check_choice
+from lightning_compress.pruning.masks import SCOPES, check_choice, computed_weight
 from lightning_compress.schedules import validate_amount
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
@@ -309,7 +308,7 @@ def _describe(
             if _grouped_conv(target):
                 reason = reason or f"{name!r} is a grouped convolution (groups={target.groups})"
                 continue
-            if parametrize.is_parametrized(target):
+            if computed_weight(target):
                 reason = (
                     reason or f"{name!r} has a parametrized weight (e.g. weight_norm), computed at each call"
                 )

@@ -62,9 +62,13 @@ def _holds_float(graph: nn.Module, path: str) -> bool:
 
 
 def _eval_mode(module: nn.Module) -> bool:
-    """A layer that computes differently in eval mode (batch norm, dropout) and is in it."""
-    mode_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-    return isinstance(module, mode_dependent) and not module.training
+    """A layer that computes differently in eval mode (batch norm with running statistics, dropout with p > 0)
+    and is in it."""
+    if module.training:
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.track_running_stats
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
 
 
 # The layers the X86 inductor quantizer quantizes the weights of.
