@@ -238,3 +238,12 @@ def test_the_tables_and_the_plot_reach_tensorboard(tmp_path, digits):
     text = events.Tensors("budget/tables/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "optimal prune allocation" in text and "net.1" in text
     assert events.Scalars("budget/cost_fraction")[0].value == pytest.approx(budget.allocation.fraction)
+
+
+def test_ddp_with_a_logger_every_rank_applies_rank_zeros_levels_and_the_plot_is_written(tmp_path):
+    from tests._ddp import run_worker
+
+    run_worker("_ddp_budget.py", tmp_path, timeout=240)  # a collective call on one rank only hangs
+    levels = [torch.load(tmp_path / f"rank{rank}.pt")["levels"] for rank in (0, 1)]
+    assert levels[0] == levels[1] and len(levels[0]) == 4
+    assert (tmp_path / "logs" / "version_0" / "sensitivity.png").stat().st_size > 10_000

@@ -161,6 +161,8 @@ class CompressionBudget(CompressionCallback):
             self.config = dataclasses.replace(
                 self.config, modules=taker.modules, exclude=taker.exclude, levels=levels
             )
+        # Where the plot goes: a collective call under DDP, made by every rank before rank zero chooses alone.
+        self._folder = (run_directory(trainer) or Path(trainer.default_root_dir)) if self.plots else None
         levels = None
         if trainer.is_global_zero:
             levels = self._choose(trainer, pl_module)
@@ -253,8 +255,7 @@ class CompressionBudget(CompressionCallback):
         values.update({f"per_layer/level/{name}": float(v) for name, v in allocation.levels.items()})
         self.log_to_loggers(trainer, values)
         if self.plots:
-            folder = run_directory(trainer) or Path(trainer.default_root_dir)
-            self.figure_path = plan.sensitivity.plot(folder / "sensitivity.png")
+            self.figure_path = plan.sensitivity.plot(self._folder / "sensitivity.png")
             figure = plan.sensitivity.figure()
             send_figure(trainer.loggers, "budget/sensitivity", figure)
             import matplotlib.pyplot as plt
