@@ -205,9 +205,7 @@ class CompressionMonitor(CompressionCallback):
             )
         if self.config.verbose:
             where = (
-                f"written to {path}"
-                if path is not None
-                else "no file: no `report_path`, no local run directory"
+                f"written to {path}" if path is not None else "no file: no `report_path` nor local run folder"
             )
             rank_zero_info(f"Compression report ({where}):\n{format_report(report)}")
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -356,9 +357,15 @@ def test_metrics_the_report_and_its_plots_reach_wandb_and_read_back(tmp_path, di
     _, model = _fit(tmp_path, digits, [pruning, monitor], logger, batches=2)
     run_id = logger.version
     wandb.finish()
+    # The run's service writes the file; its last record says the run is complete.
+    for _ in range(120):
+        records = list(_wandb_records(tmp_path))
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            break
+        time.sleep(0.5)
 
     history, files = {}, []
-    for record in _wandb_records(tmp_path):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             items = record.history.item
             history.update(
