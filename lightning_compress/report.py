@@ -24,7 +24,6 @@ from lightning_compress import _checks
 from lightning_compress._lightning import detach_input, first_input, run_directory
 from lightning_compress.callback import CompressionCallback
 from lightning_compress.export import check_writable
-from lightning_compress.plots import send_file
 from lightning_compress.reporting import (
     LATENCY_MODES,
     REPORT_FILE,
@@ -36,8 +35,8 @@ from lightning_compress.reporting import (
     latency_mode,
     logged_values,
     measure_latency_pair,
+    publish_report,
     remember_point,
-    write_report,
 )
 from lightning_compress.stats import CompressionStats, TensorFormat
 
@@ -194,9 +193,7 @@ class CompressionMonitor(CompressionCallback):
         if not trainer.is_global_zero:
             return
         path = self._report_target
-        if path is not None:
-            write_report(path, report)
-            send_file(trainer.loggers, path, f"{self.prefix}report")
+        publish_report(trainer.loggers, path, report, f"{self.prefix}report")
         if self.config.plots:
             from lightning_compress.plots import write_figures
 

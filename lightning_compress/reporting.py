@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
     "latency_mode",
     "logged_values",
     "measure_latency_pair",
+    "publish_report",
     "remember_point",
     "write_report",
 ]
@@ -272,6 +274,24 @@ def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> None:
     """Write the report as JSON, atomically: an interrupted write leaves the previous file, never a partial one."""
     with atomic_write(path) as partial:
         Path(partial).write_text(json.dumps(report, indent=2))
+
+
+def publish_report(
+    loggers: Sequence[Any], path: Path | None, report: Mapping[str, Any], folder: str = "compression/report"
+) -> None:
+    """Write the report to ``path`` and attach it to the runs of the loggers that keep files (see
+    :func:`~lightning_compress.plots.send_file`). Without ``path`` (no ``report_path`` and no local run directory:
+    MLflow on a database or a server), a temporary copy is attached to the runs of those loggers."""
+    from lightning_compress.plots import send_file
+
+    if path is not None:
+        write_report(path, report)
+        send_file(loggers, path, folder)
+        return
+    with tempfile.TemporaryDirectory() as folder_on_disk:
+        copy = Path(folder_on_disk) / REPORT_FILE
+        write_report(copy, report)
+        send_file(loggers, copy, folder)
 
 
 def latency_mode(module: nn.Module) -> str:

@@ -431,3 +431,21 @@ def test_a_logger_without_an_experiment_gets_no_figure_text_or_file(tmp_path):
     send_file([logger], tmp_path / "report.json", "compression/report")
     plt.close(figure)
     assert logger.records == []
+
+
+def test_the_report_is_attached_to_an_mlflow_run_kept_in_a_database(tmp_path, digits):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # no local run directory: the report goes up as an artifact
+    logger = MLFlowLogger(
+        experiment_name="db", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts")
+    )
+    assert logger.save_dir is None
+    monitor = CompressionMonitor(measure_latency=False, verbose=False)
+    _fit(tmp_path, digits, [GradualPruning(amount=0.5, end=0.5), monitor], logger, max_epochs=1, batches=2)
+    client = mlflow.tracking.MlflowClient(uri)
+    local = client.download_artifacts(
+        logger.run_id, "compression/report/compression_report.json", str(tmp_path)
+    )
+    assert json.loads(Path(local).read_text())["summary"] == monitor.report["summary"]
+    assert monitor._report_target is None
