@@ -423,26 +423,46 @@ def _write_onnx(plain: nn.Module, args: tuple, kwargs: dict, file: str) -> None:
 
 
 def _unshare_quantization_parameters(file: str) -> None:
-    """Give every QuantizeLinear / DequantizeLinear node its own scale and zero-point initializers.
+    """Give every quantized layer's nodes their own initializers, as onnxruntime's Q/DQ fusion needs them.
 
     The exporter shares one initializer among the nodes that quantize with the same parameters (both inputs of a
-    residual add); onnxruntime's Q/DQ fusion with ``session.x64quantprecision`` then fails to create the session
-    ("Attempt to replace the existing tensor"). Copies of these scalars and per-channel vectors cost a few bytes.
+    residual add), and a layer called twice has one DequantizeLinear of its weight feeding two Gemm/MatMul nodes,
+    which share its bias too. onnxruntime's fusion with ``session.x64quantprecision`` then fails to create the
+    session ("Attempt to replace the existing tensor"). So each further reader of a weight's DequantizeLinear gets
+    a DequantizeLinear of its own, and each further reader of an initializer that a Q/DQ node or a reader of a
+    dequantized weight takes gets a copy of it: scales and zero points cost a few bytes, a shared layer's weight is
+    stored once per call.
     """
     import onnx
 
     model = onnx.load(file)
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, position))
+    changed = False
+    nodes = list(graph.node)
+    for node in nodes:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        for count, (reader, position) in enumerate(readers.get(node.output[0], [])[1:], start=1):
+            twin = copy.deepcopy(node)
+            twin.name, twin.output[0] = f"{node.name}_call{count}", f"{node.output[0]}_call{count}"
+            reader.input[position] = twin.output[0]
+            graph.node.insert(list(graph.node).index(node) + 1, twin)
+            changed = True
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     seen: set[str] = set()
     copies = 0
     for node in graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        quantizing = node.op_type in ("QuantizeLinear", "DequantizeLinear")
+        if not quantizing and not dequantized.intersection(node.input):
             continue
-        for position in (1, 2):  # scale, zero point
-            if position >= len(node.input) or node.input[position] not in initializers:
+        for position, name in enumerate(node.input):
+            if name not in initializers:
                 continue
-            name = node.input[position]
             if name not in seen:
                 seen.add(name)
                 continue
@@ -451,7 +471,7 @@ def _unshare_quantization_parameters(file: str) -> None:
             duplicate.name = f"{name}_copy{copies}"
             graph.initializer.append(duplicate)
             node.input[position] = duplicate.name
-    if copies:
+    if changed or copies:
         onnx.save(model, file)
 
 

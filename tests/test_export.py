@@ -487,6 +487,27 @@ def test_an_int8_model_with_residual_adds_exports_to_onnx_and_loads_in_onnxrunti
     assert out.shape == (16, 10)
 
 
+def test_an_int8_layer_called_twice_exports_to_onnx_and_loads_in_onnxruntime(tmp_path):
+    from lightning_compress.quantization.pt2e import convert_int8
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.shared, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.inp(x)))))))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    prepared = prepare_int8_qat(Twice().eval(), (x,))
+    prepared(x)
+    # The check loads the file with onnxruntime's `session.x64quantprecision`, which refused one DequantizeLinear
+    # of the shared weight feeding both calls.
+    result = export(convert_int8(prepared), tmp_path / "m.onnx", "onnx", x)
+    assert result.quantized and result.argmax_agreement >= 0.98
+
+
 @pytest.mark.parametrize("format", ["torch", "export", "onnx"])
 def test_factorized_transformer_feed_forward_layers_export(tmp_path, format):
     # nn.TransformerEncoderLayer's eval path reads `linear1.weight`; the plain copy has no such attribute there.
