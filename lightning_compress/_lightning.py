@@ -75,8 +75,8 @@ _BUILT: weakref.WeakKeyDictionary[pl.Trainer, tuple[weakref.ref, Any]] = weakref
 
 
 def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
-    """Run the LightningModule's ``configure_model`` now when the model has no parameters yet, in the contexts
-    Lightning uses.
+    """Run the LightningModule's ``configure_model`` now when the model has no parameters yet, on the strategy's
+    device (the precision converts the layers later, as it does a model built in ``__init__``).
 
     Lightning calls ``configure_model`` after the callbacks' ``setup``; the callbacks select and change the layers
     in ``setup``, so a model that builds its layers there is built first. A model with parameters already (built
@@ -92,12 +92,10 @@ def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
     _BUILT[trainer] = (weakref.ref(pl_module), trainer.state.fn)
 
     def configure(module: nn.Module) -> None:
+        # Without the precision's init context: the layers are float32 at setup, as a model built in `__init__`
+        # is; Lightning converts both after the callbacks set up ("bf16-true").
         strategy = trainer.strategy
-        with (
-            strategy.tensor_init_context(),
-            strategy.model_sharded_context(),
-            trainer.precision_plugin.module_init_context(),
-        ):
+        with torch.device(strategy.root_device), strategy.model_sharded_context():
             module.configure_model()  # type: ignore[operator]
 
     if any(True for _ in pl_module.parameters()):

@@ -5,6 +5,7 @@ Needs matplotlib (``pip install 'lightning-compress[plots]'``); it is imported o
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,10 @@ def send_file(loggers: Iterable[Any], path: Path, folder: str) -> None:
     """Attach the file ``path`` to the run of the loggers that keep files: an MLflow artifact under ``folder``, a
     W&B run file (``<name>`` at the top of the run's files); the others keep their files in their own directory."""
     for logger in loggers:
-        if _wandb(logger):
-            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+        if _wandb(logger):  # a copy in the run's own folder: W&B links the file it is given
+            folder = Path(logger.experiment.dir)
+            if path.parent.resolve() != folder.resolve():
+                shutil.copyfile(path, folder / path.name)
+            logger.experiment.save(str(folder / path.name), base_path=str(folder), policy="now")
         elif hasattr(getattr(logger, "experiment", None), "log_artifact") and getattr(logger, "run_id", None):
             logger.experiment.log_artifact(logger.run_id, str(path), folder)

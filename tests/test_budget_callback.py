@@ -247,3 +247,10 @@ def test_ddp_with_a_logger_every_rank_applies_rank_zeros_levels_and_the_plot_is_
     levels = [torch.load(tmp_path / f"rank{rank}.pt")["levels"] for rank in (0, 1)]
     assert levels[0] == levels[1] and len(levels[0]) == 4
     assert (tmp_path / "logs" / "version_0" / "sensitivity.png").stat().st_size > 10_000
+
+
+def test_without_a_run_directory_the_plot_is_written_nowhere(tmp_path, digits, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a plot without a folder of its own used to land, run after run
+    budget = CompressionBudget("prune", target=0.4, metric="params", batches=1, verbose=False)
+    fit(tmp_path, digits, [budget, Taker()], max_steps=1)
+    assert budget.figure_path is None and list(tmp_path.rglob("*.png")) == []

@@ -99,3 +99,15 @@ def test_example_inputs_are_cast_only_to_the_one_dtype_of_a_model():
     assert for_module(x, torch.nn.Linear(4, 2).bfloat16()).dtype == torch.bfloat16
     mixed = torch.nn.Sequential(torch.nn.Embedding(4, 4).bfloat16(), torch.nn.Linear(4, 2))  # casts by itself
     assert for_module(x, mixed).dtype == torch.float32
+
+
+def test_a_bf16_true_fit_compresses_the_layers_configure_model_builds(tmp_path, digits):
+    # The layers are built float32 at setup, as a model built in `__init__`; Lightning converts both after.
+    model = LazyClassifier()
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=2, precision="bf16-true"),
+        callbacks=[GradualPruning(amount=0.5, end="step:1"), KnowledgeDistillation("self")],
+    )
+    trainer.fit(model, datamodule=digits)
+    assert model.net[0].weight.dtype == torch.bfloat16
+    assert (model.net[0].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

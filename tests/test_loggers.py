@@ -433,19 +433,30 @@ def test_a_logger_without_an_experiment_gets_no_figure_text_or_file(tmp_path):
     assert logger.records == []
 
 
-def test_the_report_is_attached_to_an_mlflow_run_kept_in_a_database(tmp_path, digits):
+def test_the_report_is_attached_to_an_mlflow_run_kept_in_a_database(tmp_path, digits, monkeypatch):
     import mlflow
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
 
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # no local run directory: the report goes up as an artifact
     logger = MLFlowLogger(
         experiment_name="db", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts")
     )
     assert logger.save_dir is None
+    second = WandbLogger(project="db", save_dir=str(tmp_path), offline=True)
     monitor = CompressionMonitor(measure_latency=False, verbose=False)
-    _fit(tmp_path, digits, [GradualPruning(amount=0.5, end=0.5), monitor], logger, max_epochs=1, batches=2)
+    pruning = GradualPruning(amount=0.5, end=0.5)
+    _fit(tmp_path, digits, [pruning, monitor], [logger, second], max_epochs=1, batches=2)
+    wandb.finish()
     client = mlflow.tracking.MlflowClient(uri)
     local = client.download_artifacts(
         logger.run_id, "compression/report/compression_report.json", str(tmp_path)
     )
     assert json.loads(Path(local).read_text())["summary"] == monitor.report["summary"]
     assert monitor._report_target is None
+    # The W&B run keeps a file of its own (not a link to the temporary file, gone after the fit).
+    (kept,) = tmp_path.glob("wandb/offline-run-*/files/compression_report.json")
+    assert json.loads(kept.read_text())["summary"] == monitor.report["summary"]

@@ -60,7 +60,7 @@ class CompressionBudget(CompressionCallback):
     Logged under ``budget/`` at step 0: ``target``, ``cost_fraction``, ``base_loss``, ``predicted_loss``,
     ``uniform_predicted_loss`` (one level for all at the same target, when one meets it) and
     ``per_layer/level/<layer>``; the sensitivity table and the allocation are printed (``verbose``), and the
-    sensitivity plot is written beside the logs and sent to TensorBoard/MLflow (``plots``).
+    sensitivity plot is written in the run's directory and sent to TensorBoard/MLflow/W&B (``plots``).
 
     Args:
         scheme: ``"prune"``, ``"prune_structured"``, ``"low_rank"`` or ``"quantize"``.
@@ -162,7 +162,7 @@ class CompressionBudget(CompressionCallback):
                 self.config, modules=taker.modules, exclude=taker.exclude, levels=levels
             )
         # Where the plot goes: a collective call under DDP, made by every rank before rank zero chooses alone.
-        self._folder = (run_directory(trainer) or Path(trainer.default_root_dir)) if self.plots else None
+        self._folder = run_directory(trainer) if self.plots else None  # none without one: sent to the loggers
         levels = None
         if trainer.is_global_zero:
             levels = self._choose(trainer, pl_module)
@@ -255,7 +255,8 @@ class CompressionBudget(CompressionCallback):
         values.update({f"per_layer/level/{name}": float(v) for name, v in allocation.levels.items()})
         self.log_to_loggers(trainer, values)
         if self.plots:
-            self.figure_path = plan.sensitivity.plot(self._folder / "sensitivity.png")
+            if self._folder is not None:
+                self.figure_path = plan.sensitivity.plot(self._folder / "sensitivity.png")
             figure = plan.sensitivity.figure()
             send_figure(trainer.loggers, "budget/sensitivity", figure)
             import matplotlib.pyplot as plt

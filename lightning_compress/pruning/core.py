@@ -1136,7 +1136,8 @@ def _drop_pruned_hint(
         error_msgs.append(
             f"This checkpoint holds a model whose channels were removed by structured pruning, and "
             f"{type(module).__name__} has the unpruned shapes. Rebuild the pruned model with "
-            "`model = load_pruned_checkpoint(YourModule(...), path)` and fit it without `ckpt_path`."
+            "`model = load_pruned_checkpoint(YourModule(...), path)`, then fit, validate or test it without "
+            "`ckpt_path`."
         )
     elif evaluating and all(
         saved.dim() == current.dim() and saved.numel() > current.numel() for saved, current in mismatched
