@@ -70,10 +70,6 @@ def _identities(model: nn.Module) -> list[tuple[str, int]]:
     return modules + [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
 
 
-# The LightningModule and stage `build_model` last ran for, per Trainer: once per stage, not once per callback.
-_BUILT: weakref.WeakKeyDictionary[pl.Trainer, tuple[weakref.ref, Any]] = weakref.WeakKeyDictionary()
-
-
 def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
     """Run the LightningModule's ``configure_model`` now when the model has no parameters yet, on the strategy's
     device (the precision converts the layers later, as it does a model built in ``__init__``).
@@ -84,12 +80,10 @@ def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
     Lightning asks the hook to be idempotent (it calls it again, at every stage); one that builds new layers at its
     second call would drop what the callbacks did, so it is called twice and refused then.
     """
-    if not defines_configure_model(pl_module):
+    # Built in `__init__` (or by the first compression callback to set up): the hook is Lightning's to call (it
+    # may wrap the layers, e.g. torch.compile).
+    if not defines_configure_model(pl_module) or next(pl_module.parameters(), None) is not None:
         return
-    done = _BUILT.get(trainer)
-    if done is not None and done[0]() is pl_module and done[1] == trainer.state.fn:
-        return  # another compression callback of this fit (or stage) built it, or found nothing to build
-    _BUILT[trainer] = (weakref.ref(pl_module), trainer.state.fn)
 
     def configure(module: nn.Module) -> None:
         # Without the precision's init context: the layers are float32 at setup, as a model built in `__init__`
@@ -98,8 +92,6 @@ def build_model(trainer: pl.Trainer, pl_module: nn.Module) -> None:
         with torch.device(strategy.root_device), strategy.model_sharded_context():
             module.configure_model()  # type: ignore[operator]
 
-    if any(True for _ in pl_module.parameters()):
-        return  # built in `__init__`: the hook is Lightning's to call (it may wrap the layers, e.g. torch.compile)
     configure(pl_module)
     before = _identities(pl_module)
     configure(pl_module)

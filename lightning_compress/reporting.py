@@ -288,6 +288,8 @@ def publish_report(
         write_report(path, report)
         send_file(loggers, path, folder)
         return
+    if not loggers:
+        return
     with tempfile.TemporaryDirectory() as folder_on_disk:
         copy = Path(folder_on_disk) / REPORT_FILE
         write_report(copy, report)

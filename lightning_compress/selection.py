@@ -241,3 +241,19 @@ def find_submodule(model: nn.Module, name: str, argument: str, owner: str = "", 
             f"`{argument}`: no such submodule in {owner or type(model).__name__}.{hint} "
             f"Names are qualified as in `model.named_modules()`{'; ' + empty if empty else ''}."
         ) from None
+
+
+def tied_parameter_names(model: nn.Module) -> dict[str, list[str]]:
+    """``{parameter name: every name of the same tensor}`` for the tensors that several layers share.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 4, bias=False))
+        >>> model[1].weight = model[0].weight
+        >>> tied_parameter_names(model)
+        {'0.weight': ['0.weight', '1.weight'], '1.weight': ['0.weight', '1.weight']}
+    """
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_compress.schedules import validate_amount
 
@@ -413,8 +414,6 @@ def computed_weight(module: nn.Module) -> bool:
     """Whether ``module``'s ``weight`` is computed from other tensors at each call: a parametrization
     (``torch.nn.utils.parametrizations.weight_norm``), or the older hooks (``torch.nn.utils.weight_norm``,
     ``spectral_norm``)."""
-    from torch.nn.utils import parametrize
-
     hooks = getattr(module, "_forward_pre_hooks", {}).values()
     return parametrize.is_parametrized(module, "weight") or any(
         type(hook).__name__ in ("WeightNorm", "SpectralNorm") for hook in hooks

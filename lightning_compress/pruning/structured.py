@@ -34,6 +34,7 @@ from torch_pruning.pruner import function as tp_function
 from lightning_compress._inputs import call_module, to_device
 from lightning_compress.pruning.masks import SCOPES, check_choice, computed_weight
 from lightning_compress.schedules import validate_amount
+from lightning_compress.selection import tied_parameter_names
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
 
@@ -257,21 +258,13 @@ def tied_weights_message(tied: Mapping[str, str]) -> str:
     )
 
 
-def _tied_names(model: nn.Module) -> dict[str, list[str]]:
-    """``{parameter name: every name of the same tensor}`` for the tensors that several layers share."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n: group for group in names.values() if len(group) > 1 for n in group}
-
-
 def _describe(
     graph: tp.DependencyGraph, model: nn.Module, module: nn.Module, root: str, out_fns: set[Any]
 ) -> _Candidate:
     names = {m: n for n, m in model.named_modules()}
     params = dict(model.named_parameters(remove_duplicate=False))
     param_names = {p: n for n, p in model.named_parameters()}
-    tied_names = _tied_names(model)
+    tied_names = tied_parameter_names(model)
     tied: list[str] = []
     pruner = graph.get_pruner_of_module(module)
     size = int(pruner.get_out_channels(module))

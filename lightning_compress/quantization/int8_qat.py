@@ -46,6 +46,7 @@ from lightning_compress.quantization.qat_core import (
     layer_types,
     train_mode,
 )
+from lightning_compress.selection import tied_parameter_names
 from lightning_compress.stats import compare_latency
 
 
@@ -372,11 +373,8 @@ def _rename_tied(
     that was saved: the saved tensor goes under every name the graph expects, and under no other."""
     if float_module is None:
         return
-    aliases: dict[int, list[str]] = {}
-    for name, parameter in float_module.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(parameter), []).append(name)
     expected = set(graph.state_dict())
-    for names in (names for names in aliases.values() if len(names) > 1):
+    for names in {tuple(group) for group in tied_parameter_names(float_module).values()}:
         saved = [scope + n for n in names if scope + n in state_dict]
         if not saved or all(scope + n in state_dict for n in names if n in expected):
             continue
