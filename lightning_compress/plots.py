@@ -271,9 +271,9 @@ def send_file(loggers: Iterable[Any], path: Path, folder: str) -> None:
     W&B run file (``<name>`` at the top of the run's files); the others keep their files in their own directory."""
     for logger in loggers:
         if _wandb(logger):  # a copy in the run's own folder: W&B links the file it is given
-            folder = Path(logger.experiment.dir)
-            if path.parent.resolve() != folder.resolve():
-                shutil.copyfile(path, folder / path.name)
-            logger.experiment.save(str(folder / path.name), base_path=str(folder), policy="now")
+            run_folder = Path(logger.experiment.dir)
+            if path.parent.resolve() != run_folder.resolve():
+                shutil.copyfile(path, run_folder / path.name)
+            logger.experiment.save(str(run_folder / path.name), base_path=str(run_folder), policy="now")
         elif hasattr(getattr(logger, "experiment", None), "log_artifact") and getattr(logger, "run_id", None):
             logger.experiment.log_artifact(logger.run_id, str(path), folder)
